@@ -1,0 +1,575 @@
+/* mps_ring: see mps_ring.h for the layout and the protocol. */
+#define _GNU_SOURCE
+#include "mps_ring.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+
+/* ---- shared layout ------------------------------------------------------------------------ */
+
+struct mps_ring_descriptor {
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t reserved;
+    uint64_t capacity;
+    uint64_t max_records;
+    int32_t creator_pid;
+};
+
+struct mps_ring_shared {
+    alignas(MPS_RING_SLOT_LENGTH) struct mps_ring_descriptor descriptor;
+    /* producer line */
+    alignas(MPS_RING_SLOT_LENGTH) _Atomic uint64_t tail_position;
+    _Atomic uint64_t records_committed;
+    _Atomic int32_t producer_pid;
+    /* producer parking */
+    alignas(MPS_RING_SLOT_LENGTH) _Atomic uint32_t producer_waiting;
+    _Atomic uint32_t space_futex;
+    /* consumer line */
+    alignas(MPS_RING_SLOT_LENGTH) _Atomic uint64_t head_position;
+    _Atomic uint64_t records_released;
+    _Atomic int32_t consumer_pid;
+    _Atomic uint32_t consumer_closed;
+    /* consumer parking */
+    alignas(MPS_RING_SLOT_LENGTH) _Atomic uint32_t consumer_waiting;
+    _Atomic uint32_t data_futex;
+};
+
+_Static_assert(offsetof(struct mps_ring_shared, descriptor) == 0, "descriptor at 0");
+_Static_assert(offsetof(struct mps_ring_shared, tail_position) == 128, "producer line at 128");
+_Static_assert(offsetof(struct mps_ring_shared, producer_waiting) == 256, "producer parking at 256");
+_Static_assert(offsetof(struct mps_ring_shared, head_position) == 384, "consumer line at 384");
+_Static_assert(offsetof(struct mps_ring_shared, consumer_waiting) == 512, "consumer parking at 512");
+_Static_assert(sizeof(struct mps_ring_shared) <= MPS_RING_DATA_OFFSET, "shared block fits before data");
+_Static_assert(sizeof(_Atomic uint32_t) == 4, "futex words are 32-bit");
+_Static_assert(MPS_RECORD_HEADER_LENGTH <= MPS_RECORD_ALIGNMENT, "a padding record fits any gap");
+
+struct mps_record_header {
+    uint32_t length; /* payload bytes */
+    uint32_t type;
+};
+_Static_assert(sizeof(struct mps_record_header) == MPS_RECORD_HEADER_LENGTH, "header length");
+
+/* ---- local handle ------------------------------------------------------------------------- */
+
+struct mps_ring {
+    struct mps_ring_shared *shared;
+    uint8_t *data;
+    uint64_t capacity;
+    uint64_t mask;
+    uint64_t max_records;
+    int side;
+    uint32_t spin_limit;
+    int peer_pidfd;
+    int32_t peer_pid;
+    /* producer: own tail, cached view of the consumer, the open claim */
+    uint64_t tail_position;
+    uint64_t records_committed;
+    uint64_t cached_head_position;
+    uint64_t cached_records_released;
+    uint64_t claim_padding;  /* bytes of padding record before the claimed record, or 0 */
+    uint64_t claim_length;   /* aligned bytes of the claimed record, 0 when no claim is open */
+    uint32_t claim_type;
+    uint32_t claim_payload;
+    /* consumer: own head, cached view of the producer, the record held by peek */
+    uint64_t head_position;
+    uint64_t records_released;
+    uint64_t cached_tail_position;
+    uint64_t peek_length;    /* aligned bytes of the peeked record, 0 when none is held */
+    /* counters */
+    uint64_t waits;
+    uint64_t wait_ns;
+};
+
+static inline uint64_t align_up(uint64_t value, uint64_t alignment)
+{
+    return (value + alignment - 1) & ~(alignment - 1);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Shared (not private) futex: the two sides are different processes. */
+static int futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t timeout_ns)
+{
+    struct timespec ts = {.tv_sec = timeout_ns / 1000000000LL, .tv_nsec = timeout_ns % 1000000000LL};
+    if (syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, expected, &ts, NULL, 0) == 0)
+        return 0;
+    return errno;
+}
+
+static void futex_wake(_Atomic uint32_t *word)
+{
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/* The waker's half of the protocol: our position store is ordered before reading the flag. */
+static void wake_if_waiting(_Atomic uint32_t *waiting, _Atomic uint32_t *futex_word)
+{
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(waiting, memory_order_relaxed)) {
+        atomic_fetch_add_explicit(futex_word, 1, memory_order_release);
+        futex_wake(futex_word);
+    }
+}
+
+/* A pidfd turns readable when the process exits, zombie or reaped, and never names a reused
+ * pid once open: kill(pid, 0) would see an unreaped child as alive. */
+static bool peer_is_dead(struct mps_ring *ring)
+{
+    _Atomic int32_t *slot = ring->side == MPS_RING_PRODUCER ? &ring->shared->consumer_pid
+                                                            : &ring->shared->producer_pid;
+    int32_t pid = atomic_load_explicit(slot, memory_order_acquire);
+    if (pid <= 0)
+        return false; /* no peer attached (yet, or it detached cleanly) */
+    if (pid != ring->peer_pid) {
+        if (ring->peer_pidfd >= 0)
+            close(ring->peer_pidfd);
+        ring->peer_pid = pid;
+        ring->peer_pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+        if (ring->peer_pidfd < 0)
+            return errno == ESRCH;
+    }
+    if (ring->peer_pidfd < 0)
+        return false;
+    struct pollfd pfd = {.fd = ring->peer_pidfd, .events = POLLIN};
+    return poll(&pfd, 1, 0) > 0;
+}
+
+/* ---- segments ----------------------------------------------------------------------------- */
+
+int mps_segment_create(const char *name, uint64_t size, void **base_out)
+{
+    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0)
+        return errno;
+    int err = 0;
+    if (ftruncate(fd, (off_t)size) != 0)
+        err = errno;
+    /* Reserve the pages now: a full /dev/shm fails here with ENOSPC instead of a SIGBUS on
+     * first touch, possibly in another process, much later. */
+    if (!err)
+        err = posix_fallocate(fd, 0, (off_t)size);
+    void *base = MAP_FAILED;
+    if (!err) {
+        base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (base == MAP_FAILED)
+            err = errno;
+    }
+    close(fd);
+    if (err) {
+        shm_unlink(name);
+        return err;
+    }
+    *base_out = base;
+    return 0;
+}
+
+int mps_segment_open(const char *name, void **base_out, uint64_t *size_out)
+{
+    int fd = shm_open(name, O_RDWR, 0);
+    if (fd < 0)
+        return errno;
+    struct stat st;
+    int err = fstat(fd, &st) == 0 ? 0 : errno;
+    void *base = MAP_FAILED;
+    if (!err && st.st_size < MPS_RING_DATA_OFFSET)
+        err = EINVAL;
+    if (!err) {
+        base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (base == MAP_FAILED)
+            err = errno;
+    }
+    close(fd);
+    if (err)
+        return err;
+    *base_out = base;
+    *size_out = (uint64_t)st.st_size;
+    return 0;
+}
+
+int mps_segment_unmap(void *base, uint64_t size)
+{
+    return munmap(base, size) == 0 ? 0 : errno;
+}
+
+int mps_segment_unlink(const char *name)
+{
+    return shm_unlink(name) == 0 ? 0 : errno;
+}
+
+uint64_t mps_ring_segment_length(uint64_t capacity)
+{
+    return MPS_RING_DATA_OFFSET + capacity;
+}
+
+/* Half the capacity: a record of that size fits after at most one padding record from any
+ * position of an empty ring, so a legal claim always succeeds eventually. */
+uint64_t mps_ring_max_payload_length(uint64_t capacity)
+{
+    uint64_t max = capacity / 2 - MPS_RECORD_HEADER_LENGTH;
+    return max > UINT32_MAX ? UINT32_MAX : max;
+}
+
+/* ---- ring setup --------------------------------------------------------------------------- */
+
+int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t start_position)
+{
+    if (capacity < MPS_RING_MIN_CAPACITY || (capacity & (capacity - 1)) != 0 ||
+        start_position % MPS_RECORD_ALIGNMENT != 0)
+        return EINVAL;
+    struct mps_ring_shared *shared = base;
+    memset(shared, 0, sizeof(*shared));
+    shared->descriptor.layout_version = MPS_RING_LAYOUT_VERSION;
+    shared->descriptor.capacity = capacity;
+    shared->descriptor.max_records = max_records;
+    shared->descriptor.creator_pid = getpid();
+    atomic_store(&shared->tail_position, start_position);
+    atomic_store(&shared->head_position, start_position);
+    /* The magic goes last: a reader that sees it sees a complete descriptor. */
+    atomic_thread_fence(memory_order_seq_cst);
+    atomic_store((_Atomic uint64_t *)&shared->descriptor.magic, MPS_RING_MAGIC);
+    return 0;
+}
+
+int mps_ring_attach(void *base, uint64_t segment_length, int side, uint32_t spin_limit,
+                    struct mps_ring **ring_out)
+{
+    struct mps_ring_shared *shared = base;
+    if (atomic_load((_Atomic uint64_t *)&shared->descriptor.magic) != MPS_RING_MAGIC)
+        return MPS_ATTACH_BAD_MAGIC;
+    if (shared->descriptor.layout_version != MPS_RING_LAYOUT_VERSION)
+        return MPS_ATTACH_BAD_VERSION;
+    uint64_t capacity = shared->descriptor.capacity;
+    if (capacity < MPS_RING_MIN_CAPACITY || (capacity & (capacity - 1)) != 0 ||
+        mps_ring_segment_length(capacity) != segment_length)
+        return MPS_ATTACH_BAD_CAPACITY;
+
+    struct mps_ring *ring = calloc(1, sizeof(*ring));
+    if (!ring)
+        return MPS_ATTACH_NO_MEMORY;
+    ring->shared = shared;
+    ring->data = (uint8_t *)base + MPS_RING_DATA_OFFSET;
+    ring->capacity = capacity;
+    ring->mask = capacity - 1;
+    ring->max_records = shared->descriptor.max_records;
+    ring->side = side;
+    ring->spin_limit = spin_limit;
+    ring->peer_pidfd = -1;
+
+    /* A side's pid stays in its slot after detach, so the peer can still tell a dead writer
+     * from a slow one; the slot can be taken over from this process or from a dead one. */
+    _Atomic int32_t *slot = side == MPS_RING_PRODUCER ? &shared->producer_pid : &shared->consumer_pid;
+    int32_t self = (int32_t)getpid();
+    int32_t current = atomic_load(slot);
+    do {
+        if (current != 0 && current != self && (kill(current, 0) == 0 || errno == EPERM)) {
+            free(ring);
+            return MPS_ATTACH_SIDE_TAKEN;
+        }
+    } while (!atomic_compare_exchange_weak(slot, &current, self));
+    if (side == MPS_RING_CONSUMER)
+        atomic_store(&shared->consumer_closed, 0);
+    if (side == MPS_RING_PRODUCER) {
+        ring->tail_position = atomic_load(&shared->tail_position);
+        ring->records_committed = atomic_load(&shared->records_committed);
+        ring->cached_head_position = atomic_load(&shared->head_position);
+        ring->cached_records_released = atomic_load(&shared->records_released);
+    } else {
+        ring->head_position = atomic_load(&shared->head_position);
+        ring->records_released = atomic_load(&shared->records_released);
+        ring->cached_tail_position = atomic_load(&shared->tail_position);
+    }
+    *ring_out = ring;
+    return MPS_ATTACH_OK;
+}
+
+static void consumer_publish(struct mps_ring *ring)
+{
+    struct mps_ring_shared *shared = ring->shared;
+    atomic_store_explicit(&shared->records_released, ring->records_released, memory_order_relaxed);
+    atomic_store_explicit(&shared->head_position, ring->head_position, memory_order_release);
+    wake_if_waiting(&shared->producer_waiting, &shared->space_futex);
+}
+
+void mps_ring_free(struct mps_ring *ring)
+{
+    if (!ring)
+        return;
+    struct mps_ring_shared *shared = ring->shared;
+    if (ring->side == MPS_RING_CONSUMER) {
+        atomic_store(&shared->consumer_closed, 1);
+        wake_if_waiting(&shared->producer_waiting, &shared->space_futex);
+    }
+    if (ring->peer_pidfd >= 0)
+        close(ring->peer_pidfd);
+    free(ring);
+}
+
+/* ---- waiting ------------------------------------------------------------------------------ */
+
+typedef int (*mps_poll_fn)(struct mps_ring *ring);
+
+/* Spin up to spin_limit polls, then park on futex_word until poll() stops returning
+ * not_ready, the timeout passes, a signal arrives, or the peer dies. */
+static int wait_for(struct mps_ring *ring, mps_poll_fn poll_once, int not_ready,
+                    _Atomic uint32_t *waiting, _Atomic uint32_t *futex_word, int64_t timeout_ns)
+{
+    int result = poll_once(ring);
+    if (result != not_ready)
+        return result;
+    int64_t start = now_ns();
+    ring->waits++;
+    for (uint32_t i = 0; i < ring->spin_limit; i++) {
+        cpu_relax();
+        result = poll_once(ring);
+        if (result != not_ready)
+            goto done;
+    }
+    for (;;) {
+        uint32_t seq = atomic_load(futex_word);
+        atomic_store(waiting, 1); /* seq_cst: ordered before the re-check below */
+        result = poll_once(ring);
+        if (result != not_ready) {
+            atomic_store(waiting, 0);
+            goto done;
+        }
+        int64_t left = timeout_ns < 0 ? MPS_RING_NAP_NS : start + timeout_ns - now_ns();
+        if (left <= 0) {
+            atomic_store(waiting, 0);
+            result = MPS_RING_TIMEOUT;
+            goto done;
+        }
+        int err = futex_wait(futex_word, seq, left < MPS_RING_NAP_NS ? left : MPS_RING_NAP_NS);
+        atomic_store(waiting, 0);
+        result = poll_once(ring);
+        if (result != not_ready)
+            goto done;
+        if (err == EINTR) {
+            result = MPS_RING_INTERRUPTED;
+            goto done;
+        }
+        if (peer_is_dead(ring)) {
+            result = MPS_RING_PEER_DEAD;
+            goto done;
+        }
+    }
+done:
+    ring->wait_ns += (uint64_t)(now_ns() - start);
+    return result;
+}
+
+/* ---- producer ----------------------------------------------------------------------------- */
+
+static inline uint64_t claim_bytes(struct mps_ring *ring, uint64_t record_length, uint64_t *padding)
+{
+    uint64_t to_end = ring->capacity - (ring->tail_position & ring->mask);
+    *padding = record_length > to_end ? to_end : 0;
+    return *padding + record_length;
+}
+
+static int producer_poll(struct mps_ring *ring)
+{
+    uint64_t padding;
+    uint64_t needed = claim_bytes(ring, ring->claim_length, &padding);
+    struct mps_ring_shared *shared = ring->shared;
+    bool has_space = ring->tail_position + needed - ring->cached_head_position <= ring->capacity;
+    bool has_credit = ring->max_records == 0 ||
+                      ring->records_committed - ring->cached_records_released < ring->max_records;
+    if (has_space && has_credit)
+        return MPS_RING_OK;
+    ring->cached_head_position = atomic_load_explicit(&shared->head_position, memory_order_acquire);
+    ring->cached_records_released = atomic_load_explicit(&shared->records_released, memory_order_relaxed);
+    if (atomic_load_explicit(&shared->consumer_closed, memory_order_relaxed))
+        return MPS_RING_CLOSED;
+    has_space = ring->tail_position + needed - ring->cached_head_position <= ring->capacity;
+    has_credit = ring->max_records == 0 ||
+                 ring->records_committed - ring->cached_records_released < ring->max_records;
+    return has_space && has_credit ? MPS_RING_OK : MPS_RING_FULL;
+}
+
+static int begin_claim(struct mps_ring *ring, uint32_t type, uint32_t length)
+{
+    if (ring->side != MPS_RING_PRODUCER || ring->claim_length != 0)
+        return MPS_RING_BAD_STATE;
+    if (length > mps_ring_max_payload_length(ring->capacity))
+        return MPS_RING_TOO_LARGE;
+    ring->claim_type = type;
+    ring->claim_payload = length;
+    ring->claim_length = align_up(MPS_RECORD_HEADER_LENGTH + (uint64_t)length, MPS_RECORD_ALIGNMENT);
+    return MPS_RING_OK;
+}
+
+static int end_claim(struct mps_ring *ring, int result, uint8_t **payload_out)
+{
+    if (result != MPS_RING_OK) {
+        ring->claim_length = 0;
+        return result;
+    }
+    claim_bytes(ring, ring->claim_length, &ring->claim_padding);
+    uint64_t index = (ring->tail_position + ring->claim_padding) & ring->mask;
+    *payload_out = ring->data + index + MPS_RECORD_HEADER_LENGTH;
+    return MPS_RING_OK;
+}
+
+int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, uint8_t **payload_out)
+{
+    int result = begin_claim(ring, type, length);
+    if (result != MPS_RING_OK)
+        return result;
+    return end_claim(ring, producer_poll(ring), payload_out);
+}
+
+int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_t timeout_ns,
+                   uint8_t **payload_out)
+{
+    int result = begin_claim(ring, type, length);
+    if (result != MPS_RING_OK)
+        return result;
+    struct mps_ring_shared *shared = ring->shared;
+    result = wait_for(ring, producer_poll, MPS_RING_FULL, &shared->producer_waiting,
+                      &shared->space_futex, timeout_ns);
+    return end_claim(ring, result, payload_out);
+}
+
+int mps_ring_commit(struct mps_ring *ring)
+{
+    if (ring->side != MPS_RING_PRODUCER || ring->claim_length == 0)
+        return MPS_RING_BAD_STATE;
+    struct mps_ring_shared *shared = ring->shared;
+    if (ring->claim_padding) {
+        struct mps_record_header *pad = (void *)(ring->data + (ring->tail_position & ring->mask));
+        pad->length = (uint32_t)(ring->claim_padding - MPS_RECORD_HEADER_LENGTH);
+        pad->type = MPS_RECORD_PADDING;
+    }
+    uint64_t record_position = ring->tail_position + ring->claim_padding;
+    struct mps_record_header *header = (void *)(ring->data + (record_position & ring->mask));
+    header->length = ring->claim_payload;
+    header->type = ring->claim_type;
+    ring->tail_position = record_position + ring->claim_length;
+    ring->records_committed++;
+    ring->claim_length = 0;
+    atomic_store_explicit(&shared->records_committed, ring->records_committed, memory_order_relaxed);
+    atomic_store_explicit(&shared->tail_position, ring->tail_position, memory_order_release);
+    wake_if_waiting(&shared->consumer_waiting, &shared->data_futex);
+    return MPS_RING_OK;
+}
+
+int mps_ring_abort(struct mps_ring *ring)
+{
+    if (ring->side != MPS_RING_PRODUCER || ring->claim_length == 0)
+        return MPS_RING_BAD_STATE;
+    ring->claim_length = 0;
+    return MPS_RING_OK;
+}
+
+/* ---- consumer ----------------------------------------------------------------------------- */
+
+/* Skips padding; OK when a record is at head_position, else EMPTY. */
+static int consumer_poll(struct mps_ring *ring)
+{
+    for (;;) {
+        if (ring->head_position == ring->cached_tail_position) {
+            ring->cached_tail_position =
+                atomic_load_explicit(&ring->shared->tail_position, memory_order_acquire);
+            if (ring->head_position == ring->cached_tail_position)
+                return MPS_RING_EMPTY;
+        }
+        struct mps_record_header *header = (void *)(ring->data + (ring->head_position & ring->mask));
+        if (header->type != MPS_RECORD_PADDING)
+            return MPS_RING_OK;
+        ring->head_position += MPS_RECORD_HEADER_LENGTH + header->length;
+    }
+}
+
+static int fill_record(struct mps_ring *ring, int result, struct mps_record *record)
+{
+    if (result != MPS_RING_OK)
+        return result;
+    uint64_t index = ring->head_position & ring->mask;
+    struct mps_record_header *header = (void *)(ring->data + index);
+    record->type = header->type;
+    record->length = header->length;
+    record->offset = index + MPS_RECORD_HEADER_LENGTH;
+    ring->peek_length = align_up(MPS_RECORD_HEADER_LENGTH + (uint64_t)header->length, MPS_RECORD_ALIGNMENT);
+    return MPS_RING_OK;
+}
+
+int mps_ring_try_peek(struct mps_ring *ring, struct mps_record *record)
+{
+    if (ring->side != MPS_RING_CONSUMER || ring->peek_length != 0)
+        return MPS_RING_BAD_STATE;
+    return fill_record(ring, consumer_poll(ring), record);
+}
+
+int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record)
+{
+    if (ring->side != MPS_RING_CONSUMER || ring->peek_length != 0)
+        return MPS_RING_BAD_STATE;
+    struct mps_ring_shared *shared = ring->shared;
+    int result = wait_for(ring, consumer_poll, MPS_RING_EMPTY, &shared->consumer_waiting,
+                          &shared->data_futex, timeout_ns);
+    return fill_record(ring, result, record);
+}
+
+int mps_ring_release(struct mps_ring *ring)
+{
+    if (ring->side != MPS_RING_CONSUMER || ring->peek_length == 0)
+        return MPS_RING_BAD_STATE;
+    ring->head_position += ring->peek_length;
+    ring->records_released++;
+    ring->peek_length = 0;
+    /* Publish on every release: a consumer that kept its head private could go off to wait on
+     * another input while this producer sleeps for space already freed (a deadlock). The
+     * store is cheap; the producer reads the line only when its cached head runs out. */
+    consumer_publish(ring);
+    return MPS_RING_OK;
+}
+
+/* ---- introspection ------------------------------------------------------------------------ */
+
+uint8_t *mps_ring_data(struct mps_ring *ring)
+{
+    return ring->data;
+}
+
+void mps_ring_get_stats(struct mps_ring *ring, struct mps_ring_stats *stats)
+{
+    bool producer = ring->side == MPS_RING_PRODUCER;
+    stats->tail_position = producer ? ring->tail_position : atomic_load(&ring->shared->tail_position);
+    stats->head_position = producer ? atomic_load(&ring->shared->head_position) : ring->head_position;
+    stats->records = producer ? ring->records_committed : ring->records_released;
+    stats->waits = ring->waits;
+    stats->wait_ns = ring->wait_ns;
+}

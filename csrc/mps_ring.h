@@ -1,0 +1,152 @@
+/*
+ * mps_ring: a single-producer / single-consumer byte ring in POSIX shared memory.
+ *
+ * One segment holds one ring. The creator maps a segment (mps_segment_create), writes the
+ * descriptor (mps_ring_init) and owns the name: it alone calls mps_segment_unlink. Each side,
+ * in its own process, maps the segment (mps_segment_open) and attaches a local handle
+ * (mps_ring_attach). Positions are byte counts that only grow; index = position & (capacity-1).
+ *
+ * Segment layout (offsets from the page-aligned segment base):
+ *
+ *     0 +------------------------------------------------------------+
+ *       | descriptor: magic, layout_version, capacity, max_records,  |  written once by the
+ *       | creator_pid                                                |  creator, then read-only
+ *   128 +------------------------------------------------------------+
+ *       | producer line: tail_position, records_committed,           |  written by the producer
+ *       | producer_pid                                               |
+ *   256 +------------------------------------------------------------+
+ *       | producer parking: producer_waiting, space_futex            |  touched only around a
+ *       |                                                            |  producer that sleeps
+ *   384 +------------------------------------------------------------+
+ *       | consumer line: head_position, records_released,            |  written by the consumer
+ *       | consumer_pid, consumer_closed                              |
+ *   512 +------------------------------------------------------------+
+ *       | consumer parking: consumer_waiting, data_futex             |  touched only around a
+ *       |                                                            |  consumer that sleeps
+ *   640 +------------------------------------------------------------+
+ *       | unused up to the data region                               |
+ *  4096 +------------------------------------------------------------+
+ *       | data: capacity bytes (a power of two) of records           |
+ *       +------------------------------------------------------------+
+ *
+ * Fields written by different processes sit in separate 128-byte slots: adjacent-line
+ * prefetch pairs 64-byte lines, so 64 would still share.
+ *
+ * A record is an 8-byte header (payload length, type) and its payload, padded so every record
+ * starts on a 64-byte boundary of the data region. A record never wraps: when the claim does
+ * not fit before the end, the producer first writes a PADDING record up to the end. The payload
+ * of a record therefore starts MPS_RECORD_HEADER_LENGTH bytes past a 64-byte boundary.
+ *
+ * Waiting: a bounded spin, then a futex in the segment (shared, not FUTEX_PRIVATE). The sleeper
+ * sets its "waiting" flag, re-checks, then sleeps on the futex word the other side bumps; the
+ * other side publishes its position, fences, and only makes the wake syscall when the flag is
+ * set. Sleeps are timed (MPS_RING_NAP_NS) so a sleeper notices a dead peer within a nap.
+ */
+#ifndef MPS_RING_H
+#define MPS_RING_H
+
+#include <stdint.h>
+
+#define MPS_RING_MAGIC 0x474e495253504dULL /* "MPSRING" little-endian */
+#define MPS_RING_LAYOUT_VERSION 1
+#define MPS_RING_SLOT_LENGTH 128
+#define MPS_RING_DATA_OFFSET 4096
+#define MPS_RING_MIN_CAPACITY 1024
+#define MPS_RECORD_ALIGNMENT 64
+#define MPS_RECORD_HEADER_LENGTH 8
+#define MPS_RING_NAP_NS 20000000 /* 20 ms: bounds how late a sleeper sees a dead peer */
+
+/* Record types. Values below MPS_RECORD_USER are reserved for the ring and the engine. */
+enum mps_record_type {
+    MPS_RECORD_PADDING = 0,
+    MPS_RECORD_DATA = 1,
+    MPS_RECORD_BARRIER = 2,
+    MPS_RECORD_WATERMARK = 3,
+    MPS_RECORD_END_OF_STREAM = 4,
+    MPS_RECORD_SCHEMA = 5,
+    MPS_RECORD_USER = 64
+};
+
+enum mps_ring_result {
+    MPS_RING_OK = 0,
+    MPS_RING_FULL = 1,        /* no space or no record credit now */
+    MPS_RING_EMPTY = 2,       /* nothing to read now */
+    MPS_RING_TIMEOUT = 3,     /* a blocking call waited its whole timeout */
+    MPS_RING_CLOSED = 4,      /* the consumer closed its end */
+    MPS_RING_PEER_DEAD = 5,   /* the other side's process exited while we waited on it */
+    MPS_RING_TOO_LARGE = 6,   /* payload above mps_ring_max_payload_length */
+    MPS_RING_INTERRUPTED = 7, /* a signal arrived while parked: return to the caller to handle it */
+    MPS_RING_BAD_STATE = 8    /* call out of order (commit without claim, release without peek) */
+};
+
+enum mps_ring_side { MPS_RING_PRODUCER = 0, MPS_RING_CONSUMER = 1 };
+
+enum mps_ring_attach_result {
+    MPS_ATTACH_OK = 0,
+    MPS_ATTACH_BAD_MAGIC = 1,     /* not an mpstream ring */
+    MPS_ATTACH_BAD_VERSION = 2,   /* written by another layout version */
+    MPS_ATTACH_BAD_CAPACITY = 3,  /* capacity does not match the segment size */
+    MPS_ATTACH_SIDE_TAKEN = 4,    /* another live process is attached on this side */
+    MPS_ATTACH_NO_MEMORY = 5
+};
+
+/* What a consumer sees of one record. offset is the payload's index in the data region. */
+struct mps_record {
+    uint32_t type;
+    uint32_t length;
+    uint64_t offset;
+};
+
+/* Counters a handle keeps for its side; wait_ns is time parked or spinning on the peer. */
+struct mps_ring_stats {
+    uint64_t tail_position;
+    uint64_t head_position;
+    uint64_t records;
+    uint64_t waits;
+    uint64_t wait_ns;
+};
+
+struct mps_ring;
+
+/* Segments. Return 0 or an errno value. The mapping belongs to the caller until it passes
+ * base and size to mps_segment_unmap, exactly once, after every user of the memory is done. */
+int mps_segment_create(const char *name, uint64_t size, void **base_out);
+int mps_segment_open(const char *name, void **base_out, uint64_t *size_out);
+int mps_segment_unmap(void *base, uint64_t size);
+int mps_segment_unlink(const char *name);
+
+uint64_t mps_ring_segment_length(uint64_t capacity);
+uint64_t mps_ring_max_payload_length(uint64_t capacity);
+
+/* Writes the descriptor of a fresh segment. Both positions start at start_position (0 in
+ * production; tests start near the wrap). max_records bounds records in flight (0: no bound).
+ * Returns 0, or EINVAL for a capacity that is not a power of two >= MPS_RING_MIN_CAPACITY. */
+int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t start_position);
+
+/* Attaches this process as one side. On success *ring_out is a handle the caller frees with
+ * mps_ring_free, before the segment is unmapped. A side has one live process at a time:
+ * MPS_ATTACH_SIDE_TAKEN unless the slot is free, ours, or held by a dead process. */
+int mps_ring_attach(void *base, uint64_t segment_length, int side, uint32_t spin_limit,
+                    struct mps_ring **ring_out);
+/* Detaches and frees the handle. A consumer marks its end closed (the producer then gets
+ * MPS_RING_CLOSED). The pid stays in the side's slot: a peer waiting on a writer that detached
+ * without END_OF_STREAM sees it die with its process. */
+void mps_ring_free(struct mps_ring *ring);
+
+/* Producer. A claim reserves length payload bytes and stores their address in *payload_out;
+ * the memory is the caller's until commit or abort; nothing is visible before commit. */
+int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, uint8_t **payload_out);
+int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_t timeout_ns,
+                   uint8_t **payload_out);
+int mps_ring_commit(struct mps_ring *ring);
+int mps_ring_abort(struct mps_ring *ring);
+
+/* Consumer. A peek fills *record; its payload stays valid and unchanged until release. */
+int mps_ring_try_peek(struct mps_ring *ring, struct mps_record *record);
+int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record);
+int mps_ring_release(struct mps_ring *ring);
+
+uint8_t *mps_ring_data(struct mps_ring *ring);
+void mps_ring_get_stats(struct mps_ring *ring, struct mps_ring_stats *stats);
+
+#endif

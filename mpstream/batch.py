@@ -1,0 +1,277 @@
+"""Columnar batches and their frame format in a ring record.
+
+A :class:`Batch` is an ordered set of named 1-D columns of equal length. Numeric columns are
+numpy arrays (bool, signed/unsigned ints, float32/64, datetime64, timedelta64); text columns
+are :class:`StringColumn` (UTF-8, Arrow-style offsets + bytes).
+
+Frame format (one channel):
+
+* a SCHEMA record, sent before the first batch and whenever the columns change: UTF-8 JSON
+  ``{"columns": [[name, dtype], ...]}`` where dtype is numpy's ``dtype.str`` or ``"utf8"``;
+* a DATA record per batch: ``uint64 num_rows``, then for each buffer ``uint64 offset, uint64
+  nbytes`` (offset from the payload start), then the buffers. A numeric column is one buffer;
+  a string column two (int64 offsets, uint8 bytes). Each buffer starts on a 64-byte boundary
+  of the ring, the Arrow IPC rule.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Union
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .errors import LayoutError, SchemaError
+
+__all__ = ["Batch", "StringColumn", "Column", "BatchShapeError"]
+
+BUFFER_ALIGNMENT = 64
+_STRING = "utf8"
+_NUMERIC_KINDS = frozenset("biufmM")
+
+
+class BatchShapeError(SchemaError, ValueError):
+    """Columns that are not 1-D, or not all of one length."""
+
+
+class StringColumn:
+    """A column of UTF-8 strings stored as Arrow does: ``offsets`` (int64, n+1 entries, the
+    first 0) and ``data`` (uint8). String i is ``data[offsets[i]:offsets[i+1]]``.
+
+    >>> col = StringColumn.from_strings(["a", "", "héllo"])
+    >>> len(col), col[2], col.to_numpy().tolist()
+    (3, 'héllo', ['a', '', 'héllo'])
+    """
+
+    __slots__ = ("offsets", "data")
+
+    def __init__(self, offsets: np.ndarray, data: np.ndarray) -> None:
+        if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0:
+            raise LayoutError("StringColumn offsets must be 1-D int64 starting at 0")
+        if data.dtype != np.uint8 or data.ndim != 1 or offsets[-1] != len(data):
+            raise LayoutError("StringColumn data must be 1-D uint8 of length offsets[-1]")
+        self.offsets = offsets
+        self.data = data
+
+    @classmethod
+    def from_strings(cls, values: Sequence[str] | np.ndarray) -> StringColumn:
+        """Encodes str values (a numpy ``U``/``T`` array or a sequence of str) to UTF-8."""
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "UT":
+            arr = arr.astype(str)
+        n = len(arr)
+        encoded = np.char.encode(arr, "utf-8") if n else np.zeros(0, "S1")
+        width = encoded.dtype.itemsize
+        lengths = np.char.str_len(encoded).astype(np.int64) if n else np.zeros(0, np.int64)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if width == 0 or n == 0:
+            return cls(offsets, np.zeros(int(offsets[-1]), np.uint8))
+        matrix = encoded.view(np.uint8).reshape(n, width)
+        data = matrix[np.arange(width) < lengths[:, None]]
+        return cls(offsets, data)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return bytes(self.data[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.data.nbytes
+
+    def to_numpy(self) -> np.ndarray:
+        """The strings as a numpy ``U`` array (an owned copy)."""
+        n = len(self)
+        lengths = np.diff(self.offsets)
+        width = int(lengths.max()) if n else 0
+        if width == 0:
+            return np.full(n, "", dtype="U1")
+        matrix = np.zeros((n, width), np.uint8)
+        rows = np.repeat(np.arange(n), lengths)
+        cols = np.arange(len(self.data)) - np.repeat(self.offsets[:-1], lengths)
+        matrix[rows, cols] = self.data
+        return np.char.decode(matrix.view(f"S{width}").ravel(), "utf-8")
+
+    def copy(self) -> StringColumn:
+        return StringColumn(self.offsets.copy(), self.data.copy())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(repr(s) for s in list(self)[:5])
+        return f"StringColumn([{shown}{', ...' if len(self) > 5 else ''}], n={len(self)})"
+
+
+Column = Union[np.ndarray, StringColumn]
+
+
+def _check_column(name: object, value: ArrayLike | StringColumn) -> Column:
+    if not isinstance(name, str) or not name:
+        raise SchemaError(f"column names must be non-empty str, got {name!r}")
+    if isinstance(value, StringColumn):
+        return value
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise BatchShapeError(f"column {name!r} has shape {arr.shape}; columns must be 1-D: ravel or split it")
+    kind = arr.dtype.kind
+    if kind in "UT":
+        return StringColumn.from_strings(arr)
+    if kind == "O":
+        raise SchemaError(
+            f"column {name!r} is an object array; mpstream carries bool, int, uint, float32/64, "
+            f"datetime64, timedelta64 and str columns: convert it first, e.g. "
+            f"np.asarray(values, dtype=str) or .astype(np.float64)"
+        )
+    if kind not in _NUMERIC_KINDS or (kind == "f" and arr.dtype.itemsize not in (4, 8)):
+        raise SchemaError(
+            f"column {name!r} has dtype {arr.dtype}, which mpstream cannot carry; supported: bool, "
+            f"int8-64, uint8-64, float32/64, datetime64, timedelta64, str"
+        )
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def _column_dtype(col: Column) -> str:
+    return _STRING if isinstance(col, StringColumn) else col.dtype.str
+
+
+class Batch(Mapping[str, Column]):
+    """Named 1-D columns of equal length: the unit that flows between operators.
+
+    Constructing a Batch checks every column and names the offending one: object arrays and
+    unsupported dtypes raise :class:`~mpstream.errors.SchemaError` (a TypeError); columns that
+    are not 1-D or differ in length raise :class:`BatchShapeError` (a ValueError). Str arrays are
+    encoded to :class:`StringColumn` once, here.
+
+    >>> b = Batch({"key": np.array([3, 1]), "name": ["x", "yz"]})
+    >>> b.num_rows, b.schema
+    (2, (('key', '<i8'), ('name', 'utf8')))
+
+    A batch read from a channel holds read-only views on shared memory that are valid only until
+    its record is released; :meth:`copy` makes an owned batch that can be kept.
+    """
+
+    __slots__ = ("_columns", "_num_rows")
+
+    def __init__(self, columns: Mapping[str, ArrayLike | StringColumn]) -> None:
+        checked = {name: _check_column(name, value) for name, value in columns.items()}
+        lengths = {name: len(col) for name, col in checked.items()}
+        if len(set(lengths.values())) > 1:
+            raise BatchShapeError(f"columns differ in length (ragged batch): {lengths}; every column needs one value per row")
+        self._columns = checked
+        self._num_rows = next(iter(lengths.values()), 0)
+
+    @classmethod
+    def _trusted(cls, columns: dict[str, Column], num_rows: int) -> Batch:
+        """Wraps columns that are already checked (decoded frames); no validation."""
+        batch = cls.__new__(cls)
+        batch._columns = columns
+        batch._num_rows = num_rows
+        return batch
+
+    @property
+    def num_rows(self) -> int:
+        return self._num_rows
+
+    @property
+    def schema(self) -> tuple[tuple[str, str], ...]:
+        """((name, dtype), ...) with numpy's dtype.str, or "utf8" for string columns."""
+        return tuple((name, _column_dtype(col)) for name, col in self._columns.items())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(col.nbytes for col in self._columns.values())
+
+    def __getitem__(self, name: str) -> Column:
+        return self._columns[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns)
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+    def copy(self) -> Batch:
+        """An owned deep copy: safe to keep after the record it was read from is released."""
+        return Batch._trusted({name: col.copy() for name, col in self._columns.items()}, self._num_rows)
+
+    def __repr__(self) -> str:
+        cols = ", ".join(f"{name}: {dtype}" for name, dtype in self.schema)
+        return f"Batch({self._num_rows} rows; {cols})"
+
+
+def _buffers(col: Column) -> tuple[np.ndarray, ...]:
+    return (col.offsets, col.data) if isinstance(col, StringColumn) else (col,)
+
+
+class Frame:
+    """Encodes batches of one schema into DATA payloads and decodes them back.
+
+    ``skew`` is the payload's distance past a 64-byte boundary (the ring's record header), so
+    buffer offsets are chosen to land on 64-byte boundaries of the ring itself.
+    """
+
+    __slots__ = ("schema", "_dtypes", "_header", "_skew")
+
+    def __init__(self, schema: tuple[tuple[str, str], ...], skew: int) -> None:
+        self.schema = schema
+        self._dtypes = [None if dtype == _STRING else np.dtype(dtype) for _, dtype in schema]
+        nbuffers = sum(2 if dtype is None else 1 for dtype in self._dtypes)
+        self._header = struct.Struct(f"<Q{2 * nbuffers}Q")
+        self._skew = skew
+
+    def encode_schema(self) -> bytes:
+        return json.dumps({"columns": [list(c) for c in self.schema]}).encode()
+
+    @classmethod
+    def decode_schema(cls, payload: bytes, skew: int) -> Frame:
+        try:
+            columns = json.loads(payload.decode())["columns"]
+            return cls(tuple((str(name), str(dtype)) for name, dtype in columns), skew)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LayoutError(f"malformed SCHEMA record: {exc}") from exc
+
+    def layout(self, batch: Batch) -> tuple[int, list[int], list[np.ndarray]]:
+        """(payload length, header fields, buffers) of batch in this frame."""
+        fields = [batch.num_rows]
+        buffers: list[np.ndarray] = []
+        position = self._header.size
+        for col in batch.values():
+            for buf in _buffers(col):
+                position += -(position + self._skew) % BUFFER_ALIGNMENT
+                fields += (position, buf.nbytes)
+                buffers.append(buf)
+                position += buf.nbytes
+        return position, fields, buffers
+
+    def write(self, dst: np.ndarray, index: int, fields: list[int], buffers: list[np.ndarray]) -> None:
+        """Writes a DATA payload at dst[index:]: one copy per buffer, straight into the ring."""
+        self._header.pack_into(dst, index, *fields)
+        for i, buf in enumerate(buffers):
+            start = index + fields[1 + 2 * i]
+            if buf.nbytes:
+                np.copyto(dst[start : start + buf.nbytes].view(buf.dtype), buf, casting="no")
+
+    def read(self, src: memoryview, index: int) -> Batch:
+        """Decodes the DATA payload at src[index:] into a batch of views on src."""
+        fields = self._header.unpack_from(src, index)
+        num_rows = fields[0]
+        columns: dict[str, Column] = {}
+        f = 1
+        for (name, _), dtype in zip(self.schema, self._dtypes):
+            if dtype is None:
+                offsets = np.frombuffer(src, np.int64, num_rows + 1, index + fields[f])
+                data = np.frombuffer(src, np.uint8, fields[f + 3], index + fields[f + 2])
+                columns[name] = StringColumn(offsets, data)
+                f += 4
+            else:
+                columns[name] = np.frombuffer(src, dtype, num_rows, index + fields[f])
+                f += 2
+        return Batch._trusted(columns, num_rows)

@@ -1,0 +1,444 @@
+"""Channels: one single-producer / single-consumer ring in a POSIX shared-memory segment.
+
+Ownership is explicit. The process that creates a :class:`Channel` owns the segment's name and
+unlinks it (``close()``, or leaving its ``with`` block); writers and readers in other processes
+attach by name and detach with ``close()``. An attached process keeps its mapping until its last
+view is gone, so an unlink never pulls memory from under a reader.
+
+>>> with Channel("example", capacity=1 << 16) as chan:
+...     writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
+...     writer.write(Batch({"x": np.arange(3)}))
+...     writer.close()
+...     with reader.read() as record:
+...         total = int(record.batch["x"].sum())
+...     with reader.read() as record:
+...         end = record.kind
+...     reader.close()
+>>> total, end
+(3, <RecordKind.END_OF_STREAM: 4>)
+
+Segment names are ``/mps.<creator pid>.<run token>.<label>``: :func:`sweep_stale_segments`
+removes those whose creator is gone.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import re
+import secrets
+import struct
+import time
+from typing import Any
+
+import numpy as np
+import psutil
+
+from ._mps import ffi, lib
+from .batch import Batch, Frame
+from .errors import (
+    ChannelClosedError,
+    ChannelError,
+    ChannelTimeoutError,
+    LayoutError,
+    PeerDiedError,
+    RecordTooLargeError,
+    SharedMemoryFullError,
+)
+
+__all__ = [
+    "Channel",
+    "ChannelWriter",
+    "ChannelReader",
+    "Record",
+    "RecordKind",
+    "sweep_stale_segments",
+    "SHM_DIR",
+]
+
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "mps."
+DEFAULT_CAPACITY = 1 << 22
+#: Longest a single C call stays parked; between calls Python handles signals (Ctrl-C).
+_SLICE_NS = 200_000_000
+#: Polls before parking: a few microseconds, enough to catch a peer that is mid-record.
+DEFAULT_SPIN = 2000
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+_RUN_TOKEN = secrets.token_hex(4)
+
+
+class RecordKind(enum.IntEnum):
+    """What a record carries. The values are the ring's record types (csrc/mps_ring.h)."""
+
+    DATA = lib.MPS_RECORD_DATA
+    BARRIER = lib.MPS_RECORD_BARRIER
+    WATERMARK = lib.MPS_RECORD_WATERMARK
+    END_OF_STREAM = lib.MPS_RECORD_END_OF_STREAM
+
+
+def segment_name(label: str, run_token: str | None = None) -> str:
+    """The shm name of a channel labelled label, created by this process."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:150]
+    return f"/{SEGMENT_PREFIX}{os.getpid()}.{run_token or _RUN_TOKEN}.{safe}"
+
+
+def _creator_pid(entry: str) -> int | None:
+    match = re.match(re.escape(SEGMENT_PREFIX) + r"(\d+)\.", entry)
+    return int(match.group(1)) if match else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlinks every mpstream segment whose creating process is gone; returns their names.
+
+    A job that was SIGKILLed cannot unlink its segments; a new job calls this at start.
+    """
+    swept = []
+    for entry in sorted(os.listdir(SHM_DIR)):
+        pid = _creator_pid(entry)
+        if pid is not None and not _alive(pid):
+            if lib.mps_segment_unlink(f"/{entry}".encode()) == 0:
+                swept.append(entry)
+    return swept
+
+
+def _check_free_space(label: str, length: int) -> None:
+    st = os.statvfs(SHM_DIR)
+    free = st.f_bavail * st.f_frsize
+    if length > free:
+        raise _full_error(label, length, free)
+
+
+def _full_error(label: str, length: int, free: int | None) -> SharedMemoryFullError:
+    have = "has too little space" if free is None else f"has {free / 2**20:.1f} MiB free"
+    return SharedMemoryFullError(
+        f"channel {label!r} needs {length / 2**20:.1f} MiB of shared memory but {SHM_DIR} {have}: "
+        f"give channels a smaller capacity, remove stale segments "
+        f"(mpstream.channel.sweep_stale_segments()), or enlarge {SHM_DIR} (docker run --shm-size)"
+    )
+
+
+class _Mapping:
+    """A mapped segment. Unmapped only when garbage-collected, i.e. after the last numpy view
+    on it is gone (views reference it through ``buffer``), never while a view can still read."""
+
+    __slots__ = ("base", "length", "buffer")
+
+    def __init__(self, base: Any, length: int) -> None:
+        self.base = ffi.gc(base, lambda p, n=length: lib.mps_segment_unmap(p, n))
+        self.length = length
+        self.buffer = ffi.buffer(self.base, length)
+
+    @classmethod
+    def open(cls, name: str) -> _Mapping:
+        base = ffi.new("void **")
+        length = ffi.new("uint64_t *")
+        err = lib.mps_segment_open(name.encode(), base, length)
+        if err:
+            raise ChannelError(f"cannot open channel segment {name!r}: {os.strerror(err)}; "
+                               f"is the job that created it still running?")
+        return cls(base[0], length[0])
+
+
+class Channel:
+    """Creates and owns one channel segment; ``close()`` unlinks it (once, in the creator).
+
+    capacity is the ring's size in bytes (a power of two, >= 1024); a record holds at most half
+    of it. max_records, when not 0, also bounds the records in flight (credits).
+    Raises :class:`SharedMemoryFullError` up front when /dev/shm cannot hold the segment.
+    """
+
+    def __init__(self, label: str, capacity: int = DEFAULT_CAPACITY, max_records: int = 0,
+                 *, start_position: int = 0, check_space: bool = True) -> None:
+        if capacity < lib.MPS_RING_MIN_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"channel {label!r}: capacity must be a power of two >= "
+                             f"{lib.MPS_RING_MIN_CAPACITY}, got {capacity}")
+        self.label = label
+        self.name = segment_name(label)
+        self.capacity = capacity
+        length = lib.mps_ring_segment_length(capacity)
+        if check_space:
+            _check_free_space(label, length)
+        base = ffi.new("void **")
+        err = lib.mps_segment_create(self.name.encode(), length, base)
+        if err == errno.ENOSPC:
+            raise _full_error(label, length, None)
+        if err:
+            raise ChannelError(f"cannot create channel {label!r} ({self.name}): {os.strerror(err)}")
+        self._owner_pid = os.getpid()
+        mapping = _Mapping(base[0], length)
+        lib.mps_ring_init(mapping.base, capacity, max_records, start_position)
+
+    def close(self) -> None:
+        """Unlinks the segment name. Attached processes keep their mappings until they detach."""
+        if self._owner_pid == os.getpid():
+            lib.mps_segment_unlink(self.name.encode())
+            self._owner_pid = 0
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Channel({self.label!r}, capacity={self.capacity}, name={self.name!r})"
+
+
+class _Endpoint:
+    """One attached side of a channel: the mapping, the C handle, and the blocking loop."""
+
+    _side: int
+    _role: str
+
+    def __init__(self, name: str, spin: int = DEFAULT_SPIN) -> None:
+        self.name = name
+        self._mapping = _Mapping.open(name)
+        out = ffi.new("struct mps_ring **")
+        rc = lib.mps_ring_attach(self._mapping.base, self._mapping.length, self._side, spin, out)
+        if rc != lib.MPS_ATTACH_OK:
+            raise LayoutError(self._attach_message(rc))
+        mapping = self._mapping  # the handle is freed before the mapping can be unmapped
+        self._ring = ffi.gc(out[0], lambda r, m=mapping: lib.mps_ring_free(r))
+        data = lib.mps_ring_data(self._ring)
+        self._data_index = int(ffi.cast("uintptr_t", data)) - int(ffi.cast("uintptr_t", mapping.base))
+        self._capacity = mapping.length - self._data_index
+        self._skew = lib.MPS_RECORD_HEADER_LENGTH
+
+    def _attach_message(self, rc: int) -> str:
+        reasons = {
+            lib.MPS_ATTACH_BAD_MAGIC: "it is not an mpstream ring",
+            lib.MPS_ATTACH_BAD_VERSION: "it was written by another mpstream layout version; "
+                                        "run both sides with one mpstream version",
+            lib.MPS_ATTACH_BAD_CAPACITY: "its capacity does not match its size (corrupt segment)",
+            lib.MPS_ATTACH_SIDE_TAKEN: f"another live process is already its {self._role}; "
+                                       f"a channel has exactly one writer and one reader",
+            lib.MPS_ATTACH_NO_MEMORY: "out of memory",
+        }
+        return f"cannot attach to channel {self.name!r} as {self._role}: {reasons.get(rc, rc)}"
+
+    def _blocking(self, call: Any, timeout: float | None) -> int:
+        """Calls call(slice_ns) until it stops timing out; the C side parks on a futex."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slice_ns = _SLICE_NS
+            if deadline is not None:
+                slice_ns = max(0, min(_SLICE_NS, int((deadline - time.monotonic()) * 1e9)))
+            rc = call(slice_ns)
+            if rc == lib.MPS_RING_INTERRUPTED:
+                continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
+            if rc != lib.MPS_RING_TIMEOUT or (deadline is not None and time.monotonic() >= deadline):
+                return rc
+
+    def _raise_for(self, rc: int, timeout: float | None) -> None:
+        peer = "reader" if self._side == lib.MPS_RING_PRODUCER else "writer"
+        if rc == lib.MPS_RING_PEER_DEAD:
+            raise PeerDiedError(f"channel {self.name!r}: the {peer} process died while this "
+                                f"{self._role} waited on it; restart the job from its last checkpoint")
+        if rc == lib.MPS_RING_CLOSED:
+            raise ChannelClosedError(f"channel {self.name!r}: the reader closed its end; "
+                                     f"stop writing to it")
+        if rc == lib.MPS_RING_TIMEOUT:
+            raise ChannelTimeoutError(f"channel {self.name!r}: the {self._role} waited {timeout} s "
+                                      f"for its {peer}; raise the timeout or check that the {peer} runs")
+        raise ChannelError(f"channel {self.name!r}: ring call failed with code {rc}")
+
+    def stats(self) -> dict[str, int]:
+        """Positions, records moved and time spent waiting on the peer, for this side."""
+        s = ffi.new("struct mps_ring_stats *")
+        lib.mps_ring_get_stats(self._ring, s)
+        return {"tail_position": s.tail_position, "head_position": s.head_position,
+                "records": s.records, "waits": s.waits, "wait_ns": s.wait_ns}
+
+    def _detach(self) -> None:
+        if self._ring is not None:
+            ffi.release(self._ring)
+            self._ring = None
+
+
+class ChannelWriter(_Endpoint):
+    """The producer side of a channel, attached by name in the writing process.
+
+    Each column is copied once, straight into the ring. A write blocks while the ring has no
+    space or credit (backpressure); ``timeout`` (seconds, None = forever) bounds the wait.
+    Raises :class:`PeerDiedError` if the reader's process dies meanwhile and
+    :class:`ChannelClosedError` if it closed its end.
+    """
+
+    _side = lib.MPS_RING_PRODUCER
+    _role = "writer"
+
+    def __init__(self, name: str, spin: int = DEFAULT_SPIN) -> None:
+        super().__init__(name, spin)
+        self._out = np.frombuffer(self._mapping.buffer, np.uint8)
+        self._payload = ffi.new("uint8_t **")
+        self._frame: Frame | None = None
+        self._closed = False
+
+    def _claim(self, kind: int, length: int, timeout: float | None) -> int:
+        """Claims a record; returns its payload's index in the segment."""
+        if self._closed:
+            raise ChannelClosedError(f"channel {self.name!r}: this writer is closed")
+        ring, payload = self._ring, self._payload
+        rc = lib.mps_ring_try_claim(ring, kind, length, payload)
+        if rc == lib.MPS_RING_FULL:
+            rc = self._blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, payload), timeout)
+        if rc == lib.MPS_RING_TOO_LARGE:
+            raise RecordTooLargeError(
+                f"channel {self.name!r}: a {length}-byte record exceeds the limit of "
+                f"{lib.mps_ring_max_payload_length(self._capacity)} bytes (half the capacity); "
+                f"split the batch or create the channel with a larger capacity")
+        if rc != lib.MPS_RING_OK:
+            self._raise_for(rc, timeout)
+        return int(ffi.cast("uintptr_t", payload[0])) - int(ffi.cast("uintptr_t", self._mapping.base))
+
+    def _write_bytes(self, kind: int, payload: bytes, timeout: float | None) -> None:
+        index = self._claim(kind, len(payload), timeout)
+        self._out[index : index + len(payload)] = np.frombuffer(payload, np.uint8)
+        lib.mps_ring_commit(self._ring)
+
+    def write(self, batch: Batch, timeout: float | None = None) -> None:
+        """Writes one batch (preceded by a SCHEMA record when its columns changed)."""
+        frame = self._frame
+        if frame is None or frame.schema != batch.schema:
+            frame = Frame(batch.schema, self._skew)
+            self._write_bytes(lib.MPS_RECORD_SCHEMA, frame.encode_schema(), timeout)
+            self._frame = frame
+        length, fields, buffers = frame.layout(batch)
+        index = self._claim(lib.MPS_RECORD_DATA, length, timeout)
+        try:
+            frame.write(self._out, index, fields, buffers)
+        except BaseException:
+            lib.mps_ring_abort(self._ring)
+            raise
+        lib.mps_ring_commit(self._ring)
+
+    def write_barrier(self, checkpoint_id: int, timeout: float | None = None) -> None:
+        """Writes BARRIER(checkpoint_id), in band after every batch written before it."""
+        self._write_bytes(lib.MPS_RECORD_BARRIER, _U64.pack(checkpoint_id), timeout)
+
+    def write_watermark(self, event_time: int, timeout: float | None = None) -> None:
+        """Writes WATERMARK(event_time): no later record has an event time below it."""
+        self._write_bytes(lib.MPS_RECORD_WATERMARK, _I64.pack(event_time), timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Writes END_OF_STREAM after all data, then detaches. A reader already gone is fine."""
+        if self._ring is None:
+            return
+        try:
+            if not self._closed:
+                self._write_bytes(lib.MPS_RECORD_END_OF_STREAM, b"", timeout)
+        except (ChannelClosedError, PeerDiedError):
+            pass
+        finally:
+            self._closed = True
+            self._detach()
+
+    def __enter__(self) -> ChannelWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Record:
+    """One record held by a reader: use it as a context manager, which releases it on exit.
+
+    kind is a :class:`RecordKind`; ``batch`` (DATA) holds read-only views valid until release;
+    ``value`` is the checkpoint id (BARRIER) or event time (WATERMARK).
+    """
+
+    __slots__ = ("kind", "batch", "value", "_reader")
+
+    def __init__(self, reader: ChannelReader, kind: RecordKind, batch: Batch | None, value: int | None):
+        self._reader = reader
+        self.kind = kind
+        self.batch = batch
+        self.value = value
+
+    def release(self) -> None:
+        """Gives the record's space back to the writer. Views on it must not be used after."""
+        if self._reader is not None:
+            self._reader._release()
+            self._reader = None
+
+    def __enter__(self) -> Record:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        what = self.batch if self.kind == RecordKind.DATA else self.value
+        return f"Record({self.kind.name}, {what})"
+
+
+class ChannelReader(_Endpoint):
+    """The consumer side of a channel, attached by name in the reading process.
+
+    ``read()`` blocks until a record arrives and returns it as a :class:`Record`; hold at most
+    one at a time and release it (leave its ``with`` block) before the next read. END_OF_STREAM
+    arrives after all data. Raises :class:`PeerDiedError` when the writer's process dies while
+    the reader waits, and :class:`ChannelTimeoutError` after ``timeout`` seconds.
+    """
+
+    _side = lib.MPS_RING_CONSUMER
+    _role = "reader"
+
+    def __init__(self, name: str, spin: int = DEFAULT_SPIN) -> None:
+        super().__init__(name, spin)
+        self._in = memoryview(self._mapping.buffer).toreadonly()
+        self._record = ffi.new("struct mps_record *")
+        self._frame: Frame | None = None
+        self._held = False
+
+    def read(self, timeout: float | None = None) -> Record:
+        """The next record (DATA, BARRIER, WATERMARK or END_OF_STREAM); see the class doc."""
+        if self._held:
+            raise ChannelError(f"channel {self.name!r}: release the previous record before reading the next")
+        ring, rec = self._ring, self._record
+        while True:
+            rc = lib.mps_ring_try_peek(ring, rec)
+            if rc == lib.MPS_RING_EMPTY:
+                rc = self._blocking(lambda ns: lib.mps_ring_peek(ring, ns, rec), timeout)
+            if rc != lib.MPS_RING_OK:
+                self._raise_for(rc, timeout)
+            index = self._data_index + rec.offset
+            if rec.type != lib.MPS_RECORD_SCHEMA:
+                break
+            self._frame = Frame.decode_schema(bytes(self._in[index : index + rec.length]), self._skew)
+            lib.mps_ring_release(ring)
+        self._held = True
+        kind = RecordKind(rec.type)
+        if kind == RecordKind.DATA:
+            if self._frame is None:
+                raise LayoutError(f"channel {self.name!r}: DATA record before any SCHEMA record")
+            return Record(self, kind, self._frame.read(self._in, index), None)
+        value = None
+        if kind == RecordKind.BARRIER:
+            value = _U64.unpack_from(self._in, index)[0]
+        elif kind == RecordKind.WATERMARK:
+            value = _I64.unpack_from(self._in, index)[0]
+        return Record(self, kind, None, value)
+
+    def _release(self) -> None:
+        lib.mps_ring_release(self._ring)
+        self._held = False
+
+    def close(self) -> None:
+        """Detaches; the writer's next blocked or future write gets ChannelClosedError."""
+        self._detach()
+
+    def __enter__(self) -> ChannelReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

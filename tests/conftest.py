@@ -1,0 +1,52 @@
+"""Suite-wide hygiene: every test must leave no child process and no mpstream segment behind."""
+
+import multiprocessing
+import os
+import time
+
+import psutil
+import pytest
+
+from mpstream.channel import SEGMENT_PREFIX, SHM_DIR
+
+
+def _segments() -> set[str]:
+    return {e for e in os.listdir(SHM_DIR) if e.startswith(SEGMENT_PREFIX)}
+
+
+def _reap_children(deadline_s: float) -> list[psutil.Process]:
+    """Children still alive after deadline_s (exiting ones get that long to finish)."""
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=deadline_s)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fails the test that leaves an orphan process or a /dev/shm segment (and cleans up)."""
+    before = _segments()
+    yield
+    multiprocessing.active_children()  # reaps finished multiprocessing children
+    orphans = _reap_children(5.0)
+    for p in orphans:
+        p.kill()
+    leaked = _segments() - before
+    for entry in leaked:
+        os.unlink(os.path.join(SHM_DIR, entry))
+    assert not orphans, f"test left child processes running: {[p.info if hasattr(p, 'info') else p for p in orphans]}"
+    assert not leaked, f"test left shared-memory segments: {sorted(leaked)}"
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Polls predicate until true: synchronises on a condition, never on elapsed time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def mp_context(request):
+    """A multiprocessing context for each start method mpstream supports."""
+    return multiprocessing.get_context(request.param)
