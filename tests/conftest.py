@@ -14,9 +14,17 @@ def _segments() -> set[str]:
     return {e for e in os.listdir(SHM_DIR) if e.startswith(SEGMENT_PREFIX)}
 
 
+def _is_ours(p: psutil.Process) -> bool:
+    """Not multiprocessing's own resource tracker, which spawn starts once for the session."""
+    try:
+        return "resource_tracker" not in " ".join(p.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _reap_children(deadline_s: float) -> list[psutil.Process]:
     """Children still alive after deadline_s (exiting ones get that long to finish)."""
-    children = psutil.Process().children(recursive=True)
+    children = [p for p in psutil.Process().children(recursive=True) if _is_ours(p)]
     _, alive = psutil.wait_procs(children, timeout=deadline_s)
     return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
@@ -33,7 +41,7 @@ def no_leaks():
     leaked = _segments() - before
     for entry in leaked:
         os.unlink(os.path.join(SHM_DIR, entry))
-    assert not orphans, f"test left child processes running: {[p.info if hasattr(p, 'info') else p for p in orphans]}"
+    assert not orphans, f"test left child processes running: {orphans}"
     assert not leaked, f"test left shared-memory segments: {sorted(leaked)}"
 
 

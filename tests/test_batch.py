@@ -1,0 +1,181 @@
+"""Batches: validation errors name the column; every dtype round-trips through a channel."""
+
+import gc
+import re
+
+import numpy as np
+import pytest
+
+from mpstream import Batch, BatchShapeError, Channel, ChannelError, ChannelReader, ChannelWriter, RecordKind, SchemaError, StringColumn
+
+
+@pytest.fixture
+def pipe():
+    """(writer, reader) of one in-process channel."""
+    with Channel("batch-test", capacity=1 << 20) as chan:
+        writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
+        yield writer, reader
+        writer.close()
+        reader.close()
+
+
+def roundtrip(pipe, batch: Batch) -> Batch:
+    writer, reader = pipe
+    writer.write(batch)
+    with reader.read(timeout=5) as record:
+        assert record.kind == RecordKind.DATA
+        return record.batch.copy()
+
+
+def assert_same(got: Batch, want: Batch) -> None:
+    assert got.schema == want.schema and got.num_rows == want.num_rows
+    for name in want:
+        g, w = got[name], want[name]
+        if isinstance(w, StringColumn):
+            assert g.to_numpy().tolist() == w.to_numpy().tolist()
+        else:
+            np.testing.assert_array_equal(g, w)
+
+
+ALL_DTYPES = {
+    "b": np.array([True, False, True]),
+    "i8": np.array([-128, 0, 127], np.int8),
+    "i16": np.array([-(2**15), 1, 2**15 - 1], np.int16),
+    "i32": np.array([-(2**31), 2, 2**31 - 1], np.int32),
+    "i64": np.array([-(2**63), 3, 2**63 - 1], np.int64),
+    "u8": np.array([0, 1, 255], np.uint8),
+    "u16": np.array([0, 1, 2**16 - 1], np.uint16),
+    "u32": np.array([0, 1, 2**32 - 1], np.uint32),
+    "u64": np.array([0, 1, 2**64 - 1], np.uint64),
+    "f32": np.array([np.nan, -0.0, np.inf], np.float32),
+    "f64": np.array([1e-300, np.nan, -np.inf]),
+    "ts": np.array(["2026-11-24T00:00:00.123456789", "NaT", "1970-01-01"], "datetime64[ns]"),
+    "day": np.array(["2026-11-24", "2000-02-29", "NaT"], "datetime64[D]"),
+    "td": np.array([1, -5, 0], "timedelta64[us]"),
+    "s": np.array(["", "héllo wörld ✓", "a" * 1000]),
+}
+
+
+def test_every_dtype_roundtrips(pipe):
+    want = Batch(ALL_DTYPES)
+    got = roundtrip(pipe, want)
+    assert_same(got, want)
+    assert got["ts"].dtype == np.dtype("datetime64[ns]") and got["u64"][2] == 2**64 - 1
+
+
+def test_zero_row_batches_roundtrip_for_every_dtype(pipe):
+    want = Batch({name: col[:0] for name, col in ALL_DTYPES.items()})
+    got = roundtrip(pipe, want)
+    assert_same(got, want)
+    assert got.num_rows == 0
+
+
+def test_all_empty_strings_roundtrip(pipe):
+    got = roundtrip(pipe, Batch({"s": ["", "", ""]}))
+    assert got["s"].to_numpy().tolist() == ["", "", ""]
+    assert got["s"].offsets.tolist() == [0, 0, 0, 0]
+
+
+def test_batch_without_columns_roundtrips(pipe):
+    got = roundtrip(pipe, Batch({}))
+    assert got.num_rows == 0 and len(got) == 0
+
+
+def test_schema_change_midstream_is_sent_again(pipe):
+    a = Batch({"x": np.arange(3)})
+    b = Batch({"y": np.array(["p", "q"]), "x": np.array([1.5, 2.5])})
+    assert_same(roundtrip(pipe, a), a)
+    assert_same(roundtrip(pipe, b), b)
+    assert_same(roundtrip(pipe, a), a)
+
+
+def test_non_native_and_strided_columns_roundtrip(pipe):
+    big_endian = np.arange(10, dtype=">i4")
+    strided = np.arange(40, dtype=np.float64)[::4]
+    got = roundtrip(pipe, Batch({"be": big_endian, "st": strided}))
+    np.testing.assert_array_equal(got["be"], np.arange(10))
+    np.testing.assert_array_equal(got["st"], np.arange(0, 40, 4))
+    assert got.schema == (("be", "<i4"), ("st", "<f8"))
+
+
+def test_columns_are_64_byte_aligned_in_the_ring(pipe):
+    writer, reader = pipe
+    writer.write(Batch({"a": np.arange(3, dtype=np.int8), "s": ["x", "yy"] + ["z"], "f": np.ones(5)[:3]}))
+    with reader.read() as record:
+        b = record.batch
+        addresses = [b["a"].ctypes.data, b["s"].offsets.ctypes.data, b["s"].data.ctypes.data, b["f"].ctypes.data]
+        assert [a % 64 for a in addresses] == [0, 0, 0, 0]
+
+
+def test_read_views_are_read_only_and_copy_is_owned(pipe):
+    writer, reader = pipe
+    writer.write(Batch({"x": np.arange(4)}))
+    with reader.read() as record:
+        view = record.batch["x"]
+        with pytest.raises(ValueError, match="read-only"):
+            view[0] = 9
+        kept = record.batch.copy()
+    assert kept["x"].flags.writeable and kept["x"].base is None
+    writer.write(Batch({"x": np.full(4, 7)}))  # may overwrite the released record's bytes
+    with reader.read() as record:
+        np.testing.assert_array_equal(record.batch["x"], np.full(4, 7))
+    np.testing.assert_array_equal(kept["x"], np.arange(4))
+
+
+def test_reading_again_before_release_is_refused(pipe):
+    writer, reader = pipe
+    writer.write(Batch({"x": np.arange(2)}))
+    writer.write(Batch({"x": np.arange(2)}))
+    record = reader.read()
+    with pytest.raises(ChannelError, match="release the previous record"):
+        reader.read()
+    record.release()
+    with reader.read() as again:
+        assert again.batch.num_rows == 2
+
+
+def test_views_outlive_detach_and_unlink_without_crashing():
+    with Channel("outlive", capacity=1 << 16) as chan:
+        writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
+        writer.write(Batch({"x": np.arange(100)}))
+        with reader.read() as record:
+            escaped = record.batch["x"]
+        writer.close()
+        reader.close()
+    del writer, reader, record
+    gc.collect()
+    assert int(escaped.sum()) == 4950  # the mapping lives as long as a view does
+
+
+def test_object_arrays_are_refused_naming_the_column():
+    with pytest.raises(TypeError, match="column 'payload' is an object array"):
+        Batch({"ok": np.arange(2), "payload": np.array([{"a": 1}, None], dtype=object)})
+    assert issubclass(SchemaError, TypeError)
+
+
+def test_ragged_columns_are_refused_naming_the_lengths():
+    with pytest.raises(ValueError, match=r"ragged.*'a': 3.*'b': 2"):
+        Batch({"a": np.arange(3), "b": np.arange(2)})
+    assert issubclass(BatchShapeError, ValueError)
+
+
+def test_non_1d_columns_are_refused_naming_the_column():
+    with pytest.raises(ValueError, match=r"column 'm' has shape \(2, 2\)"):
+        Batch({"m": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match="column 's' has shape"):
+        Batch({"s": np.float64(3.0)})
+
+
+@pytest.mark.parametrize("bad", [np.zeros(2, np.float16), np.zeros(2, np.complex128), np.zeros(2, "S3"),
+                                 np.zeros(2, [("a", "i4")])])
+def test_unsupported_dtypes_are_refused_naming_the_column(bad):
+    with pytest.raises(TypeError, match=re.escape(f"column 'c' has dtype {bad.dtype}")):
+        Batch({"c": bad})
+
+
+def test_string_column_matches_python_encoding():
+    values = ["", "a", "ß", "日本語", "emoji 🎉", "x" * 300]
+    col = StringColumn.from_strings(values)
+    assert col.offsets.tolist() == np.cumsum([0] + [len(v.encode()) for v in values]).tolist()
+    assert bytes(col.data) == "".join(values).encode()
+    assert list(col) == values and col.to_numpy().tolist() == values

@@ -1,0 +1,299 @@
+"""Channels across processes (fork and spawn): streams arrive intact and in order, END_OF_STREAM
+comes after all data, a dead peer is reported instead of hanging, /dev/shm exhaustion is
+reported up front, and stale segments can be swept."""
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+from conftest import wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpstream import (
+    Batch,
+    Channel,
+    ChannelClosedError,
+    ChannelReader,
+    ChannelTimeoutError,
+    ChannelWriter,
+    LayoutError,
+    PeerDiedError,
+    RecordKind,
+    RecordTooLargeError,
+    SharedMemoryFullError,
+    sweep_stale_segments,
+)
+from mpstream._mps import lib
+from mpstream.channel import _Mapping
+
+WORDS = np.array(["", "a", "ß", "日本語", "click", "a-much-longer-domain-name.example.com"])
+PRODUCER_WAITING, CONSUMER_WAITING = 256, 512  # parking slots, see csrc/mps_ring.h
+
+
+def make_batch(rows: int, seed: int) -> Batch:
+    rng = np.random.default_rng(seed)
+    return Batch({
+        "seq": np.full(rows, seed, np.int64),
+        "value": rng.standard_normal(rows),
+        "word": WORDS[rng.integers(0, len(WORDS), rows)],
+        "ts": rng.integers(0, 2**40, rows).astype("datetime64[ns]"),
+        "flag": rng.random(rows) < 0.5,
+    })
+
+
+def produce(name: str, specs: list[tuple[int, int]]) -> None:
+    with ChannelWriter(name) as writer:  # close() sends END_OF_STREAM
+        for rows, seed in specs:
+            writer.write(make_batch(rows, seed))
+            writer.write_watermark(seed)
+
+
+def consume_all(reader: ChannelReader, timeout: float = 60) -> list:
+    """Every record until END_OF_STREAM, batches copied, as (kind, batch or value)."""
+    out = []
+    while True:
+        with reader.read(timeout=timeout) as record:
+            if record.kind == RecordKind.END_OF_STREAM:
+                return out
+            out.append((record.kind, record.batch.copy() if record.batch is not None else record.value))
+
+
+def assert_batches_equal(got: Batch, want: Batch) -> None:
+    assert got.schema == want.schema
+    for name in want:
+        g, w = got[name], want[name]
+        if name == "word":
+            assert g.to_numpy().tolist() == w.to_numpy().tolist()
+        else:
+            np.testing.assert_array_equal(g, w)
+
+
+specs_strategy = st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 2**31)), min_size=0, max_size=30)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=specs_strategy, capacity_log2=st.integers(18, 20))
+def test_random_batch_streams_arrive_intact_and_in_order(method, specs, capacity_log2):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(method)
+    with Channel("stream", capacity=1 << capacity_log2) as chan, ChannelReader(chan.name) as reader:
+        child = ctx.Process(target=produce, args=(chan.name, specs))
+        child.start()
+        got = consume_all(reader)
+        child.join(30)
+        assert child.exitcode == 0
+    want_kinds = [RecordKind.DATA, RecordKind.WATERMARK] * len(specs)
+    assert [kind for kind, _ in got] == want_kinds
+    for (rows, seed), (_, batch), (_, mark) in zip(specs, got[::2], got[1::2]):
+        assert_batches_equal(batch, make_batch(rows, seed))
+        assert mark == seed
+
+
+def test_writer_blocks_on_a_full_ring_and_resumes(mp_context):
+    """A 64 KiB ring with 2 credits carries 1.3 MB: the writer waits on credit many times, nothing is lost."""
+    specs = [(500, seed) for seed in range(60)]
+    with Channel("backpressure", capacity=1 << 16, max_records=2) as chan, ChannelReader(chan.name) as reader:
+        child = mp_context.Process(target=produce, args=(chan.name, specs))
+        child.start()
+        got = consume_all(reader)
+        child.join(30)
+        assert child.exitcode == 0
+    assert [int(b["seq"][0]) for kind, b in got if kind == RecordKind.DATA] == list(range(60))
+
+
+def test_end_of_stream_follows_all_data_and_barriers():
+    with Channel("eos", capacity=1 << 16) as chan:
+        writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
+        writer.write(Batch({"x": np.arange(5)}))
+        writer.write_barrier(7)
+        writer.write(Batch({"x": np.arange(2)}))
+        writer.close()
+        got = consume_all(reader, timeout=5)
+        reader.close()
+    assert [kind for kind, _ in got] == [RecordKind.DATA, RecordKind.BARRIER, RecordKind.DATA]
+    assert got[1][1] == 7
+
+
+def _write_one_then_hang(name: str, ready) -> None:
+    writer = ChannelWriter(name)
+    writer.write(Batch({"x": np.arange(3)}))
+    ready.set()
+    threading.Event().wait()  # until SIGKILLed
+
+
+def _read_one_then_hang(name: str, ready) -> None:
+    reader = ChannelReader(name)
+    with reader.read(timeout=30):
+        pass
+    ready.set()
+    threading.Event().wait()  # until SIGKILLed
+
+
+def _kill_when_parked(name: str, flag_offset: int, pid: int) -> threading.Thread:
+    """SIGKILLs pid once this process's side of the channel sleeps on its futex."""
+    mapping = _Mapping.open(name)
+
+    def run():
+        wait_until(lambda: struct.unpack_from("<I", mapping.buffer, flag_offset)[0] == 1, what="a parked waiter")
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_reader_parked_on_a_writer_that_is_killed_gets_peer_died(mp_context):
+    with Channel("dead-writer", capacity=1 << 16) as chan, ChannelReader(chan.name) as reader:
+        ready = mp_context.Event()
+        child = mp_context.Process(target=_write_one_then_hang, args=(chan.name, ready))
+        child.start()
+        assert ready.wait(30)
+        with reader.read(timeout=5) as record:
+            assert record.batch.num_rows == 3
+        killer = _kill_when_parked(chan.name, CONSUMER_WAITING, child.pid)
+        with pytest.raises(PeerDiedError, match="writer process died"):
+            reader.read(timeout=30)
+        killer.join()
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
+
+
+def test_writer_blocked_on_a_reader_that_is_killed_gets_peer_died(mp_context):
+    with Channel("dead-reader", capacity=1 << 16) as chan, ChannelWriter(chan.name) as writer:
+        ready = mp_context.Event()
+        child = mp_context.Process(target=_read_one_then_hang, args=(chan.name, ready))
+        child.start()
+        writer.write(Batch({"x": np.arange(10)}))
+        assert ready.wait(30)
+        killer = _kill_when_parked(chan.name, PRODUCER_WAITING, child.pid)
+        with pytest.raises(PeerDiedError, match="reader process died"):
+            for _ in range(10_000):  # fills the ring, then blocks until the reader is gone
+                writer.write(Batch({"x": np.arange(1000)}), timeout=30)
+        killer.join()
+        child.join()
+
+
+def test_writer_that_died_before_the_read_is_detected(mp_context):
+    with Channel("already-dead", capacity=1 << 16) as chan, ChannelReader(chan.name) as reader:
+        ready = mp_context.Event()
+        child = mp_context.Process(target=_write_one_then_hang, args=(chan.name, ready))
+        child.start()
+        assert ready.wait(30)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        with reader.read(timeout=5):  # what was committed before the death is still delivered
+            pass
+        with pytest.raises(PeerDiedError):
+            reader.read(timeout=30)
+
+
+def test_write_to_a_closed_reader_is_refused():
+    with Channel("closed", capacity=1 << 12) as chan, ChannelWriter(chan.name) as writer:
+        ChannelReader(chan.name).close()
+        with pytest.raises(ChannelClosedError, match="reader closed its end"):
+            for _ in range(100):
+                writer.write(Batch({"x": np.arange(100)}), timeout=5)
+
+
+def test_read_times_out_with_a_specific_error():
+    with Channel("quiet", capacity=1 << 12) as chan, ChannelReader(chan.name) as reader:
+        ChannelWriter(chan.name)  # attached, alive, silent
+        with pytest.raises(ChannelTimeoutError, match="raise the timeout"):
+            reader.read(timeout=0.05)
+
+
+def test_record_larger_than_half_the_ring_is_refused_with_advice():
+    with Channel("small", capacity=1 << 12) as chan, ChannelWriter(chan.name) as writer:
+        with pytest.raises(RecordTooLargeError, match="split the batch or create the channel with a larger capacity"):
+            writer.write(Batch({"x": np.zeros(1024)}))
+
+
+def _attach_writer_then_hang(name: str, ready) -> None:
+    ChannelWriter(name)
+    ready.set()
+    threading.Event().wait()
+
+
+def test_second_live_writer_is_refused(mp_context):
+    with Channel("taken", capacity=1 << 12) as chan:
+        ready = mp_context.Event()
+        child = mp_context.Process(target=_attach_writer_then_hang, args=(chan.name, ready))
+        child.start()
+        assert ready.wait(30)
+        with pytest.raises(LayoutError, match="exactly one writer"):
+            ChannelWriter(chan.name)
+        child.kill()
+        child.join()
+        ChannelWriter(chan.name).close()  # the dead writer's slot can be taken over
+
+
+def test_segment_of_another_layout_version_is_refused():
+    with Channel("version", capacity=1 << 12) as chan:
+        mapping = _Mapping.open(chan.name)
+        struct.pack_into("<I", mapping.buffer, 8, lib.MPS_RING_LAYOUT_VERSION + 1)
+        with pytest.raises(LayoutError, match="another mpstream layout version"):
+            ChannelReader(chan.name)
+        struct.pack_into("<Q", mapping.buffer, 0, 0)
+        with pytest.raises(LayoutError, match="not an mpstream ring"):
+            ChannelReader(chan.name)
+
+
+def test_full_dev_shm_is_reported_before_anything_is_created():
+    before = set(os.listdir("/dev/shm"))
+    for check_space in (True, False):  # the statvfs check, then posix_fallocate's ENOSPC
+        with pytest.raises(SharedMemoryFullError, match="enlarge /dev/shm"):
+            Channel("huge", capacity=1 << 42, check_space=check_space)
+    assert set(os.listdir("/dev/shm")) == before
+
+
+SMALL_TMPFS_SCRIPT = textwrap.dedent("""
+    import os
+    from mpstream import Channel, SharedMemoryFullError
+    with Channel("filler", capacity=1 << 22):          # 4 MiB of the 6 MiB tmpfs
+        for check_space in (True, False):
+            try:
+                Channel("second", capacity=1 << 22, check_space=check_space)
+                print("CREATED", check_space)
+            except SharedMemoryFullError as exc:
+                print("FULL", check_space, exc)
+        print("SEGMENTS", len(os.listdir("/dev/shm")))
+""")
+
+
+def test_full_dev_shm_in_a_real_small_tmpfs():
+    """/dev/shm replaced by a 6 MiB tmpfs in a private mount namespace (needs root)."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare --mount (root) to mount a small tmpfs on /dev/shm")
+    inner = f"mount -t tmpfs -o size=6m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
+    out = subprocess.run(["unshare", "--mount", "sh", "-c", inner, SMALL_TMPFS_SCRIPT],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("FULL True channel 'second' needs 4.0 MiB")
+    assert lines[1].startswith("FULL False channel 'second' needs 4.0 MiB")  # fallocate: ENOSPC, no SIGBUS
+    assert lines[2] == "SEGMENTS 1"  # the failed segment was removed again
+
+
+def test_sweep_removes_segments_of_dead_creators_only(mp_context):
+    child = mp_context.Process(target=int)
+    child.start()
+    child.join()
+    base = __import__("mpstream._mps", fromlist=["ffi"]).ffi.new("void **")
+    stale = f"/mps.{child.pid}.deadbeef.left-behind"
+    assert lib.mps_segment_create(stale.encode(), 4096, base) == 0
+    lib.mps_segment_unmap(base[0], 4096)
+    with Channel("live", capacity=1 << 12) as live:
+        swept = sweep_stale_segments()
+        assert stale[1:] in swept
+        assert live.name[1:] not in swept and os.path.exists(f"/dev/shm{live.name}")
+    assert not os.path.exists(f"/dev/shm{stale}")
