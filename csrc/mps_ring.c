@@ -71,6 +71,7 @@ _Static_assert(sizeof(struct mps_record_header) == MPS_RECORD_HEADER_LENGTH, "he
 /* ---- local handle ------------------------------------------------------------------------- */
 
 struct mps_ring {
+    struct mps_segment *segment;
     struct mps_ring_shared *shared;
     uint8_t *data;
     uint64_t capacity;
@@ -169,7 +170,18 @@ static bool peer_is_dead(struct mps_ring *ring)
 
 /* ---- segments ----------------------------------------------------------------------------- */
 
-int mps_segment_create(const char *name, uint64_t size, void **base_out)
+static struct mps_segment *segment_new(void *base, uint64_t length)
+{
+    struct mps_segment *segment = malloc(sizeof(*segment));
+    if (!segment)
+        return NULL;
+    segment->base = base;
+    segment->length = length;
+    segment->refs = 1;
+    return segment;
+}
+
+int mps_segment_create(const char *name, uint64_t size, struct mps_segment **segment_out)
 {
     int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0)
@@ -188,15 +200,20 @@ int mps_segment_create(const char *name, uint64_t size, void **base_out)
             err = errno;
     }
     close(fd);
+    struct mps_segment *segment = err ? NULL : segment_new(base, size);
+    if (!err && !segment) {
+        munmap(base, size);
+        err = ENOMEM;
+    }
     if (err) {
         shm_unlink(name);
         return err;
     }
-    *base_out = base;
+    *segment_out = segment;
     return 0;
 }
 
-int mps_segment_open(const char *name, void **base_out, uint64_t *size_out)
+int mps_segment_open(const char *name, struct mps_segment **segment_out)
 {
     int fd = shm_open(name, O_RDWR, 0);
     if (fd < 0)
@@ -212,16 +229,28 @@ int mps_segment_open(const char *name, void **base_out, uint64_t *size_out)
             err = errno;
     }
     close(fd);
+    struct mps_segment *segment = err ? NULL : segment_new(base, (uint64_t)st.st_size);
+    if (!err && !segment) {
+        munmap(base, (size_t)st.st_size);
+        err = ENOMEM;
+    }
     if (err)
         return err;
-    *base_out = base;
-    *size_out = (uint64_t)st.st_size;
+    *segment_out = segment;
     return 0;
 }
 
-int mps_segment_unmap(void *base, uint64_t size)
+static void segment_retain(struct mps_segment *segment)
 {
-    return munmap(base, size) == 0 ? 0 : errno;
+    __atomic_add_fetch(&segment->refs, 1, __ATOMIC_RELAXED);
+}
+
+void mps_segment_release(struct mps_segment *segment)
+{
+    if (segment && __atomic_sub_fetch(&segment->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        munmap(segment->base, segment->length);
+        free(segment);
+    }
 }
 
 int mps_segment_unlink(const char *name)
@@ -263,9 +292,10 @@ int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t 
     return 0;
 }
 
-int mps_ring_attach(void *base, uint64_t segment_length, int side, uint32_t spin_limit,
+int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_limit,
                     struct mps_ring **ring_out)
 {
+    void *base = segment->base;
     struct mps_ring_shared *shared = base;
     if (atomic_load((_Atomic uint64_t *)&shared->descriptor.magic) != MPS_RING_MAGIC)
         return MPS_ATTACH_BAD_MAGIC;
@@ -273,12 +303,13 @@ int mps_ring_attach(void *base, uint64_t segment_length, int side, uint32_t spin
         return MPS_ATTACH_BAD_VERSION;
     uint64_t capacity = shared->descriptor.capacity;
     if (capacity < MPS_RING_MIN_CAPACITY || (capacity & (capacity - 1)) != 0 ||
-        mps_ring_segment_length(capacity) != segment_length)
+        mps_ring_segment_length(capacity) != segment->length)
         return MPS_ATTACH_BAD_CAPACITY;
 
     struct mps_ring *ring = calloc(1, sizeof(*ring));
     if (!ring)
         return MPS_ATTACH_NO_MEMORY;
+    ring->segment = segment;
     ring->shared = shared;
     ring->data = (uint8_t *)base + MPS_RING_DATA_OFFSET;
     ring->capacity = capacity;
@@ -311,6 +342,7 @@ int mps_ring_attach(void *base, uint64_t segment_length, int side, uint32_t spin
         ring->records_released = atomic_load(&shared->records_released);
         ring->cached_tail_position = atomic_load(&shared->tail_position);
     }
+    segment_retain(segment);
     *ring_out = ring;
     return MPS_ATTACH_OK;
 }
@@ -334,6 +366,7 @@ void mps_ring_free(struct mps_ring *ring)
     }
     if (ring->peer_pidfd >= 0)
         close(ring->peer_pidfd);
+    mps_segment_release(ring->segment);
     free(ring);
 }
 
@@ -431,7 +464,7 @@ static int begin_claim(struct mps_ring *ring, uint32_t type, uint32_t length)
     return MPS_RING_OK;
 }
 
-static int end_claim(struct mps_ring *ring, int result, uint8_t **payload_out)
+static int end_claim(struct mps_ring *ring, int result, uint64_t *offset_out)
 {
     if (result != MPS_RING_OK) {
         ring->claim_length = 0;
@@ -439,20 +472,20 @@ static int end_claim(struct mps_ring *ring, int result, uint8_t **payload_out)
     }
     claim_bytes(ring, ring->claim_length, &ring->claim_padding);
     uint64_t index = (ring->tail_position + ring->claim_padding) & ring->mask;
-    *payload_out = ring->data + index + MPS_RECORD_HEADER_LENGTH;
+    *offset_out = index + MPS_RECORD_HEADER_LENGTH;
     return MPS_RING_OK;
 }
 
-int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, uint8_t **payload_out)
+int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, uint64_t *offset_out)
 {
     int result = begin_claim(ring, type, length);
     if (result != MPS_RING_OK)
         return result;
-    return end_claim(ring, producer_poll(ring), payload_out);
+    return end_claim(ring, producer_poll(ring), offset_out);
 }
 
 int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_t timeout_ns,
-                   uint8_t **payload_out)
+                   uint64_t *offset_out)
 {
     int result = begin_claim(ring, type, length);
     if (result != MPS_RING_OK)
@@ -460,7 +493,7 @@ int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_
     struct mps_ring_shared *shared = ring->shared;
     result = wait_for(ring, producer_poll, MPS_RING_FULL, &shared->producer_waiting,
                       &shared->space_futex, timeout_ns);
-    return end_claim(ring, result, payload_out);
+    return end_claim(ring, result, offset_out);
 }
 
 int mps_ring_commit(struct mps_ring *ring)

@@ -108,11 +108,19 @@ struct mps_ring_stats {
 
 struct mps_ring;
 
-/* Segments. Return 0 or an errno value. The mapping belongs to the caller until it passes
- * base and size to mps_segment_unmap, exactly once, after every user of the memory is done. */
-int mps_segment_create(const char *name, uint64_t size, void **base_out);
-int mps_segment_open(const char *name, void **base_out, uint64_t *size_out);
-int mps_segment_unmap(void *base, uint64_t size);
+/* A mapped segment in this process. Reference-counted: the caller of create/open holds one
+ * reference, every ring handle attached to it holds one, and the last mps_segment_release
+ * unmaps it. So the order in which a garbage collector frees handles never matters. */
+struct mps_segment {
+    void *base;
+    uint64_t length;
+    int32_t refs;
+};
+
+/* Segments. Return 0 or an errno value; on success *segment_out holds one reference. */
+int mps_segment_create(const char *name, uint64_t size, struct mps_segment **segment_out);
+int mps_segment_open(const char *name, struct mps_segment **segment_out);
+void mps_segment_release(struct mps_segment *segment);
 int mps_segment_unlink(const char *name);
 
 uint64_t mps_ring_segment_length(uint64_t capacity);
@@ -123,21 +131,22 @@ uint64_t mps_ring_max_payload_length(uint64_t capacity);
  * Returns 0, or EINVAL for a capacity that is not a power of two >= MPS_RING_MIN_CAPACITY. */
 int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t start_position);
 
-/* Attaches this process as one side. On success *ring_out is a handle the caller frees with
- * mps_ring_free, before the segment is unmapped. A side has one live process at a time:
+/* Attaches this process as one side. On success *ring_out is a handle (holding a reference
+ * to the segment) that the caller frees with mps_ring_free. A side has one live process at a time:
  * MPS_ATTACH_SIDE_TAKEN unless the slot is free, ours, or held by a dead process. */
-int mps_ring_attach(void *base, uint64_t segment_length, int side, uint32_t spin_limit,
+int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_limit,
                     struct mps_ring **ring_out);
-/* Detaches and frees the handle. A consumer marks its end closed (the producer then gets
+/* Detaches, frees the handle and releases its segment reference. A consumer marks its end closed (the producer then gets
  * MPS_RING_CLOSED). The pid stays in the side's slot: a peer waiting on a writer that detached
  * without END_OF_STREAM sees it die with its process. */
 void mps_ring_free(struct mps_ring *ring);
 
-/* Producer. A claim reserves length payload bytes and stores their address in *payload_out;
- * the memory is the caller's until commit or abort; nothing is visible before commit. */
-int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, uint8_t **payload_out);
+/* Producer. A claim reserves length payload bytes at mps_ring_data(ring) + *offset_out; the
+ * memory is the caller's until commit or abort; nothing is visible to the consumer before
+ * commit. The payload's address is MPS_RECORD_HEADER_LENGTH past a 64-byte boundary. */
+int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, uint64_t *offset_out);
 int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_t timeout_ns,
-                   uint8_t **payload_out);
+                   uint64_t *offset_out);
 int mps_ring_commit(struct mps_ring *ring);
 int mps_ring_abort(struct mps_ring *ring);
 

@@ -24,6 +24,7 @@ from typing import Union
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ._mps import ffi
 from .errors import LayoutError, SchemaError
 
 __all__ = ["Batch", "StringColumn", "Column", "BatchShapeError"]
@@ -135,7 +136,7 @@ def _check_column(name: object, value: ArrayLike | StringColumn) -> Column:
         )
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
-    return arr
+    return np.ascontiguousarray(arr)  # frames copy whole buffers: one memmove per column
 
 
 def _column_dtype(col: Column) -> str:
@@ -158,7 +159,7 @@ class Batch(Mapping[str, Column]):
     its record is released; :meth:`copy` makes an owned batch that can be kept.
     """
 
-    __slots__ = ("_columns", "_num_rows")
+    __slots__ = ("_columns", "_num_rows", "_schema", "_buffers")
 
     def __init__(self, columns: Mapping[str, ArrayLike | StringColumn]) -> None:
         checked = {name: _check_column(name, value) for name, value in columns.items()}
@@ -167,13 +168,16 @@ class Batch(Mapping[str, Column]):
             raise BatchShapeError(f"columns differ in length (ragged batch): {lengths}; every column needs one value per row")
         self._columns = checked
         self._num_rows = next(iter(lengths.values()), 0)
+        self._schema = self._buffers = None
 
     @classmethod
-    def _trusted(cls, columns: dict[str, Column], num_rows: int) -> Batch:
+    def _trusted(cls, columns: dict[str, Column], num_rows: int, schema: tuple | None = None) -> Batch:
         """Wraps columns that are already checked (decoded frames); no validation."""
         batch = cls.__new__(cls)
         batch._columns = columns
         batch._num_rows = num_rows
+        batch._schema = schema
+        batch._buffers = None
         return batch
 
     @property
@@ -183,7 +187,15 @@ class Batch(Mapping[str, Column]):
     @property
     def schema(self) -> tuple[tuple[str, str], ...]:
         """((name, dtype), ...) with numpy's dtype.str, or "utf8" for string columns."""
-        return tuple((name, _column_dtype(col)) for name, col in self._columns.items())
+        if self._schema is None:
+            self._schema = tuple((name, _column_dtype(col)) for name, col in self._columns.items())
+        return self._schema
+
+    def buffers(self) -> tuple[np.ndarray, ...]:
+        """The contiguous buffers behind the columns, in order (two per string column)."""
+        if self._buffers is None:
+            self._buffers = tuple(buf for col in self._columns.values() for buf in _buffers(col))
+        return self._buffers
 
     @property
     def nbytes(self) -> int:
@@ -200,7 +212,7 @@ class Batch(Mapping[str, Column]):
 
     def copy(self) -> Batch:
         """An owned deep copy: safe to keep after the record it was read from is released."""
-        return Batch._trusted({name: col.copy() for name, col in self._columns.items()}, self._num_rows)
+        return Batch._trusted({name: col.copy() for name, col in self._columns.items()}, self._num_rows, self._schema)
 
     def __repr__(self) -> str:
         cols = ", ".join(f"{name}: {dtype}" for name, dtype in self.schema)
@@ -238,26 +250,25 @@ class Frame:
         except (ValueError, KeyError, TypeError) as exc:
             raise LayoutError(f"malformed SCHEMA record: {exc}") from exc
 
-    def layout(self, batch: Batch) -> tuple[int, list[int], list[np.ndarray]]:
-        """(payload length, header fields, buffers) of batch in this frame."""
+    def layout(self, batch: Batch) -> tuple[int, list[int]]:
+        """(payload length, header fields) of batch in this frame."""
         fields = [batch.num_rows]
-        buffers: list[np.ndarray] = []
         position = self._header.size
-        for col in batch.values():
-            for buf in _buffers(col):
-                position += -(position + self._skew) % BUFFER_ALIGNMENT
-                fields += (position, buf.nbytes)
-                buffers.append(buf)
-                position += buf.nbytes
-        return position, fields, buffers
+        skew = self._skew
+        for buf in batch.buffers():
+            position += -(position + skew) % BUFFER_ALIGNMENT
+            fields += (position, buf.nbytes)
+            position += buf.nbytes
+        return position, fields
 
-    def write(self, dst: np.ndarray, index: int, fields: list[int], buffers: list[np.ndarray]) -> None:
-        """Writes a DATA payload at dst[index:]: one copy per buffer, straight into the ring."""
-        self._header.pack_into(dst, index, *fields)
-        for i, buf in enumerate(buffers):
-            start = index + fields[1 + 2 * i]
-            if buf.nbytes:
-                np.copyto(dst[start : start + buf.nbytes].view(buf.dtype), buf, casting="no")
+    def write(self, out: memoryview, base: ffi.CData, index: int, fields: list[int], batch: Batch) -> None:
+        """Writes batch's DATA payload at out[index:] (base: its address); one memmove per
+        buffer, straight into the ring."""
+        self._header.pack_into(out, index, *fields)
+        for i, buf in enumerate(batch.buffers()):
+            nbytes = fields[2 + 2 * i]
+            if nbytes:
+                ffi.memmove(base + (index + fields[1 + 2 * i]), buf, nbytes)
 
     def read(self, src: memoryview, index: int) -> Batch:
         """Decodes the DATA payload at src[index:] into a batch of views on src."""
@@ -274,4 +285,4 @@ class Frame:
             else:
                 columns[name] = np.frombuffer(src, dtype, num_rows, index + fields[f])
                 f += 2
-        return Batch._trusted(columns, num_rows)
+        return Batch._trusted(columns, num_rows, self.schema)

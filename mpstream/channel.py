@@ -5,6 +5,7 @@ unlinks it (``close()``, or leaving its ``with`` block); writers and readers in 
 attach by name and detach with ``close()``. An attached process keeps its mapping until its last
 view is gone, so an unlink never pulls memory from under a reader.
 
+>>> import numpy as np
 >>> with Channel("example", capacity=1 << 16) as chan:
 ...     writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
 ...     writer.write(Batch({"x": np.arange(3)}))
@@ -32,7 +33,6 @@ import struct
 import time
 from typing import Any
 
-import numpy as np
 import psutil
 
 from ._mps import ffi, lib
@@ -76,6 +76,9 @@ class RecordKind(enum.IntEnum):
     BARRIER = lib.MPS_RECORD_BARRIER
     WATERMARK = lib.MPS_RECORD_WATERMARK
     END_OF_STREAM = lib.MPS_RECORD_END_OF_STREAM
+
+
+_KINDS = {kind.value: kind for kind in RecordKind}
 
 
 def segment_name(label: str, run_token: str | None = None) -> str:
@@ -127,25 +130,26 @@ def _full_error(label: str, length: int, free: int | None) -> SharedMemoryFullEr
 
 
 class _Mapping:
-    """A mapped segment. Unmapped only when garbage-collected, i.e. after the last numpy view
-    on it is gone (views reference it through ``buffer``), never while a view can still read."""
+    """A mapped segment in this process. ``base`` anchors one reference to the C segment and
+    every numpy view reaches it through ``buffer``; attached ring handles hold their own. The
+    segment is unmapped after the last of these is gone, in whatever order they are freed."""
 
-    __slots__ = ("base", "length", "buffer")
+    __slots__ = ("segment", "base", "length", "buffer")
 
-    def __init__(self, base: Any, length: int) -> None:
-        self.base = ffi.gc(base, lambda p, n=length: lib.mps_segment_unmap(p, n))
-        self.length = length
-        self.buffer = ffi.buffer(self.base, length)
+    def __init__(self, segment: Any) -> None:
+        self.segment = segment  # borrowed pointer: valid while base lives
+        self.length = segment.length
+        self.base = ffi.gc(ffi.cast("uint8_t *", segment.base), lambda _, s=segment: lib.mps_segment_release(s))
+        self.buffer = ffi.buffer(self.base, self.length)
 
     @classmethod
     def open(cls, name: str) -> _Mapping:
-        base = ffi.new("void **")
-        length = ffi.new("uint64_t *")
-        err = lib.mps_segment_open(name.encode(), base, length)
+        out = ffi.new("struct mps_segment **")
+        err = lib.mps_segment_open(name.encode(), out)
         if err:
             raise ChannelError(f"cannot open channel segment {name!r}: {os.strerror(err)}; "
                                f"is the job that created it still running?")
-        return cls(base[0], length[0])
+        return cls(out[0])
 
 
 class Channel:
@@ -167,15 +171,15 @@ class Channel:
         length = lib.mps_ring_segment_length(capacity)
         if check_space:
             _check_free_space(label, length)
-        base = ffi.new("void **")
-        err = lib.mps_segment_create(self.name.encode(), length, base)
+        out = ffi.new("struct mps_segment **")
+        err = lib.mps_segment_create(self.name.encode(), length, out)
         if err == errno.ENOSPC:
             raise _full_error(label, length, None)
         if err:
             raise ChannelError(f"cannot create channel {label!r} ({self.name}): {os.strerror(err)}")
         self._owner_pid = os.getpid()
-        mapping = _Mapping(base[0], length)
-        lib.mps_ring_init(mapping.base, capacity, max_records, start_position)
+        lib.mps_ring_init(out[0].base, capacity, max_records, start_position)
+        lib.mps_segment_release(out[0])
 
     def close(self) -> None:
         """Unlinks the segment name. Attached processes keep their mappings until they detach."""
@@ -203,14 +207,12 @@ class _Endpoint:
         self.name = name
         self._mapping = _Mapping.open(name)
         out = ffi.new("struct mps_ring **")
-        rc = lib.mps_ring_attach(self._mapping.base, self._mapping.length, self._side, spin, out)
+        rc = lib.mps_ring_attach(self._mapping.segment, self._side, spin, out)
         if rc != lib.MPS_ATTACH_OK:
             raise LayoutError(self._attach_message(rc))
-        mapping = self._mapping  # the handle is freed before the mapping can be unmapped
-        self._ring = ffi.gc(out[0], lambda r, m=mapping: lib.mps_ring_free(r))
-        data = lib.mps_ring_data(self._ring)
-        self._data_index = int(ffi.cast("uintptr_t", data)) - int(ffi.cast("uintptr_t", mapping.base))
-        self._capacity = mapping.length - self._data_index
+        self._ring = ffi.gc(out[0], lib.mps_ring_free)
+        self._data_index = lib.MPS_RING_DATA_OFFSET
+        self._capacity = self._mapping.length - self._data_index
         self._skew = lib.MPS_RECORD_HEADER_LENGTH
 
     def _attach_message(self, rc: int) -> str:
@@ -278,8 +280,9 @@ class ChannelWriter(_Endpoint):
 
     def __init__(self, name: str, spin: int = DEFAULT_SPIN) -> None:
         super().__init__(name, spin)
-        self._out = np.frombuffer(self._mapping.buffer, np.uint8)
-        self._payload = ffi.new("uint8_t **")
+        self._out = memoryview(self._mapping.buffer)
+        self._base = ffi.cast("uint8_t *", self._mapping.base)
+        self._offset = ffi.new("uint64_t *")
         self._frame: Frame | None = None
         self._closed = False
 
@@ -287,10 +290,10 @@ class ChannelWriter(_Endpoint):
         """Claims a record; returns its payload's index in the segment."""
         if self._closed:
             raise ChannelClosedError(f"channel {self.name!r}: this writer is closed")
-        ring, payload = self._ring, self._payload
-        rc = lib.mps_ring_try_claim(ring, kind, length, payload)
+        ring, offset = self._ring, self._offset
+        rc = lib.mps_ring_try_claim(ring, kind, length, offset)
         if rc == lib.MPS_RING_FULL:
-            rc = self._blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, payload), timeout)
+            rc = self._blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset), timeout)
         if rc == lib.MPS_RING_TOO_LARGE:
             raise RecordTooLargeError(
                 f"channel {self.name!r}: a {length}-byte record exceeds the limit of "
@@ -298,11 +301,11 @@ class ChannelWriter(_Endpoint):
                 f"split the batch or create the channel with a larger capacity")
         if rc != lib.MPS_RING_OK:
             self._raise_for(rc, timeout)
-        return int(ffi.cast("uintptr_t", payload[0])) - int(ffi.cast("uintptr_t", self._mapping.base))
+        return self._data_index + offset[0]
 
     def _write_bytes(self, kind: int, payload: bytes, timeout: float | None) -> None:
         index = self._claim(kind, len(payload), timeout)
-        self._out[index : index + len(payload)] = np.frombuffer(payload, np.uint8)
+        self._out[index : index + len(payload)] = payload
         lib.mps_ring_commit(self._ring)
 
     def write(self, batch: Batch, timeout: float | None = None) -> None:
@@ -312,10 +315,10 @@ class ChannelWriter(_Endpoint):
             frame = Frame(batch.schema, self._skew)
             self._write_bytes(lib.MPS_RECORD_SCHEMA, frame.encode_schema(), timeout)
             self._frame = frame
-        length, fields, buffers = frame.layout(batch)
+        length, fields = frame.layout(batch)
         index = self._claim(lib.MPS_RECORD_DATA, length, timeout)
         try:
-            frame.write(self._out, index, fields, buffers)
+            frame.write(self._out, self._base, index, fields, batch)
         except BaseException:
             lib.mps_ring_abort(self._ring)
             raise
@@ -417,8 +420,8 @@ class ChannelReader(_Endpoint):
             self._frame = Frame.decode_schema(bytes(self._in[index : index + rec.length]), self._skew)
             lib.mps_ring_release(ring)
         self._held = True
-        kind = RecordKind(rec.type)
-        if kind == RecordKind.DATA:
+        kind = _KINDS[rec.type]
+        if kind is RecordKind.DATA:
             if self._frame is None:
                 raise LayoutError(f"channel {self.name!r}: DATA record before any SCHEMA record")
             return Record(self, kind, self._frame.read(self._in, index), None)

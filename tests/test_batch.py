@@ -179,3 +179,27 @@ def test_string_column_matches_python_encoding():
     assert col.offsets.tolist() == np.cumsum([0] + [len(v.encode()) for v in values]).tolist()
     assert bytes(col.data) == "".join(values).encode()
     assert list(col) == values and col.to_numpy().tolist() == values
+
+
+CYCLE_SCRIPT = """
+import gc
+import numpy as np
+from mpstream import Batch, Channel, ChannelReader, ChannelWriter
+with Channel("cycle", capacity=1 << 16) as chan:
+    writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
+    writer.write(Batch({"x": np.arange(10)}))
+    writer.cycle, reader.cycle = writer, reader  # only the cycle collector can free them
+    del writer, reader
+    gc.collect()
+print("survived")
+"""
+
+
+def test_endpoints_in_reference_cycles_are_collected_safely():
+    """The cycle collector may clear the mapping before the ring handle: freeing the handle
+    must still not touch unmapped memory (it used to segfault)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CYCLE_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, "survived"), out.stderr

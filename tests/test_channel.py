@@ -31,7 +31,7 @@ from mpstream import (
     SharedMemoryFullError,
     sweep_stale_segments,
 )
-from mpstream._mps import lib
+from mpstream._mps import ffi, lib
 from mpstream.channel import _Mapping
 
 WORDS = np.array(["", "a", "ß", "日本語", "click", "a-much-longer-domain-name.example.com"])
@@ -288,10 +288,10 @@ def test_sweep_removes_segments_of_dead_creators_only(mp_context):
     child = mp_context.Process(target=int)
     child.start()
     child.join()
-    base = __import__("mpstream._mps", fromlist=["ffi"]).ffi.new("void **")
+    out = ffi.new("struct mps_segment **")
     stale = f"/mps.{child.pid}.deadbeef.left-behind"
-    assert lib.mps_segment_create(stale.encode(), 4096, base) == 0
-    lib.mps_segment_unmap(base[0], 4096)
+    assert lib.mps_segment_create(stale.encode(), 4096, out) == 0
+    lib.mps_segment_release(out[0])
     with Channel("live", capacity=1 << 12) as live:
         swept = sweep_stale_segments()
         assert stale[1:] in swept

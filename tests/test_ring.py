@@ -23,12 +23,13 @@ class RawRing:
         self.bytes = np.frombuffer(self.mapping.buffer, np.uint8)
         self.producer = self._attach(lib.MPS_RING_PRODUCER)
         self.consumer = self._attach(lib.MPS_RING_CONSUMER)
-        self.payload = ffi.new("uint8_t **")
+        self.offset = ffi.new("uint64_t *")
+        self.data = lib.mps_ring_data(self.producer)  # borrowed: valid while the handles live
         self.record = ffi.new("struct mps_record *")
 
     def _attach(self, side):
         out = ffi.new("struct mps_ring **")
-        assert lib.mps_ring_attach(self.mapping.base, self.mapping.length, side, 0, out) == lib.MPS_ATTACH_OK
+        assert lib.mps_ring_attach(self.mapping.segment, side, 0, out) == lib.MPS_ATTACH_OK
         return ffi.gc(out[0], lib.mps_ring_free)
 
     def u64(self, offset):
@@ -39,9 +40,9 @@ class RawRing:
         return struct.unpack_from("<II", self.mapping.buffer, DATA + index)
 
     def offer(self, length, fill=0xAB, kind=lib.MPS_RECORD_DATA):
-        rc = lib.mps_ring_try_claim(self.producer, kind, length, self.payload)
+        rc = lib.mps_ring_try_claim(self.producer, kind, length, self.offset)
         if rc == lib.MPS_RING_OK:
-            ffi.memmove(self.payload[0], bytes([fill]) * length, length)
+            ffi.memmove(self.data + self.offset[0], bytes([fill]) * length, length)
             assert lib.mps_ring_commit(self.producer) == lib.MPS_RING_OK
         return rc
 
@@ -177,7 +178,7 @@ def test_should_not_count_padding_against_credits(ring_at):
 
 def test_should_publish_nothing_on_abort(ring_at):
     ring = ring_at(start_position=CAPACITY - 64)
-    assert lib.mps_ring_try_claim(ring.producer, lib.MPS_RECORD_DATA, 100, ring.payload) == lib.MPS_RING_OK
+    assert lib.mps_ring_try_claim(ring.producer, lib.MPS_RECORD_DATA, 100, ring.offset) == lib.MPS_RING_OK
     assert lib.mps_ring_abort(ring.producer) == lib.MPS_RING_OK
     assert ring.u64(TAIL_OFFSET) == CAPACITY - 64
     assert ring.poll() == lib.MPS_RING_EMPTY
@@ -190,7 +191,7 @@ def test_should_reject_calls_out_of_order(ring_at):
     assert lib.mps_ring_commit(ring.producer) == lib.MPS_RING_BAD_STATE
     assert lib.mps_ring_release(ring.consumer) == lib.MPS_RING_BAD_STATE
     assert lib.mps_ring_try_peek(ring.producer, ring.record) == lib.MPS_RING_BAD_STATE
-    assert lib.mps_ring_try_claim(ring.consumer, 1, 1, ring.payload) == lib.MPS_RING_BAD_STATE
+    assert lib.mps_ring_try_claim(ring.consumer, 1, 1, ring.offset) == lib.MPS_RING_BAD_STATE
     assert ring.offer(1) == lib.MPS_RING_OK
     assert lib.mps_ring_try_peek(ring.consumer, ring.record) == lib.MPS_RING_OK
     assert lib.mps_ring_try_peek(ring.consumer, ring.record) == lib.MPS_RING_BAD_STATE  # one held at a time

@@ -1,0 +1,284 @@
+"""Transport benchmark: producer process -> consumer process throughput and one-way latency,
+for mpstream channels and the multiprocessing baselines, measured in the same run.
+
+    python bench/transport.py            # full run
+    python bench/transport.py --quick    # under 60 s
+
+Throughput: the producer sends one int64 column of SIZE bytes per message (an ordinary numpy
+array, not page-aligned); the consumer touches every cache line of it. np_copyto is the
+single-process bandwidth of copying SIZE chunks between two 256 MiB buffers (beyond the caches).
+Latency: ping-pong of an 8-row batch, one-way = round trip / 2; "_parked" variants pause 1 ms
+between pings so the echoing side is asleep on its futex (or in the kernel) every time.
+Each throughput figure is the best of REPEATS runs. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import psutil
+
+from mpstream import Batch, Channel, ChannelReader, ChannelTimeoutError, ChannelWriter, RecordKind
+
+SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20}
+CAPACITY = 1 << 23
+CTX = multiprocessing.get_context("fork")
+
+
+def touch(arr: np.ndarray) -> int:
+    """Reads one word of every 64-byte line: the consumer really pulls the data over."""
+    return int(arr[::8].sum())
+
+
+def payload(nbytes: int) -> np.ndarray:
+    return np.arange(nbytes // 8, dtype=np.int64)
+
+
+# ---- throughput ---------------------------------------------------------------------------
+
+def _mps_produce(name: str, nbytes: int, count: int) -> None:
+    batch = Batch({"payload": payload(nbytes)})
+    with ChannelWriter(name) as writer:
+        for _ in range(count):
+            writer.write(batch)
+
+
+def mpstream_throughput(nbytes: int, count: int) -> float:
+    """Messages per second from a producer process to this one."""
+    with Channel("bench-throughput", capacity=CAPACITY) as chan, ChannelReader(chan.name) as reader:
+        child = CTX.Process(target=_mps_produce, args=(chan.name, nbytes, count))
+        child.start()
+        n, start = 0, 0.0
+        while True:
+            with reader.read(timeout=60) as record:
+                if record.kind == RecordKind.END_OF_STREAM:
+                    break
+                touch(record.batch["payload"])
+            n += 1
+            if n == 1:
+                start = time.perf_counter()  # first message: the producer is running
+        elapsed = time.perf_counter() - start
+        child.join()
+    return (n - 1) / elapsed
+
+
+def _queue_produce(queue, nbytes: int, count: int) -> None:
+    arr = payload(nbytes)
+    for _ in range(count):
+        queue.put(arr)
+    queue.put(None)
+
+
+def mp_queue_throughput(nbytes: int, count: int) -> float:
+    queue = CTX.Queue(maxsize=64)
+    child = CTX.Process(target=_queue_produce, args=(queue, nbytes, count))
+    child.start()
+    n, start = 0, 0.0
+    while (arr := queue.get()) is not None:
+        touch(arr)
+        n += 1
+        if n == 1:
+            start = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    child.join()
+    return (n - 1) / elapsed
+
+
+def _pipe_produce(conn, nbytes: int, count: int) -> None:
+    arr = payload(nbytes)
+    for _ in range(count):
+        conn.send_bytes(arr)
+    conn.send_bytes(b"")
+
+
+def mp_pipe_throughput(nbytes: int, count: int) -> float:
+    receiver, sender = CTX.Pipe(duplex=False)
+    child = CTX.Process(target=_pipe_produce, args=(sender, nbytes, count))
+    child.start()
+    buf = bytearray(nbytes)  # recv_bytes_into: the baseline's fastest receive path
+    n, start = 0, 0.0
+    while receiver.recv_bytes_into(buf):
+        touch(np.frombuffer(buf, np.int64))
+        n += 1
+        if n == 1:
+            start = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    child.join()
+    return (n - 1) / elapsed
+
+
+def np_copyto_throughput(nbytes: int, count: int) -> float:
+    """Chunks of nbytes per second copied between two 256 MiB buffers, one process."""
+    words, chunk = (256 << 20) // 8, nbytes // 8
+    src, dst = payload(256 << 20), np.empty(words, np.int64)
+    np.copyto(dst, src)  # fault the pages in first
+    start = time.perf_counter()
+    for i in range(count):
+        lo = (i * chunk) % (words - chunk + 1)
+        np.copyto(dst[lo : lo + chunk], src[lo : lo + chunk])
+    return count / (time.perf_counter() - start)
+
+
+THROUGHPUT = {
+    "mpstream": mpstream_throughput,
+    "mp_queue": mp_queue_throughput,
+    "mp_pipe": mp_pipe_throughput,
+    "np_copyto": np_copyto_throughput,
+}
+
+
+# ---- latency ------------------------------------------------------------------------------
+
+def _mps_echo(inbound: str, outbound: str) -> None:
+    with ChannelReader(inbound) as reader, ChannelWriter(outbound) as writer:
+        while True:
+            with reader.read() as record:
+                if record.kind == RecordKind.END_OF_STREAM:
+                    return
+                writer.write(record.batch)
+
+
+def mpstream_latency(pings: int, gap_s: float) -> np.ndarray:
+    """One-way latencies in microseconds."""
+    with Channel("bench-ping", 1 << 16) as ping, Channel("bench-pong", 1 << 16) as pong:
+        writer, reader = ChannelWriter(ping.name), ChannelReader(pong.name)
+        child = CTX.Process(target=_mps_echo, args=(ping.name, pong.name))
+        child.start()
+        batch = Batch({"x": np.arange(8)})
+        out = np.empty(pings)
+        for i in range(pings):
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.perf_counter_ns()
+            writer.write(batch)
+            with reader.read(timeout=10):
+                pass
+            out[i] = (time.perf_counter_ns() - t0) / 2000
+        writer.close()
+        child.join()
+        reader.close()
+    return out
+
+
+def _pipe_echo(conn) -> None:
+    while msg := conn.recv_bytes():
+        conn.send_bytes(msg)
+
+
+def mp_pipe_latency(pings: int, gap_s: float) -> np.ndarray:
+    parent, child_end = CTX.Pipe()
+    child = CTX.Process(target=_pipe_echo, args=(child_end,))
+    child.start()
+    msg = np.arange(8).tobytes()
+    out = np.empty(pings)
+    for i in range(pings):
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter_ns()
+        parent.send_bytes(msg)
+        parent.recv_bytes()
+        out[i] = (time.perf_counter_ns() - t0) / 2000
+    parent.send_bytes(b"")
+    child.join()
+    return out
+
+
+# ---- idle reader --------------------------------------------------------------------------
+
+def _blocked_reader(name: str, seconds: float, result) -> None:
+    with ChannelReader(name) as reader:
+        cpu0 = time.process_time()
+        try:
+            reader.read(timeout=seconds)
+        except ChannelTimeoutError:
+            pass
+        result.value = time.process_time() - cpu0
+
+
+def idle_reader_cpu_percent(seconds: float) -> float:
+    """CPU a reader uses while blocked on an empty channel, in % of one core."""
+    with Channel("bench-idle", 1 << 16) as chan, ChannelWriter(chan.name):
+        result = CTX.Value("d", -1.0)
+        child = CTX.Process(target=_blocked_reader, args=(chan.name, seconds, result))
+        child.start()
+        child.join()
+        return 100 * result.value / seconds
+
+
+# ---- report -------------------------------------------------------------------------------
+
+def machine_line() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{model}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"Linux {platform.release()}, Python {platform.python_version()}, numpy {np.__version__}")
+
+
+def run(quick: bool) -> dict:
+    scale = 0.25 if quick else 1.0
+    repeats = 2 if quick else 3
+    counts = {  # messages per measurement, per implementation speed class
+        "4KiB": {"fast": 200_000, "slow": 40_000},
+        "64KiB": {"fast": 40_000, "slow": 8_000},
+        "1MiB": {"fast": 4_000, "slow": 600},
+    }
+    throughput: dict[str, dict[str, dict[str, float]]] = {}
+    for impl, measure in THROUGHPUT.items():
+        throughput[impl] = {}
+        for size, nbytes in SIZES.items():
+            count = int(counts[size]["slow" if impl.startswith("mp_") else "fast"] * scale)
+            msgs = max(measure(nbytes, count) for _ in range(repeats))
+            throughput[impl][size] = {"MBps": round(msgs * nbytes / 1e6, 1), "msgs_per_s": round(msgs)}
+            print(f"  {impl:10s} {size:>6s} {msgs * nbytes / 1e6:10.1f} MB/s {msgs:12,.0f} msgs/s", file=sys.stderr)
+    pings = 2_000 if quick else 10_000
+    parked = 500 if quick else 2_000
+    samples = {
+        "mpstream": mpstream_latency(pings, 0),
+        "mpstream_parked": mpstream_latency(parked, 0.001),
+        "mp_pipe": mp_pipe_latency(pings, 0),
+        "mp_pipe_parked": mp_pipe_latency(parked, 0.001),
+    }
+    latency = {impl: {"p50": round(float(np.percentile(s, 50)), 2), "p99": round(float(np.percentile(s, 99)), 2)}
+               for impl, s in samples.items()}
+    idle = round(idle_reader_cpu_percent(5.0), 2)
+    return {"bench": "transport", "machine": machine_line(), "quick": quick, "throughput": throughput,
+            "latency_us": latency, "idle_reader_cpu_percent_5s": idle}
+
+
+def print_table(result: dict) -> None:
+    print(f"machine: {result['machine']}")
+    print(f"{'impl':12s}" + "".join(f"{size:>22s}" for size in SIZES))
+    for impl, sizes in result["throughput"].items():
+        cells = "".join(f"{v['MBps']:>9,.0f} MB/s {v['msgs_per_s']:>7,}/s" for v in sizes.values())
+        print(f"{impl:12s}{cells}")
+    t = result["throughput"]
+    print(f"1MiB: mpstream / np_copyto = {t['mpstream']['1MiB']['MBps'] / t['np_copyto']['1MiB']['MBps']:.2f}x, "
+          f"mpstream / mp_queue = {t['mpstream']['1MiB']['MBps'] / t['mp_queue']['1MiB']['MBps']:.1f}x")
+    print(f"{'latency (one-way, us)':24s}{'p50':>8s}{'p99':>8s}")
+    for impl, v in result["latency_us"].items():
+        print(f"{impl:24s}{v['p50']:8.2f}{v['p99']:8.2f}")
+    print(f"reader blocked 5 s on an empty channel: {result['idle_reader_cpu_percent_5s']:.2f}% of a core")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts: finishes in under 60 s")
+    args = parser.parse_args()
+    result = run(args.quick)
+    print_table(result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
