@@ -78,7 +78,7 @@ struct mps_ring {
     uint64_t mask;
     uint64_t max_records;
     int side;
-    uint32_t spin_limit;
+    int64_t spin_ns;
     int peer_pidfd;
     int32_t peer_pid;
     /* producer: own tail, cached view of the consumer, the open claim */
@@ -292,7 +292,7 @@ int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t 
     return 0;
 }
 
-int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_limit,
+int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_ns,
                     struct mps_ring **ring_out)
 {
     void *base = segment->base;
@@ -316,7 +316,7 @@ int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_limit,
     ring->mask = capacity - 1;
     ring->max_records = shared->descriptor.max_records;
     ring->side = side;
-    ring->spin_limit = spin_limit;
+    ring->spin_ns = spin_ns;
     ring->peer_pidfd = -1;
 
     /* A side's pid stays in its slot after detach, so the peer can still tell a dead writer
@@ -374,7 +374,7 @@ void mps_ring_free(struct mps_ring *ring)
 
 typedef int (*mps_poll_fn)(struct mps_ring *ring);
 
-/* Spin up to spin_limit polls, then park on futex_word until poll() stops returning
+/* Spin up to spin_ns, then park on futex_word until poll() stops returning
  * not_ready, the timeout passes, a signal arrives, or the peer dies. */
 static int wait_for(struct mps_ring *ring, mps_poll_fn poll_once, int not_ready,
                     _Atomic uint32_t *waiting, _Atomic uint32_t *futex_word, int64_t timeout_ns)
@@ -384,11 +384,15 @@ static int wait_for(struct mps_ring *ring, mps_poll_fn poll_once, int not_ready,
         return result;
     int64_t start = now_ns();
     ring->waits++;
-    for (uint32_t i = 0; i < ring->spin_limit; i++) {
+    /* Spin for spin_ns: a peer in the middle of a record answers faster than a futex wake
+     * (~5 us). Bounded by time, not count: PAUSE costs 10x more on some CPUs than others. */
+    for (uint32_t i = 1; ring->spin_ns; i++) {
         cpu_relax();
         result = poll_once(ring);
         if (result != not_ready)
             goto done;
+        if (i % 16 == 0 && now_ns() - start >= ring->spin_ns)
+            break;
     }
     for (;;) {
         uint32_t seq = atomic_load(futex_word);

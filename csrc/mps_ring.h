@@ -133,8 +133,9 @@ int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t 
 
 /* Attaches this process as one side. On success *ring_out is a handle (holding a reference
  * to the segment) that the caller frees with mps_ring_free. A side has one live process at a time:
- * MPS_ATTACH_SIDE_TAKEN unless the slot is free, ours, or held by a dead process. */
-int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_limit,
+ * MPS_ATTACH_SIDE_TAKEN unless the slot is free, ours, or held by a dead process. A blocking
+ * call spins up to spin_ns nanoseconds before it parks on the futex. */
+int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_ns,
                     struct mps_ring **ring_out);
 /* Detaches, frees the handle and releases its segment reference. A consumer marks its end closed (the producer then gets
  * MPS_RING_CLOSED). The pid stays in the side's slot: a peer waiting on a writer that detached

@@ -230,14 +230,17 @@ class Frame:
     buffer offsets are chosen to land on 64-byte boundaries of the ring itself.
     """
 
-    __slots__ = ("schema", "_dtypes", "_header", "_skew")
+    __slots__ = ("schema", "_columns", "_header", "_skew", "_layouts")
 
     def __init__(self, schema: tuple[tuple[str, str], ...], skew: int) -> None:
         self.schema = schema
-        self._dtypes = [None if dtype == _STRING else np.dtype(dtype) for _, dtype in schema]
-        nbuffers = sum(2 if dtype is None else 1 for dtype in self._dtypes)
+        self._columns = [(name, None if dtype == _STRING else np.dtype(dtype)) for name, dtype in schema]
+        nbuffers = sum(2 if dtype is None else 1 for _, dtype in self._columns)
         self._header = struct.Struct(f"<Q{2 * nbuffers}Q")
         self._skew = skew
+        # Without string columns a layout depends on the row count alone: memoize it.
+        fixed_width = all(dtype is not None for _, dtype in self._columns)
+        self._layouts: dict[int, tuple[int, list[int]]] | None = {} if fixed_width else None
 
     def encode_schema(self) -> bytes:
         return json.dumps({"columns": [list(c) for c in self.schema]}).encode()
@@ -252,6 +255,9 @@ class Frame:
 
     def layout(self, batch: Batch) -> tuple[int, list[int]]:
         """(payload length, header fields) of batch in this frame."""
+        layouts = self._layouts
+        if layouts is not None and (known := layouts.get(batch.num_rows)) is not None:
+            return known
         fields = [batch.num_rows]
         position = self._header.size
         skew = self._skew
@@ -259,6 +265,8 @@ class Frame:
             position += -(position + skew) % BUFFER_ALIGNMENT
             fields += (position, buf.nbytes)
             position += buf.nbytes
+        if layouts is not None and len(layouts) < 256:
+            layouts[batch.num_rows] = (position, fields)
         return position, fields
 
     def write(self, out: memoryview, base: ffi.CData, index: int, fields: list[int], batch: Batch) -> None:
@@ -276,11 +284,12 @@ class Frame:
         num_rows = fields[0]
         columns: dict[str, Column] = {}
         f = 1
-        for (name, _), dtype in zip(self.schema, self._dtypes):
+        for name, dtype in self._columns:
             if dtype is None:
-                offsets = np.frombuffer(src, np.int64, num_rows + 1, index + fields[f])
-                data = np.frombuffer(src, np.uint8, fields[f + 3], index + fields[f + 2])
-                columns[name] = StringColumn(offsets, data)
+                column = StringColumn.__new__(StringColumn)  # written by Frame.write: valid
+                column.offsets = np.frombuffer(src, np.int64, num_rows + 1, index + fields[f])
+                column.data = np.frombuffer(src, np.uint8, fields[f + 3], index + fields[f + 2])
+                columns[name] = column
                 f += 4
             else:
                 columns[name] = np.frombuffer(src, dtype, num_rows, index + fields[f])

@@ -62,8 +62,8 @@ SEGMENT_PREFIX = "mps."
 DEFAULT_CAPACITY = 1 << 22
 #: Longest a single C call stays parked; between calls Python handles signals (Ctrl-C).
 _SLICE_NS = 200_000_000
-#: Polls before parking: a few microseconds, enough to catch a peer that is mid-record.
-DEFAULT_SPIN = 2000
+#: Nanoseconds a blocking call spins before it parks on the futex (see bench/transport.py).
+DEFAULT_SPIN_NS = 20_000
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 _RUN_TOKEN = secrets.token_hex(4)
@@ -79,6 +79,8 @@ class RecordKind(enum.IntEnum):
 
 
 _KINDS = {kind.value: kind for kind in RecordKind}
+_OK, _EMPTY, _FULL = lib.MPS_RING_OK, lib.MPS_RING_EMPTY, lib.MPS_RING_FULL
+_SCHEMA = lib.MPS_RECORD_SCHEMA
 
 
 def segment_name(label: str, run_token: str | None = None) -> str:
@@ -203,11 +205,11 @@ class _Endpoint:
     _side: int
     _role: str
 
-    def __init__(self, name: str, spin: int = DEFAULT_SPIN) -> None:
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS) -> None:
         self.name = name
         self._mapping = _Mapping.open(name)
         out = ffi.new("struct mps_ring **")
-        rc = lib.mps_ring_attach(self._mapping.segment, self._side, spin, out)
+        rc = lib.mps_ring_attach(self._mapping.segment, self._side, spin_ns, out)
         if rc != lib.MPS_ATTACH_OK:
             raise LayoutError(self._attach_message(rc))
         self._ring = ffi.gc(out[0], lib.mps_ring_free)
@@ -278,8 +280,8 @@ class ChannelWriter(_Endpoint):
     _side = lib.MPS_RING_PRODUCER
     _role = "writer"
 
-    def __init__(self, name: str, spin: int = DEFAULT_SPIN) -> None:
-        super().__init__(name, spin)
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS) -> None:
+        super().__init__(name, spin_ns)
         self._out = memoryview(self._mapping.buffer)
         self._base = ffi.cast("uint8_t *", self._mapping.base)
         self._offset = ffi.new("uint64_t *")
@@ -292,7 +294,9 @@ class ChannelWriter(_Endpoint):
             raise ChannelClosedError(f"channel {self.name!r}: this writer is closed")
         ring, offset = self._ring, self._offset
         rc = lib.mps_ring_try_claim(ring, kind, length, offset)
-        if rc == lib.MPS_RING_FULL:
+        if rc == _OK:
+            return self._data_index + offset[0]
+        if rc == _FULL:
             rc = self._blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset), timeout)
         if rc == lib.MPS_RING_TOO_LARGE:
             raise RecordTooLargeError(
@@ -353,25 +357,28 @@ class ChannelWriter(_Endpoint):
 
 
 class Record:
-    """One record held by a reader: use it as a context manager, which releases it on exit.
+    """The record a reader holds: use it as a context manager, which releases it on exit.
 
     kind is a :class:`RecordKind`; ``batch`` (DATA) holds read-only views valid until release;
-    ``value`` is the checkpoint id (BARRIER) or event time (WATERMARK).
+    ``value`` is the checkpoint id (BARRIER) or event time (WATERMARK). A reader holds one
+    record at a time and reuses this object for the next one.
     """
 
-    __slots__ = ("kind", "batch", "value", "_reader")
+    __slots__ = ("kind", "batch", "value", "_ring", "held")
 
-    def __init__(self, reader: ChannelReader, kind: RecordKind, batch: Batch | None, value: int | None):
-        self._reader = reader
-        self.kind = kind
-        self.batch = batch
-        self.value = value
+    def __init__(self, ring: Any) -> None:
+        self._ring = ring
+        self.held = False
+        self.kind: RecordKind | None = None
+        self.batch: Batch | None = None
+        self.value: int | None = None
 
     def release(self) -> None:
         """Gives the record's space back to the writer. Views on it must not be used after."""
-        if self._reader is not None:
-            self._reader._release()
-            self._reader = None
+        if self.held:
+            self.held = False
+            self.batch = None
+            lib.mps_ring_release(self._ring)
 
     def __enter__(self) -> Record:
         return self
@@ -381,7 +388,7 @@ class Record:
 
     def __repr__(self) -> str:
         what = self.batch if self.kind == RecordKind.DATA else self.value
-        return f"Record({self.kind.name}, {what})"
+        return f"Record({self.kind.name if self.kind else None}, {what}, held={self.held})"
 
 
 class ChannelReader(_Endpoint):
@@ -396,48 +403,48 @@ class ChannelReader(_Endpoint):
     _side = lib.MPS_RING_CONSUMER
     _role = "reader"
 
-    def __init__(self, name: str, spin: int = DEFAULT_SPIN) -> None:
-        super().__init__(name, spin)
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS) -> None:
+        super().__init__(name, spin_ns)
         self._in = memoryview(self._mapping.buffer).toreadonly()
-        self._record = ffi.new("struct mps_record *")
+        self._peeked = ffi.new("struct mps_record *")
         self._frame: Frame | None = None
-        self._held = False
+        self._record = Record(self._ring)
 
     def read(self, timeout: float | None = None) -> Record:
         """The next record (DATA, BARRIER, WATERMARK or END_OF_STREAM); see the class doc."""
-        if self._held:
+        record = self._record
+        if record.held:
             raise ChannelError(f"channel {self.name!r}: release the previous record before reading the next")
-        ring, rec = self._ring, self._record
+        ring, rec = self._ring, self._peeked
         while True:
             rc = lib.mps_ring_try_peek(ring, rec)
-            if rc == lib.MPS_RING_EMPTY:
+            if rc == _EMPTY:
                 rc = self._blocking(lambda ns: lib.mps_ring_peek(ring, ns, rec), timeout)
-            if rc != lib.MPS_RING_OK:
+            if rc != _OK:
                 self._raise_for(rc, timeout)
             index = self._data_index + rec.offset
-            if rec.type != lib.MPS_RECORD_SCHEMA:
+            kind = rec.type
+            if kind != _SCHEMA:
                 break
             self._frame = Frame.decode_schema(bytes(self._in[index : index + rec.length]), self._skew)
             lib.mps_ring_release(ring)
-        self._held = True
-        kind = _KINDS[rec.type]
+        record.held = True
+        record.kind = kind = _KINDS[kind]
+        record.value = None
         if kind is RecordKind.DATA:
             if self._frame is None:
                 raise LayoutError(f"channel {self.name!r}: DATA record before any SCHEMA record")
-            return Record(self, kind, self._frame.read(self._in, index), None)
-        value = None
-        if kind == RecordKind.BARRIER:
-            value = _U64.unpack_from(self._in, index)[0]
-        elif kind == RecordKind.WATERMARK:
-            value = _I64.unpack_from(self._in, index)[0]
-        return Record(self, kind, None, value)
-
-    def _release(self) -> None:
-        lib.mps_ring_release(self._ring)
-        self._held = False
+            record.batch = self._frame.read(self._in, index)
+        elif kind is RecordKind.BARRIER:
+            record.value = _U64.unpack_from(self._in, index)[0]
+        elif kind is RecordKind.WATERMARK:
+            record.value = _I64.unpack_from(self._in, index)[0]
+        return record
 
     def close(self) -> None:
-        """Detaches; the writer's next blocked or future write gets ChannelClosedError."""
+        """Detaches (dropping a held record); the writer's next blocked or future write gets
+        ChannelClosedError."""
+        self._record.held = False
         self._detach()
 
     def __enter__(self) -> ChannelReader:

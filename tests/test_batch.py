@@ -134,6 +134,17 @@ def test_reading_again_before_release_is_refused(pipe):
         assert again.batch.num_rows == 2
 
 
+def test_closing_a_reader_that_holds_a_record_is_safe():
+    with Channel("held", capacity=1 << 16) as chan:
+        writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
+        writer.write(Batch({"x": np.arange(5)}))
+        record = reader.read()
+        reader.close()
+        record.release()  # a no-op now, not a call on a freed handle
+        assert not record.held
+        writer.close()
+
+
 def test_views_outlive_detach_and_unlink_without_crashing():
     with Channel("outlive", capacity=1 << 16) as chan:
         writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
