@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -384,15 +385,22 @@ static int wait_for(struct mps_ring *ring, mps_poll_fn poll_once, int not_ready,
         return result;
     int64_t start = now_ns();
     ring->waits++;
-    /* Spin for spin_ns: a peer in the middle of a record answers faster than a futex wake
-     * (~5 us). Bounded by time, not count: PAUSE costs 10x more on some CPUs than others. */
+    /* Spin for spin_ns: a peer in the middle of a record answers faster than a futex wake.
+     * Bounded by time, not count: PAUSE costs 10x more on some CPUs than others. After the
+     * first microsecond, yield now and then: the scheduler often queues the peer we just woke
+     * on our own CPU, where a plain spin would keep it from running until we park. */
     for (uint32_t i = 1; ring->spin_ns; i++) {
         cpu_relax();
         result = poll_once(ring);
         if (result != not_ready)
             goto done;
-        if (i % 16 == 0 && now_ns() - start >= ring->spin_ns)
-            break;
+        if (i % 16 == 0) {
+            int64_t spun = now_ns() - start;
+            if (spun >= ring->spin_ns)
+                break;
+            if (i % 64 == 0 && spun >= MPS_RING_YIELD_AFTER_NS)
+                sched_yield();
+        }
     }
     for (;;) {
         uint32_t seq = atomic_load(futex_word);

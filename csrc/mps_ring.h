@@ -55,6 +55,7 @@
 #define MPS_RECORD_ALIGNMENT 64
 #define MPS_RECORD_HEADER_LENGTH 8
 #define MPS_RING_NAP_NS 20000000 /* 20 ms: bounds how late a sleeper sees a dead peer */
+#define MPS_RING_YIELD_AFTER_NS 1000 /* a spinning waiter starts yielding its CPU after 1 us */
 
 /* Record types. Values below MPS_RECORD_USER are reserved for the ring and the engine. */
 enum mps_record_type {

@@ -63,7 +63,7 @@ DEFAULT_CAPACITY = 1 << 22
 #: Longest a single C call stays parked; between calls Python handles signals (Ctrl-C).
 _SLICE_NS = 200_000_000
 #: Nanoseconds a blocking call spins before it parks on the futex (see bench/transport.py).
-DEFAULT_SPIN_NS = 20_000
+DEFAULT_SPIN_NS = 50_000
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 _RUN_TOKEN = secrets.token_hex(4)
