@@ -122,15 +122,7 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* Shared (not private) futex: the two sides are different processes. */
-static int futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t timeout_ns)
-{
-    struct timespec ts = {.tv_sec = timeout_ns / 1000000000LL, .tv_nsec = timeout_ns % 1000000000LL};
-    if (syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, expected, &ts, NULL, 0) == 0)
-        return 0;
-    return errno;
-}
-
+/* Futexes here are shared (never FUTEX_PRIVATE_FLAG): the two sides are different processes. */
 static void futex_wake(_Atomic uint32_t *word)
 {
     syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, 1, NULL, NULL, 0);
@@ -373,65 +365,109 @@ void mps_ring_free(struct mps_ring *ring)
 
 /* ---- waiting ------------------------------------------------------------------------------ */
 
-typedef int (*mps_poll_fn)(struct mps_ring *ring);
+typedef int (*mps_poll_fn)(void *context);
 
-/* Spin up to spin_ns, then park on futex_word until poll() stops returning
- * not_ready, the timeout passes, a signal arrives, or the peer dies. */
-static int wait_for(struct mps_ring *ring, mps_poll_fn poll_once, int not_ready,
-                    _Atomic uint32_t *waiting, _Atomic uint32_t *futex_word, int64_t timeout_ns)
+/* Where a side sleeps: its own "waiting" flag and the futex word the other side bumps. */
+static _Atomic uint32_t *waiting_flag(struct mps_ring *ring)
 {
-    int result = poll_once(ring);
+    return ring->side == MPS_RING_PRODUCER ? &ring->shared->producer_waiting : &ring->shared->consumer_waiting;
+}
+
+static _Atomic uint32_t *wake_word(struct mps_ring *ring)
+{
+    return ring->side == MPS_RING_PRODUCER ? &ring->shared->space_futex : &ring->shared->data_futex;
+}
+
+static void set_waiting(struct mps_ring **rings, uint32_t count, uint32_t value)
+{
+    for (uint32_t i = 0; i < count; i++)
+        atomic_store(waiting_flag(rings[i]), value); /* seq_cst: ordered before the re-check */
+}
+
+/* Sleeps until a futex word of the set changes, the (absolute, monotonic) deadline, or a
+ * signal. One futex_waitv call covers any number of rings (Linux >= 5.16). */
+static int park(struct mps_ring **rings, uint32_t count, const uint32_t *seen, int64_t deadline_ns)
+{
+    struct futex_waitv waiters[MPS_RING_MAX_WAIT_SET];
+    for (uint32_t i = 0; i < count; i++) {
+        waiters[i] = (struct futex_waitv){.val = seen[i], .uaddr = (uintptr_t)wake_word(rings[i]),
+                                          .flags = FUTEX_32}; /* shared: no FUTEX_PRIVATE_FLAG */
+    }
+    struct timespec ts = {.tv_sec = deadline_ns / 1000000000LL, .tv_nsec = deadline_ns % 1000000000LL};
+    if (syscall(SYS_futex_waitv, waiters, count, 0, &ts, CLOCK_MONOTONIC) >= 0)
+        return 0;
+    return errno;
+}
+
+/* Spin up to the first ring's spin_ns, then park on every ring's futex until poll() stops
+ * returning not_ready, the timeout passes, a signal arrives, or a peer dies (*dead_index). */
+static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_once, void *context,
+                    int not_ready, int64_t timeout_ns, uint32_t *dead_index)
+{
+    int result = poll_once(context);
     if (result != not_ready)
         return result;
     int64_t start = now_ns();
-    ring->waits++;
-    /* Spin for spin_ns: a peer in the middle of a record answers faster than a futex wake.
-     * Bounded by time, not count: PAUSE costs 10x more on some CPUs than others. After the
-     * first microsecond, yield now and then: the scheduler often queues the peer we just woke
-     * on our own CPU, where a plain spin would keep it from running until we park. */
-    for (uint32_t i = 1; ring->spin_ns; i++) {
+    int64_t spin_ns = rings[0]->spin_ns;
+    /* Spin first: a peer in the middle of a record answers faster than a futex wake. Bounded
+     * by time, not count: PAUSE costs 10x more on some CPUs than others. After the first
+     * microsecond, yield now and then: the scheduler often queues the peer we just woke on
+     * our own CPU, where a plain spin would keep it from running until we park. */
+    for (uint32_t i = 1; spin_ns; i++) {
         cpu_relax();
-        result = poll_once(ring);
+        result = poll_once(context);
         if (result != not_ready)
             goto done;
         if (i % 16 == 0) {
             int64_t spun = now_ns() - start;
-            if (spun >= ring->spin_ns)
+            if (spun >= spin_ns)
                 break;
             if (i % 64 == 0 && spun >= MPS_RING_YIELD_AFTER_NS)
                 sched_yield();
         }
     }
+    uint32_t seen[MPS_RING_MAX_WAIT_SET];
     for (;;) {
-        uint32_t seq = atomic_load(futex_word);
-        atomic_store(waiting, 1); /* seq_cst: ordered before the re-check below */
-        result = poll_once(ring);
+        for (uint32_t i = 0; i < count; i++)
+            seen[i] = atomic_load(wake_word(rings[i]));
+        set_waiting(rings, count, 1);
+        result = poll_once(context);
         if (result != not_ready) {
-            atomic_store(waiting, 0);
+            set_waiting(rings, count, 0);
             goto done;
         }
-        int64_t left = timeout_ns < 0 ? MPS_RING_NAP_NS : start + timeout_ns - now_ns();
-        if (left <= 0) {
-            atomic_store(waiting, 0);
+        int64_t now = now_ns();
+        int64_t deadline = now + MPS_RING_NAP_NS;
+        if (timeout_ns >= 0 && start + timeout_ns < deadline)
+            deadline = start + timeout_ns;
+        if (deadline <= now) {
+            set_waiting(rings, count, 0);
             result = MPS_RING_TIMEOUT;
             goto done;
         }
-        int err = futex_wait(futex_word, seq, left < MPS_RING_NAP_NS ? left : MPS_RING_NAP_NS);
-        atomic_store(waiting, 0);
-        result = poll_once(ring);
+        int err = park(rings, count, seen, deadline);
+        set_waiting(rings, count, 0);
+        result = poll_once(context);
         if (result != not_ready)
             goto done;
         if (err == EINTR) {
             result = MPS_RING_INTERRUPTED;
             goto done;
         }
-        if (peer_is_dead(ring)) {
-            result = MPS_RING_PEER_DEAD;
-            goto done;
+        for (uint32_t i = 0; i < count; i++) {
+            if (peer_is_dead(rings[i])) {
+                *dead_index = i;
+                result = MPS_RING_PEER_DEAD;
+                goto done;
+            }
         }
     }
-done:
-    ring->wait_ns += (uint64_t)(now_ns() - start);
+done:;
+    uint64_t waited = (uint64_t)(now_ns() - start);
+    for (uint32_t i = 0; i < count; i++) {
+        rings[i]->waits++;
+        rings[i]->wait_ns += waited;
+    }
     return result;
 }
 
@@ -444,8 +480,9 @@ static inline uint64_t claim_bytes(struct mps_ring *ring, uint64_t record_length
     return *padding + record_length;
 }
 
-static int producer_poll(struct mps_ring *ring)
+static int producer_poll(void *context)
 {
+    struct mps_ring *ring = context;
     uint64_t padding;
     uint64_t needed = claim_bytes(ring, ring->claim_length, &padding);
     struct mps_ring_shared *shared = ring->shared;
@@ -502,9 +539,8 @@ int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_
     int result = begin_claim(ring, type, length);
     if (result != MPS_RING_OK)
         return result;
-    struct mps_ring_shared *shared = ring->shared;
-    result = wait_for(ring, producer_poll, MPS_RING_FULL, &shared->producer_waiting,
-                      &shared->space_futex, timeout_ns);
+    uint32_t dead_index;
+    result = wait_for(&ring, 1, producer_poll, ring, MPS_RING_FULL, timeout_ns, &dead_index);
     return end_claim(ring, result, offset_out);
 }
 
@@ -571,21 +607,54 @@ static int fill_record(struct mps_ring *ring, int result, struct mps_record *rec
     return MPS_RING_OK;
 }
 
+struct consumer_set {
+    struct mps_ring **rings;
+    uint32_t count;
+    uint32_t next; /* where the round-robin poll starts; the ready ring's index on OK */
+};
+
+/* Polls the rings round-robin from next, so one busy input cannot starve the others. */
+static int consumer_set_poll(void *context)
+{
+    struct consumer_set *set = context;
+    for (uint32_t k = 0; k < set->count; k++) {
+        uint32_t i = (set->next + k) % set->count;
+        if (consumer_poll(set->rings[i]) == MPS_RING_OK) {
+            set->next = i;
+            return MPS_RING_OK;
+        }
+    }
+    return MPS_RING_EMPTY;
+}
+
+int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
+                      struct mps_record *record)
+{
+    if (count == 0 || count > MPS_RING_MAX_WAIT_SET)
+        return MPS_RING_BAD_STATE;
+    for (uint32_t i = 0; i < count; i++) {
+        if (rings[i]->side != MPS_RING_CONSUMER || rings[i]->peek_length != 0)
+            return MPS_RING_BAD_STATE;
+    }
+    struct consumer_set set = {.rings = rings, .count = count, .next = *index % count};
+    uint32_t dead_index = 0;
+    int result = timeout_ns == 0 ? consumer_set_poll(&set)
+                                 : wait_for(rings, count, consumer_set_poll, &set, MPS_RING_EMPTY,
+                                            timeout_ns, &dead_index);
+    *index = result == MPS_RING_PEER_DEAD ? dead_index : set.next;
+    return result == MPS_RING_OK ? fill_record(rings[set.next], result, record) : result;
+}
+
 int mps_ring_try_peek(struct mps_ring *ring, struct mps_record *record)
 {
-    if (ring->side != MPS_RING_CONSUMER || ring->peek_length != 0)
-        return MPS_RING_BAD_STATE;
-    return fill_record(ring, consumer_poll(ring), record);
+    uint32_t index = 0;
+    return mps_ring_peek_any(&ring, 1, &index, 0, record);
 }
 
 int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record)
 {
-    if (ring->side != MPS_RING_CONSUMER || ring->peek_length != 0)
-        return MPS_RING_BAD_STATE;
-    struct mps_ring_shared *shared = ring->shared;
-    int result = wait_for(ring, consumer_poll, MPS_RING_EMPTY, &shared->consumer_waiting,
-                          &shared->data_futex, timeout_ns);
-    return fill_record(ring, result, record);
+    uint32_t index = 0;
+    return mps_ring_peek_any(&ring, 1, &index, timeout_ns < 0 ? -1 : timeout_ns == 0 ? 1 : timeout_ns, record);
 }
 
 int mps_ring_release(struct mps_ring *ring)

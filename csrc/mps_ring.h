@@ -56,6 +56,7 @@
 #define MPS_RECORD_HEADER_LENGTH 8
 #define MPS_RING_NAP_NS 20000000 /* 20 ms: bounds how late a sleeper sees a dead peer */
 #define MPS_RING_YIELD_AFTER_NS 1000 /* a spinning waiter starts yielding its CPU after 1 us */
+#define MPS_RING_MAX_WAIT_SET 128 /* rings one call can wait on: the kernel's futex_waitv limit */
 
 /* Record types. Values below MPS_RECORD_USER are reserved for the ring and the engine. */
 enum mps_record_type {
@@ -156,6 +157,13 @@ int mps_ring_abort(struct mps_ring *ring);
 int mps_ring_try_peek(struct mps_ring *ring, struct mps_record *record);
 int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record);
 int mps_ring_release(struct mps_ring *ring);
+/* Consumer of several rings (at most MPS_RING_MAX_WAIT_SET, all consumer handles of this
+ * process, none holding a record): peeks the first record found polling round-robin from
+ * *index, waiting up to timeout_ns (0: do not wait, < 0: forever) on all of them at once.
+ * On OK, *index is the ring that holds the record (release it there; pass *index + 1 next
+ * time for fairness); on MPS_RING_PEER_DEAD, the ring whose writer died. */
+int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
+                      struct mps_record *record);
 
 uint8_t *mps_ring_data(struct mps_ring *ring);
 void mps_ring_get_stats(struct mps_ring *ring, struct mps_ring_stats *stats);

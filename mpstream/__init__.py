@@ -2,7 +2,7 @@
 through shared-memory rings with credit-based backpressure."""
 
 from .batch import Batch, BatchShapeError, StringColumn
-from .channel import Channel, ChannelReader, ChannelWriter, Record, RecordKind, sweep_stale_segments
+from .channel import Channel, ChannelReader, ChannelWriter, InputGate, Record, RecordKind, sweep_stale_segments
 from .errors import (
     ChannelClosedError,
     ChannelError,
@@ -17,7 +17,7 @@ from .errors import (
 
 __all__ = [
     "Batch", "BatchShapeError", "StringColumn",
-    "Channel", "ChannelReader", "ChannelWriter", "Record", "RecordKind", "sweep_stale_segments",
+    "Channel", "ChannelReader", "ChannelWriter", "InputGate", "Record", "RecordKind", "sweep_stale_segments",
     "ChannelClosedError", "ChannelError", "ChannelTimeoutError", "LayoutError", "MpstreamError",
     "PeerDiedError", "RecordTooLargeError", "SchemaError", "SharedMemoryFullError",
 ]

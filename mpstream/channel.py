@@ -51,6 +51,7 @@ __all__ = [
     "Channel",
     "ChannelWriter",
     "ChannelReader",
+    "InputGate",
     "Record",
     "RecordKind",
     "sweep_stale_segments",
@@ -199,6 +200,21 @@ class Channel:
         return f"Channel({self.label!r}, capacity={self.capacity}, name={self.name!r})"
 
 
+def _blocking(call: Any, timeout: float | None) -> int:
+    """Calls call(slice_ns) until it stops timing out; the C side parks on a futex. Slices
+    are short so Python runs signal handlers (Ctrl-C) between them."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        slice_ns = _SLICE_NS
+        if deadline is not None:
+            slice_ns = max(0, min(_SLICE_NS, int((deadline - time.monotonic()) * 1e9)))
+        rc = call(slice_ns)
+        if rc == lib.MPS_RING_INTERRUPTED:
+            continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
+        if rc != lib.MPS_RING_TIMEOUT or (deadline is not None and time.monotonic() >= deadline):
+            return rc
+
+
 class _Endpoint:
     """One attached side of a channel: the mapping, the C handle, and the blocking loop."""
 
@@ -229,19 +245,6 @@ class _Endpoint:
         }
         return f"cannot attach to channel {self.name!r} as {self._role}: {reasons.get(rc, rc)}"
 
-    def _blocking(self, call: Any, timeout: float | None) -> int:
-        """Calls call(slice_ns) until it stops timing out; the C side parks on a futex."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            slice_ns = _SLICE_NS
-            if deadline is not None:
-                slice_ns = max(0, min(_SLICE_NS, int((deadline - time.monotonic()) * 1e9)))
-            rc = call(slice_ns)
-            if rc == lib.MPS_RING_INTERRUPTED:
-                continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
-            if rc != lib.MPS_RING_TIMEOUT or (deadline is not None and time.monotonic() >= deadline):
-                return rc
-
     def _raise_for(self, rc: int, timeout: float | None) -> None:
         peer = "reader" if self._side == lib.MPS_RING_PRODUCER else "writer"
         if rc == lib.MPS_RING_PEER_DEAD:
@@ -250,6 +253,8 @@ class _Endpoint:
         if rc == lib.MPS_RING_CLOSED:
             raise ChannelClosedError(f"channel {self.name!r}: the reader closed its end; "
                                      f"stop writing to it")
+        if rc == lib.MPS_RING_BAD_STATE:
+            raise ChannelError(f"channel {self.name!r}: release the previous record before reading the next")
         if rc == lib.MPS_RING_TIMEOUT:
             raise ChannelTimeoutError(f"channel {self.name!r}: the {self._role} waited {timeout} s "
                                       f"for its {peer}; raise the timeout or check that the {peer} runs")
@@ -297,7 +302,7 @@ class ChannelWriter(_Endpoint):
         if rc == _OK:
             return self._data_index + offset[0]
         if rc == _FULL:
-            rc = self._blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset), timeout)
+            rc = _blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset), timeout)
         if rc == lib.MPS_RING_TOO_LARGE:
             raise RecordTooLargeError(
                 f"channel {self.name!r}: a {length}-byte record exceeds the limit of "
@@ -419,15 +424,21 @@ class ChannelReader(_Endpoint):
         while True:
             rc = lib.mps_ring_try_peek(ring, rec)
             if rc == _EMPTY:
-                rc = self._blocking(lambda ns: lib.mps_ring_peek(ring, ns, rec), timeout)
+                rc = _blocking(lambda ns: lib.mps_ring_peek(ring, ns, rec), timeout)
             if rc != _OK:
                 self._raise_for(rc, timeout)
-            index = self._data_index + rec.offset
-            kind = rec.type
-            if kind != _SCHEMA:
-                break
+            if self._accept(rec):
+                return record
+
+    def _accept(self, rec: Any) -> bool:
+        """Takes the peeked record rec into self's Record; False (and released) for SCHEMA."""
+        index = self._data_index + rec.offset
+        kind = rec.type
+        if kind == _SCHEMA:
             self._frame = Frame.decode_schema(bytes(self._in[index : index + rec.length]), self._skew)
-            lib.mps_ring_release(ring)
+            lib.mps_ring_release(self._ring)
+            return False
+        record = self._record
         record.held = True
         record.kind = kind = _KINDS[kind]
         record.value = None
@@ -439,7 +450,7 @@ class ChannelReader(_Endpoint):
             record.value = _U64.unpack_from(self._in, index)[0]
         elif kind is RecordKind.WATERMARK:
             record.value = _I64.unpack_from(self._in, index)[0]
-        return record
+        return True
 
     def close(self) -> None:
         """Detaches (dropping a held record); the writer's next blocked or future write gets
@@ -452,3 +463,83 @@ class ChannelReader(_Endpoint):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class InputGate:
+    """Reads several channels of one consumer fairly, blocking on all of them at once.
+
+    ``read()`` returns ``(channel index, Record)`` for the next record of any channel, polling
+    round-robin so a busy channel cannot starve the others; when every channel is empty it
+    sleeps on all their futexes together (futex_waitv). A channel that delivered END_OF_STREAM
+    is read no more; ``done`` is true once every channel has. Order within a channel is kept;
+    across channels there is none.
+
+    >>> import numpy as np
+    >>> with Channel("a", 1 << 12) as a, Channel("b", 1 << 12) as b:
+    ...     for chan, x in ((a, 1), (b, 2)):
+    ...         with ChannelWriter(chan.name) as w:
+    ...             w.write(Batch({"x": np.array([x])}))
+    ...     gate = InputGate([ChannelReader(a.name), ChannelReader(b.name)])
+    ...     seen = []
+    ...     while not gate.done:
+    ...         with gate.read()[1] as record:
+    ...             if record.kind == RecordKind.DATA:
+    ...                 seen.append(int(record.batch["x"][0]))
+    ...     gate.close()
+    >>> sorted(seen)
+    [1, 2]
+    """
+
+    def __init__(self, readers: list[ChannelReader]) -> None:
+        if not 0 < len(readers) <= lib.MPS_RING_MAX_WAIT_SET:
+            raise ValueError(f"an InputGate takes 1 to {lib.MPS_RING_MAX_WAIT_SET} channels, got {len(readers)}")
+        self.readers = list(readers)
+        self._active = list(range(len(readers)))
+        self._rings = ffi.new("struct mps_ring *[]", [r._ring for r in readers])
+        self._next = ffi.new("uint32_t *")
+        self._peeked = ffi.new("struct mps_record *")
+        self._ended: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once every channel's END_OF_STREAM was read and released."""
+        self._retire_ended()
+        return not self._active
+
+    def _retire_ended(self) -> None:
+        """Drops the channel whose END_OF_STREAM the caller has released by now."""
+        if self._ended is None or self.readers[self._ended]._record.held:
+            return
+        position = self._active.index(self._ended)
+        del self._active[position]
+        for i, channel in enumerate(self._active):
+            self._rings[i] = self.readers[channel]._ring
+        self._next[0] = position
+        self._ended = None
+
+    def read(self, timeout: float | None = None) -> tuple[int, Record]:
+        """(index of the channel in readers, its Record); see the class doc."""
+        self._retire_ended()
+        if self._ended is not None:
+            raise ChannelError("release the previous record before reading the next")
+        if not self._active:
+            raise ChannelError("every channel of this gate has ended")
+        rings, count, nxt, rec = self._rings, len(self._active), self._next, self._peeked
+        while True:
+            rc = lib.mps_ring_peek_any(rings, count, nxt, 0, rec)
+            if rc == _EMPTY:
+                rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
+            channel = self._active[nxt[0]]
+            reader = self.readers[channel]
+            if rc != _OK:
+                reader._raise_for(rc, timeout)
+            if reader._accept(rec):
+                nxt[0] += 1
+                if reader._record.kind is RecordKind.END_OF_STREAM:
+                    self._ended = channel
+                return channel, reader._record
+
+    def close(self) -> None:
+        """Closes every reader of the gate."""
+        for reader in self.readers:
+            reader.close()

@@ -1,0 +1,111 @@
+"""InputGate: several channels into one consumer, read fairly, blocking on all at once."""
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from mpstream import Batch, Channel, ChannelError, ChannelReader, ChannelWriter, InputGate, PeerDiedError, RecordKind
+
+
+def produce(name: str, channel: int, count: int) -> None:
+    with ChannelWriter(name) as writer:
+        for seq in range(count):
+            writer.write(Batch({"channel": np.full(7, channel), "seq": np.full(7, seq)}))
+
+
+def test_records_of_every_writer_arrive_in_order_per_channel(mp_context):
+    counts = [300, 1, 120]
+    chans = [Channel(f"gate-{i}", capacity=1 << 14) for i in range(len(counts))]
+    try:
+        gate = InputGate([ChannelReader(c.name) for c in chans])
+        children = [mp_context.Process(target=produce, args=(c.name, i, n)) for i, (c, n) in enumerate(zip(chans, counts))]
+        for child in children:
+            child.start()
+        seen: dict[int, list[int]] = {i: [] for i in range(len(counts))}
+        ends = []
+        while not gate.done:
+            index, record = gate.read(timeout=30)
+            with record:
+                if record.kind == RecordKind.END_OF_STREAM:
+                    ends.append(index)
+                else:
+                    assert int(record.batch["channel"][0]) == index
+                    seen[index].append(int(record.batch["seq"][0]))
+        for child in children:
+            child.join(30)
+            assert child.exitcode == 0
+        assert seen == {i: list(range(n)) for i, n in enumerate(counts)}
+        assert sorted(ends) == [0, 1, 2]
+        gate.close()
+    finally:
+        for c in chans:
+            c.close()
+
+
+def test_busy_channels_are_read_round_robin():
+    chans = [Channel(f"fair-{i}", capacity=1 << 16) for i in range(3)]
+    try:
+        writers = [ChannelWriter(c.name) for c in chans]
+        for i, writer in enumerate(writers):
+            for seq in range(10):
+                writer.write(Batch({"seq": np.array([seq])}))
+        gate = InputGate([ChannelReader(c.name) for c in chans])
+        order = []
+        for _ in range(12):
+            index, record = gate.read(timeout=5)
+            with record:
+                order.append((index, int(record.batch["seq"][0])))
+        assert order == [(i % 3, i // 3) for i in range(12)]
+        gate.close()
+        for writer in writers:
+            writer.close()
+    finally:
+        for c in chans:
+            c.close()
+
+
+def _hang_after_attach(name: str, ready) -> None:
+    ChannelWriter(name)
+    ready.set()
+    threading.Event().wait()
+
+
+def test_a_dead_writer_among_several_is_named(mp_context):
+    chans = [Channel(f"dead-{i}", capacity=1 << 12) for i in range(3)]
+    try:
+        gate = InputGate([ChannelReader(c.name) for c in chans])
+        ready = mp_context.Event()
+        child = mp_context.Process(target=_hang_after_attach, args=(chans[1].name, ready))
+        child.start()
+        assert ready.wait(30)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        with pytest.raises(PeerDiedError, match=chans[1].name):
+            gate.read(timeout=30)
+        gate.close()
+    finally:
+        for c in chans:
+            c.close()
+
+
+def test_gate_refuses_a_second_record_while_one_is_held():
+    chans = [Channel(f"held-{i}", capacity=1 << 12) for i in range(2)]
+    try:
+        writers = [ChannelWriter(c.name) for c in chans]
+        for writer in writers:
+            writer.write(Batch({"x": np.arange(2)}))
+        gate = InputGate([ChannelReader(c.name) for c in chans])
+        _, record = gate.read(timeout=5)
+        with pytest.raises(ChannelError, match="release the previous record"):
+            gate.read(timeout=5)
+        record.release()
+        gate.read(timeout=5)[1].release()
+        gate.close()
+        for writer in writers:
+            writer.close()
+    finally:
+        for c in chans:
+            c.close()
