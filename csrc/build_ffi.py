@@ -1,6 +1,6 @@
 """Builds mpstream's C core (``mpstream._mps``) with cffi in API mode.
 
-The cdef is derived from ``mps_ring.h`` so the header stays the one home of the C interface:
+The cdef is derived from the headers so each stays the one home of its C interface:
 preprocessor guards and includes are dropped and each ``#define`` becomes ``#define NAME ...``
 (cffi then reads the value from the compiled header).
 """
@@ -24,12 +24,15 @@ def _cdef_from_header(text: str) -> str:
     return "\n".join(lines)
 
 
+MODULES = ["mps_ring", "mps_kernels"]
+
 ffibuilder = cffi.FFI()
-ffibuilder.cdef(_cdef_from_header((HERE / "mps_ring.h").read_text()))
+for module in MODULES:
+    ffibuilder.cdef(_cdef_from_header((HERE / f"{module}.h").read_text()))
 ffibuilder.set_source(
     "mpstream._mps",
-    '#include "mps_ring.h"',
-    sources=[str((HERE / "mps_ring.c").relative_to(HERE.parent))],
+    "\n".join(f'#include "{module}.h"' for module in MODULES),
+    sources=[str((HERE / f"{module}.c").relative_to(HERE.parent)) for module in MODULES],
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
     libraries=["rt"],

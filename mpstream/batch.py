@@ -24,7 +24,7 @@ from typing import Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._mps import ffi
+from ._mps import ffi, lib
 from .errors import LayoutError, SchemaError
 
 __all__ = ["Batch", "StringColumn", "Column", "BatchShapeError"]
@@ -104,12 +104,41 @@ class StringColumn:
     def copy(self) -> StringColumn:
         return StringColumn(self.offsets.copy(), self.data.copy())
 
+    def take(self, indices: np.ndarray) -> StringColumn:
+        """The strings at indices (int64), gathered into a new column."""
+        indices = np.ascontiguousarray(indices, np.int64)
+        lengths = np.diff(self.offsets)[indices]
+        offsets = np.empty(len(indices) + 1, np.int64)
+        data = np.empty(int(lengths.sum()), np.uint8)
+        lib.mps_take_utf8(_ptr("int64_t[]", self.offsets), _ptr("uint8_t[]", self.data),
+                          _ptr("int64_t[]", indices), len(indices), _ptr("int64_t[]", offsets),
+                          _ptr("uint8_t[]", data))
+        return StringColumn(offsets, data)
+
+    def slice(self, start: int, stop: int) -> StringColumn:
+        """Rows start:stop; the bytes are a view, the offsets a rebased copy."""
+        offsets = self.offsets[start : stop + 1]
+        return StringColumn(offsets - offsets[0], self.data[offsets[0] : offsets[-1]])
+
+    @staticmethod
+    def concat(columns: Sequence[StringColumn]) -> StringColumn:
+        if not columns:
+            return StringColumn(np.zeros(1, np.int64), np.zeros(0, np.uint8))
+        shifts = np.cumsum([0] + [len(c.data) for c in columns[:-1]])
+        offsets = np.concatenate([[0]] + [c.offsets[1:] + shift for c, shift in zip(columns, shifts)])
+        return StringColumn(offsets.astype(np.int64), np.concatenate([c.data for c in columns]))
+
     def __repr__(self) -> str:
         shown = ", ".join(repr(s) for s in list(self)[:5])
         return f"StringColumn([{shown}{', ...' if len(self) > 5 else ''}], n={len(self)})"
 
 
 Column = Union[np.ndarray, StringColumn]
+
+
+def _ptr(ctype: str, arr: np.ndarray) -> ffi.CData:
+    """A C pointer to a contiguous array's data, for the duration of one C call."""
+    return ffi.from_buffer(ctype, arr)
 
 
 def _check_column(name: object, value: ArrayLike | StringColumn) -> Column:
@@ -209,6 +238,41 @@ class Batch(Mapping[str, Column]):
 
     def __len__(self) -> int:
         return len(self._columns)
+
+    def take(self, indices: np.ndarray) -> Batch:
+        """The rows at indices, gathered into a new (owned) batch."""
+        indices = np.asarray(indices, np.int64)
+        return Batch._trusted({name: col.take(indices) for name, col in self._columns.items()}, len(indices), self._schema)
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows start:stop (views where possible)."""
+        stop = min(stop, self._num_rows)
+        cols = {name: col.slice(start, stop) if isinstance(col, StringColumn) else col[start:stop]
+                for name, col in self._columns.items()}
+        return Batch._trusted(cols, max(0, stop - start), self._schema)
+
+    def filter(self, mask: np.ndarray) -> Batch:
+        """The rows where mask (bool, one per row) is true."""
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.shape != (self._num_rows,):
+            raise BatchShapeError(f"a filter mask must be bool with one value per row ({self._num_rows}), "
+                                  f"got {mask.dtype} of shape {mask.shape}")
+        return self.take(np.flatnonzero(mask))
+
+    @staticmethod
+    def concat(batches: Sequence[Batch]) -> Batch:
+        """The rows of batches one after the other; all must share one schema."""
+        if not batches:
+            return Batch({})
+        schema = batches[0].schema
+        for b in batches:
+            if b.schema != schema:
+                raise SchemaError(f"cannot concatenate batches of schemas {schema} and {b.schema}")
+        cols: dict[str, Column] = {}
+        for name, dtype in schema:
+            parts = [b[name] for b in batches]
+            cols[name] = StringColumn.concat(parts) if dtype == _STRING else np.concatenate(parts)
+        return Batch._trusted(cols, sum(b.num_rows for b in batches), schema)
 
     def copy(self) -> Batch:
         """An owned deep copy: safe to keep after the record it was read from is released."""

@@ -1,0 +1,50 @@
+/*
+ * mps_kernels: vectorized loops numpy has no single call for, on the shuffle's hot path.
+ *
+ * Hashes are stable and seedless: the same key hashes the same in every process, run and
+ * machine (never Python's per-process salted hash()). All arrays are caller-owned, contiguous,
+ * and only read or written during the call.
+ */
+#ifndef MPS_KERNELS_H
+#define MPS_KERNELS_H
+
+#include <stdint.h>
+
+/* out[i] = a 64-bit mix (splitmix64's finalizer) of keys[i]. */
+void mps_hash_int64(const int64_t *keys, uint64_t n, uint64_t *out);
+
+/* out[i] = 64-bit FNV-1a of string i (data[offsets[i]:offsets[i+1]]), then mixed. */
+void mps_hash_utf8(const int64_t *offsets, const uint8_t *data, uint64_t n, uint64_t *out);
+
+/* hashes[i] = mix(hashes[i] ^ mix(salt[i] + 1)): a key's hash combined with a salt. */
+void mps_hash_combine(uint64_t *hashes, const int64_t *salt, uint64_t n);
+
+/* out[i] = hashes[i] mapped uniformly onto [0, partitions) (multiply-shift, no modulo bias). */
+void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitions, int64_t *out);
+
+/* Stable counting sort of rows by partition id: counts[p] = rows in partition p, and order
+ * lists row indices partition by partition, each partition in input order. Returns 0, or -1
+ * if an id is outside [0, partitions) (order and counts are then unspecified). */
+int mps_partition_order(const int64_t *partition, uint64_t n, uint32_t partitions, int64_t *order,
+                        int64_t *counts);
+
+/* Gathers strings indices[0..n) of (offsets, data) into out_offsets (n + 1 entries, from 0)
+ * and out_data, which must hold the sum of the gathered lengths. */
+void mps_take_utf8(const int64_t *offsets, const uint8_t *data, const int64_t *indices, uint64_t n,
+                   int64_t *out_offsets, uint8_t *out_data);
+
+/* A map from 64-bit keys to dense slots 0, 1, 2, ... in order of first appearance: the index
+ * of keyed state. Open addressing, linear probing, grown at half load. Owned by the caller of
+ * mps_keymap_new, freed with mps_keymap_free. */
+struct mps_keymap;
+
+struct mps_keymap *mps_keymap_new(uint64_t expected_keys);
+void mps_keymap_free(struct mps_keymap *map);
+/* slots[i] = the slot of keys[i], inserting unseen keys. Returns the map's size after the
+ * call, or -1 when out of memory (the map then holds the keys inserted so far). */
+int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t n, int64_t *slots);
+uint64_t mps_keymap_size(const struct mps_keymap *map);
+/* out[s] = the key of slot s, for every slot (out holds mps_keymap_size entries). */
+void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out);
+
+#endif

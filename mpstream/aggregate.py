@@ -1,0 +1,211 @@
+"""Keyed aggregation state: sum, count, min, max and mean per key, mergeable.
+
+A :class:`KeyedAggregate` maps each key (an int or str column) to a dense slot through a C hash
+map, and keeps one accumulator array per partial: ``count`` per key, and per value column its
+``sum``, ``min`` and ``max`` as the requested functions need. It takes raw rows (``update``)
+or the partials of another instance (``merge``): that is what makes two-stage (salted)
+aggregation exact: sums, counts, mins and maxs of partials combine into those of the whole,
+and the mean is computed once, at the end, from the total sum and count.
+
+Str keys are identified by a 64-bit hash of their UTF-8 bytes (two distinct strings sharing a
+hash would be merged; with n keys the chance is about n^2 / 2^65, 3e-8 for a million keys).
+
+>>> import numpy as np
+>>> from mpstream.batch import Batch
+>>> agg = KeyedAggregate("k", {"v": ["sum", "mean"], "*": "count"})
+>>> agg.update(Batch({"k": np.array([1, 2, 1]), "v": np.array([1.0, 5.0, 3.0])}))
+>>> r = agg.result()
+>>> r["k"].tolist(), r["v_sum"].tolist(), r["v_mean"].tolist(), r["count"].tolist()
+([1, 2], [4.0, 5.0], [2.0, 5.0], [2, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ._mps import ffi, lib
+from .batch import Batch, Column, StringColumn, _ptr
+from .errors import MpstreamError
+from .partition import hash_column
+
+__all__ = ["KeyedAggregate", "AggregateError", "FUNCTIONS"]
+
+FUNCTIONS = ("sum", "count", "min", "max", "mean")
+_NEEDS = {"sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",), "count": ()}
+_COUNT = "count"
+
+
+class AggregateError(MpstreamError, ValueError):
+    """An aggregation spec or its input columns do not fit together."""
+
+
+def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str], ...]:
+    """{"column": "sum" | ["sum", "max"], "*": "count"} -> (("column", "sum"), ...)."""
+    items = []
+    for column, funcs in spec.items():
+        for func in [funcs] if isinstance(funcs, str) else funcs:
+            if func not in FUNCTIONS:
+                raise AggregateError(f"unknown aggregate {func!r} for column {column!r}; use one of {FUNCTIONS}")
+            if column == "*" and func != "count":
+                raise AggregateError(f"'*' takes only count, not {func!r}")
+            items.append((column, func))
+    if not items:
+        raise AggregateError("an aggregation needs at least one function")
+    return tuple(items)
+
+
+class KeyedAggregate:
+    """Per-key accumulators for one aggregation (see the module doc)."""
+
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]]) -> None:
+        self.key = key
+        self._spec = dict(spec)
+        self.items = parse_spec(spec)
+        self.partials = tuple(dict.fromkeys(
+            f"{column}.{need}" for column, func in self.items for need in _NEEDS[func]))
+        self._map = ffi.gc(lib.mps_keymap_new(1024), lib.mps_keymap_free)
+        self._size = 0
+        self._key_kind: str | None = None  # "str" or an int dtype.str, fixed by the first batch
+        self._names: list[StringColumn] = []  # str keys: the string of each slot, in slot order
+        self._acc: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    # ---- keys -------------------------------------------------------------------------------
+
+    def _slots(self, keys: Column) -> np.ndarray:
+        kind = "str" if isinstance(keys, StringColumn) else keys.dtype.str
+        if kind != "str" and keys.dtype.kind not in "biu":
+            raise AggregateError(f"key column {self.key!r} has dtype {keys.dtype}; keys must be int, bool or str")
+        if self._key_kind is None:
+            self._key_kind = kind
+        elif kind != self._key_kind:
+            raise AggregateError(f"key column {self.key!r} changed type from {self._key_kind} to {kind}")
+        ids = hash_column(keys) if kind == "str" else np.ascontiguousarray(keys, np.int64).view(np.uint64)
+        slots = np.empty(len(ids), np.int64)
+        size = lib.mps_keymap_insert(self._map, _ptr("uint64_t[]", ids), len(ids), _ptr("int64_t[]", slots))
+        if size < 0:
+            raise MemoryError(f"aggregation by {self.key!r}: out of memory for its key map")
+        if size > self._size:
+            if kind == "str":  # remember the string of each new slot (its first row)
+                new = np.flatnonzero(slots >= self._size)
+                _, first = np.unique(slots[new], return_index=True)
+                self._names.append(keys.take(new[first]))
+            self._grow(size)
+        return slots
+
+    def _grow(self, size: int) -> None:
+        for name, acc in self._acc.items():
+            if len(acc) < size:
+                fill = _identity(name, acc.dtype)
+                self._acc[name] = np.concatenate([acc, np.full(max(size, 2 * len(acc)) - len(acc), fill, acc.dtype)])
+        self._size = size
+
+    def _accumulator(self, name: str, dtype: np.dtype) -> np.ndarray:
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = np.full(max(self._size, 1024), _identity(name, dtype), dtype)
+        return acc
+
+    # ---- input ------------------------------------------------------------------------------
+
+    def update(self, batch: Batch) -> None:
+        """Adds raw rows."""
+        if batch.num_rows == 0:
+            return
+        slots = self._slots(batch[self.key])
+        n = self._size
+        counts = self._accumulator(_COUNT, np.dtype(np.int64))
+        counts[:n] += np.bincount(slots, minlength=n)
+        for partial in self.partials:
+            column, need = partial.rsplit(".", 1)
+            values = _values(batch, column)
+            self._combine(partial, need, slots, values)
+
+    def merge(self, partials: Batch) -> None:
+        """Adds the partials (a batch from :meth:`partial`) of another instance."""
+        if partials.num_rows == 0:
+            return
+        slots = self._slots(partials[self.key])
+        n = self._size
+        counts = self._accumulator(_COUNT, np.dtype(np.int64))
+        counts[:n] += np.bincount(slots, weights=partials[_COUNT], minlength=n).astype(np.int64)
+        for partial in self.partials:
+            self._combine(partial, partial.rsplit(".", 1)[1], slots, partials[partial])
+
+    def _combine(self, name: str, need: str, slots: np.ndarray, values: np.ndarray) -> None:
+        n = self._size
+        if need == "sum":
+            if values.dtype.kind == "f":
+                acc = self._accumulator(name, np.dtype(np.float64))
+                acc[:n] += np.bincount(slots, weights=values, minlength=n)
+            else:  # integers: exact (np.add.at), where bincount's float64 weights would round
+                acc = self._accumulator(name, np.dtype(np.uint64 if values.dtype.kind == "u" else np.int64))
+                np.add.at(acc, slots, values)
+        else:
+            acc = self._accumulator(name, values.dtype)
+            (np.minimum if need == "min" else np.maximum).at(acc, slots, values)
+
+    # ---- output -----------------------------------------------------------------------------
+
+    def _key_column(self) -> Column:
+        if self._key_kind == "str":
+            return StringColumn.concat(self._names)
+        ids = np.empty(self._size, np.uint64)
+        lib.mps_keymap_keys(self._map, _ptr("uint64_t[]", ids))
+        return ids.view(np.int64).astype(np.dtype(self._key_kind or "<i8"))
+
+    def partial(self) -> Batch:
+        """The state as a batch of partials: key, count and each partial accumulator."""
+        n = self._size
+        cols: dict[str, Column] = {self.key: self._key_column(), _COUNT: self._accumulator(_COUNT, np.dtype(np.int64))[:n].copy()}
+        for name in self.partials:
+            if name in self._acc:
+                cols[name] = self._acc[name][:n].copy()
+        return Batch(cols)
+
+    def result(self) -> Batch:
+        """key, then one column per (column, function): ``{column}_{function}``, or ``count``."""
+        n = self._size
+        counts = self._accumulator(_COUNT, np.dtype(np.int64))[:n]
+        cols: dict[str, Column] = {self.key: self._key_column()}
+        for column, func in self.items:
+            if func == "count":
+                cols[_COUNT if column == "*" else f"{column}_count"] = counts.copy()
+                continue
+            acc = self._acc.get(f"{column}.{_NEEDS[func][0]}")
+            if acc is None:  # no row ever arrived: nothing to report
+                return Batch({self.key: self._key_column()[:0]})
+            if func == "mean":
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    cols[f"{column}_mean"] = acc[:n] / counts
+            else:
+                cols[f"{column}_{func}"] = acc[:n].copy()
+        return Batch(cols)
+
+    def clear(self) -> None:
+        """Forgets every key (after a partial was emitted)."""
+        self.__init__(self.key, self._spec)  # type: ignore[misc]
+
+
+def _values(batch: Batch, column: str) -> np.ndarray:
+    try:
+        values = batch[column]
+    except KeyError:
+        raise AggregateError(f"aggregated column {column!r} is not in the batch (columns: {list(batch)})") from None
+    if isinstance(values, StringColumn) or values.dtype.kind not in "biuf":
+        raise AggregateError(f"column {column!r} cannot be summed or compared: aggregate int, "
+                             f"bool or float columns")
+    return values.astype(np.int64) if values.dtype.kind == "b" else values
+
+
+def _identity(name: str, dtype: np.dtype) -> int | float:
+    """The neutral element of an accumulator: 0 for sums and counts, +-max for min and max."""
+    if name.endswith(".min"):
+        return np.inf if dtype.kind == "f" else np.iinfo(dtype).max
+    if name.endswith(".max"):
+        return -np.inf if dtype.kind == "f" else np.iinfo(dtype).min
+    return 0

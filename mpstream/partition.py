@@ -1,0 +1,147 @@
+"""Partitioners: which downstream instance gets each row of a batch.
+
+* :class:`HashPartitioner` (the default for ``key_by``): by a stable, seedless 64-bit hash of
+  the key (int or str column), so a key always lands on the same instance, in every process
+  and run, and its rows keep their order. An optional salt spreads one key over several
+  partitions (hot keys; see ``aggregate(salt=...)``).
+* :class:`RoundRobinPartitioner`: whole batches in turn, for load balance without keys.
+* :class:`RangePartitioner`: sorted ``bounds`` split the key space into contiguous ranges.
+* :class:`CustomPartitioner`: ``fn(batch, n)`` returns a partition id per row.
+
+>>> import numpy as np
+>>> from mpstream.batch import Batch
+>>> b = Batch({"k": np.array([5, 1, 5, 9])})
+>>> [None if part is None else part["k"].tolist() for part in split(b, RangePartitioner("k", [4]).assign(b, 2), 2)]
+[[1], [5, 5, 9]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ._mps import lib
+from .batch import Batch, Column, StringColumn, _ptr
+from .errors import MpstreamError
+
+__all__ = ["Partitioner", "HashPartitioner", "RoundRobinPartitioner", "RangePartitioner",
+           "CustomPartitioner", "PartitionError", "hash_column", "split"]
+
+
+class PartitionError(MpstreamError, ValueError):
+    """A partitioner produced ids out of range, or its key column is unusable."""
+
+
+def hash_column(col: Column) -> np.ndarray:
+    """Stable 64-bit hashes (uint64) of an int, bool or str column."""
+    out = np.empty(len(col), np.uint64)
+    if isinstance(col, StringColumn):
+        lib.mps_hash_utf8(_ptr("int64_t[]", col.offsets), _ptr("uint8_t[]", col.data), len(col), _ptr("uint64_t[]", out))
+    elif col.dtype.kind in "biu":
+        keys = np.ascontiguousarray(col, np.int64) if col.dtype != np.int64 else col
+        lib.mps_hash_int64(_ptr("int64_t[]", keys), len(col), _ptr("uint64_t[]", out))
+    else:
+        raise PartitionError(f"cannot hash a {col.dtype} column: key columns must be int, bool or str")
+    return out
+
+
+class Partitioner:
+    """Assigns rows to n partitions: ``assign`` returns an int64 id per row, or one int for the
+    whole batch (cheaper: no split)."""
+
+    key: str | None = None
+
+    def assign(self, batch: Batch, n: int) -> np.ndarray | int:
+        raise NotImplementedError
+
+
+class HashPartitioner(Partitioner):
+    def __init__(self, key: str, salt: int = 0) -> None:
+        self.key = key
+        self.salt = salt
+        self._row = 0  # salts rows in turn, so a hot key spreads evenly
+
+    def assign(self, batch: Batch, n: int) -> np.ndarray | int:
+        if n == 1:
+            return 0
+        hashes = hash_column(_key_column(batch, self.key))
+        if self.salt > 1:
+            salts = (self._row + np.arange(batch.num_rows, dtype=np.int64)) % self.salt
+            self._row += batch.num_rows
+            lib.mps_hash_combine(_ptr("uint64_t[]", hashes), _ptr("int64_t[]", salts), len(hashes))
+        ids = np.empty(len(hashes), np.int64)
+        lib.mps_hash_to_partition(_ptr("uint64_t[]", hashes), len(hashes), n, _ptr("int64_t[]", ids))
+        return ids
+
+
+class RoundRobinPartitioner(Partitioner):
+    def __init__(self) -> None:
+        self._next = 0
+
+    def assign(self, batch: Batch, n: int) -> int:
+        self._next = (self._next + 1) % n
+        return self._next
+
+
+class RangePartitioner(Partitioner):
+    """bounds (sorted, n - 1 values): partition i holds keys in [bounds[i-1], bounds[i])."""
+
+    def __init__(self, key: str, bounds: Sequence[float] | np.ndarray) -> None:
+        self.key = key
+        self.bounds = np.asarray(bounds)
+        if np.any(np.diff(self.bounds) < 0):
+            raise PartitionError(f"range bounds for key {key!r} must be sorted, got {self.bounds}")
+
+    def assign(self, batch: Batch, n: int) -> np.ndarray:
+        if len(self.bounds) != n - 1:
+            raise PartitionError(f"a range partitioner over {n} partitions needs {n - 1} bounds, got {len(self.bounds)}")
+        col = _key_column(batch, self.key)
+        if isinstance(col, StringColumn):
+            col = col.to_numpy()
+        return np.searchsorted(self.bounds, col, side="right").astype(np.int64)
+
+
+class CustomPartitioner(Partitioner):
+    def __init__(self, fn: Callable[[Batch, int], np.ndarray]) -> None:
+        self.fn = fn
+
+    def assign(self, batch: Batch, n: int) -> np.ndarray:
+        return np.asarray(self.fn(batch, n), np.int64)
+
+
+def _key_column(batch: Batch, key: str) -> Column:
+    try:
+        return batch[key]
+    except KeyError:
+        raise PartitionError(f"key column {key!r} is not in the batch (columns: {list(batch)})") from None
+
+
+def split(batch: Batch, ids: np.ndarray | int, n: int) -> list[Batch | None]:
+    """The batch cut into n parts by partition id (None where a part is empty); rows keep
+    their order within a part. One stable counting sort, one gather, then contiguous slices."""
+    parts: list[Batch | None] = [None] * n
+    if isinstance(ids, (int, np.integer)):
+        if not 0 <= ids < n:
+            raise PartitionError(f"partition {ids} is outside 0..{n - 1}")
+        parts[int(ids)] = batch
+        return parts
+    ids = np.ascontiguousarray(ids, np.int64)
+    if ids.shape != (batch.num_rows,):
+        raise PartitionError(f"a partitioner returned {ids.shape} ids for {batch.num_rows} rows")
+    order = np.empty(len(ids), np.int64)
+    counts = np.empty(n, np.int64)
+    if lib.mps_partition_order(_ptr("int64_t[]", ids), len(ids), n, _ptr("int64_t[]", order), _ptr("int64_t[]", counts)):
+        bad = ids[(ids < 0) | (ids >= n)][:5]
+        raise PartitionError(f"partition ids must be in 0..{n - 1}, got e.g. {bad.tolist()}")
+    nonempty = np.flatnonzero(counts)
+    if len(nonempty) == 1:
+        parts[int(nonempty[0])] = batch
+        return parts
+    ordered = batch.take(order)
+    start = 0
+    for p, count in enumerate(counts.tolist()):
+        if count:
+            parts[p] = ordered.slice(start, start + count)
+        start += count
+    return parts

@@ -1,0 +1,92 @@
+"""KeyedAggregate against a plain numpy/Python reference; partials merge exactly."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpstream import Batch
+from mpstream.aggregate import AggregateError, KeyedAggregate
+from mpstream.partition import HashPartitioner, split
+
+WORDS = np.array(["", "a", "ß", "hot.example.com", "x.org"])
+SPEC = {"v": ["sum", "min", "max", "mean"], "n": ["sum", "max"], "*": "count"}
+
+
+def reference(keys, v, n):
+    out = {}
+    for k, a, b in zip(keys, v, n):
+        e = out.setdefault(k, {"v": [], "n": []})
+        e["v"].append(a)
+        e["n"].append(b)
+    return {k: (sum(e["v"]), min(e["v"]), max(e["v"]), sum(e["v"]) / len(e["v"]), sum(e["n"]), max(e["n"]), len(e["v"]))
+            for k, e in out.items()}
+
+
+def as_table(result, key):
+    col = result[key]
+    keys = col.to_numpy().tolist() if not isinstance(col, np.ndarray) else col.tolist()
+    return {k: tuple(result[c][i] for c in ("v_sum", "v_min", "v_max", "v_mean", "n_sum", "n_max", "count"))
+            for i, k in enumerate(keys)}
+
+
+def assert_tables_equal(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k][:4], want[k][:4], rtol=1e-12)  # float sums: order may differ
+        assert got[k][4:] == want[k][4:]  # integer sums, max, counts: exact
+
+
+batches_strategy = st.lists(st.integers(0, 300), min_size=1, max_size=6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), sizes=batches_strategy, string_keys=st.booleans(),
+       parallelism=st.sampled_from([1, 2, 4]), salt=st.sampled_from([0, 4]))
+def test_two_stage_aggregation_matches_reference(seed, sizes, string_keys, parallelism, salt):
+    rng = np.random.default_rng(seed)
+    batches = []
+    for rows in sizes:
+        keys = WORDS[rng.integers(0, len(WORDS), rows)] if string_keys else rng.integers(-5, 30, rows)
+        batches.append(Batch({"k": keys, "v": rng.standard_normal(rows), "n": rng.integers(-2**40, 2**40, rows)}))
+    # stage 1: rows partitioned (salted or not) over `parallelism` partial aggregates
+    partials = [KeyedAggregate("k", SPEC) for _ in range(parallelism)]
+    partitioner = HashPartitioner("k", salt)
+    for b in batches:
+        for agg, part in zip(partials, split(b, partitioner.assign(b, parallelism), parallelism)):
+            if part is not None:
+                agg.update(part)
+    # stage 2: partials by key into final aggregates
+    finals = [KeyedAggregate("k", SPEC) for _ in range(parallelism)]
+    for agg in partials:
+        p = agg.partial()
+        for final, part in zip(finals, split(p, HashPartitioner("k").assign(p, parallelism), parallelism)):
+            if part is not None:
+                final.merge(part)
+    got = {}
+    for final in finals:
+        if len(final):
+            got.update(as_table(final.result(), "k"))
+    all_rows = Batch.concat(batches)
+    keys = all_rows["k"].to_numpy().tolist() if string_keys else all_rows["k"].tolist()
+    assert_tables_equal(got, reference(keys, all_rows["v"].tolist(), all_rows["n"].tolist()))
+
+
+def test_many_keys_grow_the_map_and_accumulators():
+    agg = KeyedAggregate("k", {"v": "sum", "*": "count"})
+    keys = np.arange(50_000) * 7919 % 100_003
+    for chunk in np.array_split(keys, 7):
+        agg.update(Batch({"k": chunk, "v": np.ones(len(chunk))}))
+    r = agg.result()
+    assert len(r["k"]) == len(np.unique(keys))
+    assert r["v_sum"].sum() == 50_000 and (r["count"] == 1).all()
+
+
+def test_bad_specs_and_columns_are_named():
+    with pytest.raises(AggregateError, match="unknown aggregate 'median' for column 'v'"):
+        KeyedAggregate("k", {"v": "median"})
+    agg = KeyedAggregate("k", {"v": "sum"})
+    with pytest.raises(AggregateError, match="aggregated column 'v' is not in the batch"):
+        agg.update(Batch({"k": np.arange(2)}))
+    with pytest.raises(AggregateError, match="key column 'k' has dtype float64"):
+        agg.update(Batch({"k": np.ones(2), "v": np.ones(2)}))

@@ -1,0 +1,121 @@
+"""Partitioners and the split, against numpy references; hashing is stable across processes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpstream import Batch, StringColumn
+from mpstream.partition import (
+    CustomPartitioner,
+    HashPartitioner,
+    PartitionError,
+    RangePartitioner,
+    RoundRobinPartitioner,
+    hash_column,
+    split,
+)
+
+WORDS = np.array(["", "a", "b", "ß", "日本", "example.com", "hot.example.com"])
+
+
+def random_batch(rng, rows, string_keys):
+    key = WORDS[rng.integers(0, len(WORDS), rows)] if string_keys else rng.integers(-50, 50, rows)
+    return Batch({"key": key, "row": np.arange(rows), "v": rng.standard_normal(rows)})
+
+
+def keys_of(batch):
+    col = batch["key"]
+    return col.to_numpy().tolist() if isinstance(col, StringColumn) else col.tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(0, 500), n=st.sampled_from([1, 2, 4]),
+       string_keys=st.booleans(), salt=st.sampled_from([0, 3]))
+def test_hash_split_partitions_rows_exactly_once_in_order(seed, rows, n, string_keys, salt):
+    batch = random_batch(np.random.default_rng(seed), rows, string_keys)
+    parts = split(batch, HashPartitioner("key", salt).assign(batch, n), n)
+    got_rows = np.concatenate([p["row"] for p in parts if p is not None] or [np.zeros(0, np.int64)])
+    assert sorted(got_rows.tolist()) == list(range(rows))  # every row once
+    owner = {}
+    for p_index, part in enumerate(parts):
+        if part is None:
+            continue
+        assert part["row"].tolist() == sorted(part["row"].tolist())  # input order kept
+        np.testing.assert_array_equal(part["v"], batch["v"][part["row"]])
+        assert keys_of(part) == [keys_of(batch)[r] for r in part["row"].tolist()]
+        for key in keys_of(part):
+            owner.setdefault(key, set()).add(p_index)
+    if not salt:  # without salt a key lives in exactly one partition
+        assert all(len(ps) == 1 for ps in owner.values())
+
+
+def test_salt_spreads_one_hot_key_over_partitions():
+    batch = Batch({"key": np.zeros(1000, np.int64)})
+    counts = [0 if p is None else p.num_rows for p in split(batch, HashPartitioner("key", salt=8).assign(batch, 4), 4)]
+    assert sum(counts) == 1000 and min(counts) > 0
+    unsalted = split(batch, HashPartitioner("key").assign(batch, 4), 4)
+    assert sorted(0 if p is None else p.num_rows for p in unsalted) == [0, 0, 0, 1000]
+
+
+def test_hashes_are_stable_across_processes_and_known_values():
+    code = ("import json, numpy as np; from mpstream.partition import hash_column; from mpstream import StringColumn;"
+            "print(json.dumps([hash_column(np.array([0, 1, -1, 2**62])).tolist(),"
+            " hash_column(StringColumn.from_strings(['', 'a', 'ß'])).tolist()]))")
+    a = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    b = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
+    assert a == b
+    ints, strs = json.loads(a)
+    assert ints[0] == 0  # splitmix64's finalizer maps 0 to 0
+    assert strs[0] != strs[1] != strs[2] and len(set(ints)) == 4
+
+
+def test_int_widths_hash_like_int64():
+    a = hash_column(np.array([1, 2, 3], np.int8))
+    b = hash_column(np.array([1, 2, 3], np.int64))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_round_robin_sends_whole_batches_in_turn():
+    rr = RoundRobinPartitioner()
+    b = Batch({"x": np.arange(3)})
+    assert [rr.assign(b, 3) for _ in range(6)] == [1, 2, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_range_partitioner_matches_searchsorted(n):
+    keys = np.random.default_rng(n).integers(0, 100, 300)
+    bounds = np.linspace(0, 100, n + 1)[1:-1]
+    b = Batch({"key": keys})
+    parts = split(b, RangePartitioner("key", bounds).assign(b, n), n)
+    for i, part in enumerate(parts):
+        want = keys[np.searchsorted(bounds, keys, side="right") == i]
+        assert (part["key"].tolist() if part is not None else []) == want.tolist()
+
+
+def test_custom_partitioner_and_bad_ids_are_reported():
+    b = Batch({"x": np.arange(6)})
+    parts = split(b, CustomPartitioner(lambda batch, n: batch["x"] % n).assign(b, 3), 3)
+    assert [p["x"].tolist() for p in parts] == [[0, 3], [1, 4], [2, 5]]
+    with pytest.raises(PartitionError, match=r"partition ids must be in 0..2, got e.g. \[7\]"):
+        split(b, np.array([0, 1, 7, 0, 0, 0]), 3)
+    with pytest.raises(PartitionError, match="key column 'nope' is not in the batch"):
+        HashPartitioner("nope").assign(b, 2)
+    with pytest.raises(PartitionError, match="cannot hash a float64 column"):
+        HashPartitioner("v").assign(Batch({"v": np.ones(2)}), 2)
+
+
+def test_batch_take_slice_concat_keep_strings_intact():
+    b = Batch({"s": ["x", "", "yz", "日本"], "i": np.arange(4)})
+    taken = b.take(np.array([3, 0, 3]))
+    assert taken["s"].to_numpy().tolist() == ["日本", "x", "日本"] and taken["i"].tolist() == [3, 0, 3]
+    sliced = b.slice(1, 3)
+    assert sliced["s"].to_numpy().tolist() == ["", "yz"] and sliced["s"].offsets.tolist() == [0, 0, 2]
+    both = Batch.concat([sliced, taken])
+    assert both["s"].to_numpy().tolist() == ["", "yz", "日本", "x", "日本"]
+    assert b.filter(np.array([True, False, False, True]))["i"].tolist() == [0, 3]
