@@ -1,0 +1,247 @@
+"""Operators: the per-instance logic a worker process runs, as small lifecycle classes.
+
+An :class:`Operator` is opened once per instance with its :class:`Context`, gets every input
+batch through ``process`` and may return a batch, several (any iterable), or None; ``close``
+may return final output at the end of its input. ``snapshot``/``restore`` carry its state for
+checkpoints. A :class:`Source` produces batches by offset, so it can be replayed from one.
+
+Batches passed to ``process`` hold views on shared memory, valid during the call: return
+them (or slices of them) freely, they are copied downstream; ``copy()`` what you keep.
+
+>>> class RunningTotal(Operator):
+...     def open(self, ctx):
+...         self.total = 0
+...     def process(self, batch):
+...         self.total += int(batch["x"].sum())
+...     def close(self):
+...         return Batch({"total": np.array([self.total])})
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from .aggregate import KeyedAggregate
+from .batch import Batch, StringColumn
+
+__all__ = ["Context", "Operator", "Source", "Output"]
+
+Output = Union[Batch, Iterable[Batch], None]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where an operator instance runs: its name, instance index and parallelism."""
+
+    name: str
+    instance: int
+    parallelism: int
+
+
+class Operator:
+    """Lifecycle of one operator instance: open -> process* -> close; snapshot/restore for
+    checkpoints (state must be picklable)."""
+
+    def open(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def process(self, batch: Batch) -> Output:
+        return batch
+
+    def close(self) -> Output:
+        return None
+
+    def snapshot(self) -> Any:
+        return None
+
+    def restore(self, state: Any) -> None:
+        pass
+
+
+class Source:
+    """Produces batch number ``offset`` of this instance's share, or None at the end. Reading
+    the same offset again gives the same batch: that is what makes a source replayable."""
+
+    def open(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def read(self, offset: int) -> Batch | None:
+        raise NotImplementedError
+
+    def close(self) -> Output:
+        return None
+
+
+# ---- sources ------------------------------------------------------------------------------
+
+def _share(rows: int, ctx: Context) -> tuple[int, int]:
+    """The contiguous rows [start, stop) of instance ctx.instance out of ctx.parallelism."""
+    return rows * ctx.instance // ctx.parallelism, rows * (ctx.instance + 1) // ctx.parallelism
+
+
+class ColumnsSource(Source):
+    """In-memory columns (or columns loaded by ``load`` in the worker), cut into batches."""
+
+    def __init__(self, columns: Mapping[str, Any] | None, batch_size: int,
+                 load: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        self._columns, self._load, self.batch_size = columns, load, batch_size
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        data = Batch(self._columns if self._load is None else self._load())
+        self._start, self._stop = _share(data.num_rows, ctx)
+        self._data = data
+
+    def read(self, offset: int) -> Batch | None:
+        start = self._start + offset * self.batch_size
+        if start >= self._stop:
+            return None
+        return self._data.slice(start, min(start + self.batch_size, self._stop))
+
+
+class GeneratorSource(Source):
+    """``fn(instance, offset)`` returns batch number offset of an instance, or None at the end."""
+
+    def __init__(self, fn: Callable[[int, int], Batch | Mapping[str, Any] | None]) -> None:
+        self.fn = fn
+
+    def read(self, offset: int) -> Batch | None:
+        out = self.fn(self.ctx.instance, offset)
+        return out if out is None or isinstance(out, Batch) else Batch(out)
+
+
+def load_csv(path: str) -> dict[str, np.ndarray]:
+    """Columns of a CSV file with a header row; each column int, else float, else str."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{path}: empty CSV file (a header row is required)")
+    header, body = rows[0], rows[1:]
+    out = {}
+    for i, name in enumerate(header):
+        values = [r[i] for r in body]
+        for dtype in (np.int64, np.float64):
+            try:
+                out[name] = np.array(values, dtype=dtype)
+                break
+            except ValueError:
+                continue
+        else:
+            out[name] = np.array(values, dtype=str)
+    return out
+
+
+def load_numpy(path: str) -> dict[str, np.ndarray]:
+    """Columns of an .npz archive (one array per column) or a structured .npy array."""
+    if path.endswith(".npz"):
+        with np.load(path) as archive:
+            return {name: archive[name] for name in archive.files}
+    arr = np.load(path, mmap_mode="r")
+    if arr.dtype.names is None:
+        raise ValueError(f"{path}: a .npy source must hold a structured array (one field per column)")
+    return {name: np.asarray(arr[name]) for name in arr.dtype.names}
+
+
+# ---- transforms ---------------------------------------------------------------------------
+
+class Map(Operator):
+    def __init__(self, fn: Callable[[Batch], Batch | Mapping[str, Any]]) -> None:
+        self.fn = fn
+
+    def process(self, batch: Batch) -> Output:
+        out = self.fn(batch)
+        return out if isinstance(out, Batch) or out is None else Batch(out)
+
+
+class Filter(Operator):
+    def __init__(self, fn: Callable[[Batch], np.ndarray]) -> None:
+        self.fn = fn
+
+    def process(self, batch: Batch) -> Output:
+        return batch.filter(self.fn(batch))
+
+
+class FlatMap(Operator):
+    def __init__(self, fn: Callable[[Batch], Iterable[Batch]]) -> None:
+        self.fn = fn
+
+    def process(self, batch: Batch) -> Output:
+        return self.fn(batch)
+
+
+class Aggregate(Operator):
+    """Keyed aggregation; mode "all" (rows in, results out), "partial" (rows in, partials out)
+    or "final" (partials in, results out). Emits when its input ends."""
+
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], mode: str = "all") -> None:
+        self.key, self.spec, self.mode = key, spec, mode
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        self.state = KeyedAggregate(self.key, self.spec)
+
+    def process(self, batch: Batch) -> Output:
+        (self.state.merge if self.mode == "final" else self.state.update)(batch)
+        return None
+
+    def close(self) -> Output:
+        if not len(self.state):
+            return None
+        return self.state.partial() if self.mode == "partial" else self.state.result()
+
+
+# ---- sinks --------------------------------------------------------------------------------
+
+class CallbackSink(Operator):
+    """Calls ``fn(batch)`` in the sink's worker process for every batch."""
+
+    def __init__(self, fn: Callable[[Batch], None]) -> None:
+        self.fn = fn
+
+    def process(self, batch: Batch) -> Output:
+        self.fn(batch)
+        return None
+
+
+class FileSink(Operator):
+    """Writes ``{directory}/{name}-{instance}.csv`` (rows appended per batch) or ``.npz``
+    (columns, written at close) per instance."""
+
+    def __init__(self, directory: str, fmt: str = "csv") -> None:
+        if fmt not in ("csv", "npz"):
+            raise ValueError(f"file sink format must be 'csv' or 'npz', got {fmt!r}")
+        self.directory, self.fmt = directory, fmt
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        os.makedirs(self.directory, exist_ok=True)
+        self.path = os.path.join(self.directory, f"{ctx.name}-{ctx.instance}.{self.fmt}")
+        self._kept: list[Batch] = []
+        self._file = open(self.path, "w", newline="") if self.fmt == "csv" else None
+        self._header_written = False
+
+    def process(self, batch: Batch) -> Output:
+        if self._file is None:
+            self._kept.append(batch.copy())
+            return None
+        writer = csv.writer(self._file)
+        if not self._header_written:
+            writer.writerow(list(batch))
+            self._header_written = True
+        columns = [col.to_numpy() if isinstance(col, StringColumn) else col for col in batch.values()]
+        writer.writerows(zip(*(c.tolist() for c in columns)))
+        return None
+
+    def close(self) -> Output:
+        if self._file is not None:
+            self._file.close()
+        else:
+            whole = Batch.concat(self._kept)
+            np.savez(self.path, **{n: c.to_numpy() if isinstance(c, StringColumn) else c for n, c in whole.items()})
+        return None

@@ -1,0 +1,337 @@
+"""The coordinator and the workers: one OS process per operator instance.
+
+The coordinator (the process calling ``run``) creates a channel for every (producer instance,
+consumer instance) pair of every edge, forks the workers, and unlinks every segment as soon as
+all workers have attached, so nothing is left in /dev/shm whatever happens next. Workers die
+with the coordinator (``PR_SET_PDEATHSIG``). It then waits on the workers' control pipes and
+process sentinels: collected batches, progress and final statistics arrive there, and so do
+failures. On any failure it SIGKILLs the remaining workers and raises an error that names the
+operator and instance: :class:`OperatorError` with the worker's traceback for an exception,
+:class:`WorkerDiedError` for a process that died (a signal, or an exit without a report).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+from . import operators as ops
+from .batch import Batch
+from .channel import Channel, ChannelReader, ChannelTimeoutError, ChannelWriter, InputGate, RecordKind, sweep_stale_segments
+from .errors import MpstreamError
+from .partition import split
+
+if TYPE_CHECKING:
+    from .pipeline import Node, Pipeline
+
+__all__ = ["execute", "JobResult", "InstanceStats", "OperatorError", "WorkerDiedError"]
+
+_PROGRESS_INTERVAL_S = 0.25
+_PR_SET_PDEATHSIG = 1
+
+
+class OperatorError(MpstreamError):
+    """An operator raised; the message names it and carries the worker's traceback."""
+
+
+class WorkerDiedError(MpstreamError):
+    """A worker process died without reporting (killed by a signal, or exited)."""
+
+
+@dataclass
+class InstanceStats:
+    """What one operator instance did. Times are seconds of its wall clock: busy (running
+    operator code and copying), idle (waiting for input) and backpressured (waiting for credit
+    on an output)."""
+
+    name: str
+    instance: int
+    records_in: int = 0
+    records_out: int = 0
+    batches_in: int = 0
+    batches_out: int = 0
+    bytes_out: int = 0
+    dropped: int = 0
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    backpressured_s: float = 0.0
+
+
+@dataclass
+class JobResult:
+    """``result[sink]`` is the concatenation of a collect sink's batches; ``operators`` the
+    per-instance statistics; ``dropped`` the records each drop-policy operator shed."""
+
+    collected: dict[str, list[Batch]]
+    operators: list[InstanceStats]
+    seconds: float
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __getitem__(self, sink: str) -> Batch:
+        return Batch.concat(self.collected[sink])
+
+    def per_operator(self) -> dict[str, dict[str, float]]:
+        """Statistics summed over the instances of each operator."""
+        out: dict[str, dict[str, float]] = {}
+        for s in self.operators:
+            row = out.setdefault(s.name, {"instances": 0})
+            row["instances"] += 1
+            for k, v in asdict(s).items():
+                if k not in ("name", "instance"):
+                    row[k] = row.get(k, 0) + v
+        return out
+
+
+def _channel_label(consumer: str, ci: int, producer: str, pi: int) -> str:
+    return f"{producer}.{pi}-{consumer}.{ci}"
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this worker when the coordinator dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+@dataclass
+class _Output:
+    """One output edge of a worker: a writer per target instance, and how to pick one."""
+
+    writers: list[ChannelWriter]
+    partitioner: Any  # a Partitioner, or None for forward (a single writer)
+    drop: bool
+
+
+def _plan_channels(pipeline: Pipeline) -> dict[tuple[str, int], dict[str, Any]]:
+    """For every (node, instance): the labels of its input channels, and per output edge the
+    labels it writes to (index = target instance)."""
+    io: dict[tuple[str, int], dict[str, Any]] = {
+        (n.name, i): {"inputs": [], "outputs": []} for n in pipeline.nodes for i in range(n.parallelism)}
+    for node in pipeline.nodes:
+        for edge in node.inputs:
+            up = edge.upstream
+            for pi in range(up.parallelism):
+                targets = [pi] if edge.partitioner is None else range(node.parallelism)
+                labels = [_channel_label(node.name, ci, up.name, pi) for ci in targets]
+                io[(up.name, pi)]["outputs"].append((labels, edge.partitioner, edge.drop))
+                for ci, label in zip(targets, labels):
+                    io[(node.name, ci)]["inputs"].append(label)
+    return io
+
+
+def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | None = None) -> JobResult:
+    """Runs every operator instance in its own process until all sources are exhausted and
+    every operator has closed; returns the collected results. ``progress(info)`` is called
+    about four times a second with the rows the sources have produced so far."""
+    nodes = {n.name: n for n in pipeline.nodes}
+    if not nodes:
+        raise ValueError("the pipeline has no operators")
+    sweep_stale_segments()
+    io = _plan_channels(pipeline)
+    channels: dict[str, Channel] = {}
+    ctx = multiprocessing.get_context("fork")  # workers inherit the user's functions, lambdas too
+    workers: dict[Any, tuple[str, int, Any]] = {}
+    start = time.monotonic()
+    try:
+        for (name, instance), wiring in io.items():
+            for label in wiring["inputs"]:
+                channels[label] = Channel(label, pipeline.channel_capacity)
+        names = {label: chan.name for label, chan in channels.items()}
+        for (name, instance), wiring in io.items():
+            ours, theirs = ctx.Pipe()
+            process = ctx.Process(target=_worker_main, name=f"mpstream:{name}[{instance}]",
+                                  args=(nodes[name], instance, wiring, names, theirs, os.getpid()), daemon=True)
+            process.start()
+            theirs.close()
+            workers[ours] = (name, instance, process)
+        return _Supervisor(workers, channels, nodes, progress, start).run()
+    finally:
+        for conn, (_, _, process) in workers.items():
+            if process.is_alive():
+                process.kill()
+            process.join()
+            conn.close()
+        for chan in channels.values():
+            chan.close()
+
+
+class _Supervisor:
+    """The coordinator's loop over worker messages and process exits."""
+
+    def __init__(self, workers: dict, channels: dict[str, Channel], nodes: dict, progress, start: float) -> None:
+        self.workers, self.channels, self.nodes = workers, channels, nodes
+        self.progress, self.start = progress, start
+        self.collected: dict[str, list[Batch]] = {n.name: [] for n in nodes.values() if n.collect}
+        self.stats: list[InstanceStats] = []
+        self.produced: dict[tuple[str, int], int] = {}
+        self.not_ready = len(workers)
+        self.open_conns = dict(workers)
+        self.conn_of = {info[2].sentinel: conn for conn, info in workers.items()}
+        self.finished: set[tuple[str, int]] = set()
+
+    def run(self) -> JobResult:
+        while len(self.finished) < len(self.workers):
+            ready = wait(list(self.open_conns) + list(self.conn_of), timeout=_PROGRESS_INTERVAL_S)
+            for obj in ready:  # messages first: a worker's last report precedes its exit
+                if obj in self.open_conns:
+                    self._drain(obj)
+            for obj in ready:
+                if obj in self.conn_of:
+                    self._exited(self.conn_of.pop(obj))
+            if self.progress is not None:
+                self.progress({"rows": sum(self.produced.values()), "seconds": time.monotonic() - self.start})
+        dropped: dict[str, int] = {}
+        for s in self.stats:
+            if s.dropped:
+                dropped[s.name] = dropped.get(s.name, 0) + s.dropped
+        order = list(self.nodes)
+        self.stats.sort(key=lambda s: (order.index(s.name), s.instance))
+        return JobResult(self.collected, self.stats, time.monotonic() - self.start, dropped)
+
+    def _drain(self, conn: Connection) -> None:
+        while conn in self.open_conns and conn.poll():
+            try:
+                message = conn.recv()
+            except EOFError:
+                del self.open_conns[conn]
+                return
+            self._handle(conn, message)
+
+    def _handle(self, conn: Connection, message: tuple) -> None:
+        name, instance, process = self.workers[conn]
+        kind = message[0]
+        if kind == "ready":
+            self.not_ready -= 1
+            if self.not_ready == 0:  # every worker attached: the names are no longer needed
+                for chan in self.channels.values():
+                    chan.close()
+        elif kind == "collect":
+            self.collected[name].append(message[1])
+        elif kind == "progress":
+            self.produced[(name, instance)] = message[1]
+        elif kind == "done":
+            self.stats.append(message[1])
+            self.finished.add((name, instance))
+        elif kind == "error":
+            raise OperatorError(f"operator {name!r} instance {instance} failed: {message[1]}\n"
+                                f"--- traceback in the worker (pid {process.pid}) ---\n{message[2]}")
+
+    def _exited(self, conn: Connection) -> None:
+        name, instance, process = self.workers[conn]
+        process.join()
+        self._drain(conn)
+        if (name, instance) not in self.finished:
+            code = process.exitcode
+            how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                   else f"exited with code {code}")
+            raise WorkerDiedError(f"operator {name!r} instance {instance} (pid {process.pid}) {how} before "
+                                  f"finishing; the job was stopped and its other workers killed")
+
+
+# ---- the worker -----------------------------------------------------------------------------
+
+class _Worker:
+    def __init__(self, node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection) -> None:
+        self.node, self.instance, self.conn = node, instance, conn
+        self.stats = InstanceStats(node.name, instance)
+        readers = [ChannelReader(names[label]) for label in wiring["inputs"]]
+        self.gate = InputGate(readers) if readers else None
+        self.outputs = [
+            _Output([ChannelWriter(names[label]) for label in labels],
+                    None if partitioner is None else partitioner(), drop)
+            for labels, partitioner, drop in wiring["outputs"]]
+        self.ctx = ops.Context(node.name, instance, node.parallelism)
+        self.op = node.make()
+
+    def emit(self, out: ops.Output) -> None:
+        if out is None:
+            return
+        for batch in [out] if isinstance(out, Batch) else out:
+            if batch.num_rows == 0:
+                continue
+            self.stats.records_out += batch.num_rows
+            self.stats.batches_out += 1
+            if self.node.collect:
+                self.conn.send(("collect", batch.copy()))
+            for output in self.outputs:
+                n = len(output.writers)
+                ids = 0 if output.partitioner is None else output.partitioner.assign(batch, n)
+                for writer, part in zip(output.writers, split(batch, ids, n)):
+                    if part is not None:
+                        self._write(output, writer, part)
+
+    def _write(self, output: _Output, writer: ChannelWriter, part: Batch) -> None:
+        if output.drop:
+            try:
+                writer.write(part, timeout=0)
+            except ChannelTimeoutError:
+                self.stats.dropped += part.num_rows
+                return
+        else:
+            writer.write(part)
+        self.stats.bytes_out += part.nbytes
+
+    def run(self) -> None:
+        self.op.open(self.ctx)
+        self.conn.send(("ready",))
+        started = time.perf_counter()
+        if self.gate is None:
+            self._run_source()
+        else:
+            self._run_operator()
+        self.emit(self.op.close())
+        self.stats.backpressured_s = sum(w.stats()["wait_ns"] for o in self.outputs for w in o.writers) / 1e9
+        for output in self.outputs:
+            for writer in output.writers:
+                writer.close()
+        total = time.perf_counter() - started
+        self.stats.busy_s = max(0.0, total - self.stats.idle_s - self.stats.backpressured_s)
+        self.conn.send(("done", self.stats))
+
+    def _run_source(self) -> None:
+        offset, last_report = 0, time.monotonic()
+        while (batch := self.op.read(offset)) is not None:
+            self.stats.records_in += batch.num_rows
+            self.stats.batches_in += 1
+            self.emit(batch)
+            offset += 1
+            if time.monotonic() - last_report > _PROGRESS_INTERVAL_S:
+                self.conn.send(("progress", self.stats.records_in))
+                last_report = time.monotonic()
+        self.conn.send(("progress", self.stats.records_in))
+
+    def _run_operator(self) -> None:
+        gate, stats, op = self.gate, self.stats, self.op
+        while not gate.done:
+            waited = time.perf_counter()
+            _, record = gate.read()
+            stats.idle_s += time.perf_counter() - waited
+            with record:
+                if record.kind is RecordKind.DATA:
+                    stats.records_in += record.batch.num_rows
+                    stats.batches_in += 1
+                    self.emit(op.process(record.batch))
+
+
+def _worker_main(node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection, parent: int) -> None:
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    try:
+        _Worker(node, instance, wiring, names, conn).run()
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which raises
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        finally:
+            code = 1
+    conn.close()
+    os._exit(code)  # no atexit handlers or finalizers inherited from the coordinator
