@@ -1,7 +1,8 @@
 """Operators: the per-instance logic a worker process runs, as small lifecycle classes.
 
 An :class:`Operator` is opened once per instance with its :class:`Context`, gets every input
-batch through ``process`` and may return a batch, several (any iterable), or None; ``close``
+batch through ``process`` and may return a batch (or a mapping of columns), several (any
+iterable), or None; ``close``
 may return final output at the end of its input. ``snapshot``/``restore`` carry its state for
 checkpoints. A :class:`Source` produces batches by offset, so it can be replayed from one.
 
@@ -32,7 +33,7 @@ from .batch import Batch, StringColumn
 
 __all__ = ["Context", "Operator", "Source", "Output"]
 
-Output = Union[Batch, Iterable[Batch], None]
+Output = Union[Batch, Mapping[str, Any], Iterable[Union[Batch, Mapping[str, Any]]], None]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
@@ -67,7 +67,8 @@ class InstanceStats:
 
 @dataclass
 class JobResult:
-    """``result[sink]`` is the concatenation of a collect sink's batches; ``operators`` the
+    """``result[sink]`` is the concatenation of a collect sink's batches (a batch without
+    columns if none arrived); ``operators`` the
     per-instance statistics; ``dropped`` the records each drop-policy operator shed."""
 
     collected: dict[str, list[Batch]]
@@ -252,10 +253,19 @@ class _Worker:
         self.ctx = ops.Context(node.name, instance, node.parallelism)
         self.op = node.make()
 
+    def _batches(self, out: ops.Output) -> list[Batch]:
+        """An operator's output as batches: a Batch, a mapping of columns, or an iterable of those."""
+        items = [out] if isinstance(out, (Batch, Mapping)) else out
+        try:
+            return [b if isinstance(b, Batch) else Batch(b) for b in items]
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"operator {self.node.name!r} returned {type(out).__name__}: return a Batch, a "
+                            f"mapping of columns, an iterable of those, or None ({exc})") from exc
+
     def emit(self, out: ops.Output) -> None:
         if out is None:
             return
-        for batch in [out] if isinstance(out, Batch) else out:
+        for batch in self._batches(out):
             if batch.num_rows == 0:
                 continue
             self.stats.records_out += batch.num_rows

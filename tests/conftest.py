@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import signal
 import time
 
 import psutil
@@ -27,6 +28,23 @@ def _reap_children(deadline_s: float) -> list[psutil.Process]:
     children = [p for p in psutil.Process().children(recursive=True) if _is_ours(p)]
     _, alive = psutil.wait_procs(children, timeout=deadline_s)
     return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+TEST_DEADLINE_S = 180
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """A hung test fails after TEST_DEADLINE_S instead of stalling the suite (and CI)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"test still running after {TEST_DEADLINE_S} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(TEST_DEADLINE_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)

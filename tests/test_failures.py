@@ -1,0 +1,163 @@
+"""Failure paths of a running job: each ends with a specific error naming the operator, and
+leaves no worker process and no /dev/shm segment behind (checked here and by conftest)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import psutil
+import pytest
+from conftest import wait_until
+
+from mpstream.pipeline import Pipeline
+from mpstream.runtime import OperatorError, WorkerDiedError
+
+SHM = "/dev/shm"
+
+
+def numbers(n=50_000, batch_size=1000, parallelism=1):
+    p = Pipeline(channel_capacity=1 << 20)
+    return p, p.from_arrays("src", {"x": np.arange(n)}, parallelism=parallelism, batch_size=batch_size)
+
+
+def explode_on_third(batch):
+    if batch["x"][0] >= 2000:
+        raise ValueError("bad record 2000")
+    return batch
+
+
+def test_an_operator_that_raises_fails_the_job_naming_it():
+    p, s = numbers()
+    s.map("parse", explode_on_third, parallelism=2).collect("out")
+    with pytest.raises(OperatorError) as info:
+        p.run()
+    message = str(info.value)
+    assert "operator 'parse' instance" in message and "ValueError: bad record 2000" in message
+    assert "in explode_on_third" in message  # the worker's own traceback
+
+
+def test_a_source_that_raises_fails_the_job_naming_it():
+    p = Pipeline(channel_capacity=1 << 20)
+
+    def gen(instance, offset):
+        if offset == 3:
+            raise RuntimeError("upstream went away")
+        return {"x": np.arange(10)}
+
+    p.from_generator("feed", gen, parallelism=2).collect("out")
+    with pytest.raises(OperatorError, match=r"operator 'feed' instance \d failed: RuntimeError: upstream went away"):
+        p.run()
+
+
+def kill_self_on_third(batch):
+    if batch["x"][0] >= 2000:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return batch
+
+
+def test_a_worker_killed_by_a_signal_is_reported_as_such():
+    p, s = numbers()
+    s.map("fragile", kill_self_on_third).collect("out")
+    with pytest.raises(WorkerDiedError, match=r"operator 'fragile' instance 0 \(pid \d+\) was killed by SIGKILL"):
+        p.run()
+
+
+HANGING_JOB = textwrap.dedent("""
+    import threading, numpy as np
+    from mpstream.pipeline import Pipeline
+    p = Pipeline(channel_capacity=1 << 20)
+    (p.from_generator("endless", lambda i, offset: {"x": np.arange(100)}, parallelism=2)
+      .map("stuck", lambda b: threading.Event().wait(), parallelism=2).collect("out"))
+    p.run()
+""")
+
+
+def start_hanging_job():
+    """A coordinator in a subprocess, its 6 workers running (segments already unlinked)."""
+    coordinator = subprocess.Popen([sys.executable, "-c", HANGING_JOB], stderr=subprocess.PIPE, text=True)
+    me = psutil.Process(coordinator.pid)
+
+    def running():
+        segments = [e for e in os.listdir(SHM) if e.startswith(f"mps.{coordinator.pid}.")]
+        return len(me.children()) == 6 and not segments
+
+    wait_until(running, timeout=60, what="the job's workers to attach")
+    return coordinator, [c.pid for c in me.children()]
+
+
+def gone(pids):
+    return all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in pids)
+
+
+def test_workers_die_with_a_sigkilled_coordinator_and_leave_no_segment():
+    coordinator, workers = start_hanging_job()
+    coordinator.kill()
+    coordinator.wait()
+    wait_until(lambda: gone(workers), timeout=30, what="orphaned workers to die")
+    assert not [e for e in os.listdir(SHM) if e.startswith(f"mps.{coordinator.pid}.")]
+
+
+def test_ctrl_c_stops_the_job_and_its_workers():
+    coordinator, workers = start_hanging_job()
+    coordinator.send_signal(signal.SIGINT)
+    _, err = coordinator.communicate(timeout=60)
+    assert "KeyboardInterrupt" in err and coordinator.returncode != 0
+    wait_until(lambda: gone(workers), timeout=30, what="workers to stop")
+
+
+def test_memory_stays_flat_when_the_consumer_is_100x_slower():
+    """300 MB flow into a consumer that needs 10 ms per 1 MB batch the source makes in ~0.1 ms:
+    credit-based backpressure holds every process's resident memory (lag grows, memory does not)."""
+    import time
+
+    def slow(batch):
+        time.sleep(0.01)  # the work of a slow consumer, not a synchronisation
+
+    p = Pipeline(channel_capacity=1 << 22)
+    block = np.arange(1 << 17, dtype=np.float64)  # 1 MiB
+    (p.from_generator("fast", lambda i, offset: None if offset >= 300 else {"v": block})
+      .to_callback("slow", slow))
+    samples: dict[int, list[int]] = {}
+    running = threading.Event()
+    running.set()
+
+    def sample():
+        while running.is_set():
+            for child in psutil.Process().children():
+                try:
+                    samples.setdefault(child.pid, []).append(child.memory_info().rss)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = p.run()
+    finally:
+        running.clear()
+        sampler.join()
+    assert result.per_operator()["slow"]["records_in"] == 300 * (1 << 17)
+    assert result.per_operator()["fast"]["backpressured_s"] > 1.0  # the source really waited
+    for pid, rss in samples.items():
+        if len(rss) > 10:
+            growth = max(rss) - rss[min(5, len(rss) - 1)]
+            assert growth < 48 << 20, f"pid {pid} grew by {growth >> 20} MiB"
+
+
+def test_drop_policy_sheds_load_and_counts_every_dropped_record():
+    import time
+
+    p = Pipeline(channel_capacity=1 << 16)
+    block = np.arange(1000)
+    (p.from_generator("metrics", lambda i, offset: None if offset >= 2000 else {"v": block})
+      .map("slow", lambda b: time.sleep(0.001) or b, backpressure="drop")
+      .to_callback("sink", lambda b: None))
+    result = p.run()
+    stats = result.per_operator()
+    assert result.dropped["metrics"] > 0  # counted where the drop happens: at the writer
+    assert stats["slow"]["records_in"] + result.dropped["metrics"] == 2000 * 1000

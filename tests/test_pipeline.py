@@ -1,0 +1,160 @@
+"""The engine: operators and partitioners against numpy references at parallelism 1, 2 and 4;
+per-key order; salted == unsalted; file sources and sinks."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpstream import Batch, StringColumn
+from mpstream.operators import Operator
+from mpstream.pipeline import Pipeline
+
+WORDS = np.array(["", "a", "ß", "hot.example.com", "x.org", "日本"])
+FAST = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def columns(seed, rows, string_keys):
+    rng = np.random.default_rng(seed)
+    key = WORDS[rng.integers(0, len(WORDS), rows)] if string_keys else rng.integers(0, 20, rows)
+    return {"key": key, "id": np.arange(rows), "v": rng.integers(-1000, 1000, rows).astype(np.float64)}
+
+
+def rows_of(batch, *names):
+    if batch.num_rows == 0:  # nothing collected: an empty batch without columns
+        return []
+    cols = [batch[n].to_numpy() if isinstance(batch[n], StringColumn) else batch[n] for n in names]
+    return sorted(zip(*(c.tolist() for c in cols)))
+
+
+@FAST
+@given(seed=st.integers(0, 2**31), rows=st.sampled_from([0, 1, 700, 5000]), parallelism=st.sampled_from([1, 2, 4]))
+def test_map_filter_flat_map_match_numpy(seed, rows, parallelism):
+    data = columns(seed, rows, string_keys=True)
+    p = Pipeline(channel_capacity=1 << 20)
+    (p.from_arrays("src", data, parallelism=parallelism, batch_size=512)
+      .map("scale", lambda b: {"key": b["key"], "id": b["id"], "v": b["v"] * 3}, parallelism=2)
+      .filter("positive", lambda b: b["v"] > 0, parallelism=parallelism)
+      .flat_map("twice", lambda b: [b, b.slice(0, 1)])
+      .collect("out"))
+    got = p.run()["out"]
+    keep = data["v"] * 3 > 0
+    want = list(zip(data["id"][keep].tolist(), (data["v"][keep] * 3).tolist()))
+    # flat_map re-emits the first row of every batch it sees: those rows appear twice
+    assert set(rows_of(got, "id", "v")) == set(want)
+    assert got.num_rows >= len(want)
+
+
+@FAST
+@given(seed=st.integers(0, 2**31), rows=st.sampled_from([0, 3, 4000]), parallelism=st.sampled_from([1, 2, 4]),
+       string_keys=st.booleans())
+def test_keyed_aggregate_salted_and_unsalted_match_numpy(seed, rows, parallelism, string_keys):
+    data = columns(seed, rows, string_keys)
+    results = []
+    for salt in (0, 3):
+        p = Pipeline(channel_capacity=1 << 20)
+        (p.from_arrays("src", data, parallelism=2, batch_size=300)
+          .key_by("key").aggregate("agg", {"v": ["sum", "min", "max", "mean"], "*": "count"},
+                                   parallelism=parallelism, salt=salt)
+          .collect("out"))
+        results.append(rows_of(p.run()["out"], "key", "v_sum", "v_min", "v_max", "count"))
+    keys = data["key"].tolist()
+    want = []
+    for k in sorted(set(keys)):
+        vs = data["v"][np.array(keys) == k] if rows else np.zeros(0)
+        want.append((k, float(vs.sum()), float(vs.min()), float(vs.max()), len(vs)))
+    assert results[0] == results[1] == sorted(want)  # integral float values: sums are exact
+
+
+class TagInstance(Operator):
+    def process(self, batch):
+        return {"key": batch["key"], "instance": np.full(batch.num_rows, self.ctx.instance)}
+
+
+@pytest.mark.parametrize("parallelism", [1, 2, 4])
+def test_hash_range_and_custom_partitioners_route_keys(parallelism):
+    keys = np.arange(400) % 50
+    bounds = np.linspace(0, 50, parallelism + 1)[1:-1]
+    routes = {
+        "hash": ({}, lambda k: None),
+        "range": ({"bounds": bounds}, lambda k: int(np.searchsorted(bounds, k, side="right"))),
+        "custom": ({}, lambda k: k % parallelism),
+    }
+    for kind, (kwargs, expect) in routes.items():
+        p = Pipeline(channel_capacity=1 << 20)
+        part = (lambda b, n: b["key"] % n) if kind == "custom" else kind
+        (p.from_arrays("src", {"key": keys}, parallelism=2, batch_size=64)
+          .key_by("key", part, **kwargs).process("tag", TagInstance, parallelism=parallelism)
+          .collect("out"))
+        out = p.run()["out"]
+        owner = {}
+        for k, inst in zip(out["key"].tolist(), out["instance"].tolist()):
+            assert owner.setdefault(k, inst) == inst, f"{kind}: key {k} went to two instances"
+            if expect(k) is not None:
+                assert inst == expect(k), kind
+        assert sorted(out["key"].tolist()) == sorted(keys.tolist())
+
+
+def test_records_of_a_key_keep_their_order_per_source_instance():
+    n = 20_000
+    p = Pipeline(channel_capacity=1 << 16)  # small rings: many blocked writes
+    (p.from_arrays("src", {"key": np.arange(n) % 7, "seq": np.arange(n)}, parallelism=2, batch_size=100)
+      .key_by("key").map("pass", lambda b: b, parallelism=3)
+      .map("again", lambda b: b)  # forward: instance i to i
+      .collect("out"))
+    out = p.run()["out"]
+    for k in range(7):
+        seqs = out["seq"][out["key"] == k]
+        assert sorted(seqs.tolist()) == list(range(k, n, 7))
+        for lo, hi in ((0, n // 2), (n // 2, n)):  # rows of source instance 0, then of 1
+            mine = seqs[(seqs >= lo) & (seqs < hi)]
+            assert (np.diff(mine) > 0).all(), f"key {k}: order from one source instance was lost"
+
+
+def test_union_reads_every_input():
+    p = Pipeline(channel_capacity=1 << 20)
+    a = p.from_arrays("a", {"x": np.arange(100)})
+    b = p.from_arrays("b", {"x": np.arange(100, 150)}, parallelism=2)
+    a.union(b).map("id", lambda batch: batch, parallelism=2).collect("out")
+    assert sorted(p.run()["out"]["x"].tolist()) == list(range(150))
+
+
+def test_generator_csv_and_numpy_sources_and_file_sinks(tmp_path):
+    csv_path = tmp_path / "in.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["domain", "bytes"])
+        w.writerows([["a.com", 10], ["b.org", 5], ["a.com", 1]])
+    npz_path = tmp_path / "in.npz"
+    np.savez(npz_path, domain=np.array(["c.net", "a.com"]), bytes=np.array([7, 2]))
+
+    def gen(instance, offset):
+        return None if offset >= 2 else {"domain": np.array(["g.io"]), "bytes": np.array([offset + 1])}
+
+    p = Pipeline(channel_capacity=1 << 20)
+    s = p.from_csv("csv", str(csv_path)).union(p.from_numpy("npz", str(npz_path)), p.from_generator("gen", gen))
+    agg = s.key_by("domain").aggregate("sum", {"bytes": "sum"}, parallelism=2)
+    agg.to_files("files", str(tmp_path / "out"))
+    agg.collect("out")
+    result = p.run()
+    want = [("a.com", 13), ("b.org", 5), ("c.net", 7), ("g.io", 3)]
+    assert rows_of(result["out"], "domain", "bytes_sum") == want
+    written = []
+    for name in sorted(os.listdir(tmp_path / "out")):
+        with open(tmp_path / "out" / name) as f:
+            written += [(r["domain"], int(r["bytes_sum"])) for r in csv.DictReader(f)]
+    assert sorted(written) == want
+
+
+def test_bad_pipelines_are_refused_up_front():
+    p = Pipeline()
+    p.from_arrays("x", {"a": np.arange(3)})
+    with pytest.raises(ValueError, match="operator name 'x' is used twice"):
+        p.from_arrays("x", {"a": np.arange(3)})
+    with pytest.raises(TypeError, match="column 'o' is an object array"):
+        p.from_arrays("y", {"o": np.array([None, 1], dtype=object)})
+    with pytest.raises(ValueError, match="backpressure must be 'block' or 'drop'"):
+        p.from_arrays("z", {"a": np.arange(3)}).map("m", lambda b: b, backpressure="spill")
