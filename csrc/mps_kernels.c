@@ -32,12 +32,6 @@ void mps_hash_utf8(const int64_t *offsets, const uint8_t *data, uint64_t n, uint
     }
 }
 
-void mps_hash_combine(uint64_t *hashes, const int64_t *salt, uint64_t n)
-{
-    for (uint64_t i = 0; i < n; i++)
-        hashes[i] = mix64(hashes[i] ^ mix64((uint64_t)salt[i] + 1));
-}
-
 void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitions, int64_t *out)
 {
     for (uint64_t i = 0; i < n; i++)

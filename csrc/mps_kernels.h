@@ -16,9 +16,6 @@ void mps_hash_int64(const int64_t *keys, uint64_t n, uint64_t *out);
 /* out[i] = 64-bit FNV-1a of string i (data[offsets[i]:offsets[i+1]]), then mixed. */
 void mps_hash_utf8(const int64_t *offsets, const uint8_t *data, uint64_t n, uint64_t *out);
 
-/* hashes[i] = mix(hashes[i] ^ mix(salt[i] + 1)): a key's hash combined with a salt. */
-void mps_hash_combine(uint64_t *hashes, const int64_t *salt, uint64_t n);
-
 /* out[i] = hashes[i] mapped uniformly onto [0, partitions) (multiply-shift, no modulo bias). */
 void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitions, int64_t *out);
 

@@ -95,15 +95,17 @@ class ColumnsSource(Source):
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
-        data = Batch(self._columns if self._load is None else self._load())
-        self._start, self._stop = _share(data.num_rows, ctx)
-        self._data = data
+        columns = self._columns if self._load is None else self._load()
+        rows = len(next(iter(columns.values()), ()))
+        start, stop = _share(rows, ctx)  # this instance's rows only: encode no more than those
+        self._data = Batch({name: col.slice(start, stop) if isinstance(col, StringColumn) else np.asarray(col)[start:stop]
+                            for name, col in columns.items()})
 
     def read(self, offset: int) -> Batch | None:
-        start = self._start + offset * self.batch_size
-        if start >= self._stop:
+        start = offset * self.batch_size
+        if start >= self._data.num_rows:
             return None
-        return self._data.slice(start, min(start + self.batch_size, self._stop))
+        return self._data.slice(start, start + self.batch_size)
 
 
 class GeneratorSource(Source):

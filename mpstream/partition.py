@@ -2,8 +2,9 @@
 
 * :class:`HashPartitioner` (the default for ``key_by``): by a stable, seedless 64-bit hash of
   the key (int or str column), so a key always lands on the same instance, in every process
-  and run, and its rows keep their order. An optional salt spreads one key over several
-  partitions (hot keys; see ``aggregate(salt=...)``).
+  and run, and its rows keep their order. With ``salt=s`` the i-th row of the stream goes to
+  ``(partition(key) + i mod s) mod n``: one key spreads evenly over min(s, n) partitions
+  (hot keys; see ``aggregate(salt=...)``), at the price of its order.
 * :class:`RoundRobinPartitioner`: whole batches in turn, for load balance without keys.
 * :class:`RangePartitioner`: sorted ``bounds`` split the key space into contiguous ranges.
 * :class:`CustomPartitioner`: ``fn(batch, n)`` returns a partition id per row.
@@ -66,12 +67,12 @@ class HashPartitioner(Partitioner):
         if n == 1:
             return 0
         hashes = hash_column(_key_column(batch, self.key))
-        if self.salt > 1:
-            salts = (self._row + np.arange(batch.num_rows, dtype=np.int64)) % self.salt
-            self._row += batch.num_rows
-            lib.mps_hash_combine(_ptr("uint64_t[]", hashes), _ptr("int64_t[]", salts), len(hashes))
         ids = np.empty(len(hashes), np.int64)
         lib.mps_hash_to_partition(_ptr("uint64_t[]", hashes), len(hashes), n, _ptr("int64_t[]", ids))
+        if self.salt > 1:  # row i of a key goes to its partition + (i mod salt): evenly spread
+            ids += (self._row + np.arange(batch.num_rows, dtype=np.int64)) % self.salt
+            ids %= n
+            self._row += batch.num_rows
         return ids
 
 

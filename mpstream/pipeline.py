@@ -204,8 +204,9 @@ class KeyedStream(Stream):
         Result columns: the key, ``{column}_{function}`` and ``count``.
 
         ``salt=n`` (n > 1) makes it two-stage, for hot keys: rows go to a partial aggregate
-        ``{name}.partial`` by hash of (key, row % n), so one key spreads over n partitions;
-        the partials then go by key to the final ``name``. Results equal the unsalted ones.
+        ``{name}.partial`` by key plus a salt ``row % n`` (so one key spreads evenly over
+        min(n, parallelism) partitions); the partials then go by key to the final ``name``.
+        Results equal the unsalted ones (float sums up to rounding: another summation order).
         """
         key = self.key
         if salt > 1:

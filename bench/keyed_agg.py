@@ -1,0 +1,160 @@
+"""Keyed aggregation benchmark: sum and count per key of 20M events (int64 key, float64 value)
+in 64K-row batches, keys uniform over 100K or hot (90% on one key), all in one run for:
+
+    numpy            one process, np.bincount per batch into running totals
+    mp_pool          multiprocessing.Pool(2): partial bincounts per chunk, merged at the end
+    mpstream_hash    source(2) -> key_by(key) -> aggregate(parallelism 2)
+    mpstream_salted  source(2) -> key_by(key) -> aggregate(parallelism 2, salt 8): two-stage
+
+plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2.
+
+    python bench/keyed_agg.py [--quick]      # --quick: 4M events, under 60 s
+
+Every result is checked against numpy. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from urllib.parse import urlsplit
+
+import numpy as np
+from transport import machine_line
+
+from mpstream import Batch, StringColumn
+from mpstream.pipeline import Pipeline
+
+KEYS = 100_000
+BATCH = 65_536
+SALT = 8
+CTX = multiprocessing.get_context("fork")
+_DATA: dict[str, np.ndarray] = {}  # the events, inherited by forked Pool workers
+
+
+def events(n: int, dist: str, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, KEYS, n)
+    if dist == "hot":
+        keys[rng.random(n) < 0.9] = 42
+    return keys, rng.standard_normal(n)
+
+
+def run_numpy(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sums, counts = np.zeros(KEYS), np.zeros(KEYS, np.int64)
+    for lo in range(0, len(keys), BATCH):
+        k = keys[lo : lo + BATCH]
+        sums += np.bincount(k, weights=values[lo : lo + BATCH], minlength=KEYS)
+        counts += np.bincount(k, minlength=KEYS)
+    return sums, counts
+
+
+def _pool_chunk(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = bounds
+    return run_numpy(_DATA["keys"][lo:hi], _DATA["values"][lo:hi])
+
+
+def run_mp_pool(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    _DATA.update(keys=keys, values=values)
+    step = BATCH * 16
+    with CTX.Pool(2) as pool:
+        parts = pool.map(_pool_chunk, [(lo, min(lo + step, len(keys))) for lo in range(0, len(keys), step)])
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def run_mpstream(keys: np.ndarray, values: np.ndarray, salt: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    p = Pipeline()
+    (p.from_arrays("src", {"key": keys, "value": values}, parallelism=2, batch_size=BATCH)
+      .key_by("key").aggregate("agg", {"value": "sum", "*": "count"}, parallelism=2, salt=salt)
+      .collect("out"))
+    result = p.run()
+    out = result["out"]
+    sums, counts = np.zeros(KEYS), np.zeros(KEYS, np.int64)
+    sums[out["key"]] = out["value_sum"]
+    counts[out["key"]] = out["count"]
+    first_stage = "agg.partial" if salt else "agg"
+    partitions = [s.records_in for s in result.operators if s.name == first_stage]
+    return sums, counts, partitions
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def keyed_agg(n: int, repeats: int) -> tuple[dict, dict]:
+    results: dict[str, dict[str, dict]] = {}
+    partitions: dict[str, dict[str, list[int]]] = {}
+    for dist in ("uniform", "hot"):
+        keys, values = events(n, dist)
+        want_sums, want_counts = run_numpy(keys, values)
+        impls = {
+            "numpy": lambda: run_numpy(keys, values),
+            "mp_pool": lambda: run_mp_pool(keys, values),
+            "mpstream_hash": lambda: run_mpstream(keys, values, 0),
+            "mpstream_salted": lambda: run_mpstream(keys, values, SALT),
+        }
+        results[dist], partitions[dist] = {}, {}
+        for impl, fn in impls.items():
+            best = float("inf")
+            for _ in range(repeats):
+                seconds, out = timed(fn)
+                best = min(best, seconds)
+            assert np.allclose(out[0], want_sums) and (out[1] == want_counts).all(), f"{impl} {dist}: wrong result"
+            results[dist][impl] = {"events_per_s": round(n / best), "seconds": round(best, 4)}
+            if len(out) == 3:
+                partitions[dist][impl] = out[2]
+            print(f"  {dist:8s} {impl:16s} {n / best / 1e6:8.2f} M events/s", file=sys.stderr)
+    return results, partitions
+
+
+URL_HOSTS = np.array([f"https://site-{i}.example.org/path/{i}?q={i}&ref=feed" for i in range(500)])
+
+
+def parse_urls(batch: Batch) -> dict:
+    """CPU-heavy per-batch work: every URL parsed in Python."""
+    hosts = [urlsplit(u).hostname for u in batch["url"].to_numpy().tolist()]
+    return {"host_len": np.fromiter((len(h) for h in hosts), np.int64, len(hosts))}
+
+
+def cpu_map(rows: int, parallelism: int) -> float:
+    urls = StringColumn.from_strings(URL_HOSTS[np.arange(rows) % len(URL_HOSTS)])
+    p = Pipeline()
+    (p.from_arrays("src", {"url": urls}, parallelism=parallelism, batch_size=4096)
+      .map("parse", parse_urls, parallelism=parallelism)
+      .to_callback("sink", lambda b: None))
+    return timed(p.run)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4M events: under 60 s")
+    args = parser.parse_args()
+    n = 4_000_000 if args.quick else 20_000_000
+    results, partitions = keyed_agg(n, repeats=2 if args.quick else 3)
+    rows = 100_000 if args.quick else 400_000
+    cpu = {p: min(cpu_map(rows, p) for _ in range(2)) for p in (1, 2)}
+    scaling = cpu[1] / cpu[2]
+    print(f"machine: {machine_line()}")
+    print(f"{n:,} events, {KEYS:,} keys, batches of {BATCH:,}, salt {SALT}")
+    print(f"{'impl':18s}{'uniform M ev/s':>16s}{'hot M ev/s':>14s}{'hot / numpy':>13s}")
+    for impl in results["uniform"]:
+        u, h = results["uniform"][impl]["events_per_s"], results["hot"][impl]["events_per_s"]
+        print(f"{impl:18s}{u / 1e6:16.2f}{h / 1e6:14.2f}{h / results['hot']['numpy']['events_per_s']:13.2f}")
+    for dist in partitions:
+        for impl, counts in partitions[dist].items():
+            print(f"events per first-stage partition, {dist:7s} {impl:16s}: {counts}")
+    ratio = {d: results[d]["mpstream_salted"]["events_per_s"] / results[d]["numpy"]["events_per_s"] for d in results}
+    print(f"salted/numpy: hot {ratio['hot']:.2f}, uniform {ratio['uniform']:.2f} (hot/uniform {ratio['hot'] / ratio['uniform']:.2f})")
+    print(f"CPU-heavy map ({rows:,} URLs): parallelism 1 {cpu[1]:.2f} s, 2 {cpu[2]:.2f} s: {scaling:.2f}x")
+    print(json.dumps({"bench": "keyed_agg", "machine": machine_line(), "events": n, "results": results,
+                      "partitions": partitions, "cpu_map": {"seconds_p1": round(cpu[1], 3),
+                                                            "seconds_p2": round(cpu[2], 3), "speedup": round(scaling, 3)}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The ``mpstream`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mpstream", description="mpstream: columnar pipelines, one process per operator")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the click-stream demo job and verify its result")
+    demo.add_argument("--events", type=int, default=10_000_000, help="events to generate (default 10M)")
+    demo.add_argument("--parallelism", type=int, default=2, help="instances per operator (default 2)")
+    demo.add_argument("--salt", type=int, default=4, help="salt of the two-stage aggregation; 0: none (default 4)")
+    demo.add_argument("--batch-size", type=int, default=65536, help="rows per batch (default 65536)")
+    demo.add_argument("--out", default=None, help="directory for the CSV output (default: a new temporary one)")
+    demo.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
+    args = parser.parse_args(argv)
+    from .demo import run_demo
+
+    summary = run_demo(args.events, args.parallelism, args.salt, args.batch_size, args.out, args.json)
+    return 0 if summary["verified"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
