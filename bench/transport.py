@@ -62,23 +62,39 @@ def _mps_produce(name: str, nbytes: int, count: int) -> None:
             writer.write(batches[i % len(batches)])
 
 
+def consume(messages) -> float:
+    """Touches every message; returns messages per second from the first one on (when the
+    producer is surely running)."""
+    n, start = 0, 0.0
+    for arr in messages:
+        touch(arr)
+        n += 1
+        if n == 1:
+            start = time.perf_counter()
+    return (n - 1) / (time.perf_counter() - start)
+
+
+def _mps_messages(reader: ChannelReader):
+    while True:
+        with reader.read(timeout=60) as record:  # held while the consumer touches it
+            if record.kind == RecordKind.END_OF_STREAM:
+                return
+            yield record.batch["payload"]
+
+
 def mpstream_throughput(nbytes: int, count: int) -> float:
     """Messages per second from a producer process to this one."""
     with Channel("bench-throughput", capacity=CAPACITY) as chan, ChannelReader(chan.name) as reader:
         child = CTX.Process(target=_mps_produce, args=(chan.name, nbytes, count))
         child.start()
-        n, start = 0, 0.0
-        while True:
-            with reader.read(timeout=60) as record:
-                if record.kind == RecordKind.END_OF_STREAM:
-                    break
-                touch(record.batch["payload"])
-            n += 1
-            if n == 1:
-                start = time.perf_counter()  # first message: the producer is running
-        elapsed = time.perf_counter() - start
+        rate = consume(_mps_messages(reader))
         child.join()
-    return (n - 1) / elapsed
+    return rate
+
+
+def _until_none(get):
+    while (arr := get()) is not None:
+        yield arr
 
 
 def _queue_produce(queue, nbytes: int, count: int) -> None:
@@ -92,15 +108,9 @@ def mp_queue_throughput(nbytes: int, count: int) -> float:
     queue = CTX.Queue(maxsize=64)
     child = CTX.Process(target=_queue_produce, args=(queue, nbytes, count))
     child.start()
-    n, start = 0, 0.0
-    while (arr := queue.get()) is not None:
-        touch(arr)
-        n += 1
-        if n == 1:
-            start = time.perf_counter()
-    elapsed = time.perf_counter() - start
+    rate = consume(_until_none(queue.get))
     child.join()
-    return (n - 1) / elapsed
+    return rate
 
 
 def _pipe_produce(conn, nbytes: int, count: int) -> None:
@@ -115,15 +125,10 @@ def mp_pipe_throughput(nbytes: int, count: int) -> float:
     child = CTX.Process(target=_pipe_produce, args=(sender, nbytes, count))
     child.start()
     buf = bytearray(nbytes)  # recv_bytes_into: the baseline's fastest receive path
-    n, start = 0, 0.0
-    while receiver.recv_bytes_into(buf):
-        touch(np.frombuffer(buf, np.int64))
-        n += 1
-        if n == 1:
-            start = time.perf_counter()
-    elapsed = time.perf_counter() - start
+    view = np.frombuffer(buf, np.int64)
+    rate = consume(view for _ in iter(lambda: receiver.recv_bytes_into(buf), 0))
     child.join()
-    return (n - 1) / elapsed
+    return rate
 
 
 def np_copyto_throughput(nbytes: int, count: int) -> float:

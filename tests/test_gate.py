@@ -1,5 +1,6 @@
 """InputGate: several channels into one consumer, read fairly, blocking on all at once."""
 
+import contextlib
 import os
 import signal
 import threading
@@ -10,6 +11,16 @@ import pytest
 from mpstream import Batch, Channel, ChannelError, ChannelReader, ChannelWriter, InputGate, PeerDiedError, RecordKind
 
 
+@contextlib.contextmanager
+def channels(prefix: str, n: int, capacity: int):
+    made = [Channel(f"{prefix}-{i}", capacity=capacity) for i in range(n)]
+    try:
+        yield made
+    finally:
+        for chan in made:
+            chan.close()
+
+
 def produce(name: str, channel: int, count: int) -> None:
     with ChannelWriter(name) as writer:
         for seq in range(count):
@@ -18,8 +29,7 @@ def produce(name: str, channel: int, count: int) -> None:
 
 def test_records_of_every_writer_arrive_in_order_per_channel(mp_context):
     counts = [300, 1, 120]
-    chans = [Channel(f"gate-{i}", capacity=1 << 14) for i in range(len(counts))]
-    try:
+    with channels("gate", len(counts), 1 << 14) as chans:
         gate = InputGate([ChannelReader(c.name) for c in chans])
         children = [mp_context.Process(target=produce, args=(c.name, i, n)) for i, (c, n) in enumerate(zip(chans, counts))]
         for child in children:
@@ -40,14 +50,10 @@ def test_records_of_every_writer_arrive_in_order_per_channel(mp_context):
         assert seen == {i: list(range(n)) for i, n in enumerate(counts)}
         assert sorted(ends) == [0, 1, 2]
         gate.close()
-    finally:
-        for c in chans:
-            c.close()
 
 
 def test_busy_channels_are_read_round_robin():
-    chans = [Channel(f"fair-{i}", capacity=1 << 16) for i in range(3)]
-    try:
+    with channels("fair", 3, 1 << 16) as chans:
         writers = [ChannelWriter(c.name) for c in chans]
         for i, writer in enumerate(writers):
             for seq in range(10):
@@ -62,9 +68,6 @@ def test_busy_channels_are_read_round_robin():
         gate.close()
         for writer in writers:
             writer.close()
-    finally:
-        for c in chans:
-            c.close()
 
 
 def _hang_after_attach(name: str, ready) -> None:
@@ -74,8 +77,7 @@ def _hang_after_attach(name: str, ready) -> None:
 
 
 def test_a_dead_writer_among_several_is_named(mp_context):
-    chans = [Channel(f"dead-{i}", capacity=1 << 12) for i in range(3)]
-    try:
+    with channels("dead", 3, 1 << 12) as chans:
         gate = InputGate([ChannelReader(c.name) for c in chans])
         ready = mp_context.Event()
         child = mp_context.Process(target=_hang_after_attach, args=(chans[1].name, ready))
@@ -86,14 +88,10 @@ def test_a_dead_writer_among_several_is_named(mp_context):
         with pytest.raises(PeerDiedError, match=chans[1].name):
             gate.read(timeout=30)
         gate.close()
-    finally:
-        for c in chans:
-            c.close()
 
 
 def test_gate_refuses_a_second_record_while_one_is_held():
-    chans = [Channel(f"held-{i}", capacity=1 << 12) for i in range(2)]
-    try:
+    with channels("held", 2, 1 << 12) as chans:
         writers = [ChannelWriter(c.name) for c in chans]
         for writer in writers:
             writer.write(Batch({"x": np.arange(2)}))
@@ -106,6 +104,3 @@ def test_gate_refuses_a_second_record_while_one_is_held():
         gate.close()
         for writer in writers:
             writer.close()
-    finally:
-        for c in chans:
-            c.close()
