@@ -30,8 +30,9 @@ import numpy as np
 
 from .aggregate import KeyedAggregate
 from .batch import Batch, StringColumn
+from .partition import groups_of_instance, key_groups
 
-__all__ = ["Context", "Operator", "Source", "Output"]
+__all__ = ["Context", "Operator", "KeyedOperator", "KeyedState", "Source", "Output"]
 
 Output = Union[Batch, Mapping[str, Any], Iterable[Union[Batch, Mapping[str, Any]]], None]
 
@@ -63,6 +64,66 @@ class Operator:
 
     def restore(self, state: Any) -> None:
         pass
+
+
+class KeyedState:
+    """Per-key values of one keyed operator instance, kept per key group, so a snapshot can be
+    split by group and restored at another parallelism.
+
+    >>> state = KeyedState(range(128))
+    >>> state["a.com"] = 3
+    >>> state.get("a.com", 0), state.get("b.org", 0), len(state)
+    (3, 0, 1)
+    """
+
+    def __init__(self, groups: range) -> None:
+        self.groups = groups
+        self._by_group: dict[int, dict[Any, Any]] = {}
+
+    def _group(self, key: Any) -> dict[Any, Any]:
+        col = StringColumn.from_strings([key]) if isinstance(key, str) else np.array([key])
+        return self._by_group.setdefault(int(key_groups(col)[0]), {})
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._group(key).get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._group(key)[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._group(key)[key] = value
+
+    def __len__(self) -> int:
+        return sum(len(values) for values in self._by_group.values())
+
+    def items(self) -> Iterable[tuple[Any, Any]]:
+        return ((k, v) for values in self._by_group.values() for k, v in values.items())
+
+    def snapshot(self) -> dict[int, dict[Any, Any]]:
+        """{key group: {key: value}} (a copy of the dictionaries, values shared)."""
+        return {group: dict(values) for group, values in self._by_group.items() if values}
+
+    def restore(self, snapshots: Iterable[dict[int, dict[Any, Any]]]) -> None:
+        """Takes this instance's key groups out of snapshots of any number of instances."""
+        for snapshot in snapshots:
+            for group, values in snapshot.items():
+                if group in self.groups:
+                    self._by_group.setdefault(group, {}).update(values)
+
+
+class KeyedOperator(Operator):
+    """A stateful operator after ``key_by``: it sees every row of the keys in its key groups;
+    ``self.state`` is their :class:`KeyedState`, snapshotted and restored per key group."""
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        self.state = KeyedState(groups_of_instance(ctx.instance, ctx.parallelism))
+
+    def snapshot(self) -> Any:
+        return self.state.snapshot()
+
+    def restore(self, state: Any) -> None:
+        self.state.restore(state)
 
 
 class Source:
@@ -106,6 +167,17 @@ class ColumnsSource(Source):
         if start >= self._data.num_rows:
             return None
         return self._data.slice(start, start + self.batch_size)
+
+
+class BatchesSource(Source):
+    """In-memory batches: instance i of p reads batches i, i + p, i + 2p, ..."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = batches
+
+    def read(self, offset: int) -> Batch | None:
+        index = self.ctx.instance + offset * self.ctx.parallelism
+        return self.batches[index] if index < len(self.batches) else None
 
 
 class GeneratorSource(Source):

@@ -1,8 +1,9 @@
 """Partitioners: which downstream instance gets each row of a batch.
 
 * :class:`HashPartitioner` (the default for ``key_by``): by a stable, seedless 64-bit hash of
-  the key (int or str column), so a key always lands on the same instance, in every process
-  and run, and its rows keep their order. With ``salt=s`` the i-th row of the stream goes to
+  the key (int or str column), through its key group (one of ``KEY_GROUPS``; instance i of n
+  owns a contiguous range of groups), so a key always lands on the same instance, in every
+  process and run, and its rows keep their order. With ``salt=s`` the i-th row of the stream goes to
   ``(partition(key) + i mod s) mod n``: one key spreads evenly over min(s, n) partitions
   (hot keys; see ``aggregate(salt=...)``), at the price of its order.
 * :class:`RoundRobinPartitioner`: whole batches in turn, for load balance without keys.
@@ -27,7 +28,8 @@ from .batch import Batch, Column, StringColumn, _ptr
 from .errors import MpstreamError
 
 __all__ = ["Partitioner", "HashPartitioner", "RoundRobinPartitioner", "RangePartitioner",
-           "CustomPartitioner", "PartitionError", "hash_column", "split"]
+           "CustomPartitioner", "PartitionError", "hash_column", "split", "KEY_GROUPS", "key_groups",
+           "instance_of", "groups_of_instance"]
 
 
 class PartitionError(MpstreamError, ValueError):
@@ -45,6 +47,29 @@ def hash_column(col: Column) -> np.ndarray:
     else:
         raise PartitionError(f"cannot hash a {col.dtype} column: key columns must be int, bool or str")
     return out
+
+
+#: Keyed state is kept per key group; a key's group never changes, an instance owns a range of
+#: groups, so state can move to another parallelism by whole groups (Flink's max parallelism).
+KEY_GROUPS = 128
+
+
+def key_groups(col: Column) -> np.ndarray:
+    """The key group (int64, 0..KEY_GROUPS-1) of every key of a column."""
+    hashes = hash_column(col)
+    groups = np.empty(len(hashes), np.int64)
+    lib.mps_hash_to_partition(_ptr("uint64_t[]", hashes), len(hashes), KEY_GROUPS, _ptr("int64_t[]", groups))
+    return groups
+
+
+def instance_of(groups: np.ndarray | int, n: int) -> np.ndarray | int:
+    """The instance, out of n, that owns each key group: contiguous ranges of groups."""
+    return groups * n // KEY_GROUPS
+
+
+def groups_of_instance(instance: int, n: int) -> range:
+    """The key groups instance owns out of n (the inverse of instance_of)."""
+    return range(-(-instance * KEY_GROUPS // n), -(-(instance + 1) * KEY_GROUPS // n))
 
 
 class Partitioner:
@@ -66,9 +91,9 @@ class HashPartitioner(Partitioner):
     def assign(self, batch: Batch, n: int) -> np.ndarray | int:
         if n == 1:
             return 0
-        hashes = hash_column(_key_column(batch, self.key))
-        ids = np.empty(len(hashes), np.int64)
-        lib.mps_hash_to_partition(_ptr("uint64_t[]", hashes), len(hashes), n, _ptr("int64_t[]", ids))
+        if n > KEY_GROUPS:
+            raise PartitionError(f"a keyed operator can have at most {KEY_GROUPS} instances (key groups), got {n}")
+        ids = instance_of(key_groups(_key_column(batch, self.key)), n)
         if self.salt > 1:  # row i of a key goes to its partition + (i mod salt): evenly spread
             ids += (self._row + np.arange(batch.num_rows, dtype=np.int64)) % self.salt
             ids %= n

@@ -85,6 +85,11 @@ class Pipeline:
         Batch(columns)  # validate here, in the caller, with a clear error
         return self.source(name, lambda: ops.ColumnsSource(columns, batch_size), parallelism)
 
+    def from_batches(self, name: str, batches: Sequence[Batch], *, parallelism: int = 1) -> Stream:
+        """In-memory batches; instance i of p reads batches i, i + p, ..."""
+        batches = list(batches)
+        return self.source(name, lambda: ops.BatchesSource(batches), parallelism)
+
     def from_generator(self, name: str, fn: Callable[[int, int], Batch | Mapping[str, Any] | None], *,
                        parallelism: int = 1) -> Stream:
         """``fn(instance, offset)`` gives batch number offset of an instance (None: the end).
@@ -149,7 +154,8 @@ class Stream:
 
     def process(self, name: str, make: Callable[[], ops.Operator], *, parallelism: int | None = None,
                 backpressure: str = "block") -> Stream:
-        """A user :class:`~mpstream.operators.Operator` (a fresh ``make()`` per instance)."""
+        """A user :class:`~mpstream.operators.Operator` (a fresh ``make()`` per instance); after
+        ``key_by`` a :class:`~mpstream.operators.KeyedOperator` keeps state per key group."""
         return self._then(name, make, parallelism, backpressure)
 
     def union(self, *others: Stream) -> Stream:
@@ -158,10 +164,13 @@ class Stream:
 
     def key_by(self, key: str, partitioner: str | Callable[[Batch, int], np.ndarray] = "hash", *,
                bounds: Sequence[float] | None = None) -> KeyedStream:
-        """Partitions the next operator's input by ``key``: "hash" (default), "range" (with
-        sorted ``bounds``, parallelism - 1 of them) or a function ``fn(batch, n) -> ids``."""
+        """Partitions the next operator's input by ``key``: "hash" (default: by key group),
+        "range" (with sorted ``bounds``, parallelism - 1 of them), "round_robin" (whole batches
+        in turn: balance, but a key's rows may go anywhere) or a function ``fn(batch, n) -> ids``."""
         if partitioner == "hash":
             factory: Callable[[], Partitioner] = lambda: HashPartitioner(key)  # noqa: E731
+        elif partitioner == "round_robin":
+            factory = RoundRobinPartitioner
         elif partitioner == "range":
             if bounds is None:
                 raise ValueError("a range partitioner needs bounds")
@@ -169,7 +178,7 @@ class Stream:
         elif callable(partitioner):
             factory = lambda: CustomPartitioner(partitioner)  # noqa: E731
         else:
-            raise ValueError(f"partitioner must be 'hash', 'range' or a function, got {partitioner!r}")
+            raise ValueError(f"partitioner must be 'hash', 'range', 'round_robin' or a function, got {partitioner!r}")
         return KeyedStream(self.pipeline, self.upstreams, factory, key)
 
     def rebalance(self) -> Stream:
