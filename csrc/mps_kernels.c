@@ -186,3 +186,37 @@ void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out)
 {
     memcpy(out, map->slot_keys, sizeof(uint64_t) * map->size);
 }
+
+void mps_scatter_add_i64(int64_t *acc, const int64_t *slots, const int64_t *values, uint64_t n)
+{
+    if (!values) {
+        for (uint64_t i = 0; i < n; i++)
+            acc[slots[i]]++;
+        return;
+    }
+    for (uint64_t i = 0; i < n; i++) /* wraps like numpy's int64 arithmetic */
+        acc[slots[i]] = (int64_t)((uint64_t)acc[slots[i]] + (uint64_t)values[i]);
+}
+
+void mps_scatter_add_f64(double *acc, const int64_t *slots, const double *values, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        acc[slots[i]] += values[i];
+}
+
+/* NaN propagates as in np.minimum / np.maximum: a NaN value or accumulator stays NaN. */
+#define MPS_SCATTER_EXTREME(name, type, better)                                               \
+    void name(type *acc, const int64_t *slots, const type *values, uint64_t n)               \
+    {                                                                                          \
+        for (uint64_t i = 0; i < n; i++) {                                                     \
+            type a = acc[slots[i]], v = values[i];                                             \
+            if (better(v, a) || v != v)                                                        \
+                acc[slots[i]] = a != a ? a : v;                                                \
+        }                                                                                      \
+    }
+#define MPS_LESS(v, a) ((v) < (a))
+#define MPS_MORE(v, a) ((v) > (a))
+MPS_SCATTER_EXTREME(mps_scatter_min_i64, int64_t, MPS_LESS)
+MPS_SCATTER_EXTREME(mps_scatter_max_i64, int64_t, MPS_MORE)
+MPS_SCATTER_EXTREME(mps_scatter_min_f64, double, MPS_LESS)
+MPS_SCATTER_EXTREME(mps_scatter_max_f64, double, MPS_MORE)

@@ -30,6 +30,16 @@ int mps_partition_order(const int64_t *partition, uint64_t n, uint32_t partition
 void mps_take_utf8(const int64_t *offsets, const uint8_t *data, const int64_t *indices, uint64_t n,
                    int64_t *out_offsets, uint8_t *out_data);
 
+/* In-place scatter updates of per-slot accumulators: acc[slots[i]] op= values[i]. One pass,
+ * O(n) whatever the accumulator's length (bincount is O(length) per call). values NULL in
+ * mps_scatter_add_i64 counts (adds 1). Slots must index inside acc. */
+void mps_scatter_add_i64(int64_t *acc, const int64_t *slots, const int64_t *values, uint64_t n);
+void mps_scatter_add_f64(double *acc, const int64_t *slots, const double *values, uint64_t n);
+void mps_scatter_min_i64(int64_t *acc, const int64_t *slots, const int64_t *values, uint64_t n);
+void mps_scatter_max_i64(int64_t *acc, const int64_t *slots, const int64_t *values, uint64_t n);
+void mps_scatter_min_f64(double *acc, const int64_t *slots, const double *values, uint64_t n);
+void mps_scatter_max_f64(double *acc, const int64_t *slots, const double *values, uint64_t n);
+
 /* A map from 64-bit keys to dense slots 0, 1, 2, ... in order of first appearance: the index
  * of keyed state. Open addressing, linear probing, grown at half load. Owned by the caller of
  * mps_keymap_new, freed with mps_keymap_free. */

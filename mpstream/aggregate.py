@@ -1,7 +1,7 @@
 """Keyed aggregation state: sum, count, min, max and mean per key, mergeable.
 
 A :class:`KeyedAggregate` maps each key (an int or str column) to a dense slot through a C hash
-map, and keeps one accumulator array per partial: ``count`` per key, and per value column its
+map and updates one accumulator array per partial in place with C scatter kernels: ``count`` per key, and per value column its
 ``sum``, ``min`` and ``max`` as the requested functions need. It takes raw rows (``update``)
 or the partials of another instance (``merge``): that is what makes two-stage (salted)
 aggregation exact: sums, counts, mins and maxs of partials combine into those of the whole,
@@ -30,7 +30,7 @@ from .batch import Batch, Column, StringColumn, _ptr
 from .errors import MpstreamError
 from .partition import hash_column
 
-__all__ = ["KeyedAggregate", "AggregateError", "FUNCTIONS"]
+__all__ = ["KeyedAggregate", "AggregateError", "FUNCTIONS", "partials_of"]
 
 FUNCTIONS = ("sum", "count", "min", "max", "mean")
 _NEEDS = {"sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",), "count": ()}
@@ -59,13 +59,12 @@ def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str]
 class KeyedAggregate:
     """Per-key accumulators for one aggregation (see the module doc)."""
 
-    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]]) -> None:
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], expected_keys: int = 1024) -> None:
         self.key = key
-        self._spec = dict(spec)
         self.items = parse_spec(spec)
         self.partials = tuple(dict.fromkeys(
             f"{column}.{need}" for column, func in self.items for need in _NEEDS[func]))
-        self._map = ffi.gc(lib.mps_keymap_new(1024), lib.mps_keymap_free)
+        self._map = ffi.gc(lib.mps_keymap_new(expected_keys), lib.mps_keymap_free)
         self._size = 0
         self._key_kind: str | None = None  # "str" or an int dtype.str, fixed by the first batch
         self._names: list[StringColumn] = []  # str keys: the string of each slot, in slot order
@@ -117,37 +116,35 @@ class KeyedAggregate:
         if batch.num_rows == 0:
             return
         slots = self._slots(batch[self.key])
-        n = self._size
         counts = self._accumulator(_COUNT, np.dtype(np.int64))
-        counts[:n] += np.bincount(slots, minlength=n)
+        lib.mps_scatter_add_i64(_ptr("int64_t[]", counts), _ptr("int64_t[]", slots), ffi.NULL, len(slots))
         for partial in self.partials:
             column, need = partial.rsplit(".", 1)
-            values = _values(batch, column)
-            self._combine(partial, need, slots, values)
+            self._combine(partial, need, slots, _values(batch, column))
 
     def merge(self, partials: Batch) -> None:
         """Adds the partials (a batch from :meth:`partial`) of another instance."""
         if partials.num_rows == 0:
             return
         slots = self._slots(partials[self.key])
-        n = self._size
         counts = self._accumulator(_COUNT, np.dtype(np.int64))
-        counts[:n] += np.bincount(slots, weights=partials[_COUNT], minlength=n).astype(np.int64)
+        lib.mps_scatter_add_i64(_ptr("int64_t[]", counts), _ptr("int64_t[]", slots),
+                                _ptr("int64_t[]", np.ascontiguousarray(partials[_COUNT], np.int64)), len(slots))
         for partial in self.partials:
             self._combine(partial, partial.rsplit(".", 1)[1], slots, partials[partial])
 
     def _combine(self, name: str, need: str, slots: np.ndarray, values: np.ndarray) -> None:
-        n = self._size
-        if need == "sum":
-            if values.dtype.kind == "f":
-                acc = self._accumulator(name, np.dtype(np.float64))
-                acc[:n] += np.bincount(slots, weights=values, minlength=n)
-            else:  # integers: exact (np.add.at), where bincount's float64 weights would round
-                acc = self._accumulator(name, np.dtype(np.uint64 if values.dtype.kind == "u" else np.int64))
-                np.add.at(acc, slots, values)
-        else:
+        """acc[slot] op= value in one C pass: floats as float64, signed ints exactly as int64."""
+        if values.dtype.kind == "u" and need != "sum":  # unsigned order differs from int64's
             acc = self._accumulator(name, values.dtype)
             (np.minimum if need == "min" else np.maximum).at(acc, slots, values)
+            return
+        ctype, dtype = ("double", np.float64) if values.dtype.kind == "f" else ("int64_t", np.int64)
+        unsigned_sum = values.dtype.kind == "u"  # same bits as int64 addition: keep it uint64
+        acc = self._accumulator(name, np.dtype(np.uint64 if unsigned_sum else dtype))
+        kernel = _KERNELS[need][dtype]
+        kernel(_ptr(f"{ctype}[]", acc.view(dtype)), _ptr("int64_t[]", slots),
+               _ptr(f"{ctype}[]", np.ascontiguousarray(values).astype(dtype, copy=False)), len(slots))
 
     # ---- output -----------------------------------------------------------------------------
 
@@ -186,9 +183,20 @@ class KeyedAggregate:
                 cols[f"{column}_{func}"] = acc[:n].copy()
         return Batch(cols)
 
-    def clear(self) -> None:
-        """Forgets every key (after a partial was emitted)."""
-        self.__init__(self.key, self._spec)  # type: ignore[misc]
+
+_KERNELS = {
+    "sum": {np.float64: lib.mps_scatter_add_f64, np.int64: lib.mps_scatter_add_i64},
+    "min": {np.float64: lib.mps_scatter_min_f64, np.int64: lib.mps_scatter_min_i64},
+    "max": {np.float64: lib.mps_scatter_max_f64, np.int64: lib.mps_scatter_max_i64},
+}
+
+
+def partials_of(key: str, spec: Mapping[str, str | Sequence[str]], batch: Batch) -> Batch:
+    """One batch pre-aggregated to its partials (one row per key): the combiner that runs in
+    the upstream process before a salted shuffle, so a hot key crosses it once per batch."""
+    agg = KeyedAggregate(key, spec, expected_keys=batch.num_rows)
+    agg.update(batch)
+    return agg.partial()
 
 
 def _values(batch: Batch, column: str) -> np.ndarray:

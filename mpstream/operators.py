@@ -251,24 +251,25 @@ class FlatMap(Operator):
 
 
 class Aggregate(Operator):
-    """Keyed aggregation; mode "all" (rows in, results out), "partial" (rows in, partials out)
-    or "final" (partials in, results out). Emits when its input ends."""
+    """Keyed aggregation of ``inputs`` ("rows", or "partials" of other instances) into
+    ``output`` ("results", or "partials" for a later stage). Emits when its input ends."""
 
-    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], mode: str = "all") -> None:
-        self.key, self.spec, self.mode = key, spec, mode
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], inputs: str = "rows",
+                 output: str = "results") -> None:
+        self.key, self.spec, self.inputs, self.output = key, spec, inputs, output
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         self.state = KeyedAggregate(self.key, self.spec)
 
     def process(self, batch: Batch) -> Output:
-        (self.state.merge if self.mode == "final" else self.state.update)(batch)
+        (self.state.merge if self.inputs == "partials" else self.state.update)(batch)
         return None
 
     def close(self) -> Output:
         if not len(self.state):
             return None
-        return self.state.partial() if self.mode == "partial" else self.state.result()
+        return self.state.partial() if self.output == "partials" else self.state.result()
 
 
 # ---- sinks --------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from . import operators as ops
 from .batch import Batch
 from .channel import Channel, ChannelReader, ChannelTimeoutError, ChannelWriter, InputGate, RecordKind, sweep_stale_segments
-from .errors import MpstreamError
+from .errors import MpstreamError, RecordTooLargeError
 from .partition import split
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ class _Output:
     writers: list[ChannelWriter]
     partitioner: Any  # a Partitioner, or None for forward (a single writer)
     drop: bool
+    combine: Callable[[Batch], Batch] | None
 
 
 def _plan_channels(pipeline: Pipeline) -> dict[tuple[str, int], dict[str, Any]]:
@@ -129,7 +130,7 @@ def _plan_channels(pipeline: Pipeline) -> dict[tuple[str, int], dict[str, Any]]:
             for pi in range(up.parallelism):
                 targets = [pi] if edge.partitioner is None else range(node.parallelism)
                 labels = [_channel_label(node.name, ci, up.name, pi) for ci in targets]
-                io[(up.name, pi)]["outputs"].append((labels, edge.partitioner, edge.drop))
+                io[(up.name, pi)]["outputs"].append((labels, edge.partitioner, edge.drop, edge.combine))
                 for ci, label in zip(targets, labels):
                     io[(node.name, ci)]["inputs"].append(label)
     return io
@@ -254,8 +255,8 @@ class _Worker:
         self.gate = InputGate(readers) if readers else None
         self.outputs = [
             _Output([ChannelWriter(names[label]) for label in labels],
-                    None if partitioner is None else partitioner(), drop)
-            for labels, partitioner, drop in wiring["outputs"]]
+                    None if partitioner is None else partitioner(), drop, combine)
+            for labels, partitioner, drop, combine in wiring["outputs"]]
         self.ctx = ops.Context(node.name, instance, node.parallelism)
         self.op = node.make()
 
@@ -279,21 +280,30 @@ class _Worker:
             if self.node.collect:
                 self.conn.send(("collect", batch.copy()))
             for output in self.outputs:
+                sent = batch if output.combine is None else output.combine(batch)
                 n = len(output.writers)
-                ids = 0 if output.partitioner is None else output.partitioner.assign(batch, n)
-                for writer, part in zip(output.writers, split(batch, ids, n)):
+                ids = 0 if output.partitioner is None else output.partitioner.assign(sent, n)
+                for writer, part in zip(output.writers, split(sent, ids, n)):
                     if part is not None:
                         self._write(output, writer, part)
 
     def _write(self, output: _Output, writer: ChannelWriter, part: Batch) -> None:
-        if output.drop:
-            try:
-                writer.write(part, timeout=0)
-            except ChannelTimeoutError:
-                self.stats.dropped += part.num_rows
-                return
-        else:
-            writer.write(part)
+        try:
+            if output.drop:
+                try:
+                    writer.write(part, timeout=0)
+                except ChannelTimeoutError:
+                    self.stats.dropped += part.num_rows
+                    return
+            else:
+                writer.write(part)
+        except RecordTooLargeError:  # more than half the ring: send it in halves, in order
+            if part.num_rows < 2:
+                raise
+            half = part.num_rows // 2
+            self._write(output, writer, part.slice(0, half))
+            self._write(output, writer, part.slice(half, part.num_rows))
+            return
         self.stats.bytes_out += part.nbytes
 
     def run(self) -> None:

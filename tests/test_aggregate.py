@@ -90,3 +90,16 @@ def test_bad_specs_and_columns_are_named():
         agg.update(Batch({"k": np.arange(2)}))
     with pytest.raises(AggregateError, match="key column 'k' has dtype float64"):
         agg.update(Batch({"k": np.ones(2), "v": np.ones(2)}))
+
+
+def test_extreme_values_nan_and_unsigned_sums():
+    agg = KeyedAggregate("k", {"f": ["min", "max", "sum"], "u": ["sum", "max"], "i": ["min", "max"]})
+    big = np.uint64(2**63 + 5)
+    agg.update(Batch({"k": np.array([1, 1, 2]), "f": np.array([1.0, np.nan, -np.inf]),
+                      "u": np.array([big, 1, 3], np.uint64), "i": np.array([-2**63, 2**63 - 1, 7])}))
+    r = agg.result()
+    assert np.isnan(r["f_min"][0]) and np.isnan(r["f_max"][0]) and np.isnan(r["f_sum"][0])  # as numpy
+    assert r["f_min"][1] == -np.inf
+    assert r["u_sum"].dtype == np.uint64 and r["u_sum"].tolist() == [2**63 + 6, 3]
+    assert r["u_max"].tolist() == [2**63 + 5, 3]
+    assert r["i_min"].tolist() == [-2**63, 7] and r["i_max"].tolist() == [2**63 - 1, 7]

@@ -158,3 +158,14 @@ def test_bad_pipelines_are_refused_up_front():
         p.from_arrays("y", {"o": np.array([None, 1], dtype=object)})
     with pytest.raises(ValueError, match="backpressure must be 'block' or 'drop'"):
         p.from_arrays("z", {"a": np.arange(3)}).map("m", lambda b: b, backpressure="spill")
+
+
+def test_batches_larger_than_a_channel_are_split_in_order():
+    n = 50_000  # 64K-row batches of ~1.2 MB through 64 KiB rings (a record holds 32 KiB)
+    p = Pipeline(channel_capacity=1 << 16)
+    (p.from_arrays("src", {"key": np.arange(n) % 3, "seq": np.arange(n), "s": np.array(["abc"] * n)}, batch_size=65536)
+      .key_by("key").map("m", lambda b: b, parallelism=2).collect("out"))
+    out = p.run()["out"]
+    assert sorted(out["seq"].tolist()) == list(range(n))
+    for k in range(3):
+        assert (np.diff(out["seq"][out["key"] == k]) > 0).all()
