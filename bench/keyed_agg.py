@@ -6,7 +6,9 @@ in 64K-row batches, keys uniform over 100K or hot (90% on one key), all in one r
     mpstream_hash    source(2) -> key_by(key) -> aggregate(parallelism 2)
     mpstream_salted  source(2) -> key_by(key) -> aggregate(parallelism 2, salt 8): two-stage
 
-plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2.
+plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2. "partitions"
+lists the rows each first-stage instance received: events for hash, partial rows (one per
+key and upstream batch, after the upstream combiner) for salted.
 
     python bench/keyed_agg.py [--quick]      # --quick: 4M events, under 60 s
 
@@ -147,7 +149,7 @@ def main() -> None:
         print(f"{impl:18s}{u / 1e6:16.2f}{h / 1e6:14.2f}{h / results['hot']['numpy']['events_per_s']:13.2f}")
     for dist in partitions:
         for impl, counts in partitions[dist].items():
-            print(f"events per first-stage partition, {dist:7s} {impl:16s}: {counts}")
+            print(f"rows into each first-stage partition, {dist:7s} {impl:16s}: {counts}")
     ratio = {d: results[d]["mpstream_salted"]["events_per_s"] / results[d]["numpy"]["events_per_s"] for d in results}
     print(f"salted/numpy: hot {ratio['hot']:.2f}, uniform {ratio['uniform']:.2f} (hot/uniform {ratio['hot'] / ratio['uniform']:.2f})")
     print(f"CPU-heavy map ({rows:,} URLs): parallelism 1 {cpu[1]:.2f} s, 2 {cpu[2]:.2f} s: {scaling:.2f}x")
