@@ -1,0 +1,167 @@
+"""Checkpoint storage: one directory per checkpoint, committed atomically, checksummed, versioned.
+
+Layout of a checkpoint directory (``{root}/chk-{id:010d}/``)::
+
+    {operator}-{instance}.state   one per operator instance, written by that worker:
+                                  MAGIC (8 bytes) | version u32 | crc32 u32 | length u64 | pickle
+    _metadata                     JSON, written last by the coordinator, atomically (temp file,
+                                  fsync, rename, fsync of the directory): {"format": VERSION,
+                                  "id": n, "created": unix time, "states": {"op-i": {"file",
+                                  "bytes", "crc32"}}, "stats": {...}}
+
+A checkpoint exists only once its ``_metadata`` does: a crash before that leaves a directory
+that is never restored. Restoring checks every checksum and falls back to the previous
+complete checkpoint when a file is corrupt or truncated. Only the last ``retain`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MpstreamError
+
+__all__ = ["CheckpointStore", "CheckpointError", "StateFile", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_MAGIC = b"MPSSTATE"
+_HEADER = struct.Struct("<8sIIQ")
+_METADATA = "_metadata"
+
+
+class CheckpointError(MpstreamError):
+    """A checkpoint could not be written, or none can be restored."""
+
+
+@dataclass(frozen=True)
+class StateFile:
+    """Where one operator instance's state of a checkpoint lies, and how to check it."""
+
+    file: str
+    bytes: int
+    crc32: int
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """Checkpoints under ``root``; keeps the last ``retain`` complete ones."""
+
+    def __init__(self, root: str, retain: int = 3) -> None:
+        if retain < 1:
+            raise ValueError(f"retain must be >= 1, got {retain}")
+        self.root, self.retain = root, retain
+        os.makedirs(root, exist_ok=True)
+
+    def directory(self, checkpoint_id: int) -> str:
+        return os.path.join(self.root, f"chk-{checkpoint_id:010d}")
+
+    # ---- written by workers -----------------------------------------------------------------
+
+    def write_state(self, checkpoint_id: int, operator: str, instance: int, state: Any) -> StateFile:
+        """Pickles state into its file (fsynced); returns what the coordinator records."""
+        payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        crc = zlib.crc32(payload)
+        directory = self.directory(checkpoint_id)
+        os.makedirs(directory, exist_ok=True)
+        name = f"{operator}-{instance}.state"
+        try:
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(_HEADER.pack(_MAGIC, FORMAT_VERSION, crc, len(payload)))
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {checkpoint_id}: cannot write the state of operator "
+                                  f"{operator!r} instance {instance} to {directory}: {exc}") from exc
+        return StateFile(name, _HEADER.size + len(payload), crc)
+
+    # ---- written by the coordinator ---------------------------------------------------------
+
+    def commit(self, checkpoint_id: int, states: dict[str, StateFile], stats: dict[str, Any]) -> str:
+        """Makes checkpoint_id complete (atomically), then drops checkpoints beyond retain."""
+        directory = self.directory(checkpoint_id)
+        metadata = {"format": FORMAT_VERSION, "id": checkpoint_id, "created": time.time(),
+                    "states": {k: {"file": v.file, "bytes": v.bytes, "crc32": v.crc32} for k, v in states.items()},
+                    "stats": stats}
+        temp = os.path.join(directory, _METADATA + ".tmp")
+        try:
+            with open(temp, "w") as f:
+                json.dump(metadata, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(temp, os.path.join(directory, _METADATA))
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {checkpoint_id}: cannot commit to {directory}: {exc}") from exc
+        for old in self.complete()[:-self.retain]:
+            shutil.rmtree(self.directory(old), ignore_errors=True)
+        return directory
+
+    def discard(self, checkpoint_id: int) -> None:
+        """Removes an incomplete checkpoint's files (a failed or abandoned checkpoint)."""
+        shutil.rmtree(self.directory(checkpoint_id), ignore_errors=True)
+
+    # ---- read on restore --------------------------------------------------------------------
+
+    def complete(self) -> list[int]:
+        """Ids of the checkpoints whose metadata was committed, oldest first."""
+        ids = []
+        for entry in os.listdir(self.root):
+            if entry.startswith("chk-") and os.path.exists(os.path.join(self.root, entry, _METADATA)):
+                ids.append(int(entry[4:]))
+        return sorted(ids)
+
+    def metadata(self, checkpoint_id: int) -> dict[str, Any]:
+        with open(os.path.join(self.directory(checkpoint_id), _METADATA)) as f:
+            metadata = json.load(f)
+        if metadata.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {checkpoint_id} has format {metadata.get('format')}, this "
+                                  f"mpstream reads format {FORMAT_VERSION}: restore it with the version that wrote it")
+        return metadata
+
+    def read_state(self, checkpoint_id: int, key: str) -> Any:
+        """The state recorded under key ("operator-instance"), checked against its checksum."""
+        entry = self.metadata(checkpoint_id)["states"][key]
+        path = os.path.join(self.directory(checkpoint_id), entry["file"])
+        with open(path, "rb") as f:
+            blob = f.read()
+        if len(blob) < _HEADER.size:
+            raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is truncated")
+        magic, version, crc, length = _HEADER.unpack_from(blob)
+        payload = blob[_HEADER.size:]
+        if magic != _MAGIC or version != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is not a state file of format {FORMAT_VERSION}")
+        if len(payload) != length or zlib.crc32(payload) != crc or crc != entry["crc32"]:
+            raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is corrupt or truncated (checksum mismatch)")
+        return pickle.loads(payload)
+
+    def verify(self, checkpoint_id: int) -> None:
+        """Reads every state of a checkpoint; raises CheckpointError on the first bad one."""
+        for key in self.metadata(checkpoint_id)["states"]:
+            self.read_state(checkpoint_id, key)
+
+    def latest_valid(self) -> tuple[int | None, list[str]]:
+        """The newest complete checkpoint whose files all check out, and the problems met on
+        the way (newer checkpoints found corrupt); None if there is none."""
+        problems = []
+        for checkpoint_id in reversed(self.complete()):
+            try:
+                self.verify(checkpoint_id)
+                return checkpoint_id, problems
+            except (CheckpointError, OSError, KeyError, ValueError) as exc:
+                problems.append(str(exc))
+        return None, problems

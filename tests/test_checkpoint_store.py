@@ -1,0 +1,98 @@
+"""Checkpoint storage: atomic commit, retention, checksums, format versions."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpstream.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointStore
+
+
+def write(store, n, value):
+    files = {f"op-{i}": store.write_state(n, "op", i, {"value": value, "i": i, "arr": np.arange(3) * value})
+             for i in range(2)}
+    return store.commit(n, files, {"duration_s": 0.1})
+
+
+def test_a_checkpoint_exists_only_after_its_metadata_is_committed(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    store.write_state(1, "op", 0, {"x": 1})  # written, never committed: a crash mid-checkpoint
+    assert store.complete() == [] and store.latest_valid() == (None, [])
+    write(store, 2, 5)
+    assert store.complete() == [2]
+    assert store.read_state(2, "op-1")["i"] == 1
+    np.testing.assert_array_equal(store.read_state(2, "op-0")["arr"], [0, 5, 10])
+    assert not os.path.exists(os.path.join(store.directory(2), "_metadata.tmp"))
+
+
+def test_only_the_last_k_are_retained(tmp_path):
+    store = CheckpointStore(str(tmp_path), retain=2)
+    for n in range(1, 6):
+        write(store, n, n)
+    assert store.complete() == [4, 5]
+    assert sorted(os.listdir(tmp_path)) == ["chk-0000000004", "chk-0000000005"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_a_corrupt_state_file_is_detected_and_the_previous_checkpoint_used(tmp_path, damage):
+    store = CheckpointStore(str(tmp_path))
+    write(store, 1, 1)
+    write(store, 2, 2)
+    path = os.path.join(store.directory(2), "op-1.state")
+    blob = bytearray(open(path, "rb").read())
+    if damage == "flip":
+        blob[-3] ^= 0xFF
+    elif damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob = bytearray()
+    open(path, "wb").write(blob)
+    with pytest.raises(CheckpointError, match="checkpoint 2: .*op-1.state is (corrupt|truncated)"):
+        store.read_state(2, "op-1")
+    latest, problems = store.latest_valid()
+    assert latest == 1 and len(problems) == 1 and "op-1.state" in problems[0]
+
+
+def test_another_format_version_is_refused_with_advice(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    write(store, 1, 1)
+    meta_path = os.path.join(store.directory(1), "_metadata")
+    meta = json.load(open(meta_path))
+    meta["format"] = FORMAT_VERSION + 1
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(CheckpointError, match="restore it with the version that wrote it"):
+        store.metadata(1)
+    assert store.latest_valid()[0] is None
+
+
+FULL_DISK_SCRIPT = """
+import sys
+from mpstream.checkpoint import CheckpointError, CheckpointStore
+store = CheckpointStore(sys.argv[1])
+try:
+    store.write_state(1, "agg", 0, b"x" * (1 << 20))
+    print("WRITTEN")
+except CheckpointError as exc:
+    print("FAILED", exc)
+print("COMPLETE", store.complete())
+"""
+
+
+def test_a_full_disk_fails_that_checkpoint_with_a_clear_error(tmp_path):
+    """The checkpoint directory on a 64 KiB tmpfs in a private mount namespace (needs root)."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare --mount (root) to mount a small tmpfs")
+    root = tmp_path / "small"
+    root.mkdir()
+    inner = f'mount -t tmpfs -o size=64k tmpfs "$1" && exec {sys.executable} -c "$0" "$1"'
+    out = subprocess.run(["unshare", "--mount", "sh", "-c", inner, FULL_DISK_SCRIPT, str(root)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("FAILED checkpoint 1: cannot write the state of operator 'agg' instance 0")
+    assert "No space left on device" in lines[0]
+    assert lines[1] == "COMPLETE []"
