@@ -494,42 +494,59 @@ class InputGate:
         if not 0 < len(readers) <= lib.MPS_RING_MAX_WAIT_SET:
             raise ValueError(f"an InputGate takes 1 to {lib.MPS_RING_MAX_WAIT_SET} channels, got {len(readers)}")
         self.readers = list(readers)
-        self._active = list(range(len(readers)))
-        self._rings = ffi.new("struct mps_ring *[]", [r._ring for r in readers])
+        self.live = list(range(len(readers)))  # channels that have not delivered END_OF_STREAM
+        self.blocked: set[int] = set()  # channels not read until unblock_all (barrier alignment)
+        self._readable: list[int] = []
+        self._rings = ffi.new("struct mps_ring *[]", len(readers))
         self._next = ffi.new("uint32_t *")
         self._peeked = ffi.new("struct mps_record *")
         self._ended: int | None = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._readable = [c for c in self.live if c not in self.blocked]
+        for i, channel in enumerate(self._readable):
+            self._rings[i] = self.readers[channel]._ring
+        self._next[0] = 0
 
     @property
     def done(self) -> bool:
         """True once every channel's END_OF_STREAM was read and released."""
         self._retire_ended()
-        return not self._active
+        return not self.live
+
+    def block(self, channel: int) -> None:
+        """Reads nothing more from channel until :meth:`unblock_all` (checkpoint alignment)."""
+        self.blocked.add(channel)
+        self._refresh()
+
+    def unblock_all(self) -> None:
+        self.blocked.clear()
+        self._refresh()
 
     def _retire_ended(self) -> None:
         """Drops the channel whose END_OF_STREAM the caller has released by now."""
         if self._ended is None or self.readers[self._ended]._record.held:
             return
-        position = self._active.index(self._ended)
-        del self._active[position]
-        for i, channel in enumerate(self._active):
-            self._rings[i] = self.readers[channel]._ring
-        self._next[0] = position
+        self.live.remove(self._ended)
+        self.blocked.discard(self._ended)
         self._ended = None
+        self._refresh()
 
     def read(self, timeout: float | None = None) -> tuple[int, Record]:
         """(index of the channel in readers, its Record); see the class doc."""
         self._retire_ended()
         if self._ended is not None:
             raise ChannelError("release the previous record before reading the next")
-        if not self._active:
-            raise ChannelError("every channel of this gate has ended")
-        rings, count, nxt, rec = self._rings, len(self._active), self._next, self._peeked
+        if not self._readable:
+            raise ChannelError("every channel of this gate has ended" if not self.live
+                               else "every live channel of this gate is blocked: unblock_all() first")
+        rings, count, nxt, rec = self._rings, len(self._readable), self._next, self._peeked
         while True:
             rc = lib.mps_ring_peek_any(rings, count, nxt, 0, rec)
             if rc == _EMPTY:
                 rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
-            channel = self._active[nxt[0]]
+            channel = self._readable[nxt[0]]
             reader = self.readers[channel]
             if rc != _OK:
                 reader._raise_for(rc, timeout)

@@ -115,6 +115,14 @@ class CheckpointStore:
         """Removes an incomplete checkpoint's files (a failed or abandoned checkpoint)."""
         shutil.rmtree(self.directory(checkpoint_id), ignore_errors=True)
 
+    def discard_incomplete(self) -> None:
+        """Removes every checkpoint directory without committed metadata (call when no worker
+        can still write into one: at the start or the end of a job)."""
+        complete = set(self.complete())
+        for entry in os.listdir(self.root):
+            if entry.startswith("chk-") and int(entry[4:]) not in complete:
+                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+
     # ---- read on restore --------------------------------------------------------------------
 
     def complete(self) -> list[int]:

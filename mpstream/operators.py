@@ -139,6 +139,13 @@ class Source:
     def close(self) -> Output:
         return None
 
+    def snapshot(self) -> Any:
+        """State beyond the offset (the runtime records the offset itself)."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        pass
+
 
 # ---- sources ------------------------------------------------------------------------------
 
@@ -265,6 +272,9 @@ class Aggregate(Operator):
     def process(self, batch: Batch) -> Output:
         (self.state.merge if self.inputs == "partials" else self.state.update)(batch)
         return None
+
+    def snapshot(self) -> Any:
+        return self.state.partial() if len(self.state) else None
 
     def close(self) -> Output:
         if not len(self.state):

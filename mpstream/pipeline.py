@@ -30,7 +30,7 @@ from . import operators as ops
 from .aggregate import partials_of
 from .batch import Batch
 from .partition import CustomPartitioner, HashPartitioner, Partitioner, RangePartitioner, RoundRobinPartitioner
-from .runtime import JobResult, execute
+from .runtime import CheckpointConfig, JobResult, execute
 
 __all__ = ["Pipeline", "Stream", "KeyedStream", "Node", "Edge"]
 
@@ -110,9 +110,15 @@ class Pipeline:
         """An .npz archive (one array per column) or a structured .npy array."""
         return self.source(name, lambda: ops.ColumnsSource(None, batch_size, lambda: ops.load_numpy(path)), parallelism)
 
-    def run(self, *, progress: Callable[[dict[str, Any]], None] | None = None) -> JobResult:
-        """Runs the job to completion; see :func:`mpstream.runtime.execute`."""
-        return execute(self, progress=progress)
+    def run(self, *, progress: Callable[[dict[str, Any]], None] | None = None,
+            checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
+            checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3) -> JobResult:
+        """Runs the job to completion; see :func:`mpstream.runtime.execute`. With a
+        ``checkpoint_dir``, aligned checkpoints are taken every ``checkpoint_interval`` s."""
+        config = None
+        if checkpoint_dir is not None:
+            config = CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures)
+        return execute(self, progress=progress, checkpoints=config)
 
 
 class Stream:

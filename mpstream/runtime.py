@@ -18,6 +18,7 @@ import os
 import signal
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import operators as ops
 from .batch import Batch
+from .checkpoint import CheckpointError, CheckpointStore
 from .channel import Channel, ChannelReader, ChannelTimeoutError, ChannelWriter, InputGate, RecordKind, sweep_stale_segments
 from .errors import MpstreamError, RecordTooLargeError
 from .partition import split
@@ -32,7 +34,7 @@ from .partition import split
 if TYPE_CHECKING:
     from .pipeline import Node, Pipeline
 
-__all__ = ["execute", "JobResult", "InstanceStats", "OperatorError", "WorkerDiedError"]
+__all__ = ["execute", "CheckpointConfig", "JobResult", "InstanceStats", "OperatorError", "WorkerDiedError"]
 
 _PROGRESS_INTERVAL_S = 0.25
 _PR_SET_PDEATHSIG = 1
@@ -76,6 +78,7 @@ class JobResult:
     operators: list[InstanceStats]
     seconds: float
     dropped: dict[str, int] = field(default_factory=dict)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # per completed checkpoint
 
     def __getitem__(self, sink: str) -> Batch:
         return Batch.concat(self.collected[sink])
@@ -136,10 +139,23 @@ def _plan_channels(pipeline: Pipeline) -> dict[tuple[str, int], dict[str, Any]]:
     return io
 
 
-def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | None = None) -> JobResult:
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints every ``interval`` seconds into ``directory``, keeping the last ``retain``;
+    the job fails after more than ``tolerable_failures`` failed checkpoints (e.g. disk full)."""
+
+    directory: str
+    interval: float
+    retain: int = 3
+    tolerable_failures: int = 3
+
+
+def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | None = None,
+            checkpoints: CheckpointConfig | None = None) -> JobResult:
     """Runs every operator instance in its own process until all sources are exhausted and
     every operator has closed; returns the collected results. ``progress(info)`` is called
-    about four times a second with the rows the sources have produced so far."""
+    about four times a second with the rows the sources have produced so far. With
+    ``checkpoints``, the coordinator takes aligned checkpoints while the sources run."""
     nodes = {n.name: n for n in pipeline.nodes}
     if not nodes:
         raise ValueError("the pipeline has no operators")
@@ -157,11 +173,12 @@ def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | 
         for (name, instance), wiring in io.items():
             ours, theirs = ctx.Pipe()
             process = ctx.Process(target=_worker_main, name=f"mpstream:{name}[{instance}]",
-                                  args=(nodes[name], instance, wiring, names, theirs, os.getpid()), daemon=True)
+                                  args=(nodes[name], instance, wiring, names, theirs, os.getpid(),
+                                        checkpoints.directory if checkpoints else None), daemon=True)
             process.start()
             theirs.close()
             workers[ours] = (name, instance, process)
-        return _Supervisor(workers, channels, nodes, progress, start).run()
+        return _Supervisor(workers, channels, nodes, progress, start, checkpoints).run()
     finally:
         for conn, (_, _, process) in workers.items():
             if process.is_alive():
@@ -175,9 +192,20 @@ def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | 
 class _Supervisor:
     """The coordinator's loop over worker messages and process exits."""
 
-    def __init__(self, workers: dict, channels: dict[str, Channel], nodes: dict, progress, start: float) -> None:
+    def __init__(self, workers: dict, channels: dict[str, Channel], nodes: dict, progress, start: float,
+                 checkpoints: CheckpointConfig | None) -> None:
         self.workers, self.channels, self.nodes = workers, channels, nodes
         self.progress, self.start = progress, start
+        self.config = checkpoints
+        self.store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
+        if self.store is not None:
+            self.store.discard_incomplete()  # left by a job that died mid-checkpoint
+        self.next_id = (self.store.complete() or [0])[-1] + 1 if self.store else 1
+        self.next_trigger = time.monotonic() + checkpoints.interval if checkpoints else float("inf")
+        self.pending: dict[str, Any] | None = None  # the checkpoint in flight
+        self.completed: list[dict[str, Any]] = []
+        self.failures = 0
+        self.draining = False  # a worker finished: no more checkpoints
         self.collected: dict[str, list[Batch]] = {n.name: [] for n in nodes.values() if n.collect}
         self.stats: list[InstanceStats] = []
         self.produced: dict[tuple[str, int], int] = {}
@@ -188,7 +216,9 @@ class _Supervisor:
 
     def run(self) -> JobResult:
         while len(self.finished) < len(self.workers):
-            ready = wait(list(self.open_conns) + list(self.conn_of), timeout=_PROGRESS_INTERVAL_S)
+            self._maybe_trigger()
+            timeout = min(_PROGRESS_INTERVAL_S, max(0.0, self.next_trigger - time.monotonic()))
+            ready = wait(list(self.open_conns) + list(self.conn_of), timeout=timeout)
             for obj in ready:  # messages first: a worker's last report precedes its exit
                 if obj in self.open_conns:
                     self._drain(obj)
@@ -197,13 +227,66 @@ class _Supervisor:
                     self._exited(self.conn_of.pop(obj))
             if self.progress is not None:
                 self.progress({"rows": sum(self.produced.values()), "seconds": time.monotonic() - self.start})
+        if self.store is not None:  # every worker is done: none writes into an abandoned one
+            self.store.discard_incomplete()
         dropped: dict[str, int] = {}
         for s in self.stats:
             if s.dropped:
                 dropped[s.name] = dropped.get(s.name, 0) + s.dropped
         order = list(self.nodes)
         self.stats.sort(key=lambda s: (order.index(s.name), s.instance))
-        return JobResult(self.collected, self.stats, time.monotonic() - self.start, dropped)
+        return JobResult(self.collected, self.stats, time.monotonic() - self.start, dropped, self.completed)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def _maybe_trigger(self) -> None:
+        """Asks every source to inject BARRIER(n) after its current batch."""
+        now = time.monotonic()
+        if self.pending is not None or self.draining or now < self.next_trigger:
+            return
+        n = self.next_id
+        self.next_id += 1
+        self.pending = {"id": n, "started": now, "states": {}, "alignment_s": 0.0, "snapshot_s": 0.0, "failed": []}
+        for conn, (name, _, _) in self.workers.items():
+            if self.nodes[name].is_source:
+                conn.send(("checkpoint", n))
+
+    def _acked(self, name: str, instance: int, message: tuple) -> None:
+        _, n, state_file, alignment_s, snapshot_s, error = message
+        pending = self.pending
+        if pending is None or pending["id"] != n:
+            return  # an abandoned checkpoint
+        if error:
+            pending["failed"].append(error)
+        else:
+            pending["states"][f"{name}-{instance}"] = state_file
+        pending["alignment_s"] = max(pending["alignment_s"], alignment_s)
+        pending["snapshot_s"] = max(pending["snapshot_s"], snapshot_s)
+        if len(pending["states"]) + len(pending["failed"]) < len(self.workers):
+            return
+        self.pending = None
+        self.next_trigger = time.monotonic() + self.config.interval
+        try:
+            if pending["failed"]:
+                raise CheckpointError("; ".join(pending["failed"]))
+            stats = {"id": n, "duration_s": round(time.monotonic() - pending["started"], 6),
+                     "alignment_s": round(pending["alignment_s"], 6), "snapshot_s": round(pending["snapshot_s"], 6),
+                     "bytes": sum(f.bytes for f in pending["states"].values())}
+            self.store.commit(n, pending["states"], stats)
+            self.completed.append(stats)
+        except CheckpointError as exc:
+            self.store.discard(n)
+            self.failures += 1
+            if self.failures > self.config.tolerable_failures:
+                raise CheckpointError(f"{self.failures} checkpoints failed, more than the {self.config.tolerable_failures} "
+                                      f"tolerated; the last: {exc}") from exc
+            warnings.warn(f"checkpoint {n} failed and was discarded; the job goes on: {exc}", stacklevel=2)
+
+    def _abandon(self) -> None:
+        self.draining = True
+        if self.pending is not None:
+            self.store.discard(self.pending["id"])
+            self.pending = None
 
     def _drain(self, conn: Connection) -> None:
         while conn in self.open_conns and conn.poll():
@@ -226,9 +309,13 @@ class _Supervisor:
             self.collected[name].append(message[1])
         elif kind == "progress":
             self.produced[(name, instance)] = message[1]
+        elif kind == "ack":
+            self._acked(name, instance, message)
         elif kind == "done":
             self.stats.append(message[1])
             self.finished.add((name, instance))
+            if self.store is not None:
+                self._abandon()  # a finishing job cannot align a barrier any more
         elif kind == "error":
             raise OperatorError(f"operator {name!r} instance {instance} failed: {message[1]}\n"
                                 f"--- traceback in the worker (pid {process.pid}) ---\n{message[2]}")
@@ -248,8 +335,10 @@ class _Supervisor:
 # ---- the worker -----------------------------------------------------------------------------
 
 class _Worker:
-    def __init__(self, node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection) -> None:
+    def __init__(self, node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection,
+                 checkpoint_dir: str | None) -> None:
         self.node, self.instance, self.conn = node, instance, conn
+        self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
         self.stats = InstanceStats(node.name, instance)
         readers = [ChannelReader(names[label]) for label in wiring["inputs"]]
         self.gate = InputGate(readers) if readers else None
@@ -323,9 +412,28 @@ class _Worker:
         self.stats.busy_s = max(0.0, total - self.stats.idle_s - self.stats.backpressured_s)
         self.conn.send(("done", self.stats))
 
+    def _checkpoint(self, n: int, alignment_s: float, offset: int | None = None) -> None:
+        """Snapshots the operator (and a source's offset), forwards BARRIER(n), acknowledges."""
+        started = time.perf_counter()
+        state = {"operator": self.op.snapshot(), "offset": offset}
+        state_file, error = None, None
+        try:
+            state_file = self.store.write_state(n, self.node.name, self.instance, state)
+        except CheckpointError as exc:
+            error = str(exc)
+        for output in self.outputs:
+            for writer in output.writers:
+                writer.write_barrier(n)
+        self.conn.send(("ack", n, state_file, alignment_s, time.perf_counter() - started, error))
+
     def _run_source(self) -> None:
         offset, last_report = 0, time.monotonic()
-        while (batch := self.op.read(offset)) is not None:
+        while True:
+            if self.store is not None and self.conn.poll():  # ("checkpoint", n) between batches
+                self._checkpoint(self.conn.recv()[1], 0.0, offset)
+            batch = self.op.read(offset)
+            if batch is None:
+                break
             self.stats.records_in += batch.num_rows
             self.stats.batches_in += 1
             self.emit(batch)
@@ -336,23 +444,39 @@ class _Worker:
         self.conn.send(("progress", self.stats.records_in))
 
     def _run_operator(self) -> None:
+        """Reads all inputs fairly. BARRIER(n) aligns: a channel that delivered it is not read
+        again until every live channel has; then the operator snapshots and forwards it."""
         gate, stats, op = self.gate, self.stats, self.op
-        while not gate.done:
+        aligning: int | None = None
+        aligned_at = 0.0
+        while True:
+            finished = gate.done
+            if aligning is not None and set(gate.live) <= gate.blocked:
+                self._checkpoint(aligning, time.perf_counter() - aligned_at)
+                aligning = None
+                gate.unblock_all()
+            if finished:
+                return
             waited = time.perf_counter()
-            _, record = gate.read()
+            channel, record = gate.read()
             stats.idle_s += time.perf_counter() - waited
             with record:
                 if record.kind is RecordKind.DATA:
                     stats.records_in += record.batch.num_rows
                     stats.batches_in += 1
                     self.emit(op.process(record.batch))
+                elif record.kind is RecordKind.BARRIER:
+                    if aligning is None:
+                        aligning, aligned_at = record.value, time.perf_counter()
+                    gate.block(channel)
 
 
-def _worker_main(node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection, parent: int) -> None:
+def _worker_main(node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection, parent: int,
+                 checkpoint_dir: str | None) -> None:
     _prepare_worker_process(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     try:
-        _Worker(node, instance, wiring, names, conn).run()
+        _Worker(node, instance, wiring, names, conn, checkpoint_dir).run()
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which raises
         try:

@@ -1,0 +1,106 @@
+"""Barrier-aligned checkpoints: alignment at a gate, and consistent snapshots of a running job
+(the state of every operator equals what the sources had emitted before their barrier)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from mpstream import Batch, Channel, ChannelReader, ChannelWriter, InputGate, RecordKind
+from mpstream.aggregate import KeyedAggregate
+from mpstream.checkpoint import CheckpointStore
+from mpstream.operators import Source
+from mpstream.pipeline import Pipeline
+
+
+def test_a_channel_that_delivered_a_barrier_is_not_read_until_all_have():
+    with Channel("align-0", 1 << 14) as c0, Channel("align-1", 1 << 14) as c1:
+        w0, w1 = ChannelWriter(c0.name), ChannelWriter(c1.name)
+        w0.write(Batch({"v": np.array([1])}))
+        w0.write_barrier(1)
+        w0.write(Batch({"v": np.array([2])}))  # after the barrier: must wait for alignment
+        for v in (10, 11):
+            w1.write(Batch({"v": np.array([v])}))
+        w1.write_barrier(1)
+        gate = InputGate([ChannelReader(c0.name), ChannelReader(c1.name)])
+        seen = []
+        while len(seen) < 7:  # six records and the "aligned" mark
+            channel, record = gate.read(timeout=5)
+            with record:
+                seen.append((channel, record.kind.name, None if record.batch is None else int(record.batch["v"][0])))
+                if record.kind is RecordKind.BARRIER:
+                    gate.block(channel)
+            if set(gate.live) <= gate.blocked:
+                seen.append("aligned")
+                gate.unblock_all()
+        assert seen.index((0, "BARRIER", None)) < seen.index((1, "DATA", 11))
+        assert seen.index("aligned") < seen.index((0, "DATA", 2))
+        assert seen[-1] == (0, "DATA", 2)
+        gate.close()
+        w0.close()
+        w1.close()
+
+
+def rows(instance, offset):
+    rng = np.random.default_rng([instance, offset])
+    return {"k": rng.integers(0, 50, 500), "v": rng.integers(0, 1000, 500)}
+
+
+class UntilTwoCheckpoints(Source):
+    """Emits deterministic batches; ends once it has taken part in two checkpoints."""
+
+    def open(self, ctx):
+        super().open(ctx)
+        self.snapshots = 0
+
+    def snapshot(self):
+        self.snapshots += 1
+        return {"snapshots": self.snapshots}
+
+    def read(self, offset):
+        if self.snapshots >= 2 and offset >= 5:
+            return None
+        return Batch(rows(self.ctx.instance, offset))
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_a_committed_checkpoint_is_a_consistent_cut(tmp_path, parallelism):
+    p = Pipeline(channel_capacity=1 << 16)
+    a = p.source("a", UntilTwoCheckpoints, parallelism=2)
+    b = p.source("b", UntilTwoCheckpoints)
+    (a.union(b).map("double", lambda batch: {"k": batch["k"], "v": batch["v"] * 2})
+      .key_by("k").aggregate("agg", {"v": "sum", "*": "count"}, parallelism=parallelism)
+      .collect("out"))
+    result = p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=0.001)
+    assert result.checkpoints, "the sources end only after two checkpoints, one must have committed"
+    store = CheckpointStore(str(tmp_path))
+    n = store.complete()[-1]
+    meta = store.metadata(n)
+    assert sorted(meta["states"]) == sorted(
+        ["a-0", "a-1", "b-0"] + [f"double-{i}" for i in range(2)] + [f"agg-{i}" for i in range(parallelism)]
+        + [f"out-{i}" for i in range(parallelism)])
+    assert meta["stats"]["bytes"] > 0 and meta["stats"]["duration_s"] >= meta["stats"]["alignment_s"] >= 0
+    # the aggregates hold exactly the rows each source emitted before its recorded offset
+    want = KeyedAggregate("k", {"v": "sum", "*": "count"})
+    for source, instances in (("a", 2), ("b", 1)):
+        for i in range(instances):
+            offset = store.read_state(n, f"{source}-{i}")["offset"]
+            for o in range(offset):
+                r = rows(i, o)
+                want.update(Batch({"k": r["k"], "v": r["v"] * 2}))
+    got = KeyedAggregate("k", {"v": "sum", "*": "count"})
+    for i in range(parallelism):
+        state = store.read_state(n, f"agg-{i}")["operator"]
+        if state is not None:
+            got.merge(state)
+    table = lambda agg: sorted(zip(*(agg.result()[c].tolist() for c in ("k", "v_sum", "count"))))  # noqa: E731
+    assert table(got) == table(want)
+
+
+def test_checkpoint_stats_and_retention_in_a_run(tmp_path):
+    p = Pipeline(channel_capacity=1 << 16)
+    p.source("s", UntilTwoCheckpoints).key_by("k").aggregate("agg", {"v": "max"}).collect("out")
+    result = p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=0.001, checkpoint_retain=1)
+    assert len(os.listdir(tmp_path)) == 1  # older ones removed, abandoned ones discarded
+    for stats in result.checkpoints:
+        assert set(stats) == {"id", "duration_s", "alignment_s", "snapshot_s", "bytes"}
