@@ -113,7 +113,10 @@ class KeyedState:
 
 class KeyedOperator(Operator):
     """A stateful operator after ``key_by``: it sees every row of the keys in its key groups;
-    ``self.state`` is their :class:`KeyedState`, snapshotted and restored per key group."""
+    ``self.state`` is their :class:`KeyedState`, snapshotted and restored per key group, so
+    it restores at another parallelism too."""
+
+    rescalable = True
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
@@ -122,8 +125,8 @@ class KeyedOperator(Operator):
     def snapshot(self) -> Any:
         return self.state.snapshot()
 
-    def restore(self, state: Any) -> None:
-        self.state.restore(state)
+    def restore(self, states: list[Any]) -> None:
+        self.state.restore(s for s in states if s)
 
 
 class Source:
@@ -273,8 +276,17 @@ class Aggregate(Operator):
         (self.state.merge if self.inputs == "partials" else self.state.update)(batch)
         return None
 
+    rescalable = True  # restore() takes every old instance's state and keeps its key groups
+
     def snapshot(self) -> Any:
         return self.state.partial() if len(self.state) else None
+
+    def restore(self, states: list[Any]) -> None:
+        mine = groups_of_instance(self.ctx.instance, self.ctx.parallelism)
+        for partial in states:
+            if partial is not None:
+                groups = key_groups(partial[self.key])
+                self.state.merge(partial.filter((groups >= mine.start) & (groups < mine.stop)))
 
     def close(self) -> Output:
         if not len(self.state):

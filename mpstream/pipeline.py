@@ -112,12 +112,17 @@ class Pipeline:
 
     def run(self, *, progress: Callable[[dict[str, Any]], None] | None = None,
             checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
-            checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3) -> JobResult:
+            checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
+            restarts: int = 3, restart_backoff: float = 0.1, resume: bool = False) -> JobResult:
         """Runs the job to completion; see :func:`mpstream.runtime.execute`. With a
-        ``checkpoint_dir``, aligned checkpoints are taken every ``checkpoint_interval`` s."""
+        ``checkpoint_dir``, aligned checkpoints are taken every ``checkpoint_interval`` s and
+        a failed worker makes the job restart from the last one (up to ``restarts`` times);
+        ``resume=True`` starts from the directory's newest valid checkpoint (a job whose
+        whole process tree died)."""
         config = None
         if checkpoint_dir is not None:
-            config = CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures)
+            config = CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain,
+                                      tolerable_checkpoint_failures, restarts, restart_backoff, resume)
         return execute(self, progress=progress, checkpoints=config)
 
 

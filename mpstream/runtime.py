@@ -79,6 +79,11 @@ class JobResult:
     seconds: float
     dropped: dict[str, int] = field(default_factory=dict)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # per completed checkpoint
+    recovery_seconds: list[float] = field(default_factory=list)  # per restart after a failure
+
+    @property
+    def restarts(self) -> int:
+        return len(self.recovery_seconds)
 
     def __getitem__(self, sink: str) -> Batch:
         return Batch.concat(self.collected[sink])
@@ -142,29 +147,70 @@ def _plan_channels(pipeline: Pipeline) -> dict[tuple[str, int], dict[str, Any]]:
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Checkpoints every ``interval`` seconds into ``directory``, keeping the last ``retain``;
-    the job fails after more than ``tolerable_failures`` failed checkpoints (e.g. disk full)."""
+    the job fails after more than ``tolerable_failures`` failed checkpoints (e.g. disk full).
+    When a worker fails, the job restarts from the newest valid checkpoint, up to
+    ``restarts`` times, waiting ``restart_backoff`` (doubling) first."""
 
     directory: str
     interval: float
     retain: int = 3
     tolerable_failures: int = 3
+    restarts: int = 3  # recoveries from a failure before the job fails
+    restart_backoff: float = 0.1  # seconds before the first restart, doubled for each next
+    resume: bool = False  # start from the directory's newest valid checkpoint
 
 
 def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | None = None,
             checkpoints: CheckpointConfig | None = None) -> JobResult:
     """Runs every operator instance in its own process until all sources are exhausted and
     every operator has closed; returns the collected results. ``progress(info)`` is called
-    about four times a second with the rows the sources have produced so far. With
-    ``checkpoints``, the coordinator takes aligned checkpoints while the sources run."""
+    about four times a second with the rows the sources have produced so far.
+
+    With ``checkpoints``, the coordinator takes aligned checkpoints while the sources run,
+    and when a worker fails (an exception, a signal) it kills the others, restores every
+    operator from the newest valid checkpoint, rewinds the sources to its offsets and goes
+    on: collect sinks keep only what preceded that checkpoint, so results are exactly once.
+    """
     nodes = {n.name: n for n in pipeline.nodes}
     if not nodes:
         raise ValueError("the pipeline has no operators")
+    store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
+    restore = _restore_point(store) if checkpoints and checkpoints.resume else None
+    kept: dict[str, list[tuple[int, Batch]]] = {n.name: [] for n in nodes.values() if n.collect}
+    recoveries: list[float] = []
+    start = time.monotonic()
+    while True:
+        try:
+            result = _attempt(pipeline, nodes, progress, checkpoints, restore, kept, start)
+            result.recovery_seconds = recoveries
+            return result
+        except (WorkerDiedError, OperatorError) as exc:
+            if store is None or len(recoveries) >= checkpoints.restarts:
+                raise
+            failed_at = time.monotonic()
+            warnings.warn(f"restarting the job from its last checkpoint after: {exc}", stacklevel=2)
+            time.sleep(checkpoints.restart_backoff * 2 ** len(recoveries))  # backoff, not synchronisation
+            restore = _restore_point(store)
+            upto = restore["id"] if restore else 0
+            for batches in kept.values():  # what followed the checkpoint will be replayed
+                batches[:] = [(epoch, b) for epoch, b in batches if epoch < upto]
+            recoveries.append(time.monotonic() - failed_at)
+
+
+def _restore_point(store: CheckpointStore) -> dict[str, Any] | None:
+    checkpoint_id, problems = store.latest_valid()
+    for problem in problems:
+        warnings.warn(f"skipping a damaged checkpoint: {problem}", stacklevel=3)
+    return None if checkpoint_id is None else {"id": checkpoint_id, "dir": store.root}
+
+
+def _attempt(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointConfig | None,
+             restore: dict[str, Any] | None, kept: dict, start: float) -> JobResult:
     sweep_stale_segments()
     io = _plan_channels(pipeline)
     channels: dict[str, Channel] = {}
     ctx = multiprocessing.get_context("fork")  # workers inherit the user's functions, lambdas too
     workers: dict[Any, tuple[str, int, Any]] = {}
-    start = time.monotonic()
     try:
         for (name, instance), wiring in io.items():
             for label in wiring["inputs"]:
@@ -174,11 +220,11 @@ def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | 
             ours, theirs = ctx.Pipe()
             process = ctx.Process(target=_worker_main, name=f"mpstream:{name}[{instance}]",
                                   args=(nodes[name], instance, wiring, names, theirs, os.getpid(),
-                                        checkpoints.directory if checkpoints else None), daemon=True)
+                                        checkpoints.directory if checkpoints else None, restore), daemon=True)
             process.start()
             theirs.close()
             workers[ours] = (name, instance, process)
-        return _Supervisor(workers, channels, nodes, progress, start, checkpoints).run()
+        return _Supervisor(workers, channels, nodes, progress, start, checkpoints, kept).run()
     finally:
         for conn, (_, _, process) in workers.items():
             if process.is_alive():
@@ -193,10 +239,11 @@ class _Supervisor:
     """The coordinator's loop over worker messages and process exits."""
 
     def __init__(self, workers: dict, channels: dict[str, Channel], nodes: dict, progress, start: float,
-                 checkpoints: CheckpointConfig | None) -> None:
+                 checkpoints: CheckpointConfig | None, kept: dict[str, list[tuple[int, Batch]]]) -> None:
         self.workers, self.channels, self.nodes = workers, channels, nodes
         self.progress, self.start = progress, start
         self.config = checkpoints
+        self.kept = kept  # collected (epoch, batch), across restarts
         self.store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
         if self.store is not None:
             self.store.discard_incomplete()  # left by a job that died mid-checkpoint
@@ -206,7 +253,6 @@ class _Supervisor:
         self.completed: list[dict[str, Any]] = []
         self.failures = 0
         self.draining = False  # a worker finished: no more checkpoints
-        self.collected: dict[str, list[Batch]] = {n.name: [] for n in nodes.values() if n.collect}
         self.stats: list[InstanceStats] = []
         self.produced: dict[tuple[str, int], int] = {}
         self.not_ready = len(workers)
@@ -235,7 +281,8 @@ class _Supervisor:
                 dropped[s.name] = dropped.get(s.name, 0) + s.dropped
         order = list(self.nodes)
         self.stats.sort(key=lambda s: (order.index(s.name), s.instance))
-        return JobResult(self.collected, self.stats, time.monotonic() - self.start, dropped, self.completed)
+        collected = {name: [batch for _, batch in batches] for name, batches in self.kept.items()}
+        return JobResult(collected, self.stats, time.monotonic() - self.start, dropped, self.completed)
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -306,7 +353,7 @@ class _Supervisor:
                 for chan in self.channels.values():
                     chan.close()
         elif kind == "collect":
-            self.collected[name].append(message[1])
+            self.kept[name].append((message[2], message[1]))
         elif kind == "progress":
             self.produced[(name, instance)] = message[1]
         elif kind == "ack":
@@ -336,9 +383,12 @@ class _Supervisor:
 
 class _Worker:
     def __init__(self, node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection,
-                 checkpoint_dir: str | None) -> None:
+                 checkpoint_dir: str | None, restore: dict[str, Any] | None) -> None:
         self.node, self.instance, self.conn = node, instance, conn
         self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
+        self.restore = restore
+        self.epoch = restore["id"] if restore else 0  # the last barrier this instance passed
+        self.start_offset = 0
         self.stats = InstanceStats(node.name, instance)
         readers = [ChannelReader(names[label]) for label in wiring["inputs"]]
         self.gate = InputGate(readers) if readers else None
@@ -367,7 +417,7 @@ class _Worker:
             self.stats.records_out += batch.num_rows
             self.stats.batches_out += 1
             if self.node.collect:
-                self.conn.send(("collect", batch.copy()))
+                self.conn.send(("collect", batch.copy(), self.epoch))
             for output in self.outputs:
                 sent = batch if output.combine is None else output.combine(batch)
                 n = len(output.writers)
@@ -395,8 +445,31 @@ class _Worker:
             return
         self.stats.bytes_out += part.nbytes
 
+    def _restore(self) -> None:
+        """Puts back this instance's state of the checkpoint to restore: its own, or, for a
+        rescalable (keyed) operator, the states of every old instance to pick its keys from."""
+        store = CheckpointStore(self.restore["dir"])
+        n, name = self.restore["id"], self.node.name
+        old = sorted((k for k in store.metadata(n)["states"] if k.rsplit("-", 1)[0] == name),
+                     key=lambda k: int(k.rsplit("-", 1)[1]))
+        if getattr(self.op, "rescalable", False):
+            self.op.restore([store.read_state(n, k)["operator"] for k in old])
+            return
+        if len(old) != self.node.parallelism:
+            states = [store.read_state(n, k) for k in old]
+            if all(st["operator"] is None and st["offset"] is None for st in states):
+                return  # stateless: any parallelism will do
+            raise CheckpointError(f"operator {name!r} had parallelism {len(old)} in checkpoint {n} and has "
+                                  f"{self.node.parallelism} now: only keyed operators (and stateless ones) "
+                                  f"can change it on restore; run it with parallelism {len(old)}")
+        state = store.read_state(n, f"{name}-{self.instance}")
+        self.op.restore(state["operator"])
+        self.start_offset = state["offset"] or 0
+
     def run(self) -> None:
         self.op.open(self.ctx)
+        if self.restore is not None:
+            self._restore()
         self.conn.send(("ready",))
         started = time.perf_counter()
         if self.gate is None:
@@ -415,6 +488,7 @@ class _Worker:
     def _checkpoint(self, n: int, alignment_s: float, offset: int | None = None) -> None:
         """Snapshots the operator (and a source's offset), forwards BARRIER(n), acknowledges."""
         started = time.perf_counter()
+        self.epoch = n
         state = {"operator": self.op.snapshot(), "offset": offset}
         state_file, error = None, None
         try:
@@ -427,7 +501,7 @@ class _Worker:
         self.conn.send(("ack", n, state_file, alignment_s, time.perf_counter() - started, error))
 
     def _run_source(self) -> None:
-        offset, last_report = 0, time.monotonic()
+        offset, last_report = self.start_offset, time.monotonic()
         while True:
             if self.store is not None and self.conn.poll():  # ("checkpoint", n) between batches
                 self._checkpoint(self.conn.recv()[1], 0.0, offset)
@@ -472,11 +546,11 @@ class _Worker:
 
 
 def _worker_main(node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection, parent: int,
-                 checkpoint_dir: str | None) -> None:
+                 checkpoint_dir: str | None, restore: dict[str, Any] | None) -> None:
     _prepare_worker_process(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     try:
-        _Worker(node, instance, wiring, names, conn, checkpoint_dir).run()
+        _Worker(node, instance, wiring, names, conn, checkpoint_dir, restore).run()
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which raises
         try:

@@ -1,0 +1,148 @@
+"""Recovery: workers SIGKILLed at chosen points (mid-stream, during alignment, during a
+checkpoint write) and the job still produces exactly the reference result; restore at another
+parallelism; resume after the whole process tree died."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from mpstream import Batch
+from mpstream.operators import Aggregate, Source
+from mpstream.pipeline import Pipeline
+
+BATCHES, ROWS, KEYS = 200, 5000, 1000  # 2M events
+
+
+def rows(instance, offset):
+    rng = np.random.default_rng([instance, offset, 11])
+    keys = rng.integers(0, KEYS, ROWS)
+    keys[rng.random(ROWS) < 0.5] = 7  # a hot key
+    return {"k": keys, "v": rng.integers(0, 100, ROWS), "seq": np.full(ROWS, offset)}
+
+
+def reference(instances=2):
+    sums = np.zeros(KEYS, np.int64)
+    counts = np.zeros(KEYS, np.int64)
+    for i in range(instances):
+        for o in range(BATCHES):
+            r = rows(i, o)
+            np.add.at(sums, r["k"], r["v"] * 3)
+            counts += np.bincount(r["k"], minlength=KEYS)
+    return {k: (int(sums[k]), int(counts[k])) for k in np.flatnonzero(counts)}
+
+
+def kill_once(marker: str) -> None:
+    """SIGKILLs this worker the first time (across restarts) it gets here."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Clicks(Source):
+    def __init__(self, marker_dir):
+        self.marker_dir = marker_dir
+
+    def snapshot(self):
+        if self.ctx.instance == 1:  # dies right after injecting BARRIER(1): downstream is aligning
+            kill_once(os.path.join(self.marker_dir, "source-after-barrier"))
+        return None
+
+    def read(self, offset):
+        return Batch(rows(self.ctx.instance, offset)) if offset < BATCHES else None
+
+
+class DyingAggregate(Aggregate):
+    def snapshot(self):
+        state = super().snapshot()
+        kill_once(os.path.join(self.marker_dir, f"agg-snapshot-{self.ctx.instance}"))  # mid checkpoint
+        return state
+
+
+def build(marker_dir, parallelism=2, salt=4):
+    def triple(batch):
+        seq = int(batch["seq"][0])
+        for at in (15, 50, 90):  # mid-stream
+            if seq == at:
+                kill_once(os.path.join(marker_dir, f"map-{at}"))
+        return {"k": batch["k"], "v": batch["v"] * 3}
+
+    def dying_aggregate():
+        agg = DyingAggregate("k", {"v": "sum", "*": "count"})
+        agg.marker_dir = marker_dir
+        return agg
+
+    p = Pipeline(channel_capacity=1 << 18)
+    keyed = p.source("clicks", lambda: Clicks(marker_dir), parallelism=2).map("triple", triple).key_by("k")
+    if salt:
+        keyed.aggregate("agg", {"v": "sum", "*": "count"}, parallelism=parallelism, salt=salt).collect("out")
+    else:
+        keyed.process("agg", dying_aggregate, parallelism=parallelism).collect("out")
+    return p
+
+
+def table(batch):
+    return {int(k): (int(s), int(c)) for k, s, c in zip(batch["k"], batch["v_sum"], batch["count"])}
+
+
+@pytest.mark.parametrize("salt", [0, 4])
+def test_sigkilled_workers_recover_to_exactly_the_reference_result(tmp_path, salt):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    p = build(str(markers), salt=salt)
+    with pytest.warns(UserWarning, match="restarting the job from its last checkpoint"):
+        result = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.01, restarts=10,
+                       restart_backoff=0.01)
+    assert table(result["out"]) == reference()  # no loss, no duplicate
+    expected_kills = {"map-15", "map-50", "map-90", "source-after-barrier"}
+    if not salt:
+        expected_kills |= {"agg-snapshot-0", "agg-snapshot-1"}
+    assert set(os.listdir(markers)) == expected_kills
+    # kills that land in one attempt (two workers dying together) cost one restart
+    assert 1 <= result.restarts <= len(expected_kills)
+    assert all(seconds >= 0 for seconds in result.recovery_seconds)
+
+
+def test_restore_at_another_parallelism(tmp_path):
+    """A checkpoint taken with aggregate parallelism 3 restores into parallelism 2 (key groups)."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    (markers / "map-50").touch()  # only the kills at batch 15 and 90, and the source's
+    (markers / "map-15").touch()
+    first = build(str(markers), parallelism=3, salt=0)
+    for name in ("agg-snapshot-0", "agg-snapshot-1", "agg-snapshot-2", "source-after-barrier"):
+        (markers / name).touch()
+    with pytest.raises(Exception, match="killed by SIGKILL"):  # no restarts left: stops at batch 90
+        first.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005, restarts=0)
+    second = build(str(markers), parallelism=2, salt=0)
+    result = second.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005, resume=True)
+    assert table(result["out"]) == reference()
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, sys, signal
+    sys.path.insert(0, {tests!r})
+    from test_recovery import build
+    p = build({markers!r}, salt=0)
+    p.run(checkpoint_dir={chk!r}, checkpoint_interval=0.005, restarts=0)
+""")
+
+
+def test_resume_after_the_whole_process_tree_died(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    for name in ("map-15", "map-50", "source-after-barrier", "agg-snapshot-0", "agg-snapshot-1"):
+        (markers / name).touch()  # only map-90 fires: the job dies there, coordinator included
+    script = RESUME_SCRIPT.format(tests=os.path.dirname(__file__), markers=str(markers), chk=str(tmp_path / "chk"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "killed by SIGKILL" in out.stderr
+    result = build(str(markers), salt=0).run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005,
+                                             resume=True)
+    assert table(result["out"]) == reference()
