@@ -295,8 +295,11 @@ class _Supervisor:
         self.next_id += 1
         self.pending = {"id": n, "started": now, "states": {}, "alignment_s": 0.0, "snapshot_s": 0.0, "failed": []}
         for conn, (name, _, _) in self.workers.items():
-            if self.nodes[name].is_source:
-                conn.send(("checkpoint", n))
+            if self.nodes[name].is_source and conn in self.open_conns:
+                try:
+                    conn.send(("checkpoint", n))
+                except OSError:  # it just died: its sentinel reports that next
+                    pass
 
     def _acked(self, name: str, instance: int, message: tuple) -> None:
         _, n, state_file, alignment_s, snapshot_s, error = message
@@ -339,7 +342,7 @@ class _Supervisor:
         while conn in self.open_conns and conn.poll():
             try:
                 message = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # closed, or reset by a killed worker with unread input
                 del self.open_conns[conn]
                 return
             self._handle(conn, message)
