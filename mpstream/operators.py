@@ -65,6 +65,10 @@ class Operator:
     def restore(self, state: Any) -> None:
         pass
 
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        """Called (when overridden) after checkpoint checkpoint_id was committed: the moment a
+        two-phase-commit sink publishes what preceded it."""
+
 
 class KeyedState:
     """Per-key values of one keyed operator instance, kept per key group, so a snapshot can be
@@ -129,25 +133,13 @@ class KeyedOperator(Operator):
         self.state.restore(s for s in states if s)
 
 
-class Source:
-    """Produces batch number ``offset`` of this instance's share, or None at the end. Reading
-    the same offset again gives the same batch: that is what makes a source replayable."""
-
-    def open(self, ctx: Context) -> None:
-        self.ctx = ctx
+class Source(Operator):
+    """An operator without input: it produces batch number ``offset`` of this instance's share,
+    or None at the end. Reading the same offset again gives the same batch: that is what makes
+    a source replayable (the runtime records the offset in every checkpoint itself)."""
 
     def read(self, offset: int) -> Batch | None:
         raise NotImplementedError
-
-    def close(self) -> Output:
-        return None
-
-    def snapshot(self) -> Any:
-        """State beyond the offset (the runtime records the offset itself)."""
-        return None
-
-    def restore(self, state: Any) -> None:
-        pass
 
 
 # ---- sources ------------------------------------------------------------------------------
@@ -295,6 +287,77 @@ class Aggregate(Operator):
 
 
 # ---- sinks --------------------------------------------------------------------------------
+
+class TransactionalFileSink(Operator):
+    """Exactly-once CSV output by two-phase commit. Rows of epoch e (after BARRIER(e)) go to a
+    pending file ``{directory}/.pending/{name}-{instance}.{e}.csv``; checkpoint n lists the
+    files of epochs before n, and once it is committed they are published by rename to
+    ``{directory}/{name}-{instance}.{e:010d}.csv``. On restore, listed files are published
+    (idempotently) and every other pending file, written after the checkpoint, is discarded.
+    At the end of the stream everything is published."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        self.pending_dir = os.path.join(self.directory, ".pending")
+        os.makedirs(self.pending_dir, exist_ok=True)
+        self.ready: list[int] = []  # closed epochs awaiting a committed checkpoint
+        self.epoch = 0
+        self._file = None
+
+    def _pending(self, epoch: int) -> str:
+        return os.path.join(self.pending_dir, f"{self.ctx.name}-{self.ctx.instance}.{epoch}.csv")
+
+    def _publish(self, epoch: int) -> None:
+        final = os.path.join(self.directory, f"{self.ctx.name}-{self.ctx.instance}.{epoch:010d}.csv")
+        if os.path.exists(self._pending(epoch)):
+            os.rename(self._pending(epoch), final)
+
+    def process(self, batch: Batch) -> Output:
+        if self._file is None:
+            self._file = open(self._pending(self.epoch), "w", newline="")
+            csv.writer(self._file).writerow(list(batch))
+        columns = [col.to_numpy() if isinstance(col, StringColumn) else col for col in batch.values()]
+        csv.writer(self._file).writerows(zip(*(c.tolist() for c in columns)))
+        return None
+
+    def _seal(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self.ready.append(self.epoch)
+
+    def snapshot(self) -> Any:
+        self._seal()  # this epoch ends at the barrier
+        self.epoch += 1
+        return {"ready": list(self.ready), "epoch": self.epoch}
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        for epoch in [e for e in self.ready if e < self.epoch]:
+            self._publish(epoch)
+            self.ready.remove(epoch)
+
+    def restore(self, state: Any) -> None:
+        if state is not None:
+            for epoch in state["ready"]:
+                self._publish(epoch)
+            self.epoch = state["epoch"]
+        mine = f"{self.ctx.name}-{self.ctx.instance}."
+        for entry in os.listdir(self.pending_dir):  # written after the checkpoint: replayed
+            if entry.startswith(mine):
+                os.unlink(os.path.join(self.pending_dir, entry))
+
+    def close(self) -> Output:
+        self._seal()
+        for epoch in self.ready:
+            self._publish(epoch)
+        self.ready = []
+        return None
+
 
 class CallbackSink(Operator):
     """Calls ``fn(batch)`` in the sink's worker process for every batch."""

@@ -113,16 +113,19 @@ class Pipeline:
     def run(self, *, progress: Callable[[dict[str, Any]], None] | None = None,
             checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
             checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
-            restarts: int = 3, restart_backoff: float = 0.1, resume: bool = False) -> JobResult:
+            restarts: int = 3, restart_backoff: float = 0.1, resume: bool = False,
+            exactly_once: bool = True) -> JobResult:
         """Runs the job to completion; see :func:`mpstream.runtime.execute`. With a
         ``checkpoint_dir``, aligned checkpoints are taken every ``checkpoint_interval`` s and
         a failed worker makes the job restart from the last one (up to ``restarts`` times);
         ``resume=True`` starts from the directory's newest valid checkpoint (a job whose
-        whole process tree died)."""
+        whole process tree died). ``exactly_once=False`` skips barrier alignment: no pause at
+        a checkpoint, but a restore may count some records twice (at-least-once)."""
         config = None
         if checkpoint_dir is not None:
             config = CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain,
-                                      tolerable_checkpoint_failures, restarts, restart_backoff, resume)
+                                      tolerable_checkpoint_failures, restarts, restart_backoff, resume,
+                                      exactly_once)
         return execute(self, progress=progress, checkpoints=config)
 
 
@@ -208,9 +211,15 @@ class Stream:
         """Returns every batch to the caller: ``pipeline.run()[name]`` is their concatenation."""
         self._then(name, ops.Operator, None, collect=True)
 
-    def to_files(self, name: str, directory: str, fmt: str = "csv") -> None:
-        """One file per instance: ``{directory}/{name}-{instance}.csv`` or ``.npz``."""
-        self._then(name, lambda: ops.FileSink(directory, fmt), None)
+    def to_files(self, name: str, directory: str, fmt: str = "csv", *, transactional: bool = False) -> None:
+        """One file per instance: ``{directory}/{name}-{instance}.csv`` or ``.npz``. With
+        ``transactional=True`` (CSV, for jobs with checkpoints): exactly-once output by
+        two-phase commit, one file per instance and checkpoint epoch (see
+        :class:`~mpstream.operators.TransactionalFileSink`)."""
+        if transactional:
+            self._then(name, lambda: ops.TransactionalFileSink(directory), None)
+        else:
+            self._then(name, lambda: ops.FileSink(directory, fmt), None)
 
     def to_callback(self, name: str, fn: Callable[[Batch], None]) -> None:
         """Calls ``fn(batch)`` in the sink's worker process."""

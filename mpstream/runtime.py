@@ -158,6 +158,7 @@ class CheckpointConfig:
     restarts: int = 3  # recoveries from a failure before the job fails
     restart_backoff: float = 0.1  # seconds before the first restart, doubled for each next
     resume: bool = False  # start from the directory's newest valid checkpoint
+    exactly_once: bool = True  # False: no alignment (at-least-once: a restore may replay twice)
 
 
 def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | None = None,
@@ -220,7 +221,7 @@ def _attempt(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointC
             ours, theirs = ctx.Pipe()
             process = ctx.Process(target=_worker_main, name=f"mpstream:{name}[{instance}]",
                                   args=(nodes[name], instance, wiring, names, theirs, os.getpid(),
-                                        checkpoints.directory if checkpoints else None, restore), daemon=True)
+                                        checkpoints, restore), daemon=True)
             process.start()
             theirs.close()
             workers[ours] = (name, instance, process)
@@ -286,6 +287,14 @@ class _Supervisor:
 
     # ---- checkpoints ------------------------------------------------------------------------
 
+    def _broadcast(self, message: tuple, sources_only: bool = False) -> None:
+        for conn, (name, _, _) in self.workers.items():
+            if conn in self.open_conns and (self.nodes[name].is_source or not sources_only):
+                try:
+                    conn.send(message)
+                except OSError:  # it just died: its sentinel reports that next
+                    pass
+
     def _maybe_trigger(self) -> None:
         """Asks every source to inject BARRIER(n) after its current batch."""
         now = time.monotonic()
@@ -294,12 +303,7 @@ class _Supervisor:
         n = self.next_id
         self.next_id += 1
         self.pending = {"id": n, "started": now, "states": {}, "alignment_s": 0.0, "snapshot_s": 0.0, "failed": []}
-        for conn, (name, _, _) in self.workers.items():
-            if self.nodes[name].is_source and conn in self.open_conns:
-                try:
-                    conn.send(("checkpoint", n))
-                except OSError:  # it just died: its sentinel reports that next
-                    pass
+        self._broadcast(("checkpoint", n), sources_only=True)
 
     def _acked(self, name: str, instance: int, message: tuple) -> None:
         _, n, state_file, alignment_s, snapshot_s, error = message
@@ -324,6 +328,7 @@ class _Supervisor:
                      "bytes": sum(f.bytes for f in pending["states"].values())}
             self.store.commit(n, pending["states"], stats)
             self.completed.append(stats)
+            self._broadcast(("committed", n))
         except CheckpointError as exc:
             self.store.discard(n)
             self.failures += 1
@@ -386,9 +391,10 @@ class _Supervisor:
 
 class _Worker:
     def __init__(self, node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection,
-                 checkpoint_dir: str | None, restore: dict[str, Any] | None) -> None:
+                 checkpoints: CheckpointConfig | None, restore: dict[str, Any] | None) -> None:
         self.node, self.instance, self.conn = node, instance, conn
-        self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
+        self.store = CheckpointStore(checkpoints.directory) if checkpoints else None
+        self.aligned = checkpoints is None or checkpoints.exactly_once
         self.restore = restore
         self.epoch = restore["id"] if restore else 0  # the last barrier this instance passed
         self.start_offset = 0
@@ -503,11 +509,20 @@ class _Worker:
                 writer.write_barrier(n)
         self.conn.send(("ack", n, state_file, alignment_s, time.perf_counter() - started, error))
 
+    def _control(self, offset: int | None = None) -> None:
+        """Handles the coordinator's messages: ("checkpoint", n) for a source, ("committed", n)."""
+        while self.conn.poll():
+            kind, n = self.conn.recv()
+            if kind == "checkpoint":
+                self._checkpoint(n, 0.0, offset)
+            else:
+                self.op.notify_checkpoint_complete(n)
+
     def _run_source(self) -> None:
         offset, last_report = self.start_offset, time.monotonic()
         while True:
-            if self.store is not None and self.conn.poll():  # ("checkpoint", n) between batches
-                self._checkpoint(self.conn.recv()[1], 0.0, offset)
+            if self.store is not None:
+                self._control(offset)  # between batches: a barrier goes after a whole batch
             batch = self.op.read(offset)
             if batch is None:
                 break
@@ -522,15 +537,21 @@ class _Worker:
 
     def _run_operator(self) -> None:
         """Reads all inputs fairly. BARRIER(n) aligns: a channel that delivered it is not read
-        again until every live channel has; then the operator snapshots and forwards it."""
+        again until every live channel has (exactly once; at-least-once reads on); then the
+        operator snapshots and forwards it."""
         gate, stats, op = self.gate, self.stats, self.op
         aligning: int | None = None
         aligned_at = 0.0
+        arrived: set[int] = set()
+        notified = self.store is not None and type(op).notify_checkpoint_complete is not ops.Operator.notify_checkpoint_complete
         while True:
+            if notified:
+                self._control()
             finished = gate.done
-            if aligning is not None and set(gate.live) <= gate.blocked:
+            if aligning is not None and set(gate.live) <= arrived:
                 self._checkpoint(aligning, time.perf_counter() - aligned_at)
                 aligning = None
+                arrived.clear()
                 gate.unblock_all()
             if finished:
                 return
@@ -545,15 +566,17 @@ class _Worker:
                 elif record.kind is RecordKind.BARRIER:
                     if aligning is None:
                         aligning, aligned_at = record.value, time.perf_counter()
-                    gate.block(channel)
+                    arrived.add(channel)
+                    if self.aligned:
+                        gate.block(channel)
 
 
 def _worker_main(node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection, parent: int,
-                 checkpoint_dir: str | None, restore: dict[str, Any] | None) -> None:
+                 checkpoints: CheckpointConfig | None, restore: dict[str, Any] | None) -> None:
     _prepare_worker_process(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     try:
-        _Worker(node, instance, wiring, names, conn, checkpoint_dir, restore).run()
+        _Worker(node, instance, wiring, names, conn, checkpoints, restore).run()
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which raises
         try:
