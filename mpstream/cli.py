@@ -16,10 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=65536, help="rows per batch (default 65536)")
     demo.add_argument("--out", default=None, help="directory for the CSV output (default: a new temporary one)")
     demo.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
+    demo.add_argument("--checkpoint-interval", type=float, default=None,
+                      help="take aligned checkpoints every S seconds (default: none; 0.2 with --kill-workers)")
+    demo.add_argument("--kill-workers", type=int, default=0,
+                      help="SIGKILL K random workers at random moments; the job recovers and still verifies")
     args = parser.parse_args(argv)
     from .demo import run_demo
 
-    summary = run_demo(args.events, args.parallelism, args.salt, args.batch_size, args.out, args.json)
+    summary = run_demo(args.events, args.parallelism, args.salt, args.batch_size, args.out, args.json,
+                       args.checkpoint_interval, args.kill_workers)
     return 0 if summary["verified"] else 1
 
 

@@ -4,20 +4,29 @@
       -> map "parse"   (derives kilobytes from the raw bytes)
       -> filter "valid" (drops server errors and bot traffic)
       -> aggregate "per_domain" by domain, salted two-stage (partial, then final)
-      -> file sink "csv" (one CSV per instance) and collect sink "check"
+      -> file sink "csv" (one CSV per instance; transactional with checkpoints) and collect
+         sink "check"
 
-The result is checked against a single-process numpy computation over the same events.
+The result is checked against a single-process numpy computation over the same events. With
+``--checkpoint-interval`` / ``--kill-workers`` it checkpoints, SIGKILLs random workers at random
+moments, recovers, and must still verify.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from typing import Any
 
 import numpy as np
+import psutil
 
 from .batch import Batch, StringColumn
 from .pipeline import Pipeline
@@ -81,13 +90,13 @@ def valid(batch: Batch) -> np.ndarray:
 SPEC = {"bytes": ["sum", "max"], "kb": "mean", "*": "count"}
 
 
-def build(stream: ClickStream, parallelism: int, salt: int, out_dir: str) -> Pipeline:
+def build(stream: ClickStream, parallelism: int, salt: int, out_dir: str, transactional: bool = False) -> Pipeline:
     p = Pipeline()
     per_domain = (p.from_generator("clicks", stream, parallelism=parallelism)
                   .map("parse", parse)
                   .filter("valid", valid)
                   .key_by("domain").aggregate("per_domain", SPEC, salt=salt))
-    per_domain.to_files("csv", out_dir)
+    per_domain.to_files("csv", out_dir, transactional=transactional)
     per_domain.collect("check")
     return p
 
@@ -132,13 +141,50 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+class Killer:
+    """SIGKILLs ``count`` random workers of this coordinator at random moments (fault injection)."""
+
+    def __init__(self, count: int, seed: int = 1) -> None:
+        self.count, self.kills, self.rng = count, 0, random.Random(seed)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while self.kills < self.count and not self.stop.wait(self.rng.uniform(0.05, 0.3)):
+            workers = [c for c in me.children() if c.status() != psutil.STATUS_ZOMBIE]
+            if workers:
+                try:
+                    os.kill(self.rng.choice(workers).pid, signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+    def __enter__(self) -> Killer:
+        if self.count:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.count:
+            self.thread.join()
+
+
 def run_demo(events: int, parallelism: int, salt: int, batch_size: int, out_dir: str | None,
-             as_json: bool) -> dict[str, Any]:
+             as_json: bool, checkpoint_interval: float | None = None, kill_workers: int = 0) -> dict[str, Any]:
     stream = ClickStream(events, parallelism, batch_size)
     out_dir = out_dir or tempfile.mkdtemp(prefix="mpstream-demo-")
-    pipeline = build(stream, parallelism, salt, out_dir)
+    checkpointing = checkpoint_interval is not None or kill_workers > 0
+    pipeline = build(stream, parallelism, salt, out_dir, transactional=checkpointing)
     bar = ProgressBar(events) if sys.stderr.isatty() and not as_json else None
-    result = pipeline.run(progress=bar)
+    options: dict[str, Any] = {}
+    if checkpointing:
+        options = {"checkpoint_dir": os.path.join(out_dir, "checkpoints"), "restarts": kill_workers + 3,
+                   "checkpoint_interval": checkpoint_interval or 0.2, "restart_backoff": 0.01}
+    with warnings.catch_warnings(), Killer(kill_workers) as killer:
+        warnings.simplefilter("ignore")  # restarts are reported in the summary
+        result = pipeline.run(progress=bar, **options)
     if bar:
         sys.stderr.write("\n")
     started = time.perf_counter()
@@ -148,13 +194,18 @@ def run_demo(events: int, parallelism: int, salt: int, batch_size: int, out_dir:
                  for name, row in result.per_operator().items()}
     summary = {"events": events, "seconds": round(result.seconds, 3),
                "events_per_s": round(events / result.seconds), "verified": verified,
-               "parallelism": parallelism, "salt": salt, "output": out_dir, "operators": operators}
+               "parallelism": parallelism, "salt": salt, "output": out_dir, "operators": operators,
+               "checkpoints": len(result.checkpoints), "kills": killer.kills, "restarts": result.restarts,
+               "recovery_seconds": [round(s, 4) for s in result.recovery_seconds]}
     print(f"mpstream demo: {events:,} events in {result.seconds:.2f} s = {events / result.seconds / 1e6:.2f} M events/s "
           f"(parallelism {parallelism}, salt {salt}); output in {out_dir}")
     print(f"{'operator':20s}{'inst':>5s}{'records in':>14s}{'records out':>14s}{'busy s':>9s}{'idle s':>9s}{'backpr. s':>10s}")
     for name, row in operators.items():
         print(f"{name:20s}{row['instances']:>5d}{row['records_in']:>14,}{row['records_out']:>14,}"
               f"{row['busy_s']:>9.2f}{row['idle_s']:>9.2f}{row['backpressured_s']:>10.2f}")
+    if checkpointing:
+        print(f"{len(result.checkpoints)} checkpoints; {killer.kills} workers killed, {result.restarts} restarts, "
+              f"recovery s: {summary['recovery_seconds']}")
     print(f"result {'VERIFIED' if verified else 'DOES NOT MATCH'} against a single-process numpy computation "
           f"({check_s:.2f} s)")
     if as_json:

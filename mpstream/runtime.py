@@ -79,7 +79,7 @@ class JobResult:
     seconds: float
     dropped: dict[str, int] = field(default_factory=dict)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # per completed checkpoint
-    recovery_seconds: list[float] = field(default_factory=list)  # per restart after a failure
+    recovery_seconds: list[float] = field(default_factory=list)  # per restart: failure -> running again
 
     @property
     def restarts(self) -> int:
@@ -178,24 +178,31 @@ def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | 
     store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
     restore = _restore_point(store) if checkpoints and checkpoints.resume else None
     kept: dict[str, list[tuple[int, Batch]]] = {n.name: [] for n in nodes.values() if n.collect}
-    recoveries: list[float] = []
+    recoveries: list[float] = []  # failure detected -> every worker restored and running again
+    failed_at: list[float] = []
     start = time.monotonic()
+
+    def running(at: float) -> None:
+        if len(failed_at) > len(recoveries):
+            recoveries.append(at - failed_at[-1])
+
     while True:
         try:
-            result = _attempt(pipeline, nodes, progress, checkpoints, restore, kept, start)
+            result = _attempt(pipeline, nodes, progress, checkpoints, restore, kept, start, running)
             result.recovery_seconds = recoveries
             return result
         except (WorkerDiedError, OperatorError) as exc:
-            if store is None or len(recoveries) >= checkpoints.restarts:
+            if store is None or len(failed_at) >= checkpoints.restarts:
                 raise
-            failed_at = time.monotonic()
+            if len(failed_at) > len(recoveries):  # the restarted attempt failed before running
+                recoveries.append(time.monotonic() - failed_at[-1])
+            failed_at.append(time.monotonic())
             warnings.warn(f"restarting the job from its last checkpoint after: {exc}", stacklevel=2)
-            time.sleep(checkpoints.restart_backoff * 2 ** len(recoveries))  # backoff, not synchronisation
+            time.sleep(checkpoints.restart_backoff * 2 ** (len(failed_at) - 1))  # backoff, not synchronisation
             restore = _restore_point(store)
             upto = restore["id"] if restore else 0
             for batches in kept.values():  # what followed the checkpoint will be replayed
                 batches[:] = [(epoch, b) for epoch, b in batches if epoch < upto]
-            recoveries.append(time.monotonic() - failed_at)
 
 
 def _restore_point(store: CheckpointStore) -> dict[str, Any] | None:
@@ -206,7 +213,7 @@ def _restore_point(store: CheckpointStore) -> dict[str, Any] | None:
 
 
 def _attempt(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointConfig | None,
-             restore: dict[str, Any] | None, kept: dict, start: float) -> JobResult:
+             restore: dict[str, Any] | None, kept: dict, start: float, running: Callable[[float], None]) -> JobResult:
     sweep_stale_segments()
     io = _plan_channels(pipeline)
     channels: dict[str, Channel] = {}
@@ -225,7 +232,7 @@ def _attempt(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointC
             process.start()
             theirs.close()
             workers[ours] = (name, instance, process)
-        return _Supervisor(workers, channels, nodes, progress, start, checkpoints, kept).run()
+        return _Supervisor(workers, channels, nodes, progress, start, checkpoints, kept, running).run()
     finally:
         for conn, (_, _, process) in workers.items():
             if process.is_alive():
@@ -240,8 +247,10 @@ class _Supervisor:
     """The coordinator's loop over worker messages and process exits."""
 
     def __init__(self, workers: dict, channels: dict[str, Channel], nodes: dict, progress, start: float,
-                 checkpoints: CheckpointConfig | None, kept: dict[str, list[tuple[int, Batch]]]) -> None:
+                 checkpoints: CheckpointConfig | None, kept: dict[str, list[tuple[int, Batch]]],
+                 running: Callable[[float], None]) -> None:
         self.workers, self.channels, self.nodes = workers, channels, nodes
+        self.running = running  # told when every worker is ready (restored, about to process)
         self.progress, self.start = progress, start
         self.config = checkpoints
         self.kept = kept  # collected (epoch, batch), across restarts
@@ -360,6 +369,7 @@ class _Supervisor:
             if self.not_ready == 0:  # every worker attached: the names are no longer needed
                 for chan in self.channels.values():
                     chan.close()
+                self.running(time.monotonic())
         elif kind == "collect":
             self.kept[name].append((message[2], message[1]))
         elif kind == "progress":
