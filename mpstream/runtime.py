@@ -17,9 +17,11 @@ import multiprocessing
 import os
 import signal
 import time
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
@@ -405,6 +407,8 @@ class _Worker:
         self.node, self.instance, self.conn = node, instance, conn
         self.store = CheckpointStore(checkpoints.directory) if checkpoints else None
         self.aligned = checkpoints is None or checkpoints.exactly_once
+        self._sending = threading.Lock()  # the snapshot writer sends acks from its thread
+        self._writer = ThreadPoolExecutor(1, "snapshot-writer") if checkpoints else None
         self.restore = restore
         self.epoch = restore["id"] if restore else 0  # the last barrier this instance passed
         self.start_offset = 0
@@ -436,7 +440,7 @@ class _Worker:
             self.stats.records_out += batch.num_rows
             self.stats.batches_out += 1
             if self.node.collect:
-                self.conn.send(("collect", batch.copy(), self.epoch))
+                self._send(("collect", batch.copy(), self.epoch))
             for output in self.outputs:
                 sent = batch if output.combine is None else output.combine(batch)
                 n = len(output.writers)
@@ -489,7 +493,7 @@ class _Worker:
         self.op.open(self.ctx)
         if self.restore is not None:
             self._restore()
-        self.conn.send(("ready",))
+        self._send(("ready",))
         started = time.perf_counter()
         if self.gate is None:
             self._run_source()
@@ -500,24 +504,36 @@ class _Worker:
         for output in self.outputs:
             for writer in output.writers:
                 writer.close()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # acks before "done"
         total = time.perf_counter() - started
         self.stats.busy_s = max(0.0, total - self.stats.idle_s - self.stats.backpressured_s)
-        self.conn.send(("done", self.stats))
+        self._send(("done", self.stats))
+
+    def _send(self, message: tuple) -> None:
+        with self._sending:
+            self.conn.send(message)
 
     def _checkpoint(self, n: int, alignment_s: float, offset: int | None = None) -> None:
-        """Snapshots the operator (and a source's offset), forwards BARRIER(n), acknowledges."""
+        """Snapshots the operator (and a source's offset) in memory, forwards BARRIER(n) at
+        once, and leaves pickling, writing and the acknowledgement to the writer thread: the
+        pipeline pauses only for the in-memory copy (``snapshot()`` returns owned data)."""
         started = time.perf_counter()
         self.epoch = n
         state = {"operator": self.op.snapshot(), "offset": offset}
-        state_file, error = None, None
-        try:
-            state_file = self.store.write_state(n, self.node.name, self.instance, state)
-        except CheckpointError as exc:
-            error = str(exc)
+        pause = time.perf_counter() - started
         for output in self.outputs:
             for writer in output.writers:
                 writer.write_barrier(n)
-        self.conn.send(("ack", n, state_file, alignment_s, time.perf_counter() - started, error))
+        self._writer.submit(self._persist, n, state, alignment_s, pause)
+
+    def _persist(self, n: int, state: dict, alignment_s: float, pause: float) -> None:
+        state_file, error = None, None
+        try:
+            state_file = self.store.write_state(n, self.node.name, self.instance, state)
+        except Exception as exc:  # noqa: BLE001 - a failed checkpoint, reported, not a failed job
+            error = f"operator {self.node.name!r} instance {self.instance}: {exc}"
+        self._send(("ack", n, state_file, alignment_s, pause, error))
 
     def _control(self, offset: int | None = None) -> None:
         """Handles the coordinator's messages: ("checkpoint", n) for a source, ("committed", n)."""
@@ -541,9 +557,9 @@ class _Worker:
             self.emit(batch)
             offset += 1
             if time.monotonic() - last_report > _PROGRESS_INTERVAL_S:
-                self.conn.send(("progress", self.stats.records_in))
+                self._send(("progress", self.stats.records_in))
                 last_report = time.monotonic()
-        self.conn.send(("progress", self.stats.records_in))
+        self._send(("progress", self.stats.records_in))
 
     def _run_operator(self) -> None:
         """Reads all inputs fairly. BARRIER(n) aligns: a channel that delivered it is not read
