@@ -141,12 +141,11 @@ class CheckpointStore:
                                   f"mpstream reads format {FORMAT_VERSION}: restore it with the version that wrote it")
         return metadata
 
-    def read_state(self, checkpoint_id: int, key: str) -> Any:
-        """The state recorded under key ("operator-instance"), checked against its checksum."""
-        entry = self.metadata(checkpoint_id)["states"][key]
+    def _payload(self, checkpoint_id: int, entry: dict[str, Any]) -> memoryview:
+        """A state file's pickled payload, after checking its header, length and checksum."""
         path = os.path.join(self.directory(checkpoint_id), entry["file"])
         with open(path, "rb") as f:
-            blob = f.read()
+            blob = memoryview(f.read())
         if len(blob) < _HEADER.size:
             raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is truncated")
         magic, version, crc, length = _HEADER.unpack_from(blob)
@@ -155,12 +154,17 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is not a state file of format {FORMAT_VERSION}")
         if len(payload) != length or zlib.crc32(payload) != crc or crc != entry["crc32"]:
             raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is corrupt or truncated (checksum mismatch)")
-        return pickle.loads(payload)
+        return payload
+
+    def read_state(self, checkpoint_id: int, key: str) -> Any:
+        """The state recorded under key ("operator-instance"), checked against its checksum."""
+        return pickle.loads(self._payload(checkpoint_id, self.metadata(checkpoint_id)["states"][key]))
 
     def verify(self, checkpoint_id: int) -> None:
-        """Reads every state of a checkpoint; raises CheckpointError on the first bad one."""
-        for key in self.metadata(checkpoint_id)["states"]:
-            self.read_state(checkpoint_id, key)
+        """Checks every state file of a checkpoint (without unpickling); raises CheckpointError
+        on the first bad one."""
+        for entry in self.metadata(checkpoint_id)["states"].values():
+            self._payload(checkpoint_id, entry)
 
     def latest_valid(self) -> tuple[int | None, list[str]]:
         """The newest complete checkpoint whose files all check out, and the problems met on

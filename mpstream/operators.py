@@ -121,6 +121,7 @@ class KeyedOperator(Operator):
     it restores at another parallelism too."""
 
     rescalable = True
+    keyed_input = True
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
@@ -257,8 +258,9 @@ class Aggregate(Operator):
     ``output`` ("results", or "partials" for a later stage). Emits when its input ends."""
 
     def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], inputs: str = "rows",
-                 output: str = "results") -> None:
+                 output: str = "results", keyed_input: bool = True) -> None:
         self.key, self.spec, self.inputs, self.output = key, spec, inputs, output
+        self.keyed_input = keyed_input  # False behind a salted edge: any key may reach any instance
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
@@ -268,7 +270,7 @@ class Aggregate(Operator):
         (self.state.merge if self.inputs == "partials" else self.state.update)(batch)
         return None
 
-    rescalable = True  # restore() takes every old instance's state and keeps its key groups
+    rescalable = True  # restore() takes old instances' states and keeps its key groups
 
     def snapshot(self) -> Any:
         return self.state.partial() if len(self.state) else None

@@ -246,7 +246,7 @@ class KeyedStream(Stream):
         """
         key = self.key
         if salt > 1:
-            partial = self._then(f"{name}.partial", lambda: ops.Aggregate(key, spec, "partials", "partials"),
+            partial = self._then(f"{name}.partial", lambda: ops.Aggregate(key, spec, "partials", "partials", False),
                                  parallelism, partitioner=lambda: HashPartitioner(key, salt),
                                  combine=functools.partial(partials_of, key, spec))
             return partial._then(name, lambda: ops.Aggregate(key, spec, "partials", "results"), parallelism,

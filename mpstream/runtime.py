@@ -82,6 +82,7 @@ class JobResult:
     dropped: dict[str, int] = field(default_factory=dict)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # per completed checkpoint
     recovery_seconds: list[float] = field(default_factory=list)  # per restart: failure -> running again
+    running_at: list[float] = field(default_factory=list)  # time.monotonic() each attempt was running
 
     @property
     def restarts(self) -> int:
@@ -182,16 +183,18 @@ def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | 
     kept: dict[str, list[tuple[int, Batch]]] = {n.name: [] for n in nodes.values() if n.collect}
     recoveries: list[float] = []  # failure detected -> every worker restored and running again
     failed_at: list[float] = []
+    running_at: list[float] = []
     start = time.monotonic()
 
     def running(at: float) -> None:
+        running_at.append(at)
         if len(failed_at) > len(recoveries):
             recoveries.append(at - failed_at[-1])
 
     while True:
         try:
             result = _attempt(pipeline, nodes, progress, checkpoints, restore, kept, start, running)
-            result.recovery_seconds = recoveries
+            result.recovery_seconds, result.running_at = recoveries, running_at
             return result
         except (WorkerDiedError, OperatorError) as exc:
             if store is None or len(failed_at) >= checkpoints.restarts:
@@ -470,12 +473,15 @@ class _Worker:
 
     def _restore(self) -> None:
         """Puts back this instance's state of the checkpoint to restore: its own, or, for a
-        rescalable (keyed) operator, the states of every old instance to pick its keys from."""
+        rescalable (keyed) operator at a new parallelism (or behind a salted edge), the states
+        of every old instance to pick its key groups from."""
         store = CheckpointStore(self.restore["dir"])
         n, name = self.restore["id"], self.node.name
         old = sorted((k for k in store.metadata(n)["states"] if k.rsplit("-", 1)[0] == name),
                      key=lambda k: int(k.rsplit("-", 1)[1]))
         if getattr(self.op, "rescalable", False):
+            if len(old) == self.node.parallelism and self.op.keyed_input:
+                old = [f"{name}-{self.instance}"]  # its key groups are exactly its own state's
             self.op.restore([store.read_state(n, k)["operator"] for k in old])
             return
         if len(old) != self.node.parallelism:

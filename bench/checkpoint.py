@@ -1,0 +1,139 @@
+"""Checkpoint benchmark, in one run:
+
+* throughput of a keyed aggregation (sum, count) over 1M distinct keys, checkpoints off and
+  every 1 s (best of 2 each);
+* recovery: a job whose aggregation holds ~100 MB of state (4M keys) is SIGKILLed in an
+  aggregate worker once a checkpoint is committed; the time from the kill until every worker
+  of the restarted job has restored its state and runs again.
+
+    python bench/checkpoint.py [--quick]     # --quick: shorter jobs, under 90 s
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+import numpy as np
+import psutil
+from transport import machine_line
+
+from mpstream import Batch
+from mpstream.checkpoint import CheckpointStore
+from mpstream.pipeline import Pipeline
+
+BATCH = 65_536
+
+
+_POOL: dict[int, list[Batch]] = {}  # per worker process: 16 batches, cycled deterministically
+
+
+def events(keys: int, batches: int):
+    def gen(instance, offset):
+        if offset >= batches:
+            return None
+        if keys not in _POOL:
+            rngs = [np.random.default_rng([keys, i]) for i in range(16)]
+            _POOL[keys] = [Batch({"key": r.integers(0, keys, BATCH), "value": r.standard_normal(BATCH)}) for r in rngs]
+        pooled = _POOL[keys][(instance * 7 + offset) % 16]  # keys shifted per offset: all keys occur
+        return Batch({"key": (pooled["key"] + offset * 104_729) % keys, "value": pooled["value"]})
+    return gen
+
+
+def job(keys: int, batches: int) -> Pipeline:
+    p = Pipeline()
+    (p.from_generator("src", events(keys, batches), parallelism=2)
+      .key_by("key").aggregate("agg", {"value": "sum", "*": "count"}, parallelism=2)
+      .to_callback("sink", lambda b: None))
+    return p
+
+
+def throughput(batches: int, interval: float | None) -> tuple[float, list]:
+    options = {}
+    if interval is not None:
+        options = {"checkpoint_dir": tempfile.mkdtemp(prefix="mps-bench-chk-"), "checkpoint_interval": interval}
+    result = job(1_000_000, batches).run(**options)
+    return 2 * batches * BATCH / result.seconds, result.checkpoints
+
+
+STATE_BYTES = 90 << 20  # kill once a committed checkpoint holds about this much
+
+
+def recovery(batches: int, keys: int) -> tuple[float, float]:
+    """(seconds from SIGKILL to every worker running again, MB of the checkpoint restored)."""
+    directory = tempfile.mkdtemp(prefix="mps-bench-rec-")
+    store = CheckpointStore(directory)
+    killed_at: list[float] = []
+    restored_bytes: list[int] = []
+    done = threading.Event()
+
+    def big_enough():
+        return any(store.metadata(n)["stats"]["bytes"] >= STATE_BYTES for n in store.complete())
+
+    def killer():
+        while not big_enough():
+            if done.wait(0.01):  # polling the directory for a large enough commit
+                return
+        workers = [c for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE]
+        restored_bytes.append(store.metadata(store.complete()[-1])["stats"]["bytes"])  # what the restart reads
+        killed_at.append(time.monotonic())
+        os.kill(workers[len(workers) // 2].pid, signal.SIGKILL)  # an aggregate (sources come first)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = job(keys, batches).run(checkpoint_dir=directory, checkpoint_interval=0.5, restart_backoff=0.0)
+    finally:
+        done.set()
+        thread.join()
+    if not killed_at:
+        raise RuntimeError("the job ended before a large enough checkpoint: give it more batches")
+    state_mb = restored_bytes[0] / 2**20
+    restored = [t for t in result.running_at if t > killed_at[0]]
+    return restored[0] - killed_at[0], state_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter jobs: under 90 s")
+    args = parser.parse_args()
+    batches = 1000 if args.quick else 3000
+    off, on, checkpoints = 0.0, 0.0, []
+    for _ in range(2):  # interleaved: both see the same machine
+        off = max(off, throughput(batches, None)[0])
+        rate, taken = throughput(batches, 1.0)
+        if rate > on:
+            on, checkpoints = rate, taken
+    recoveries, state_mb = [], 0.0
+    for _ in range(2 if args.quick else 4):
+        seconds, state_mb = recovery(batches=400 if args.quick else 600, keys=4_000_000)
+        recoveries.append(seconds)
+        print(f"  recovery {seconds:.3f} s with {state_mb:.0f} MB of checkpointed state", file=sys.stderr)
+    cost = 1 - on / off
+    print(f"machine: {machine_line()}")
+    print(f"keyed aggregation, 1M keys, {2 * batches * BATCH:,} events: checkpoints off {off / 1e6:.2f} M ev/s, "
+          f"every 1 s {on / 1e6:.2f} M ev/s ({len(checkpoints)} checkpoints): cost {cost * 100:.1f}%")
+    for c in checkpoints:
+        print(f"  checkpoint {c['id']}: {c['duration_s'] * 1e3:.0f} ms, alignment {c['alignment_s'] * 1e3:.1f} ms, "
+              f"pause {c['snapshot_s'] * 1e3:.1f} ms, {c['bytes'] / 2**20:.1f} MB")
+    print(f"recovery from SIGKILL to running again, {state_mb:.0f} MB state: p50 {np.median(recoveries):.3f} s, "
+          f"max {max(recoveries):.3f} s")
+    print(json.dumps({"bench": "checkpoint", "machine": machine_line(),
+                      "events_per_s": {"off": round(off), "interval_1s": round(on)},
+                      "recovery_s": {"p50": round(float(np.median(recoveries)), 4), "max": round(max(recoveries), 4)},
+                      "state_mb": round(state_mb, 1), "checkpoints": checkpoints}))
+
+
+if __name__ == "__main__":
+    main()
