@@ -257,6 +257,8 @@ class Aggregate(Operator):
     """Keyed aggregation of ``inputs`` ("rows", or "partials" of other instances) into
     ``output`` ("results", or "partials" for a later stage). Emits when its input ends."""
 
+    rescalable = True  # restore() takes old instances' states and keeps its key groups
+
     def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], inputs: str = "rows",
                  output: str = "results", keyed_input: bool = True) -> None:
         self.key, self.spec, self.inputs, self.output = key, spec, inputs, output
@@ -269,8 +271,6 @@ class Aggregate(Operator):
     def process(self, batch: Batch) -> Output:
         (self.state.merge if self.inputs == "partials" else self.state.update)(batch)
         return None
-
-    rescalable = True  # restore() takes old instances' states and keeps its key groups
 
     def snapshot(self) -> Any:
         return self.state.partial() if len(self.state) else None
