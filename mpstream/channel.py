@@ -84,10 +84,10 @@ _OK, _EMPTY, _FULL = lib.MPS_RING_OK, lib.MPS_RING_EMPTY, lib.MPS_RING_FULL
 _SCHEMA = lib.MPS_RECORD_SCHEMA
 
 
-def segment_name(label: str, run_token: str | None = None) -> str:
+def segment_name(label: str) -> str:
     """The shm name of a channel labelled label, created by this process."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:150]
-    return f"/{SEGMENT_PREFIX}{os.getpid()}.{run_token or _RUN_TOKEN}.{safe}"
+    return f"/{SEGMENT_PREFIX}{os.getpid()}.{_RUN_TOKEN}.{safe}"
 
 
 def _creator_pid(entry: str) -> int | None:
