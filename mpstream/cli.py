@@ -20,11 +20,17 @@ def main(argv: list[str] | None = None) -> int:
                       help="take aligned checkpoints every S seconds (default: none; 0.2 with --kill-workers)")
     demo.add_argument("--kill-workers", type=int, default=0,
                       help="SIGKILL K random workers at random moments; the job recovers and still verifies")
+    demo.add_argument("--checkpoint-dir", default=None,
+                      help="where checkpoints go (default: OUT/checkpoints when checkpointing)")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue from the newest valid checkpoint in --checkpoint-dir (after a crash)")
     args = parser.parse_args(argv)
+    if args.resume and not args.checkpoint_dir:
+        parser.error("--resume needs --checkpoint-dir")
     from .demo import run_demo
 
     summary = run_demo(args.events, args.parallelism, args.salt, args.batch_size, args.out, args.json,
-                       args.checkpoint_interval, args.kill_workers)
+                       args.checkpoint_interval, args.kill_workers, args.checkpoint_dir, args.resume)
     return 0 if summary["verified"] else 1
 
 

@@ -172,16 +172,18 @@ class Killer:
 
 
 def run_demo(events: int, parallelism: int, salt: int, batch_size: int, out_dir: str | None,
-             as_json: bool, checkpoint_interval: float | None = None, kill_workers: int = 0) -> dict[str, Any]:
+             as_json: bool, checkpoint_interval: float | None = None, kill_workers: int = 0,
+             checkpoint_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
     stream = ClickStream(events, parallelism, batch_size)
     out_dir = out_dir or tempfile.mkdtemp(prefix="mpstream-demo-")
-    checkpointing = checkpoint_interval is not None or kill_workers > 0
+    checkpointing = checkpoint_interval is not None or kill_workers > 0 or checkpoint_dir is not None
     pipeline = build(stream, parallelism, salt, out_dir, transactional=checkpointing)
     bar = ProgressBar(events) if sys.stderr.isatty() and not as_json else None
     options: dict[str, Any] = {}
     if checkpointing:
-        options = {"checkpoint_dir": os.path.join(out_dir, "checkpoints"), "restarts": kill_workers + 3,
-                   "checkpoint_interval": checkpoint_interval or 0.2, "restart_backoff": 0.01}
+        options = {"checkpoint_dir": checkpoint_dir or os.path.join(out_dir, "checkpoints"),
+                   "restarts": kill_workers + 3, "checkpoint_interval": checkpoint_interval or 0.2,
+                   "restart_backoff": 0.01, "resume": resume}
     with warnings.catch_warnings(), Killer(kill_workers) as killer:
         warnings.simplefilter("ignore")  # restarts are reported in the summary
         result = pipeline.run(progress=bar, **options)

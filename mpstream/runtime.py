@@ -170,14 +170,30 @@ def execute(pipeline: Pipeline, *, progress: Callable[[dict[str, Any]], None] | 
     every operator has closed; returns the collected results. ``progress(info)`` is called
     about four times a second with the rows the sources have produced so far.
 
-    With ``checkpoints``, the coordinator takes aligned checkpoints while the sources run,
-    and when a worker fails (an exception, a signal) it kills the others, restores every
+    With ``checkpoints``, the coordinator takes aligned checkpoints while the sources run
+    (every interval, and on demand when the coordinator process gets SIGUSR1), and when a
+    worker fails (an exception, a signal) it kills the others, restores every
     operator from the newest valid checkpoint, rewinds the sources to its offsets and goes
     on: collect sinks keep only what preceded that checkpoint, so results are exactly once.
     """
     nodes = {n.name: n for n in pipeline.nodes}
     if not nodes:
         raise ValueError("the pipeline has no operators")
+    if checkpoints is None or threading.current_thread() is not threading.main_thread():
+        return _execute(pipeline, nodes, progress, checkpoints)
+    # installed before any worker exists: SIGUSR1's default action would end the coordinator
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: _demanded.set())
+    try:
+        return _execute(pipeline, nodes, progress, checkpoints)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        _demanded.clear()
+
+
+_demanded = threading.Event()  # set by SIGUSR1 while a job with checkpoints runs
+
+
+def _execute(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointConfig | None) -> JobResult:
     store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
     restore = _restore_point(store) if checkpoints and checkpoints.resume else None
     kept: dict[str, list[tuple[int, Batch]]] = {n.name: [] for n in nodes.values() if n.collect}
@@ -277,6 +293,9 @@ class _Supervisor:
 
     def run(self) -> JobResult:
         while len(self.finished) < len(self.workers):
+            if _demanded.is_set():  # SIGUSR1: a checkpoint now (when none is in flight)
+                _demanded.clear()
+                self.next_trigger = 0.0
             self._maybe_trigger()
             timeout = min(_PROGRESS_INTERVAL_S, max(0.0, self.next_trigger - time.monotonic()))
             ready = wait(list(self.open_conns) + list(self.conn_of), timeout=timeout)

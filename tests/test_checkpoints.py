@@ -2,6 +2,7 @@
 (the state of every operator equals what the sources had emitted before their barrier)."""
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -119,3 +120,64 @@ def test_at_least_once_checkpoints_without_alignment(tmp_path):
     emitted = sum(store.read_state(n, f"a-{i}")["offset"] for i in range(2)) * 500
     counted = sum(int(store.read_state(n, f"agg-{i}")["operator"]["count"].sum()) for i in range(2))
     assert counted >= emitted
+
+
+class AsksForACheckpoint(Source):
+    """At offset 3 it asks its coordinator for a checkpoint (SIGUSR1); it ends once one is
+    committed."""
+
+    def open(self, ctx):
+        super().open(ctx)
+        self.committed = False
+
+    def notify_checkpoint_complete(self, checkpoint_id):
+        self.committed = True
+
+    def read(self, offset):
+        if offset == 3:
+            os.kill(os.getppid(), signal.SIGUSR1)
+        return None if self.committed else Batch(rows(0, offset))
+
+
+def test_a_checkpoint_on_demand(tmp_path):
+    p = Pipeline(channel_capacity=1 << 16)
+    p.source("s", AsksForACheckpoint).key_by("k").aggregate("agg", {"v": "sum"}).collect("out")
+    p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=1e9)  # never by the interval
+    store = CheckpointStore(str(tmp_path))
+    assert store.complete() == [1] and store.read_state(1, "s-0")["offset"] >= 3
+
+
+FULL_DISK_JOB = """
+import sys, warnings
+import numpy as np
+from mpstream.pipeline import Pipeline
+warnings.simplefilter("always")
+p = Pipeline(channel_capacity=1 << 16)
+gen = lambda i, o: None if o >= 400 else {"k": np.arange(o * 1000, o * 1000 + 1000), "v": np.ones(1000)}
+p.from_generator("src", gen).key_by("k").aggregate("agg", {"v": "sum"}).collect("out")
+with warnings.catch_warnings(record=True) as caught:
+    result = p.run(checkpoint_dir=sys.argv[1], checkpoint_interval=0.002, tolerable_checkpoint_failures=10**6)
+failed = [w for w in caught if "failed and was discarded" in str(w.message)]
+print("ROWS", result["out"].num_rows, "FAILED", len(failed) > 0, "COMMITTED", len(result.checkpoints))
+print(str(failed[0].message) if failed else "")
+"""
+
+
+def test_a_full_disk_fails_checkpoints_but_not_the_job(tmp_path):
+    """The checkpoint directory on a 256 KiB tmpfs (needs root): state outgrows it, each
+    checkpoint then fails with a warning, and the job still completes."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare --mount (root) to mount a small tmpfs")
+    root = tmp_path / "small"
+    root.mkdir()
+    inner = f'mount -t tmpfs -o size=256k tmpfs "$1" && exec {sys.executable} -c "$0" "$1"'
+    out = subprocess.run(["unshare", "--mount", "sh", "-c", inner, FULL_DISK_JOB, str(root)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("ROWS 400000 FAILED True")
+    assert "No space left on device" in lines[1] and "operator 'agg' instance 0" in lines[1]

@@ -35,3 +35,32 @@ def test_demo_survives_killed_workers_and_still_verifies(tmp_path):
     assert summary["verified"] is True
     assert summary["restarts"] == len(summary["recovery_seconds"]) <= summary["kills"] <= 2
     assert not os.listdir(tmp_path / ".pending")  # the transactional sink published everything
+
+
+DEMO_THEN_DIE = """
+import os, signal, sys, threading
+from mpstream.checkpoint import CheckpointStore
+from mpstream.cli import main
+store = CheckpointStore(sys.argv[1])
+def kill_all_once_checkpointed():  # the whole process tree dies: coordinator and workers
+    while not store.complete():
+        threading.Event().wait(0.005)
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=kill_all_once_checkpointed, daemon=True).start()
+main(["demo", "--events", "20000000", "--batch-size", "16384", "--out", sys.argv[2],
+      "--checkpoint-dir", sys.argv[1], "--checkpoint-interval", "0.05"])
+"""
+
+
+def test_demo_resumes_from_its_checkpoints_after_the_whole_tree_died(tmp_path):
+    chk, out = tmp_path / "chk", tmp_path / "out"
+    first = subprocess.run([sys.executable, "-c", DEMO_THEN_DIE, str(chk), str(out)], capture_output=True,
+                           text=True, timeout=300, start_new_session=True)  # its own process group to kill
+    assert first.returncode == -9
+    second = subprocess.run([sys.executable, "-m", "mpstream.cli", "demo", "--events", "20000000", "--batch-size",
+                             "16384", "--out", str(out), "--checkpoint-dir", str(chk), "--resume", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["verified"] is True
+    assert summary["operators"]["clicks"]["records_in"] < 20_000_000  # it went on from the checkpoint

@@ -66,7 +66,7 @@ class DyingAggregate(Aggregate):
         return state
 
 
-def build(marker_dir, parallelism=2, salt=4):
+def build(marker_dir, parallelism=2, salt=4, files=None):
     def triple(batch):
         seq = int(batch["seq"][0])
         for at in (15, 50, 90):  # mid-stream
@@ -82,10 +82,27 @@ def build(marker_dir, parallelism=2, salt=4):
     p = Pipeline(channel_capacity=1 << 18)
     keyed = p.source("clicks", lambda: Clicks(marker_dir), parallelism=2).map("triple", triple).key_by("k")
     if salt:
-        keyed.aggregate("agg", {"v": "sum", "*": "count"}, parallelism=parallelism, salt=salt).collect("out")
+        result = keyed.aggregate("agg", {"v": "sum", "*": "count"}, parallelism=parallelism, salt=salt)
     else:
-        keyed.process("agg", dying_aggregate, parallelism=parallelism).collect("out")
+        result = keyed.process("agg", dying_aggregate, parallelism=parallelism)
+    result.collect("out")
+    if files:
+        result.to_files("files", files, transactional=True)
     return p
+
+
+def published(directory):
+    """{key: (sum, count)} from the CSV files a transactional sink published."""
+    import csv
+
+    out = {}
+    for name in os.listdir(directory):
+        if name.endswith(".csv"):
+            with open(os.path.join(directory, name)) as f:
+                for r in csv.DictReader(f):
+                    assert int(r["k"]) not in out, f"key {r['k']} published twice"
+                    out[int(r["k"])] = (int(r["v_sum"]), int(r["count"]))
+    return out
 
 
 def table(batch):
@@ -96,11 +113,14 @@ def table(batch):
 def test_sigkilled_workers_recover_to_exactly_the_reference_result(tmp_path, salt):
     markers = tmp_path / "markers"
     markers.mkdir()
-    p = build(str(markers), salt=salt)
+    p = build(str(markers), salt=salt, files=str(tmp_path / "files"))
     with pytest.warns(UserWarning, match="restarting the job from its last checkpoint"):
         result = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.01, restarts=10,
                        restart_backoff=0.01)
-    assert table(result["out"]) == reference()  # no loss, no duplicate
+    want = reference()
+    assert table(result["out"]) == want  # no loss, no duplicate
+    assert published(tmp_path / "files") == want  # the transactional sink too
+    assert os.listdir(tmp_path / "files" / ".pending") == []
     expected_kills = {"map-15", "map-50", "map-90", "source-after-barrier"}
     if not salt:
         expected_kills |= {"agg-snapshot-0", "agg-snapshot-1"}
