@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mpstream import Batch
+from mpstream.checkpoint import CheckpointStore
 from mpstream.operators import Aggregate, Source
 from mpstream.pipeline import Pipeline
 
@@ -155,7 +156,8 @@ RESUME_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_resume_after_the_whole_process_tree_died(tmp_path):
+@pytest.mark.parametrize("corrupt_newest", [False, True])
+def test_resume_after_the_whole_process_tree_died(tmp_path, corrupt_newest):
     markers = tmp_path / "markers"
     markers.mkdir()
     for name in ("map-15", "map-50", "source-after-barrier", "agg-snapshot-0", "agg-snapshot-1"):
@@ -163,8 +165,19 @@ def test_resume_after_the_whole_process_tree_died(tmp_path):
     script = RESUME_SCRIPT.format(tests=os.path.dirname(__file__), markers=str(markers), chk=str(tmp_path / "chk"))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "killed by SIGKILL" in out.stderr
-    result = build(str(markers), salt=0).run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005,
-                                             resume=True)
+    store = CheckpointStore(str(tmp_path / "chk"))
+    assert len(store.complete()) >= 2
+    if corrupt_newest:  # a flipped byte in the newest checkpoint: the one before it is used
+        path = os.path.join(store.directory(store.complete()[-1]), "agg-0.state")
+        blob = bytearray(open(path, "rb").read())
+        blob[-1] ^= 0xFF
+        open(path, "wb").write(blob)
+        with pytest.warns(UserWarning, match=r"skipping a damaged checkpoint: .*agg-0.state is corrupt"):
+            result = build(str(markers), salt=0).run(checkpoint_dir=str(tmp_path / "chk"),
+                                                     checkpoint_interval=0.005, resume=True)
+    else:
+        result = build(str(markers), salt=0).run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005,
+                                                 resume=True)
     assert table(result["out"]) == reference()
 
 
