@@ -4,7 +4,6 @@ Each mpstream figure has its baseline in the same process: keyed aggregation aga
 bincount over the same events, and the CPU-heavy map at parallelism 2 against parallelism 1.
 """
 
-import numpy as np
 import pytest
 from keyed_agg import cpu_map, events, run_mpstream, run_numpy
 

@@ -2,6 +2,9 @@
 
 import multiprocessing
 import os
+import shutil
+import subprocess
+import sys
 import signal
 import time
 
@@ -76,3 +79,13 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
 def mp_context(request):
     """A multiprocessing context for each start method mpstream supports."""
     return multiprocessing.get_context(request.param)
+
+
+def run_on_small_tmpfs(script: str, mountpoint: str, size: str) -> subprocess.CompletedProcess:
+    """Runs python -c script (argv[1] = mountpoint) with a tmpfs of size mounted on mountpoint
+    in a private mount namespace: a real full disk. Skips the test where unshare needs root."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare --mount (root) to mount a small tmpfs")
+    inner = f'mount -t tmpfs -o size={size} tmpfs "$1" && exec {sys.executable} -c "$0" "$1"'
+    return subprocess.run(["unshare", "--mount", "sh", "-c", inner, script, mountpoint],
+                          capture_output=True, text=True, timeout=120)

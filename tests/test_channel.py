@@ -3,17 +3,14 @@ comes after all data, a dead peer is reported instead of hanging, /dev/shm exhau
 reported up front, and stale segments can be swept."""
 
 import os
-import shutil
 import signal
 import struct
-import subprocess
-import sys
 import textwrap
 import threading
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import run_on_small_tmpfs, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -272,11 +269,7 @@ SMALL_TMPFS_SCRIPT = textwrap.dedent("""
 
 def test_full_dev_shm_in_a_real_small_tmpfs():
     """/dev/shm replaced by a 6 MiB tmpfs in a private mount namespace (needs root)."""
-    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
-        pytest.skip("needs unshare --mount (root) to mount a small tmpfs on /dev/shm")
-    inner = f"mount -t tmpfs -o size=6m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
-    out = subprocess.run(["unshare", "--mount", "sh", "-c", inner, SMALL_TMPFS_SCRIPT],
-                         capture_output=True, text=True, timeout=120)
+    out = run_on_small_tmpfs(SMALL_TMPFS_SCRIPT, "/dev/shm", "6m")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("FULL True channel 'second' needs 4.0 MiB")

@@ -2,12 +2,10 @@
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_on_small_tmpfs
 
 from mpstream.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointStore
 
@@ -84,13 +82,9 @@ print("COMPLETE", store.complete())
 
 def test_a_full_disk_fails_that_checkpoint_with_a_clear_error(tmp_path):
     """The checkpoint directory on a 64 KiB tmpfs in a private mount namespace (needs root)."""
-    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
-        pytest.skip("needs unshare --mount (root) to mount a small tmpfs")
     root = tmp_path / "small"
     root.mkdir()
-    inner = f'mount -t tmpfs -o size=64k tmpfs "$1" && exec {sys.executable} -c "$0" "$1"'
-    out = subprocess.run(["unshare", "--mount", "sh", "-c", inner, FULL_DISK_SCRIPT, str(root)],
-                         capture_output=True, text=True, timeout=120)
+    out = run_on_small_tmpfs(FULL_DISK_SCRIPT, str(root), "64k")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("FAILED checkpoint 1: cannot write the state of operator 'agg' instance 0")

@@ -6,6 +6,7 @@ import signal
 
 import numpy as np
 import pytest
+from conftest import run_on_small_tmpfs
 
 from mpstream import Batch, Channel, ChannelReader, ChannelWriter, InputGate, RecordKind
 from mpstream.aggregate import KeyedAggregate
@@ -166,17 +167,9 @@ print(str(failed[0].message) if failed else "")
 def test_a_full_disk_fails_checkpoints_but_not_the_job(tmp_path):
     """The checkpoint directory on a 256 KiB tmpfs (needs root): state outgrows it, each
     checkpoint then fails with a warning, and the job still completes."""
-    import shutil
-    import subprocess
-    import sys
-
-    if not shutil.which("unshare") or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
-        pytest.skip("needs unshare --mount (root) to mount a small tmpfs")
     root = tmp_path / "small"
     root.mkdir()
-    inner = f'mount -t tmpfs -o size=256k tmpfs "$1" && exec {sys.executable} -c "$0" "$1"'
-    out = subprocess.run(["unshare", "--mount", "sh", "-c", inner, FULL_DISK_JOB, str(root)],
-                         capture_output=True, text=True, timeout=120)
+    out = run_on_small_tmpfs(FULL_DISK_JOB, str(root), "256k")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("ROWS 400000 FAILED True")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpstream import Batch, StringColumn
+from mpstream import StringColumn
 from mpstream.operators import Operator
 from mpstream.pipeline import Pipeline
 
