@@ -177,11 +177,6 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
     return (int64_t)map->size;
 }
 
-uint64_t mps_keymap_size(const struct mps_keymap *map)
-{
-    return map->size;
-}
-
 void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out)
 {
     memcpy(out, map->slot_keys, sizeof(uint64_t) * map->size);

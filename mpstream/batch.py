@@ -239,6 +239,10 @@ class Batch(Mapping[str, Column]):
     def __len__(self) -> int:
         return len(self._columns)
 
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """The columns as numpy arrays, string columns decoded to ``U`` arrays (copies)."""
+        return {name: col.to_numpy() if isinstance(col, StringColumn) else col for name, col in self._columns.items()}
+
     def take(self, indices: np.ndarray) -> Batch:
         """The rows at indices, gathered into a new (owned) batch."""
         indices = np.asarray(indices, np.int64)

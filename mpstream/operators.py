@@ -290,6 +290,14 @@ class Aggregate(Operator):
 
 # ---- sinks --------------------------------------------------------------------------------
 
+def _append_csv(file: Any, batch: Batch) -> None:
+    """Appends batch's rows to an open CSV file, after a header row if the file is empty."""
+    writer = csv.writer(file)
+    if file.tell() == 0:
+        writer.writerow(list(batch))
+    writer.writerows(zip(*(c.tolist() for c in batch.to_numpy().values())))
+
+
 class TransactionalFileSink(Operator):
     """Exactly-once CSV output by two-phase commit. Rows of epoch e (after BARRIER(e)) go to a
     pending file ``{directory}/.pending/{name}-{instance}.{e}.csv``; checkpoint n lists the
@@ -320,9 +328,7 @@ class TransactionalFileSink(Operator):
     def process(self, batch: Batch) -> Output:
         if self._file is None:
             self._file = open(self._pending(self.epoch), "w", newline="")
-            csv.writer(self._file).writerow(list(batch))
-        columns = [col.to_numpy() if isinstance(col, StringColumn) else col for col in batch.values()]
-        csv.writer(self._file).writerows(zip(*(c.tolist() for c in columns)))
+        _append_csv(self._file, batch)
         return None
 
     def _seal(self) -> None:
@@ -387,24 +393,17 @@ class FileSink(Operator):
         self.path = os.path.join(self.directory, f"{ctx.name}-{ctx.instance}.{self.fmt}")
         self._kept: list[Batch] = []
         self._file = open(self.path, "w", newline="") if self.fmt == "csv" else None
-        self._header_written = False
 
     def process(self, batch: Batch) -> Output:
         if self._file is None:
             self._kept.append(batch.copy())
-            return None
-        writer = csv.writer(self._file)
-        if not self._header_written:
-            writer.writerow(list(batch))
-            self._header_written = True
-        columns = [col.to_numpy() if isinstance(col, StringColumn) else col for col in batch.values()]
-        writer.writerows(zip(*(c.tolist() for c in columns)))
+        else:
+            _append_csv(self._file, batch)
         return None
 
     def close(self) -> Output:
         if self._file is not None:
             self._file.close()
         else:
-            whole = Batch.concat(self._kept)
-            np.savez(self.path, **{n: c.to_numpy() if isinstance(c, StringColumn) else c for n, c in whole.items()})
+            np.savez(self.path, **Batch.concat(self._kept).to_numpy())
         return None

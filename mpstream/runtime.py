@@ -209,7 +209,7 @@ def _execute(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointC
 
     while True:
         try:
-            result = _attempt(pipeline, nodes, progress, checkpoints, restore, kept, start, running)
+            result = _attempt(pipeline, nodes, progress, store, checkpoints, restore, kept, start, running)
             result.recovery_seconds, result.running_at = recoveries, running_at
             return result
         except (WorkerDiedError, OperatorError) as exc:
@@ -221,20 +221,22 @@ def _execute(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointC
             warnings.warn(f"restarting the job from its last checkpoint after: {exc}", stacklevel=2)
             time.sleep(checkpoints.restart_backoff * 2 ** (len(failed_at) - 1))  # backoff, not synchronisation
             restore = _restore_point(store)
-            upto = restore["id"] if restore else 0
+            upto = restore or 0
             for batches in kept.values():  # what followed the checkpoint will be replayed
                 batches[:] = [(epoch, b) for epoch, b in batches if epoch < upto]
 
 
-def _restore_point(store: CheckpointStore) -> dict[str, Any] | None:
+def _restore_point(store: CheckpointStore) -> int | None:
+    """The id of the newest checkpoint that checks out (damaged newer ones are reported)."""
     checkpoint_id, problems = store.latest_valid()
     for problem in problems:
         warnings.warn(f"skipping a damaged checkpoint: {problem}", stacklevel=3)
-    return None if checkpoint_id is None else {"id": checkpoint_id, "dir": store.root}
+    return checkpoint_id
 
 
-def _attempt(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointConfig | None,
-             restore: dict[str, Any] | None, kept: dict, start: float, running: Callable[[float], None]) -> JobResult:
+def _attempt(pipeline: Pipeline, nodes: dict, progress, store: CheckpointStore | None,
+             checkpoints: CheckpointConfig | None,
+             restore: int | None, kept: dict, start: float, running: Callable[[float], None]) -> JobResult:
     sweep_stale_segments()
     io = _plan_channels(pipeline)
     channels: dict[str, Channel] = {}
@@ -253,7 +255,7 @@ def _attempt(pipeline: Pipeline, nodes: dict, progress, checkpoints: CheckpointC
             process.start()
             theirs.close()
             workers[ours] = (name, instance, process)
-        return _Supervisor(workers, channels, nodes, progress, start, checkpoints, kept, running).run()
+        return _Supervisor(workers, channels, nodes, progress, start, store, checkpoints, kept, running).run()
     finally:
         for conn, (_, _, process) in workers.items():
             if process.is_alive():
@@ -268,14 +270,14 @@ class _Supervisor:
     """The coordinator's loop over worker messages and process exits."""
 
     def __init__(self, workers: dict, channels: dict[str, Channel], nodes: dict, progress, start: float,
-                 checkpoints: CheckpointConfig | None, kept: dict[str, list[tuple[int, Batch]]],
-                 running: Callable[[float], None]) -> None:
+                 store: CheckpointStore | None, checkpoints: CheckpointConfig | None,
+                 kept: dict[str, list[tuple[int, Batch]]], running: Callable[[float], None]) -> None:
         self.workers, self.channels, self.nodes = workers, channels, nodes
         self.running = running  # told when every worker is ready (restored, about to process)
         self.progress, self.start = progress, start
         self.config = checkpoints
         self.kept = kept  # collected (epoch, batch), across restarts
-        self.store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
+        self.store = store
         if self.store is not None:
             self.store.discard_incomplete()  # left by a job that died mid-checkpoint
         self.next_id = (self.store.complete() or [0])[-1] + 1 if self.store else 1
@@ -425,14 +427,14 @@ class _Supervisor:
 
 class _Worker:
     def __init__(self, node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection,
-                 checkpoints: CheckpointConfig | None, restore: dict[str, Any] | None) -> None:
+                 checkpoints: CheckpointConfig | None, restore: int | None) -> None:
         self.node, self.instance, self.conn = node, instance, conn
         self.store = CheckpointStore(checkpoints.directory) if checkpoints else None
         self.aligned = checkpoints is None or checkpoints.exactly_once
         self._sending = threading.Lock()  # the snapshot writer sends acks from its thread
         self._writer = ThreadPoolExecutor(1, "snapshot-writer") if checkpoints else None
-        self.restore = restore
-        self.epoch = restore["id"] if restore else 0  # the last barrier this instance passed
+        self.restore = restore  # the id of the checkpoint to start from, if any
+        self.epoch = restore or 0  # the last barrier this instance passed
         self.start_offset = 0
         self.stats = InstanceStats(node.name, instance)
         readers = [ChannelReader(names[label]) for label in wiring["inputs"]]
@@ -462,7 +464,7 @@ class _Worker:
             self.stats.records_out += batch.num_rows
             self.stats.batches_out += 1
             if self.node.collect:
-                self._send(("collect", batch.copy(), self.epoch))
+                self._send(("collect", batch, self.epoch))  # pickling copies it off the ring
             for output in self.outputs:
                 sent = batch if output.combine is None else output.combine(batch)
                 n = len(output.writers)
@@ -494,8 +496,7 @@ class _Worker:
         """Puts back this instance's state of the checkpoint to restore: its own, or, for a
         rescalable (keyed) operator at a new parallelism (or behind a salted edge), the states
         of every old instance to pick its key groups from."""
-        store = CheckpointStore(self.restore["dir"])
-        n, name = self.restore["id"], self.node.name
+        store, n, name = self.store, self.restore, self.node.name
         old = sorted((k for k in store.metadata(n)["states"] if k.rsplit("-", 1)[0] == name),
                      key=lambda k: int(k.rsplit("-", 1)[1]))
         if getattr(self.op, "rescalable", False):
@@ -623,15 +624,18 @@ class _Worker:
 
 
 def _worker_main(node: Node, instance: int, wiring: dict, names: dict[str, str], conn: Connection, parent: int,
-                 checkpoints: CheckpointConfig | None, restore: dict[str, Any] | None) -> None:
+                 checkpoints: CheckpointConfig | None, restore: int | None) -> None:
     _prepare_worker_process(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    worker = None
     try:
-        _Worker(node, instance, wiring, names, conn, checkpoints, restore).run()
+        worker = _Worker(node, instance, wiring, names, conn, checkpoints, restore)
+        worker.run()
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which raises
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        report = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        try:  # through the worker's lock: its snapshot writer may be sending an ack
+            worker._send(report) if worker is not None else conn.send(report)
         finally:
             code = 1
     conn.close()
