@@ -50,7 +50,7 @@ void mps_keymap_free(struct mps_keymap *map);
 /* slots[i] = the slot of keys[i], inserting unseen keys. Returns the map's size after the
  * call, or -1 when out of memory (the map then holds the keys inserted so far). */
 int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t n, int64_t *slots);
-/* out[s] = the key of slot s, for every slot (out holds mps_keymap_size entries). */
+/* out[s] = the key of slot s, for every slot (out holds the size mps_keymap_insert returned). */
 void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out);
 
 #endif
