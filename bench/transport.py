@@ -162,6 +162,19 @@ def _mps_echo(inbound: str, outbound: str) -> None:
                 writer.write(record.batch)
 
 
+def ping_pong(round_trip, pings: int, gap_s: float) -> np.ndarray:
+    """One-way latencies in microseconds: each round_trip() timed and halved; gap_s of sleep
+    before each ping lets the other side fall asleep first."""
+    out = np.empty(pings)
+    for i in range(pings):
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter_ns()
+        round_trip()
+        out[i] = (time.perf_counter_ns() - t0) / 2000
+    return out
+
+
 def mpstream_latency(pings: int, gap_s: float) -> np.ndarray:
     """One-way latencies in microseconds."""
     with Channel("bench-ping", 1 << 16) as ping, Channel("bench-pong", 1 << 16) as pong:
@@ -169,15 +182,12 @@ def mpstream_latency(pings: int, gap_s: float) -> np.ndarray:
         child = CTX.Process(target=_mps_echo, args=(ping.name, pong.name))
         child.start()
         batch = Batch({"x": np.arange(8)})
-        out = np.empty(pings)
-        for i in range(pings):
-            if gap_s:
-                time.sleep(gap_s)
-            t0 = time.perf_counter_ns()
+
+        def round_trip():
             writer.write(batch)
-            with reader.read(timeout=10):
-                pass
-            out[i] = (time.perf_counter_ns() - t0) / 2000
+            reader.read(timeout=10).release()
+
+        out = ping_pong(round_trip, pings, gap_s)
         writer.close()
         child.join()
         reader.close()
@@ -194,14 +204,7 @@ def mp_pipe_latency(pings: int, gap_s: float) -> np.ndarray:
     child = CTX.Process(target=_pipe_echo, args=(child_end,))
     child.start()
     msg = np.arange(8).tobytes()
-    out = np.empty(pings)
-    for i in range(pings):
-        if gap_s:
-            time.sleep(gap_s)
-        t0 = time.perf_counter_ns()
-        parent.send_bytes(msg)
-        parent.recv_bytes()
-        out[i] = (time.perf_counter_ns() - t0) / 2000
+    out = ping_pong(lambda: (parent.send_bytes(msg), parent.recv_bytes()), pings, gap_s)
     parent.send_bytes(b"")
     child.join()
     return out
