@@ -3,6 +3,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 static inline uint64_t mix64(uint64_t x)
 {
@@ -74,36 +75,59 @@ void mps_take_utf8(const int64_t *offsets, const uint8_t *data, const int64_t *i
     }
 }
 
+struct mps_keymap_entry {
+    uint64_t key;
+    int64_t used; /* slot + 1; 0 when empty, so fresh zeroed memory is an empty table */
+};
+
+/* Tables from this size on are mapped on their own, asking for transparent huge pages: a
+ * random probe into a large table otherwise misses the TLB too, a costly walk in a VM. */
+#define MPS_KEYMAP_HUGE (2u << 20)
+
 struct mps_keymap {
-    uint64_t *table_keys;  /* capacity entries */
-    int64_t *table_slots;  /* capacity entries, -1 when empty */
-    uint64_t *slot_keys;   /* size entries, grown by doubling */
-    uint64_t capacity;     /* a power of two */
+    uint32_t *direct;               /* direct[key] = slot + 1 for small keys, 0: ask the table */
+    uint64_t direct_len;
+    struct mps_keymap_entry *table; /* capacity entries: key and slot side by side */
+    uint64_t *slot_keys;            /* size entries, grown by doubling */
+    uint64_t capacity;              /* a power of two */
     uint64_t size;
     uint64_t slot_capacity;
 };
 
 static int keymap_alloc(struct mps_keymap *map, uint64_t capacity)
 {
-    map->table_keys = malloc(sizeof(uint64_t) * capacity);
-    map->table_slots = malloc(sizeof(int64_t) * capacity);
-    if (!map->table_keys || !map->table_slots) {
-        free(map->table_keys);
-        free(map->table_slots);
-        return -1;
+    size_t bytes = sizeof(struct mps_keymap_entry) * capacity;
+    if (bytes < MPS_KEYMAP_HUGE) {
+        map->table = calloc(capacity, sizeof(struct mps_keymap_entry));
+    } else {
+        map->table = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (map->table == MAP_FAILED)
+            map->table = NULL;
+        else
+            madvise(map->table, bytes, MADV_HUGEPAGE); /* advice: without THP it is a no-op */
     }
-    memset(map->table_slots, 0xff, sizeof(int64_t) * capacity); /* -1: empty */
+    if (!map->table)
+        return -1;
     map->capacity = capacity;
     return 0;
+}
+
+static void keymap_release(struct mps_keymap_entry *table, uint64_t capacity)
+{
+    size_t bytes = sizeof(struct mps_keymap_entry) * capacity;
+    if (bytes < MPS_KEYMAP_HUGE)
+        free(table);
+    else if (table)
+        munmap(table, bytes);
 }
 
 static void keymap_place(struct mps_keymap *map, uint64_t key, int64_t slot)
 {
     uint64_t mask = map->capacity - 1;
     for (uint64_t i = mix64(key) & mask;; i = (i + 1) & mask) {
-        if (map->table_slots[i] < 0) {
-            map->table_keys[i] = key;
-            map->table_slots[i] = slot;
+        if (!map->table[i].used) {
+            map->table[i].key = key;
+            map->table[i].used = slot + 1;
             return;
         }
     }
@@ -126,10 +150,29 @@ void mps_keymap_free(struct mps_keymap *map)
 {
     if (!map)
         return;
-    free(map->table_keys);
-    free(map->table_slots);
+    keymap_release(map->table, map->capacity);
     free(map->slot_keys);
+    free(map->direct);
     free(map);
+}
+
+void mps_keymap_clear(struct mps_keymap *map)
+{
+    if (map->size == 0)
+        return;
+    if (map->size * 16 < map->capacity) { /* sparse: empty the used entries only */
+        for (uint64_t s = 0; s < map->size; s++) {
+            uint64_t mask = map->capacity - 1, i = mix64(map->slot_keys[s]) & mask;
+            while (map->table[i].key != map->slot_keys[s] || !map->table[i].used)
+                i = (i + 1) & mask;
+            map->table[i].used = 0;
+        }
+    } else {
+        memset(map->table, 0, sizeof(struct mps_keymap_entry) * map->capacity);
+    }
+    if (map->direct)
+        memset(map->direct, 0, sizeof(uint32_t) * map->direct_len);
+    map->size = 0;
 }
 
 static int keymap_grow(struct mps_keymap *map)
@@ -139,40 +182,96 @@ static int keymap_grow(struct mps_keymap *map)
         return -1;
     for (uint64_t s = 0; s < map->size; s++)
         keymap_place(&bigger, map->slot_keys[s], (int64_t)s);
-    free(map->table_keys);
-    free(map->table_slots);
-    map->table_keys = bigger.table_keys;
-    map->table_slots = bigger.table_slots;
+    keymap_release(map->table, map->capacity);
+    map->table = bigger.table;
     map->capacity = bigger.capacity;
     return 0;
 }
 
+/* The slot of key (whose mix64 is hash), inserted if unseen; -1 when out of memory. */
+static int64_t keymap_lookup(struct mps_keymap *map, uint64_t key, uint64_t hash)
+{
+    uint64_t mask = map->capacity - 1, i = hash & mask;
+    while (map->table[i].used) {
+        if (map->table[i].key == key)
+            return map->table[i].used - 1;
+        i = (i + 1) & mask;
+    }
+    if (map->size == map->slot_capacity) {
+        uint64_t grown = map->slot_capacity ? map->slot_capacity * 2 : 64;
+        uint64_t *more = realloc(map->slot_keys, sizeof(uint64_t) * grown);
+        if (!more)
+            return -1;
+        map->slot_keys = more;
+        map->slot_capacity = grown;
+    }
+    int64_t slot = (int64_t)map->size++;
+    map->slot_keys[slot] = key;
+    map->table[i].key = key;
+    map->table[i].used = slot + 1;
+    if (2 * map->size > map->capacity && keymap_grow(map) != 0)
+        return -1;
+    return slot;
+}
+
+/* The direct front covers keys 0 .. direct_len - 1 while that range stays dense: at most
+ * MPS_KEYMAP_DIRECT_PER_KEY entries per key in the map (and at least MPS_KEYMAP_DIRECT_MIN),
+ * so small integer keys (ids, codes) skip hashing and a large table's cache misses. */
+#define MPS_KEYMAP_DIRECT_MIN (1u << 16)
+#define MPS_KEYMAP_DIRECT_PER_KEY 8
+
+/* Makes the front cover key if it may; the new part starts empty (0: ask the table). */
+static void keymap_cover(struct mps_keymap *map, uint64_t key)
+{
+    uint64_t limit = MPS_KEYMAP_DIRECT_PER_KEY * map->size;
+    if (limit < MPS_KEYMAP_DIRECT_MIN)
+        limit = MPS_KEYMAP_DIRECT_MIN;
+    if (key >= limit)
+        return;
+    uint64_t len = map->direct_len ? map->direct_len : 1024;
+    while (len <= key)
+        len *= 2;
+    uint32_t *more = realloc(map->direct, sizeof(uint32_t) * len);
+    if (!more)
+        return; /* the table alone still answers */
+    memset(more + map->direct_len, 0, sizeof(uint32_t) * (len - map->direct_len));
+    map->direct = more;
+    map->direct_len = len;
+}
+
+/* Keys the front does not answer go to the table in blocks: hash a block and prefetch its
+ * entries, then probe them, so the cache misses of a large table overlap. */
+#define MPS_KEYMAP_BLOCK 16
+
 int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t n, int64_t *slots)
 {
-    for (uint64_t k = 0; k < n; k++) {
-        uint64_t key = keys[k], mask = map->capacity - 1;
-        uint64_t i = mix64(key) & mask;
-        while (map->table_slots[i] >= 0 && map->table_keys[i] != key)
-            i = (i + 1) & mask;
-        if (map->table_slots[i] >= 0) {
-            slots[k] = map->table_slots[i];
-            continue;
+    uint64_t pending[MPS_KEYMAP_BLOCK], hashes[MPS_KEYMAP_BLOCK];
+    uint64_t waiting = 0;
+    for (uint64_t k = 0; k <= n; k++) {
+        if (k < n) {
+            uint64_t key = keys[k];
+            if (key < map->direct_len && map->direct[key]) {
+                slots[k] = (int64_t)map->direct[key] - 1;
+                continue;
+            }
+            pending[waiting] = k;
+            hashes[waiting] = mix64(key);
+            __builtin_prefetch(&map->table[hashes[waiting] & (map->capacity - 1)]);
+            if (++waiting < MPS_KEYMAP_BLOCK)
+                continue;
         }
-        if (map->size == map->slot_capacity) {
-            uint64_t grown = map->slot_capacity ? map->slot_capacity * 2 : 64;
-            uint64_t *more = realloc(map->slot_keys, sizeof(uint64_t) * grown);
-            if (!more)
+        for (uint64_t j = 0; j < waiting; j++) {
+            uint64_t key = keys[pending[j]];
+            int64_t slot = keymap_lookup(map, key, hashes[j]);
+            if (slot < 0)
                 return -1;
-            map->slot_keys = more;
-            map->slot_capacity = grown;
+            slots[pending[j]] = slot;
+            if (key >= map->direct_len)
+                keymap_cover(map, key);
+            if (key < map->direct_len && slot < (int64_t)UINT32_MAX)
+                map->direct[key] = (uint32_t)(slot + 1);
         }
-        int64_t slot = (int64_t)map->size++;
-        map->slot_keys[slot] = key;
-        map->table_keys[i] = key;
-        map->table_slots[i] = slot;
-        slots[k] = slot;
-        if (2 * map->size > map->capacity && keymap_grow(map) != 0)
-            return -1;
+        waiting = 0;
     }
     return (int64_t)map->size;
 }
@@ -182,22 +281,32 @@ void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out)
     memcpy(out, map->slot_keys, sizeof(uint64_t) * map->size);
 }
 
-void mps_scatter_add_i64(int64_t *acc, const int64_t *slots, const int64_t *values, uint64_t n)
-{
-    if (!values) {
-        for (uint64_t i = 0; i < n; i++)
-            acc[slots[i]]++;
-        return;
+/* The add kernels sum a run of rows with the same slot in a register and store once per run:
+ * a hot key's rows would otherwise wait on each other's store to acc[slot]. */
+#define MPS_SCATTER_ADD(name, type, value, plus)                                               \
+    void name(type *acc, const int64_t *slots, const type *values, uint64_t n)               \
+    {                                                                                          \
+        if (n == 0)                                                                            \
+            return;                                                                            \
+        int64_t run = slots[0];                                                                \
+        type sum = value(0);                                                                   \
+        for (uint64_t i = 1; i < n; i++) {                                                     \
+            if (slots[i] == run) {                                                             \
+                sum = plus(sum, value(i));                                                     \
+            } else {                                                                           \
+                acc[run] = plus(acc[run], sum);                                                \
+                run = slots[i];                                                                \
+                sum = value(i);                                                                \
+            }                                                                                  \
+        }                                                                                      \
+        acc[run] = plus(acc[run], sum);                                                        \
     }
-    for (uint64_t i = 0; i < n; i++) /* wraps like numpy's int64 arithmetic */
-        acc[slots[i]] = (int64_t)((uint64_t)acc[slots[i]] + (uint64_t)values[i]);
-}
-
-void mps_scatter_add_f64(double *acc, const int64_t *slots, const double *values, uint64_t n)
-{
-    for (uint64_t i = 0; i < n; i++)
-        acc[slots[i]] += values[i];
-}
+#define MPS_VALUE_OR_ONE(i) (values ? values[i] : 1)
+#define MPS_VALUE(i) (values[i])
+#define MPS_WRAPPING_PLUS(a, b) ((int64_t)((uint64_t)(a) + (uint64_t)(b))) /* as numpy's int64 */
+#define MPS_PLUS(a, b) ((a) + (b))
+MPS_SCATTER_ADD(mps_scatter_add_i64, int64_t, MPS_VALUE_OR_ONE, MPS_WRAPPING_PLUS)
+MPS_SCATTER_ADD(mps_scatter_add_f64, double, MPS_VALUE, MPS_PLUS)
 
 /* NaN propagates as in np.minimum / np.maximum: a NaN value or accumulator stays NaN. */
 #define MPS_SCATTER_EXTREME(name, type, better)                                               \

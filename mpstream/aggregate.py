@@ -21,6 +21,7 @@ hash would be merged; with n keys the chance is about n^2 / 2^65, 3e-8 for a mil
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ from .batch import Batch, Column, StringColumn, _ptr
 from .errors import MpstreamError
 from .partition import hash_column
 
-__all__ = ["KeyedAggregate", "AggregateError", "FUNCTIONS", "partials_of"]
+__all__ = ["KeyedAggregate", "Combiner", "AggregateError", "FUNCTIONS"]
 
 FUNCTIONS = ("sum", "count", "min", "max", "mean")
 _NEEDS = {"sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",), "count": ()}
@@ -72,6 +73,14 @@ class KeyedAggregate:
 
     def __len__(self) -> int:
         return self._size
+
+    def clear(self) -> None:
+        """Forgets every key, keeping the memory of the key map and accumulators for reuse."""
+        lib.mps_keymap_clear(self._map)
+        for name, acc in self._acc.items():
+            acc[: self._size] = _identity(name, acc.dtype)
+        self._size = 0
+        self._names.clear()
 
     # ---- keys -------------------------------------------------------------------------------
 
@@ -191,12 +200,56 @@ _KERNELS = {
 }
 
 
-def partials_of(key: str, spec: Mapping[str, str | Sequence[str]], batch: Batch) -> Batch:
-    """One batch pre-aggregated to its partials (one row per key): the combiner that runs in
-    the upstream process before a salted shuffle, so a hot key crosses it once per batch."""
-    agg = KeyedAggregate(key, spec, expected_keys=batch.num_rows)
-    agg.update(batch)
-    return agg.partial()
+class Combiner:
+    """Pre-aggregates the rows an upstream process sends into a salted shuffle (Flink's
+    local-global aggregation): it holds one partial row per key, so a hot key crosses the
+    shuffle once per flush instead of once per row.
+
+    :meth:`add` takes raw rows and returns the partials when a bound is reached: the combiner
+    holds ``max_keys`` keys (memory), or its oldest row has waited ``max_delay_s`` (latency).
+    The worker also calls :meth:`flush` at every checkpoint barrier (before forwarding it, so
+    the partials belong to the checkpoint's epoch), when its input runs dry, and at the end.
+
+    >>> c = Combiner("k", {"v": "sum", "*": "count"})
+    >>> c.add(Batch({"k": np.array([7, 7, 8]), "v": np.array([1.0, 2.0, 3.0])})) is None
+    True
+    >>> p = c.flush()
+    >>> p["k"].tolist(), p["v.sum"].tolist(), p["count"].tolist(), c.flush()
+    ([7, 8], [3.0, 3.0], [2, 1], None)
+    """
+
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], max_delay_s: float = 0.1,
+                 max_keys: int = 1 << 20) -> None:
+        self._agg = KeyedAggregate(key, spec)
+        self.max_delay_s = max_delay_s
+        self.max_keys = max_keys
+        self._since: float | None = None  # when the oldest unflushed row arrived
+
+    @property
+    def pending(self) -> bool:
+        """True while rows wait for a flush."""
+        return self._since is not None
+
+    def add(self, batch: Batch) -> Batch | None:
+        """Takes raw rows; returns the partials (see :meth:`flush`) when a bound is reached."""
+        if batch.num_rows == 0:
+            return None
+        if self._since is None:
+            self._since = time.monotonic()
+        self._agg.update(batch)
+        if len(self._agg) >= self.max_keys or time.monotonic() - self._since >= self.max_delay_s:
+            return self.flush()
+        return None
+
+    def flush(self) -> Batch | None:
+        """The partials of every row since the last flush (a batch as
+        :meth:`KeyedAggregate.partial` makes, one row per key), or None when there are none."""
+        if self._since is None:
+            return None
+        partials = self._agg.partial()
+        self._agg.clear()
+        self._since = None
+        return partials
 
 
 def _values(batch: Batch, column: str) -> np.ndarray:

@@ -534,7 +534,8 @@ class InputGate:
         self._refresh()
 
     def read(self, timeout: float | None = None) -> tuple[int, Record]:
-        """(index of the channel in readers, its Record); see the class doc."""
+        """(index of the channel in readers, its Record); see the class doc. Raises
+        ChannelTimeoutError after ``timeout`` seconds without a record; ``read(0)`` only polls."""
         self._retire_ended()
         if self._ended is not None:
             raise ChannelError("release the previous record before reading the next")
@@ -544,8 +545,9 @@ class InputGate:
         rings, count, nxt, rec = self._rings, len(self._readable), self._next, self._peeked
         while True:
             rc = lib.mps_ring_peek_any(rings, count, nxt, 0, rec)
-            if rc == _EMPTY:
-                rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
+            if rc == _EMPTY:  # timeout 0 only polls
+                rc = lib.MPS_RING_TIMEOUT if timeout == 0 else _blocking(
+                    lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
             channel = self._readable[nxt[0]]
             reader = self.readers[channel]
             if rc != _OK:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import operators as ops
-from .aggregate import partials_of
+from .aggregate import Combiner
 from .batch import Batch
 from .partition import CustomPartitioner, HashPartitioner, Partitioner, RangePartitioner, RoundRobinPartitioner
 from .runtime import CheckpointConfig, JobResult, execute
@@ -45,7 +45,7 @@ class Edge:
     upstream: Node
     partitioner: Callable[[], Partitioner] | None
     drop: bool = False  # backpressure policy: drop (and count) instead of waiting for credit
-    combine: Callable[[Batch], Batch] | None = None  # applied in the upstream process first
+    combiner: Callable[[], Combiner] | None = None  # one per upstream instance, before partitioning
 
 
 @dataclass
@@ -143,7 +143,7 @@ class Stream:
 
     def _then(self, name: str, make: Callable[[], ops.Operator], parallelism: int | None,
               backpressure: str = "block", partitioner: Callable[[], Partitioner] | None = None,
-              collect: bool = False, combine: Callable[[Batch], Batch] | None = None) -> Stream:
+              collect: bool = False, combiner: Callable[[], Combiner] | None = None) -> Stream:
         if backpressure not in ("block", "drop"):
             raise ValueError(f"operator {name!r}: backpressure must be 'block' or 'drop', got {backpressure!r}")
         parallelism = parallelism or self.parallelism
@@ -153,7 +153,7 @@ class Stream:
             edge_part = part
             if edge_part is None and up.parallelism != parallelism:
                 edge_part = RoundRobinPartitioner  # no key: rebalance whole batches
-            edges.append(Edge(up, edge_part, drop=backpressure == "drop", combine=combine))
+            edges.append(Edge(up, edge_part, drop=backpressure == "drop", combiner=combiner))
         node = self.pipeline._add(Node(name, parallelism, make, edges, collect))
         return Stream(self.pipeline, [node], None)
 
@@ -234,21 +234,23 @@ class KeyedStream(Stream):
         self.key = key
 
     def aggregate(self, name: str, spec: Mapping[str, str | Sequence[str]], *, parallelism: int | None = None,
-                  salt: int = 0) -> Stream:
+                  salt: int = 0, combiner_delay_s: float = 0.1) -> Stream:
         """Per key: ``spec`` maps a column to sum/count/min/max/mean (or a list; "*": "count").
         Result columns: the key, ``{column}_{function}`` and ``count``.
 
-        ``salt=n`` (n > 1) makes it two-stage, for hot keys: each batch is pre-aggregated in
-        its upstream process (one partial row per key and batch), the partial rows go to a
-        partial aggregate ``{name}.partial`` by key plus a salt ``row % n`` (so one key spreads
-        evenly over min(n, parallelism) partitions), and its partials go by key to the final
-        ``name``. Results equal the unsalted ones (float sums up to rounding: another order).
+        ``salt=n`` (n > 1) makes it two-stage, for hot keys. Each upstream instance first
+        pre-aggregates its rows in a :class:`~mpstream.aggregate.Combiner` (one partial row
+        per key, handed on at least every ``combiner_delay_s`` seconds, at every checkpoint
+        barrier, when its input runs dry and at the end); the partial rows go to a partial
+        aggregate ``{name}.partial`` by key plus a salt ``row % n`` (so one key spreads evenly
+        over min(n, parallelism) partitions), and its partials go by key to the final ``name``.
+        Results equal the unsalted ones (float sums up to rounding: another order).
         """
         key = self.key
         if salt > 1:
             partial = self._then(f"{name}.partial", lambda: ops.Aggregate(key, spec, "partials", "partials", False),
                                  parallelism, partitioner=lambda: HashPartitioner(key, salt),
-                                 combine=functools.partial(partials_of, key, spec))
+                                 combiner=functools.partial(Combiner, key, spec, combiner_delay_s))
             return partial._then(name, lambda: ops.Aggregate(key, spec, "partials", "results"), parallelism,
                                  partitioner=lambda: HashPartitioner(key))
         return self._then(name, lambda: ops.Aggregate(key, spec), parallelism)

@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from . import operators as ops
+from .aggregate import Combiner
 from .batch import Batch
 from .checkpoint import CheckpointError, CheckpointStore
 from .channel import Channel, ChannelReader, ChannelTimeoutError, ChannelWriter, InputGate, RecordKind, sweep_stale_segments
@@ -127,7 +128,7 @@ class _Output:
     writers: list[ChannelWriter]
     partitioner: Any  # a Partitioner, or None for forward (a single writer)
     drop: bool
-    combine: Callable[[Batch], Batch] | None
+    combiner: Combiner | None
 
 
 def _plan_channels(pipeline: Pipeline) -> dict[tuple[str, int], dict[str, Any]]:
@@ -141,7 +142,7 @@ def _plan_channels(pipeline: Pipeline) -> dict[tuple[str, int], dict[str, Any]]:
             for pi in range(up.parallelism):
                 targets = [pi] if edge.partitioner is None else range(node.parallelism)
                 labels = [_channel_label(node.name, ci, up.name, pi) for ci in targets]
-                io[(up.name, pi)]["outputs"].append((labels, edge.partitioner, edge.drop, edge.combine))
+                io[(up.name, pi)]["outputs"].append((labels, edge.partitioner, edge.drop, edge.combiner))
                 for ci, label in zip(targets, labels):
                     io[(node.name, ci)]["inputs"].append(label)
     return io
@@ -441,8 +442,8 @@ class _Worker:
         self.gate = InputGate(readers) if readers else None
         self.outputs = [
             _Output([ChannelWriter(names[label]) for label in labels],
-                    None if partitioner is None else partitioner(), drop, combine)
-            for labels, partitioner, drop, combine in wiring["outputs"]]
+                    None if partitioner is None else partitioner(), drop, None if combiner is None else combiner())
+            for labels, partitioner, drop, combiner in wiring["outputs"]]
         self.ctx = ops.Context(node.name, instance, node.parallelism)
         self.op = node.make()
 
@@ -466,12 +467,22 @@ class _Worker:
             if self.node.collect:
                 self._send(("collect", batch, self.epoch))  # pickling copies it off the ring
             for output in self.outputs:
-                sent = batch if output.combine is None else output.combine(batch)
-                n = len(output.writers)
-                ids = 0 if output.partitioner is None else output.partitioner.assign(sent, n)
-                for writer, part in zip(output.writers, split(sent, ids, n)):
-                    if part is not None:
-                        self._write(output, writer, part)
+                self._route(output, batch if output.combiner is None else output.combiner.add(batch))
+
+    def _route(self, output: _Output, batch: Batch | None) -> None:
+        if batch is None:
+            return
+        n = len(output.writers)
+        ids = 0 if output.partitioner is None else output.partitioner.assign(batch, n)
+        for writer, part in zip(output.writers, split(batch, ids, n)):
+            if part is not None:
+                self._write(output, writer, part)
+
+    def _flush(self) -> None:
+        """Hands on what the combiners hold: at a barrier, when input runs dry, at the end."""
+        for output in self.outputs:
+            if output.combiner is not None:
+                self._route(output, output.combiner.flush())
 
     def _write(self, output: _Output, writer: ChannelWriter, part: Batch) -> None:
         try:
@@ -526,6 +537,7 @@ class _Worker:
         else:
             self._run_operator()
         self.emit(self.op.close())
+        self._flush()
         self.stats.backpressured_s = sum(w.stats()["wait_ns"] for o in self.outputs for w in o.writers) / 1e9
         for output in self.outputs:
             for writer in output.writers:
@@ -547,6 +559,7 @@ class _Worker:
         started = time.perf_counter()
         self.epoch = n
         state = {"operator": self.op.snapshot(), "offset": offset}
+        self._flush()  # the combined rows belong to this epoch: they go before the barrier
         pause = time.perf_counter() - started
         for output in self.outputs:
             for writer in output.writers:
@@ -596,6 +609,7 @@ class _Worker:
         aligned_at = 0.0
         arrived: set[int] = set()
         notified = self.store is not None and type(op).notify_checkpoint_complete is not ops.Operator.notify_checkpoint_complete
+        combiners = [o.combiner for o in self.outputs if o.combiner is not None]
         while True:
             if notified:
                 self._control()
@@ -608,8 +622,13 @@ class _Worker:
             if finished:
                 return
             waited = time.perf_counter()
-            channel, record = gate.read()
-            stats.idle_s += time.perf_counter() - waited
+            try:  # with rows in a combiner, only poll: input running dry flushes them
+                channel, record = gate.read(0 if any(c.pending for c in combiners) else None)
+            except ChannelTimeoutError:
+                self._flush()
+                continue
+            finally:
+                stats.idle_s += time.perf_counter() - waited
             with record:
                 if record.kind is RecordKind.DATA:
                     stats.records_in += record.batch.num_rows

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpstream import Batch
-from mpstream.aggregate import AggregateError, KeyedAggregate
+from mpstream.aggregate import AggregateError, Combiner, KeyedAggregate
 from mpstream.partition import HashPartitioner, split
 
 WORDS = np.array(["", "a", "ß", "hot.example.com", "x.org"])
@@ -80,6 +80,59 @@ def test_many_keys_grow_the_map_and_accumulators():
     r = agg.result()
     assert len(r["k"]) == len(np.unique(keys))
     assert r["v_sum"].sum() == 50_000 and (r["count"] == 1).all()
+
+
+def sums_and_counts(keys, values):
+    """{key: (sum, count)} by numpy: the reference for int keys of any range."""
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return dict(zip(uniq.tolist(), zip(np.bincount(inverse, weights=values).tolist(), np.bincount(inverse).tolist())))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_small_large_and_negative_keys_with_runs_and_clear(seed):
+    """Small keys are answered by the key map's direct-address front (which grows with the key
+    count), the rest by its hash table, hot runs by the run-summing kernels: all must agree
+    with numpy, also after clear() reuses the memory for another key set."""
+    rng = np.random.default_rng(seed)
+    agg = KeyedAggregate("k", {"v": "sum", "*": "count"})
+    for generation in range(2):
+        batches = [
+            np.repeat(rng.integers(0, 50, 40), rng.integers(1, 30, 40)),  # hot runs of small keys
+            rng.integers(0, 200_000, 30_000),  # more keys: the front grows past its first limit
+            np.concatenate([rng.integers(-(2**62), -1, 500), rng.integers(2**40, 2**40 + 50, 500),
+                            rng.integers(0, 1 << 20, 1000), np.array([0, 2**63 - 1, -(2**63)])]),
+        ]
+        values = [rng.integers(-1000, 1000, len(k)).astype(np.float64) for k in batches]
+        for k, v in zip(batches, values):
+            agg.update(Batch({"k": k, "v": v}))
+        r = agg.result()
+        got = {k: (s, c) for k, s, c in zip(r["k"].tolist(), r["v_sum"].tolist(), r["count"].tolist())}
+        assert got == sums_and_counts(np.concatenate(batches), np.concatenate(values))  # small ints: exact
+        agg.clear()
+        assert len(agg) == 0 and len(agg.result()["k"]) == 0
+
+
+def test_combiner_hands_on_partials_at_its_bounds_and_on_flush():
+    spec = {"v": ["sum", "max"], "*": "count"}
+    batch = Batch({"k": np.array([3, 1, 3, 2, 1, 3]), "v": np.arange(6.0)})
+    by_keys = Combiner("k", spec, max_delay_s=3600, max_keys=3)
+    assert not by_keys.pending and by_keys.flush() is None
+    assert by_keys.add(batch.slice(0, 3)) is None and by_keys.pending  # keys 3, 1: under the bound
+    p = by_keys.add(batch.slice(3, 6))  # key 2 makes three
+    assert p["k"].tolist() == [3, 1, 2] and p["v.sum"].tolist() == [7.0, 5.0, 3.0]
+    assert p["v.max"].tolist() == [5.0, 4.0, 3.0] and p["count"].tolist() == [3, 2, 1]
+    assert not by_keys.pending and by_keys.flush() is None
+    assert by_keys.add(batch.slice(0, 0)) is None and not by_keys.pending  # no rows: nothing held
+    at_once = Combiner("k", spec, max_delay_s=0)  # latency bound 0: every batch goes on
+    assert at_once.add(batch.slice(0, 2))["k"].tolist() == [3, 1]
+    assert at_once.add(batch.slice(2, 3))["k"].tolist() == [3]  # the previous keys are gone
+    merged = KeyedAggregate("k", spec)  # partials merge into what the raw rows give
+    held = Combiner("k", spec, max_delay_s=3600)
+    held.add(batch.slice(0, 4))
+    held.add(batch.slice(4, 6))
+    merged.merge(held.flush())
+    r = merged.result()
+    assert r["k"].tolist() == [3, 1, 2] and r["v_sum"].tolist() == [7.0, 5.0, 3.0] and r["count"].tolist() == [3, 2, 1]
 
 
 def test_bad_specs_and_columns_are_named():

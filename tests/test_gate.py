@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from mpstream import Batch, Channel, ChannelError, ChannelReader, ChannelWriter, InputGate, PeerDiedError, RecordKind
+from mpstream import (Batch, Channel, ChannelError, ChannelReader, ChannelTimeoutError, ChannelWriter, InputGate,
+                      PeerDiedError, RecordKind)
 
 
 @contextlib.contextmanager
@@ -101,6 +102,23 @@ def test_gate_refuses_a_second_record_while_one_is_held():
             gate.read(timeout=5)
         record.release()
         gate.read(timeout=5)[1].release()
+        gate.close()
+        for writer in writers:
+            writer.close()
+
+
+def test_read_with_timeout_zero_only_polls():
+    with channels("poll", 2, 1 << 12) as chans:
+        writers = [ChannelWriter(c.name) for c in chans]
+        gate = InputGate([ChannelReader(c.name) for c in chans])
+        with pytest.raises(ChannelTimeoutError):
+            gate.read(0)  # nothing written yet
+        writers[1].write(Batch({"x": np.arange(3)}))
+        index, record = gate.read(0)
+        assert index == 1 and record.batch["x"].tolist() == [0, 1, 2]
+        record.release()
+        with pytest.raises(ChannelTimeoutError):
+            gate.read(0)
         gate.close()
         for writer in writers:
             writer.close()

@@ -2,6 +2,7 @@
 per-key order; salted == unsalted; file sources and sinks."""
 
 import csv
+import multiprocessing
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpstream import StringColumn
+from mpstream.aggregate import Combiner
 from mpstream.operators import Operator
 from mpstream.pipeline import Pipeline
 
@@ -67,6 +69,50 @@ def test_keyed_aggregate_salted_and_unsalted_match_numpy(seed, rows, parallelism
         vs = data["v"][np.array(keys) == k] if rows else np.zeros(0)
         want.append((k, float(vs.sum()), float(vs.min()), float(vs.max()), len(vs)))
     assert results[0] == results[1] == sorted(want)  # integral float values: sums are exact
+
+
+def sums_by_key(batch):
+    return {int(k): (float(s), int(c)) for k, s, c in zip(batch["k"], batch["v_sum"], batch["count"])}
+
+
+@pytest.mark.parametrize("delay, partial_rows", [(0, 4), (3600, 3)])
+def test_combiner_latency_bound_sets_how_often_partials_go_on(delay, partial_rows):
+    """Batches [1, 1, 2] and [1, 3, 3]: with a bound of 0 s each batch's partials go on at
+    once (2 + 2 rows into the partial stage); with an hour, one flush at the end (3 rows)."""
+    p = Pipeline()
+    (p.from_arrays("src", {"k": np.array([1, 1, 2, 1, 3, 3]), "v": np.arange(6.0)}, batch_size=3)
+      .key_by("k").aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=delay)
+      .collect("out"))
+    result = p.run()
+    assert sums_by_key(result["out"]) == {1: (4.0, 3), 2: (2.0, 1), 3: (9.0, 2)}
+    assert [s.records_in for s in result.operators if s.name == "agg.partial"] == [partial_rows]
+
+
+def test_combiner_flushes_when_its_operator_input_runs_dry(monkeypatch):
+    """A map's combiner with an hour's latency bound still hands its rows on as soon as the
+    map has nothing more to read: the source waits for that flush before its second batch."""
+    flushed = multiprocessing.get_context("fork").Event()
+    flush = Combiner.flush
+
+    def observed_flush(self):
+        partials = flush(self)
+        if partials is not None:
+            flushed.set()
+        return partials
+
+    monkeypatch.setattr(Combiner, "flush", observed_flush)  # forked workers inherit it
+
+    def two_batches(instance, offset):
+        if offset == 1:
+            assert flushed.wait(60), "the map's combiner held its rows while its input was dry"
+        return {"k": np.array([1, 1, 2]), "v": np.ones(3)} if offset < 2 else None
+
+    p = Pipeline()
+    (p.from_generator("src", two_batches).map("m", lambda b: b).key_by("k")
+      .aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=3600).collect("out"))
+    result = p.run()
+    assert sums_by_key(result["out"]) == {1: (4.0, 4), 2: (2.0, 2)}
+    assert [s.records_in for s in result.operators if s.name == "agg.partial"] == [4]  # two flushes
 
 
 class TagInstance(Operator):
