@@ -84,7 +84,12 @@ struct mps_keymap_entry {
  * random probe into a large table otherwise misses the TLB too, a costly walk in a VM. */
 #define MPS_KEYMAP_HUGE (2u << 20)
 
+/* Recently found keys, by the top bits of their hash: a hot key among many is answered from
+ * here, so the prefetched blocks below hold the keys that may miss the cache. */
+#define MPS_KEYMAP_RECENT 256
+
 struct mps_keymap {
+    struct mps_keymap_entry recent[MPS_KEYMAP_RECENT];
     uint32_t *direct;               /* direct[key] = slot + 1 for small keys, 0: ask the table */
     uint64_t direct_len;
     struct mps_keymap_entry *table; /* capacity entries: key and slot side by side */
@@ -172,6 +177,7 @@ void mps_keymap_clear(struct mps_keymap *map)
     }
     if (map->direct)
         memset(map->direct, 0, sizeof(uint32_t) * map->direct_len);
+    memset(map->recent, 0, sizeof(map->recent));
     map->size = 0;
 }
 
@@ -254,8 +260,14 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
                 slots[k] = (int64_t)map->direct[key] - 1;
                 continue;
             }
+            uint64_t hash = mix64(key);
+            const struct mps_keymap_entry *seen = &map->recent[hash >> 56];
+            if (seen->key == key && seen->used) {
+                slots[k] = seen->used - 1;
+                continue;
+            }
             pending[waiting] = k;
-            hashes[waiting] = mix64(key);
+            hashes[waiting] = hash;
             __builtin_prefetch(&map->table[hashes[waiting] & (map->capacity - 1)]);
             if (++waiting < MPS_KEYMAP_BLOCK)
                 continue;
@@ -266,6 +278,7 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
             if (slot < 0)
                 return -1;
             slots[pending[j]] = slot;
+            map->recent[hashes[j] >> 56] = (struct mps_keymap_entry){key, slot + 1};
             if (key >= map->direct_len)
                 keymap_cover(map, key);
             if (key < map->direct_len && slot < (int64_t)UINT32_MAX)
@@ -283,8 +296,8 @@ void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out)
 
 /* The add kernels sum a run of rows with the same slot in a register and store once per run:
  * a hot key's rows would otherwise wait on each other's store to acc[slot]. */
-#define MPS_SCATTER_ADD(name, type, value, plus)                                               \
-    void name(type *acc, const int64_t *slots, const type *values, uint64_t n)               \
+#define MPS_SCATTER_ADD(linkage, name, type, value, plus)                                      \
+    linkage void name(type *acc, const int64_t *slots, const type *values, uint64_t n)       \
     {                                                                                          \
         if (n == 0)                                                                            \
             return;                                                                            \
@@ -301,12 +314,21 @@ void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out)
         }                                                                                      \
         acc[run] = plus(acc[run], sum);                                                        \
     }
-#define MPS_VALUE_OR_ONE(i) (values ? values[i] : 1)
+#define MPS_ONE(i) ((void)values, 1)
 #define MPS_VALUE(i) (values[i])
 #define MPS_WRAPPING_PLUS(a, b) ((int64_t)((uint64_t)(a) + (uint64_t)(b))) /* as numpy's int64 */
 #define MPS_PLUS(a, b) ((a) + (b))
-MPS_SCATTER_ADD(mps_scatter_add_i64, int64_t, MPS_VALUE_OR_ONE, MPS_WRAPPING_PLUS)
-MPS_SCATTER_ADD(mps_scatter_add_f64, double, MPS_VALUE, MPS_PLUS)
+MPS_SCATTER_ADD(static, scatter_count, int64_t, MPS_ONE, MPS_WRAPPING_PLUS)
+MPS_SCATTER_ADD(static, scatter_add_i64, int64_t, MPS_VALUE, MPS_WRAPPING_PLUS)
+MPS_SCATTER_ADD(, mps_scatter_add_f64, double, MPS_VALUE, MPS_PLUS)
+
+void mps_scatter_add_i64(int64_t *acc, const int64_t *slots, const int64_t *values, uint64_t n)
+{
+    if (values) /* two loops: a test of values in the loop costs a count twice its time */
+        scatter_add_i64(acc, slots, values, n);
+    else
+        scatter_count(acc, slots, values, n);
+}
 
 /* NaN propagates as in np.minimum / np.maximum: a NaN value or accumulator stays NaN. */
 #define MPS_SCATTER_EXTREME(name, type, better)                                               \

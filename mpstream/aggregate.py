@@ -208,7 +208,8 @@ class Combiner:
     :meth:`add` takes raw rows and returns the partials when a bound is reached: the combiner
     holds ``max_keys`` keys (memory), or its oldest row has waited ``max_delay_s`` (latency).
     The worker also calls :meth:`flush` at every checkpoint barrier (before forwarding it, so
-    the partials belong to the checkpoint's epoch), when its input runs dry, and at the end.
+    the partials belong to the checkpoint's epoch), when no input came by :attr:`due`, and at
+    the end.
 
     >>> c = Combiner("k", {"v": "sum", "*": "count"})
     >>> c.add(Batch({"k": np.array([7, 7, 8]), "v": np.array([1.0, 2.0, 3.0])})) is None
@@ -226,9 +227,9 @@ class Combiner:
         self._since: float | None = None  # when the oldest unflushed row arrived
 
     @property
-    def pending(self) -> bool:
-        """True while rows wait for a flush."""
-        return self._since is not None
+    def due(self) -> float | None:
+        """The ``time.monotonic()`` by which the held rows must go on; None when none are held."""
+        return None if self._since is None else self._since + self.max_delay_s
 
     def add(self, batch: Batch) -> Batch | None:
         """Takes raw rows; returns the partials (see :meth:`flush`) when a bound is reached."""

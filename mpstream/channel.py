@@ -207,7 +207,9 @@ def _blocking(call: Any, timeout: float | None) -> int:
     while True:
         slice_ns = _SLICE_NS
         if deadline is not None:
-            slice_ns = max(0, min(_SLICE_NS, int((deadline - time.monotonic()) * 1e9)))
+            slice_ns = min(_SLICE_NS, int((deadline - time.monotonic()) * 1e9))
+            if slice_ns <= 0:  # the caller polled once already
+                return lib.MPS_RING_TIMEOUT
         rc = call(slice_ns)
         if rc == lib.MPS_RING_INTERRUPTED:
             continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
@@ -545,9 +547,8 @@ class InputGate:
         rings, count, nxt, rec = self._rings, len(self._readable), self._next, self._peeked
         while True:
             rc = lib.mps_ring_peek_any(rings, count, nxt, 0, rec)
-            if rc == _EMPTY:  # timeout 0 only polls
-                rc = lib.MPS_RING_TIMEOUT if timeout == 0 else _blocking(
-                    lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
+            if rc == _EMPTY:
+                rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
             channel = self._readable[nxt[0]]
             reader = self.readers[channel]
             if rc != _OK:

@@ -240,8 +240,8 @@ class KeyedStream(Stream):
 
         ``salt=n`` (n > 1) makes it two-stage, for hot keys. Each upstream instance first
         pre-aggregates its rows in a :class:`~mpstream.aggregate.Combiner` (one partial row
-        per key, handed on at least every ``combiner_delay_s`` seconds, at every checkpoint
-        barrier, when its input runs dry and at the end); the partial rows go to a partial
+        per key, handed on when its oldest row has waited ``combiner_delay_s`` seconds, at
+        every checkpoint barrier and at the end); the partial rows go to a partial
         aggregate ``{name}.partial`` by key plus a salt ``row % n`` (so one key spreads evenly
         over min(n, parallelism) partitions), and its partials go by key to the final ``name``.
         Results equal the unsalted ones (float sums up to rounding: another order).

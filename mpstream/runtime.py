@@ -479,7 +479,7 @@ class _Worker:
                 self._write(output, writer, part)
 
     def _flush(self) -> None:
-        """Hands on what the combiners hold: at a barrier, when input runs dry, at the end."""
+        """Hands on what the combiners hold: at a barrier, when due without input, at the end."""
         for output in self.outputs:
             if output.combiner is not None:
                 self._route(output, output.combiner.flush())
@@ -622,8 +622,9 @@ class _Worker:
             if finished:
                 return
             waited = time.perf_counter()
-            try:  # with rows in a combiner, only poll: input running dry flushes them
-                channel, record = gate.read(0 if any(c.pending for c in combiners) else None)
+            due = min((c.due for c in combiners if c.due is not None), default=None)
+            try:  # rows held in a combiner go on by their due time, input or not
+                channel, record = gate.read(None if due is None else max(0.0, due - time.monotonic()))
             except ChannelTimeoutError:
                 self._flush()
                 continue

@@ -107,7 +107,7 @@ def test_gate_refuses_a_second_record_while_one_is_held():
             writer.close()
 
 
-def test_read_with_timeout_zero_only_polls():
+def test_read_with_timeout_zero_only_polls_and_a_short_one_times_out():
     with channels("poll", 2, 1 << 12) as chans:
         writers = [ChannelWriter(c.name) for c in chans]
         gate = InputGate([ChannelReader(c.name) for c in chans])
@@ -119,6 +119,8 @@ def test_read_with_timeout_zero_only_polls():
         record.release()
         with pytest.raises(ChannelTimeoutError):
             gate.read(0)
+        with pytest.raises(ChannelTimeoutError):
+            gate.read(1e-6)
         gate.close()
         for writer in writers:
             writer.close()

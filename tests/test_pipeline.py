@@ -88,9 +88,9 @@ def test_combiner_latency_bound_sets_how_often_partials_go_on(delay, partial_row
     assert [s.records_in for s in result.operators if s.name == "agg.partial"] == [partial_rows]
 
 
-def test_combiner_flushes_when_its_operator_input_runs_dry(monkeypatch):
-    """A map's combiner with an hour's latency bound still hands its rows on as soon as the
-    map has nothing more to read: the source waits for that flush before its second batch."""
+def test_combiner_hands_on_its_rows_by_their_due_time_without_more_input(monkeypatch):
+    """A map's combiner holds its rows at most its latency bound even when no more input
+    comes to trigger a flush: the source waits for that flush before its second batch."""
     flushed = multiprocessing.get_context("fork").Event()
     flush = Combiner.flush
 
@@ -104,12 +104,12 @@ def test_combiner_flushes_when_its_operator_input_runs_dry(monkeypatch):
 
     def two_batches(instance, offset):
         if offset == 1:
-            assert flushed.wait(60), "the map's combiner held its rows while its input was dry"
+            assert flushed.wait(60), "the map's combiner held its rows past their due time"
         return {"k": np.array([1, 1, 2]), "v": np.ones(3)} if offset < 2 else None
 
     p = Pipeline()
     (p.from_generator("src", two_batches).map("m", lambda b: b).key_by("k")
-      .aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=3600).collect("out"))
+      .aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=0.01).collect("out"))
     result = p.run()
     assert sums_by_key(result["out"]) == {1: (4.0, 4), 2: (2.0, 2)}
     assert [s.records_in for s in result.operators if s.name == "agg.partial"] == [4]  # two flushes
