@@ -1,6 +1,7 @@
 /* mps_kernels: see mps_kernels.h. */
 #include "mps_kernels.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -84,40 +85,43 @@ struct mps_keymap_entry {
  * random probe into a large table otherwise misses the TLB too, a costly walk in a VM. */
 #define MPS_KEYMAP_HUGE (2u << 20)
 
-/* Recently found keys, by the top bits of their hash: a hot key among many is answered from
- * here, so the prefetched blocks below hold the keys that may miss the cache. */
+/* Recently found keys of the table, by the top bits of their hash: a hot key among many is
+ * answered from here, so the prefetched blocks below hold the keys that may miss the cache. */
 #define MPS_KEYMAP_RECENT 256
 
+/* The direct front owns keys 0 .. direct_len - 1 while that range stays dense: at most
+ * MPS_KEYMAP_DIRECT_PER_KEY entries per key in the map (and at least MPS_KEYMAP_DIRECT_MIN),
+ * so small integer keys (ids, codes) are neither hashed nor probed. */
+#define MPS_KEYMAP_DIRECT_MIN (1u << 16)
+#define MPS_KEYMAP_DIRECT_PER_KEY 8
+#define MPS_KEYMAP_MAX_SLOTS (UINT32_MAX - 1) /* slot + 1 fits the front's uint32 */
+
+/* Invariant: the front holds every key below direct_len, the table exactly the others. */
 struct mps_keymap {
     struct mps_keymap_entry recent[MPS_KEYMAP_RECENT];
-    uint32_t *direct;               /* direct[key] = slot + 1 for small keys, 0: ask the table */
+    uint32_t *direct;               /* direct[key] = slot + 1; 0: not in the map */
     uint64_t direct_len;
     struct mps_keymap_entry *table; /* capacity entries: key and slot side by side */
-    uint64_t *slot_keys;            /* size entries, grown by doubling */
     uint64_t capacity;              /* a power of two */
+    uint64_t table_size;            /* keys in the table */
+    uint64_t *slot_keys;            /* size entries, grown by doubling */
     uint64_t size;
     uint64_t slot_capacity;
 };
 
-static int keymap_alloc(struct mps_keymap *map, uint64_t capacity)
+static struct mps_keymap_entry *table_alloc(uint64_t capacity)
 {
     size_t bytes = sizeof(struct mps_keymap_entry) * capacity;
-    if (bytes < MPS_KEYMAP_HUGE) {
-        map->table = calloc(capacity, sizeof(struct mps_keymap_entry));
-    } else {
-        map->table = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (map->table == MAP_FAILED)
-            map->table = NULL;
-        else
-            madvise(map->table, bytes, MADV_HUGEPAGE); /* advice: without THP it is a no-op */
-    }
-    if (!map->table)
-        return -1;
-    map->capacity = capacity;
-    return 0;
+    if (bytes < MPS_KEYMAP_HUGE)
+        return calloc(capacity, sizeof(struct mps_keymap_entry));
+    void *table = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (table == MAP_FAILED)
+        return NULL;
+    madvise(table, bytes, MADV_HUGEPAGE); /* advice: without THP it is a no-op */
+    return table;
 }
 
-static void keymap_release(struct mps_keymap_entry *table, uint64_t capacity)
+static void table_release(struct mps_keymap_entry *table, uint64_t capacity)
 {
     size_t bytes = sizeof(struct mps_keymap_entry) * capacity;
     if (bytes < MPS_KEYMAP_HUGE)
@@ -133,9 +137,31 @@ static void keymap_place(struct mps_keymap *map, uint64_t key, int64_t slot)
         if (!map->table[i].used) {
             map->table[i].key = key;
             map->table[i].used = slot + 1;
+            map->table_size++;
             return;
         }
     }
+}
+
+/* Refills a table of capacity entries with every key the front does not own. */
+static int keymap_rebuild(struct mps_keymap *map, uint64_t capacity)
+{
+    if (capacity == map->capacity) {
+        memset(map->table, 0, sizeof(struct mps_keymap_entry) * capacity);
+    } else {
+        struct mps_keymap_entry *table = table_alloc(capacity);
+        if (!table)
+            return -1;
+        table_release(map->table, map->capacity);
+        map->table = table;
+        map->capacity = capacity;
+    }
+    map->table_size = 0;
+    for (uint64_t s = 0; s < map->size; s++) {
+        if (map->slot_keys[s] >= map->direct_len)
+            keymap_place(map, map->slot_keys[s], (int64_t)s);
+    }
+    return 0;
 }
 
 struct mps_keymap *mps_keymap_new(uint64_t expected_keys)
@@ -144,10 +170,13 @@ struct mps_keymap *mps_keymap_new(uint64_t expected_keys)
     uint64_t capacity = 16;
     while (capacity < 2 * expected_keys)
         capacity *= 2;
-    if (!map || keymap_alloc(map, capacity) != 0) {
+    if (map)
+        map->table = table_alloc(capacity);
+    if (!map || !map->table) {
         free(map);
         return NULL;
     }
+    map->capacity = capacity;
     return map;
 }
 
@@ -155,7 +184,7 @@ void mps_keymap_free(struct mps_keymap *map)
 {
     if (!map)
         return;
-    keymap_release(map->table, map->capacity);
+    table_release(map->table, map->capacity);
     free(map->slot_keys);
     free(map->direct);
     free(map);
@@ -163,46 +192,33 @@ void mps_keymap_free(struct mps_keymap *map)
 
 void mps_keymap_clear(struct mps_keymap *map)
 {
-    if (map->size == 0)
-        return;
-    if (map->size * 16 < map->capacity) { /* sparse: empty the used entries only */
-        for (uint64_t s = 0; s < map->size; s++) {
-            uint64_t mask = map->capacity - 1, i = mix64(map->slot_keys[s]) & mask;
-            while (map->table[i].key != map->slot_keys[s] || !map->table[i].used)
-                i = (i + 1) & mask;
-            map->table[i].used = 0;
+    bool sparse_table = map->table_size * 16 < map->capacity;
+    bool sparse_front = map->size * 16 < map->direct_len;
+    for (uint64_t s = 0; s < map->size && (sparse_table || sparse_front); s++) {
+        uint64_t key = map->slot_keys[s], mask = map->capacity - 1, i = mix64(key) & mask;
+        if (key < map->direct_len) {
+            map->direct[key] = 0;
+            continue;
         }
-    } else {
-        memset(map->table, 0, sizeof(struct mps_keymap_entry) * map->capacity);
+        if (!sparse_table)
+            continue;
+        while (map->table[i].key != key || !map->table[i].used) /* present: see the invariant */
+            i = (i + 1) & mask;
+        map->table[i].used = 0;
     }
-    if (map->direct)
+    if (!sparse_table)
+        memset(map->table, 0, sizeof(struct mps_keymap_entry) * map->capacity);
+    if (!sparse_front && map->direct)
         memset(map->direct, 0, sizeof(uint32_t) * map->direct_len);
     memset(map->recent, 0, sizeof(map->recent));
-    map->size = 0;
+    map->size = map->table_size = 0;
 }
 
-static int keymap_grow(struct mps_keymap *map)
+/* The next slot, for key; -1 when out of memory or past MPS_KEYMAP_MAX_SLOTS keys. */
+static int64_t keymap_append(struct mps_keymap *map, uint64_t key)
 {
-    struct mps_keymap bigger = *map;
-    if (keymap_alloc(&bigger, map->capacity * 2) != 0)
+    if (map->size >= MPS_KEYMAP_MAX_SLOTS)
         return -1;
-    for (uint64_t s = 0; s < map->size; s++)
-        keymap_place(&bigger, map->slot_keys[s], (int64_t)s);
-    keymap_release(map->table, map->capacity);
-    map->table = bigger.table;
-    map->capacity = bigger.capacity;
-    return 0;
-}
-
-/* The slot of key (whose mix64 is hash), inserted if unseen; -1 when out of memory. */
-static int64_t keymap_lookup(struct mps_keymap *map, uint64_t key, uint64_t hash)
-{
-    uint64_t mask = map->capacity - 1, i = hash & mask;
-    while (map->table[i].used) {
-        if (map->table[i].key == key)
-            return map->table[i].used - 1;
-        i = (i + 1) & mask;
-    }
     if (map->size == map->slot_capacity) {
         uint64_t grown = map->slot_capacity ? map->slot_capacity * 2 : 64;
         uint64_t *more = realloc(map->slot_keys, sizeof(uint64_t) * grown);
@@ -211,42 +227,70 @@ static int64_t keymap_lookup(struct mps_keymap *map, uint64_t key, uint64_t hash
         map->slot_keys = more;
         map->slot_capacity = grown;
     }
-    int64_t slot = (int64_t)map->size++;
-    map->slot_keys[slot] = key;
+    map->slot_keys[map->size] = key;
+    return (int64_t)map->size++;
+}
+
+/* The slot of a key the front owns, appended if unseen. */
+static int64_t keymap_front(struct mps_keymap *map, uint64_t key)
+{
+    if (map->direct[key])
+        return (int64_t)map->direct[key] - 1;
+    int64_t slot = keymap_append(map, key);
+    if (slot >= 0)
+        map->direct[key] = (uint32_t)(slot + 1);
+    return slot;
+}
+
+/* The slot of a key the table owns (hash is its mix64), inserted if unseen. */
+static int64_t keymap_table(struct mps_keymap *map, uint64_t key, uint64_t hash)
+{
+    uint64_t mask = map->capacity - 1, i = hash & mask;
+    while (map->table[i].used) {
+        if (map->table[i].key == key)
+            return map->table[i].used - 1;
+        i = (i + 1) & mask;
+    }
+    int64_t slot = keymap_append(map, key);
+    if (slot < 0)
+        return -1;
     map->table[i].key = key;
     map->table[i].used = slot + 1;
-    if (2 * map->size > map->capacity && keymap_grow(map) != 0)
+    map->table_size++;
+    if (2 * map->table_size > map->capacity && keymap_rebuild(map, map->capacity * 2) != 0)
         return -1;
     return slot;
 }
 
-/* The direct front covers keys 0 .. direct_len - 1 while that range stays dense: at most
- * MPS_KEYMAP_DIRECT_PER_KEY entries per key in the map (and at least MPS_KEYMAP_DIRECT_MIN),
- * so small integer keys (ids, codes) skip hashing and a large table's cache misses. */
-#define MPS_KEYMAP_DIRECT_MIN (1u << 16)
-#define MPS_KEYMAP_DIRECT_PER_KEY 8
-
-/* Makes the front cover key if it may; the new part starts empty (0: ask the table). */
-static void keymap_cover(struct mps_keymap *map, uint64_t key)
+/* The front may grow to own keys below this: its range stays dense. */
+static inline uint64_t keymap_front_limit(const struct mps_keymap *map)
 {
     uint64_t limit = MPS_KEYMAP_DIRECT_PER_KEY * map->size;
-    if (limit < MPS_KEYMAP_DIRECT_MIN)
-        limit = MPS_KEYMAP_DIRECT_MIN;
-    if (key >= limit)
-        return;
+    return limit > MPS_KEYMAP_DIRECT_MIN ? limit : MPS_KEYMAP_DIRECT_MIN;
+}
+
+/* Widens the front to own key (below keymap_front_limit); the keys it takes leave the table.
+ * Returns -1 when out of memory (the map is unchanged). */
+static int keymap_cover(struct mps_keymap *map, uint64_t key)
+{
     uint64_t len = map->direct_len ? map->direct_len : 1024;
     while (len <= key)
         len *= 2;
     uint32_t *more = realloc(map->direct, sizeof(uint32_t) * len);
     if (!more)
-        return; /* the table alone still answers */
+        return -1;
     memset(more + map->direct_len, 0, sizeof(uint32_t) * (len - map->direct_len));
+    for (uint64_t s = 0; s < map->size; s++) {
+        if (map->slot_keys[s] >= map->direct_len && map->slot_keys[s] < len)
+            more[map->slot_keys[s]] = (uint32_t)(s + 1);
+    }
     map->direct = more;
     map->direct_len = len;
+    return keymap_rebuild(map, map->capacity);
 }
 
-/* Keys the front does not answer go to the table in blocks: hash a block and prefetch its
- * entries, then probe them, so the cache misses of a large table overlap. */
+/* Keys of the table go in blocks: hash a block and prefetch its entries, then probe them, so
+ * the cache misses of a large table overlap. */
 #define MPS_KEYMAP_BLOCK 16
 
 int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t n, int64_t *slots)
@@ -256,8 +300,11 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
     for (uint64_t k = 0; k <= n; k++) {
         if (k < n) {
             uint64_t key = keys[k];
-            if (key < map->direct_len && map->direct[key]) {
-                slots[k] = (int64_t)map->direct[key] - 1;
+            if (key >= map->direct_len && key < keymap_front_limit(map) && keymap_cover(map, key) != 0)
+                return -1;
+            if (key < map->direct_len) {
+                if ((slots[k] = keymap_front(map, key)) < 0)
+                    return -1;
                 continue;
             }
             uint64_t hash = mix64(key);
@@ -268,21 +315,18 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
             }
             pending[waiting] = k;
             hashes[waiting] = hash;
-            __builtin_prefetch(&map->table[hashes[waiting] & (map->capacity - 1)]);
+            __builtin_prefetch(&map->table[hash & (map->capacity - 1)]);
             if (++waiting < MPS_KEYMAP_BLOCK)
                 continue;
         }
         for (uint64_t j = 0; j < waiting; j++) {
-            uint64_t key = keys[pending[j]];
-            int64_t slot = keymap_lookup(map, key, hashes[j]);
+            uint64_t key = keys[pending[j]]; /* the front may have taken it since */
+            int64_t slot = key < map->direct_len ? keymap_front(map, key) : keymap_table(map, key, hashes[j]);
             if (slot < 0)
                 return -1;
             slots[pending[j]] = slot;
-            map->recent[hashes[j] >> 56] = (struct mps_keymap_entry){key, slot + 1};
             if (key >= map->direct_len)
-                keymap_cover(map, key);
-            if (key < map->direct_len && slot < (int64_t)UINT32_MAX)
-                map->direct[key] = (uint32_t)(slot + 1);
+                map->recent[hashes[j] >> 56] = (struct mps_keymap_entry){key, slot + 1};
         }
         waiting = 0;
     }

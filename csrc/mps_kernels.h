@@ -41,9 +41,10 @@ void mps_scatter_min_f64(double *acc, const int64_t *slots, const double *values
 void mps_scatter_max_f64(double *acc, const int64_t *slots, const double *values, uint64_t n);
 
 /* A map from 64-bit keys to dense slots 0, 1, 2, ... in order of first appearance: the index
- * of keyed state. Open addressing, linear probing, grown at half load, probed in prefetched
- * blocks; in front of it a direct-address array answers small keys (0 up to 8 per key held)
- * without hashing. Owned by the caller of mps_keymap_new, freed with mps_keymap_free. */
+ * of keyed state. Small keys (0 up to 8 per key held) live in a direct-address array, the
+ * others in a hash table (open addressing, linear probing, grown at half load, probed in
+ * prefetched blocks). At most 2^32 - 2 keys. Owned by the caller of mps_keymap_new, freed
+ * with mps_keymap_free. */
 struct mps_keymap;
 
 struct mps_keymap *mps_keymap_new(uint64_t expected_keys);
@@ -51,7 +52,7 @@ void mps_keymap_free(struct mps_keymap *map);
 /* Forgets every key (the next insert starts again at slot 0), keeping the memory. */
 void mps_keymap_clear(struct mps_keymap *map);
 /* slots[i] = the slot of keys[i], inserting unseen keys. Returns the map's size after the
- * call, or -1 when out of memory (the map then holds the keys inserted so far). */
+ * call, or -1 when out of memory or keys (the map then holds the keys inserted so far). */
 int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t n, int64_t *slots);
 /* out[s] = the key of slot s, for every slot (out holds the size mps_keymap_insert returned). */
 void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out);
