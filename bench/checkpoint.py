@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -37,9 +38,10 @@ BATCH = 65_536
 _POOL: dict[int, list[Batch]] = {}  # per worker process: 16 batches, cycled deterministically
 
 
-def events(keys: int, batches: int):
+def events(keys: int, batches: int, until=None):
+    """batches per instance; with an event ``until``, more until it is set (at most 50x)."""
     def gen(instance, offset):
-        if offset >= batches:
+        if offset >= batches and (until is None or until.is_set() or offset >= 50 * batches):
             return None
         if keys not in _POOL:
             rngs = [np.random.default_rng([keys, i]) for i in range(16)]
@@ -49,9 +51,9 @@ def events(keys: int, batches: int):
     return gen
 
 
-def job(keys: int, batches: int) -> Pipeline:
+def job(keys: int, batches: int, until=None) -> Pipeline:
     p = Pipeline()
-    (p.from_generator("src", events(keys, batches), parallelism=2)
+    (p.from_generator("src", events(keys, batches, until), parallelism=2)
       .key_by("key").aggregate("agg", {"value": "sum", "*": "count"}, parallelism=2)
       .to_callback("sink", lambda b: None))
     return p
@@ -75,6 +77,7 @@ def recovery(batches: int, keys: int) -> tuple[float, float]:
     killed_at: list[float] = []
     restored_bytes: list[int] = []
     done = threading.Event()
+    killed = multiprocessing.get_context("fork").Event()  # the sources run on until the kill
 
     def big_enough():
         return any(store.metadata(n)["stats"]["bytes"] >= STATE_BYTES for n in store.complete())
@@ -87,13 +90,15 @@ def recovery(batches: int, keys: int) -> tuple[float, float]:
         restored_bytes.append(store.metadata(store.complete()[-1])["stats"]["bytes"])  # what the restart reads
         killed_at.append(time.monotonic())
         os.kill(workers[len(workers) // 2].pid, signal.SIGKILL)  # an aggregate (sources come first)
+        killed.set()
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = job(keys, batches).run(checkpoint_dir=directory, checkpoint_interval=0.5, restart_backoff=0.0)
+            result = job(keys, batches, killed).run(checkpoint_dir=directory, checkpoint_interval=0.5,
+                                                    restart_backoff=0.0)
     finally:
         done.set()
         thread.join()
