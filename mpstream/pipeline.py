@@ -247,6 +247,8 @@ class KeyedStream(Stream):
         Results equal the unsalted ones (float sums up to rounding: another order).
         """
         key = self.key
+        if combiner_delay_s < 0:
+            raise ValueError(f"operator {name!r}: combiner_delay_s must be >= 0, got {combiner_delay_s}")
         if salt > 1:
             partial = self._then(f"{name}.partial", lambda: ops.Aggregate(key, spec, "partials", "partials", False),
                                  parallelism, partitioner=lambda: HashPartitioner(key, salt),

@@ -88,6 +88,12 @@ def test_combiner_latency_bound_sets_how_often_partials_go_on(delay, partial_row
     assert [s.records_in for s in result.operators if s.name == "agg.partial"] == [partial_rows]
 
 
+def test_a_negative_combiner_delay_is_refused_with_the_operator_named():
+    with pytest.raises(ValueError, match="operator 'agg': combiner_delay_s must be >= 0"):
+        Pipeline().from_arrays("src", {"k": np.arange(3)}).key_by("k").aggregate(
+            "agg", {"*": "count"}, salt=2, combiner_delay_s=-1)
+
+
 def test_combiner_hands_on_its_rows_by_their_due_time_without_more_input(monkeypatch):
     """A map's combiner holds its rows at most its latency bound even when no more input
     comes to trigger a flush: the source waits for that flush before its second batch."""
