@@ -149,11 +149,17 @@ def _kill_when_parked(name: str, flag_offset: int, pid: int) -> threading.Thread
     return thread
 
 
+def _start_peer(mp_context, target, name: str):
+    """(child process running target(name, ready), its ready event), started."""
+    ready = mp_context.Event()
+    child = mp_context.Process(target=target, args=(name, ready))
+    child.start()
+    return child, ready
+
+
 def test_reader_parked_on_a_writer_that_is_killed_gets_peer_died(mp_context):
     with Channel("dead-writer", capacity=1 << 16) as chan, ChannelReader(chan.name) as reader:
-        ready = mp_context.Event()
-        child = mp_context.Process(target=_write_one_then_hang, args=(chan.name, ready))
-        child.start()
+        child, ready = _start_peer(mp_context, _write_one_then_hang, chan.name)
         assert ready.wait(30)
         with reader.read(timeout=5) as record:
             assert record.batch.num_rows == 3
@@ -167,9 +173,7 @@ def test_reader_parked_on_a_writer_that_is_killed_gets_peer_died(mp_context):
 
 def test_writer_blocked_on_a_reader_that_is_killed_gets_peer_died(mp_context):
     with Channel("dead-reader", capacity=1 << 16) as chan, ChannelWriter(chan.name) as writer:
-        ready = mp_context.Event()
-        child = mp_context.Process(target=_read_one_then_hang, args=(chan.name, ready))
-        child.start()
+        child, ready = _start_peer(mp_context, _read_one_then_hang, chan.name)
         writer.write(Batch({"x": np.arange(10)}))
         assert ready.wait(30)
         killer = _kill_when_parked(chan.name, PRODUCER_WAITING, child.pid)
@@ -182,9 +186,7 @@ def test_writer_blocked_on_a_reader_that_is_killed_gets_peer_died(mp_context):
 
 def test_writer_that_died_before_the_read_is_detected(mp_context):
     with Channel("already-dead", capacity=1 << 16) as chan, ChannelReader(chan.name) as reader:
-        ready = mp_context.Event()
-        child = mp_context.Process(target=_write_one_then_hang, args=(chan.name, ready))
-        child.start()
+        child, ready = _start_peer(mp_context, _write_one_then_hang, chan.name)
         assert ready.wait(30)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
