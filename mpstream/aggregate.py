@@ -121,10 +121,9 @@ class KeyedAggregate:
     # ---- input ------------------------------------------------------------------------------
 
     def update(self, batch: Batch) -> None:
-        """Adds raw rows."""
-        if batch.num_rows == 0:
-            return
-        slots = self._slots(batch[self.key])
+        """Adds raw rows. A batch without rows still fixes the key's and the values' dtypes,
+        so an empty result keeps its schema."""
+        slots = self._slots(_key_of(batch, self.key))
         counts = self._accumulator(_COUNT, np.dtype(np.int64))
         lib.mps_scatter_add_i64(_ptr("int64_t[]", counts), _ptr("int64_t[]", slots), ffi.NULL, len(slots))
         for partial in self.partials:
@@ -133,9 +132,7 @@ class KeyedAggregate:
 
     def merge(self, partials: Batch) -> None:
         """Adds the partials (a batch from :meth:`partial`) of another instance."""
-        if partials.num_rows == 0:
-            return
-        slots = self._slots(partials[self.key])
+        slots = self._slots(_key_of(partials, self.key))
         counts = self._accumulator(_COUNT, np.dtype(np.int64))
         lib.mps_scatter_add_i64(_ptr("int64_t[]", counts), _ptr("int64_t[]", slots),
                                 _ptr("int64_t[]", np.ascontiguousarray(partials[_COUNT], np.int64)), len(slots))
@@ -143,17 +140,33 @@ class KeyedAggregate:
             self._combine(partial, partial.rsplit(".", 1)[1], slots, partials[partial])
 
     def _combine(self, name: str, need: str, slots: np.ndarray, values: np.ndarray) -> None:
-        """acc[slot] op= value in one C pass: floats as float64, signed ints exactly as int64."""
-        if values.dtype.kind == "u" and need != "sum":  # unsigned order differs from int64's
-            acc = self._accumulator(name, values.dtype)
+        """acc[slot] op= value in one C pass. Accumulators are int64 (signed ints and bools,
+        exact), uint64 or float64; when a batch brings another kind than the accumulator holds,
+        the accumulator widens as numpy promotes (ints and floats, or signed and unsigned, to
+        float64), so mixed input gives what numpy gives for the concatenated column."""
+        kind = _ACCUMULATOR_DTYPE[values.dtype.kind]
+        acc = self._acc.get(name)
+        if acc is not None and acc.dtype != kind:
+            kind = np.result_type(acc.dtype, kind)
+            if kind != acc.dtype:
+                acc = self._widen(name, kind)
+        acc = self._accumulator(name, kind)
+        values = np.ascontiguousarray(values).astype(kind, copy=False)
+        if kind == np.uint64 and need != "sum":  # unsigned order differs from int64's
             (np.minimum if need == "min" else np.maximum).at(acc, slots, values)
             return
-        ctype, dtype = ("double", np.float64) if values.dtype.kind == "f" else ("int64_t", np.int64)
-        unsigned_sum = values.dtype.kind == "u"  # same bits as int64 addition: keep it uint64
-        acc = self._accumulator(name, np.dtype(np.uint64 if unsigned_sum else dtype))
-        kernel = _KERNELS[need][dtype]
-        kernel(_ptr(f"{ctype}[]", acc.view(dtype)), _ptr("int64_t[]", slots),
-               _ptr(f"{ctype}[]", np.ascontiguousarray(values).astype(dtype, copy=False)), len(slots))
+        as_c = np.float64 if kind == np.float64 else np.int64  # uint64 sums: the same bits as int64's
+        ctype = "double" if as_c is np.float64 else "int64_t"
+        _KERNELS[need][as_c](_ptr(f"{ctype}[]", acc.view(as_c)), _ptr("int64_t[]", slots),
+                             _ptr(f"{ctype}[]", values.view(as_c)), len(slots))
+
+    def _widen(self, name: str, dtype: np.dtype) -> np.ndarray:
+        """Converts an accumulator to dtype; unused slots get dtype's identity (not the
+        converted identity of the old dtype: int64's max is no float +inf)."""
+        acc = self._acc[name].astype(dtype)
+        acc[self._size:] = _identity(name, acc.dtype)
+        self._acc[name] = acc
+        return acc
 
     # ---- output -----------------------------------------------------------------------------
 
@@ -253,15 +266,28 @@ class Combiner:
         return partials
 
 
+def _key_of(batch: Batch, key: str) -> Column:
+    try:
+        return batch[key]
+    except KeyError:
+        raise AggregateError(f"key column {key!r} is not in the batch (columns: {list(batch)})") from None
+
+
 def _values(batch: Batch, column: str) -> np.ndarray:
     try:
         values = batch[column]
     except KeyError:
         raise AggregateError(f"aggregated column {column!r} is not in the batch (columns: {list(batch)})") from None
-    if isinstance(values, StringColumn) or values.dtype.kind not in "biuf":
-        raise AggregateError(f"column {column!r} cannot be summed or compared: aggregate int, "
-                             f"bool or float columns")
-    return values.astype(np.int64) if values.dtype.kind == "b" else values
+    if isinstance(values, StringColumn) or values.dtype.kind not in _ACCUMULATOR_DTYPE:
+        dtype = "str" if isinstance(values, StringColumn) else values.dtype
+        raise AggregateError(f"column {column!r} has dtype {dtype} in this batch, which cannot be summed or "
+                             f"compared: aggregate int, bool or float columns (convert it in a map first)")
+    return values
+
+
+#: The accumulator dtype for values of each numpy kind.
+_ACCUMULATOR_DTYPE = {"b": np.dtype(np.int64), "i": np.dtype(np.int64), "u": np.dtype(np.uint64),
+                      "f": np.dtype(np.float64)}
 
 
 def _identity(name: str, dtype: np.dtype) -> int | float:

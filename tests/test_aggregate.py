@@ -156,3 +156,58 @@ def test_extreme_values_nan_and_unsigned_sums():
     assert r["u_sum"].dtype == np.uint64 and r["u_sum"].tolist() == [2**63 + 6, 3]
     assert r["u_max"].tolist() == [2**63 + 5, 3]
     assert r["i_min"].tolist() == [-2**63, 7] and r["i_max"].tolist() == [2**63 - 1, 7]
+
+
+# ---- value columns whose dtype changes between batches ---------------------------------------
+
+MIXED = [  # (k, v) batches whose v is int, then float, then int again; and unsigned
+    {"k": np.array([1, 1, 2]), "v": np.array([1, 2, 7])},
+    {"k": np.array([1, 2]), "v": np.array([0.5, -1.25])},
+    {"k": np.array([2, 3]), "v": np.array([4, 5], np.int32)},
+    {"k": np.array([3, 1]), "v": np.array([2**40, 3], np.uint64)},
+]
+ALL_FUNCS = {"v": ["sum", "min", "max", "mean", "count"], "*": "count"}
+
+
+def numpy_reference(batches):
+    """What numpy gives for the concatenated input: v widened to float64 (exact here)."""
+    k = np.concatenate([b["k"] for b in batches])
+    v = np.concatenate([np.asarray(b["v"], np.float64) for b in batches])
+    return {int(key): (v[k == key].sum(), v[k == key].min(), v[k == key].max(), v[k == key].mean(),
+                       int((k == key).sum())) for key in np.unique(k)}
+
+
+def table_of(result):
+    return {int(key): (s, lo, hi, m, c) for key, s, lo, hi, m, c in
+            zip(*(result[c].tolist() for c in ("k", "v_sum", "v_min", "v_max", "v_mean", "count")))}
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [1, 0, 3, 2], [3, 2, 1, 0]])
+def test_an_accumulator_widens_to_float64_when_a_column_changes_dtype(order):
+    batches = [MIXED[i] for i in order]
+    agg = KeyedAggregate("k", ALL_FUNCS)
+    for b in batches:
+        agg.update(Batch(b))
+    result = agg.result()
+    assert result["v_sum"].dtype == np.float64 and result["v_min"].dtype == np.float64
+    assert table_of(result) == numpy_reference(batches)
+
+
+def test_partials_of_different_dtypes_merge_exactly():
+    """A partial stage that saw ints and one that saw floats, merged (the salted path and a
+    restore both merge partials)."""
+    ints, floats = KeyedAggregate("k", ALL_FUNCS), KeyedAggregate("k", ALL_FUNCS)
+    ints.update(Batch(MIXED[0]))
+    floats.update(Batch(MIXED[1]))
+    for first, second in ((ints, floats), (floats, ints)):
+        final = KeyedAggregate("k", ALL_FUNCS)
+        final.merge(first.partial())
+        final.merge(second.partial())
+        assert table_of(final.result()) == numpy_reference(MIXED[:2])
+
+
+def test_a_number_column_that_becomes_a_string_is_an_error_naming_it():
+    agg = KeyedAggregate("k", {"v": "sum"})
+    agg.update(Batch({"k": np.array([1]), "v": np.array([1.5])}))
+    with pytest.raises(AggregateError, match="column 'v'.*str"):
+        agg.update(Batch({"k": np.array([1]), "v": np.array(["x"])}))
