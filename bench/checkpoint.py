@@ -60,10 +60,9 @@ def job(keys: int, batches: int, until=None) -> Pipeline:
 
 
 def throughput(batches: int, interval: float | None) -> tuple[float, list]:
-    options = {}
-    if interval is not None:
-        options = {"checkpoint_dir": tempfile.mkdtemp(prefix="mps-bench-chk-"), "checkpoint_interval": interval}
-    result = job(1_000_000, batches).run(**options)
+    with tempfile.TemporaryDirectory(prefix="mps-bench-chk-") as directory:  # removed whatever happens
+        options = {} if interval is None else {"checkpoint_dir": directory, "checkpoint_interval": interval}
+        result = job(1_000_000, batches).run(**options)
     return 2 * batches * BATCH / result.seconds, result.checkpoints
 
 
@@ -72,7 +71,11 @@ STATE_BYTES = 90 << 20  # kill once a committed checkpoint holds about this much
 
 def recovery(batches: int, keys: int) -> tuple[float, float]:
     """(seconds from SIGKILL to every worker running again, MB of the checkpoint restored)."""
-    directory = tempfile.mkdtemp(prefix="mps-bench-rec-")
+    with tempfile.TemporaryDirectory(prefix="mps-bench-rec-") as directory:  # removed whatever happens
+        return _recovery(batches, keys, directory)
+
+
+def _recovery(batches: int, keys: int, directory: str) -> tuple[float, float]:
     store = CheckpointStore(directory)
     killed_at: list[float] = []
     restored_bytes: list[int] = []

@@ -10,9 +10,9 @@ from checkpoint import job
 @pytest.mark.parametrize("interval", [None, 0.25])
 def test_keyed_aggregation_with_and_without_checkpoints(benchmark, interval):
     def run():
-        options = {} if interval is None else {"checkpoint_dir": tempfile.mkdtemp(prefix="mps-bench-"),
-                                               "checkpoint_interval": interval}
-        return job(1_000_000, 200).run(**options)
+        with tempfile.TemporaryDirectory(prefix="mps-bench-") as directory:
+            options = {} if interval is None else {"checkpoint_dir": directory, "checkpoint_interval": interval}
+            return job(1_000_000, 200).run(**options)
 
     result = benchmark.pedantic(run, rounds=2)
     benchmark.extra_info["checkpoints"] = len(result.checkpoints)

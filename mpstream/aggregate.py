@@ -28,7 +28,7 @@ import numpy as np
 
 from ._mps import ffi, lib
 from .batch import Batch, Column, StringColumn, _ptr
-from .errors import MpstreamError
+from .errors import AggregateError
 from .partition import hash_column
 
 __all__ = ["KeyedAggregate", "Combiner", "AggregateError", "FUNCTIONS"]
@@ -36,10 +36,6 @@ __all__ = ["KeyedAggregate", "Combiner", "AggregateError", "FUNCTIONS"]
 FUNCTIONS = ("sum", "count", "min", "max", "mean")
 _NEEDS = {"sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",), "count": ()}
 _COUNT = "count"
-
-
-class AggregateError(MpstreamError, ValueError):
-    """An aggregation spec or its input columns do not fit together."""
 
 
 def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str], ...]:
@@ -60,7 +56,8 @@ def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str]
 class KeyedAggregate:
     """Per-key accumulators for one aggregation (see the module doc)."""
 
-    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], expected_keys: int = 1024) -> None:
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], expected_keys: int = 1024,
+                 track_changes: bool = False) -> None:
         self.key = key
         self.items = parse_spec(spec)
         self.partials = tuple(dict.fromkeys(
@@ -70,6 +67,8 @@ class KeyedAggregate:
         self._key_kind: str | None = None  # "str" or an int dtype.str, fixed by the first batch
         self._names: list[StringColumn] = []  # str keys: the string of each slot, in slot order
         self._acc: dict[str, np.ndarray] = {}
+        self._changed = np.zeros(1024 if track_changes else 0, bool)  # per slot: changed since take_changes()
+        self._tracking = track_changes
 
     def __len__(self) -> int:
         return self._size
@@ -79,6 +78,7 @@ class KeyedAggregate:
         lib.mps_keymap_clear(self._map)
         for name, acc in self._acc.items():
             acc[: self._size] = _identity(name, acc.dtype)
+        self._changed[: self._size] = False
         self._size = 0
         self._names.clear()
 
@@ -103,6 +103,8 @@ class KeyedAggregate:
                 _, first = np.unique(slots[new], return_index=True)
                 self._names.append(keys.take(new[first]))
             self._grow(size)
+        if self._tracking:
+            self._changed[slots] = True
         return slots
 
     def _grow(self, size: int) -> None:
@@ -110,6 +112,8 @@ class KeyedAggregate:
             if len(acc) < size:
                 fill = _identity(name, acc.dtype)
                 self._acc[name] = np.concatenate([acc, np.full(max(size, 2 * len(acc)) - len(acc), fill, acc.dtype)])
+        if self._tracking and len(self._changed) < size:
+            self._changed = np.concatenate([self._changed, np.zeros(max(size, 2 * len(self._changed)), bool)])
         self._size = size
 
     def _accumulator(self, name: str, dtype: np.dtype) -> np.ndarray:
@@ -186,24 +190,41 @@ class KeyedAggregate:
                 cols[name] = self._acc[name][:n].copy()
         return Batch(cols)
 
-    def result(self) -> Batch:
-        """key, then one column per (column, function): ``{column}_{function}``, or ``count``."""
+    def result(self, slots: np.ndarray | None = None) -> Batch | None:
+        """key, then one column per (column, function): ``{column}_{function}``, or ``count``;
+        for every key, or for the keys of ``slots``. None before any batch arrived (no schema
+        known); zero rows with every column after batches without rows."""
+        if self._key_kind is None:
+            return None
         n = self._size
-        counts = self._accumulator(_COUNT, np.dtype(np.int64))[:n]
-        cols: dict[str, Column] = {self.key: self._key_column()}
+        rows = slice(0, n) if slots is None else slots
+        keys = self._key_column()
+        counts = self._accumulator(_COUNT, np.dtype(np.int64))[:n][rows]
+        cols: dict[str, Column] = {self.key: keys if slots is None else keys.take(slots) if isinstance(keys, StringColumn) else keys[slots]}
         for column, func in self.items:
             if func == "count":
                 cols[_COUNT if column == "*" else f"{column}_count"] = counts.copy()
                 continue
-            acc = self._acc.get(f"{column}.{_NEEDS[func][0]}")
-            if acc is None:  # no row ever arrived: nothing to report
-                return Batch({self.key: self._key_column()[:0]})
+            acc = self._acc[f"{column}.{_NEEDS[func][0]}"][:n][rows]
             if func == "mean":
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    cols[f"{column}_mean"] = acc[:n] / counts
+                    cols[f"{column}_mean"] = acc / counts
             else:
-                cols[f"{column}_{func}"] = acc[:n].copy()
+                cols[f"{column}_{func}"] = acc.copy()
         return Batch(cols)
+
+    def take_changes(self) -> Batch | None:
+        """The result rows of the keys that changed since the last call (``track_changes``),
+        or None when none did."""
+        changed = np.flatnonzero(self._changed[: self._size])
+        if not len(changed):
+            return None
+        self._changed[changed] = False
+        return self.result(changed)
+
+    def forget_changes(self) -> None:
+        """Marks every key unchanged (restored state that was emitted before its checkpoint)."""
+        self._changed[: self._size] = False
 
 
 _KERNELS = {
@@ -214,15 +235,14 @@ _KERNELS = {
 
 
 class Combiner:
-    """Pre-aggregates the rows an upstream process sends into a salted shuffle (Flink's
-    local-global aggregation): it holds one partial row per key, so a hot key crosses the
-    shuffle once per flush instead of once per row.
+    """Pre-aggregates rows into one partial row per key (Flink's local aggregation), so a hot
+    key crosses a shuffle once per flush instead of once per row.
 
-    :meth:`add` takes raw rows and returns the partials when a bound is reached: the combiner
-    holds ``max_keys`` keys (memory), or its oldest row has waited ``max_delay_s`` (latency).
-    The worker also calls :meth:`flush` at every checkpoint barrier (before forwarding it, so
-    the partials belong to the checkpoint's epoch), when no input came by :attr:`due`, and at
-    the end.
+    :meth:`add` takes raw rows (:meth:`add_partials` partial rows) and returns the partials
+    when a bound is reached: the combiner holds ``max_keys`` keys (memory), or its oldest row
+    has waited ``max_delay_s`` (latency). :attr:`due` says when the held rows must go on; the
+    :class:`~mpstream.operators.Combine` operator sets a timer for it and also flushes before
+    checkpoint barriers and at the end.
 
     >>> c = Combiner("k", {"v": "sum", "*": "count"})
     >>> c.add(Batch({"k": np.array([7, 7, 8]), "v": np.array([1.0, 2.0, 3.0])})) is None
@@ -237,21 +257,28 @@ class Combiner:
         self._agg = KeyedAggregate(key, spec)
         self.max_delay_s = max_delay_s
         self.max_keys = max_keys
-        self._since: float | None = None  # when the oldest unflushed row arrived
+        self._since: float | None = None  # time.time() when the oldest unflushed row arrived
 
     @property
     def due(self) -> float | None:
-        """The ``time.monotonic()`` by which the held rows must go on; None when none are held."""
+        """The ``time.time()`` by which the held rows must go on; None when none are held."""
         return None if self._since is None else self._since + self.max_delay_s
 
     def add(self, batch: Batch) -> Batch | None:
         """Takes raw rows; returns the partials (see :meth:`flush`) when a bound is reached."""
+        return self._take(batch, self._agg.update)
+
+    def add_partials(self, partials: Batch) -> Batch | None:
+        """Takes partial rows (of another combiner); returns partials when a bound is reached."""
+        return self._take(partials, self._agg.merge)
+
+    def _take(self, batch: Batch, add) -> Batch | None:
+        add(batch)  # a batch without rows still fixes the dtypes
         if batch.num_rows == 0:
             return None
         if self._since is None:
-            self._since = time.monotonic()
-        self._agg.update(batch)
-        if len(self._agg) >= self.max_keys or time.monotonic() - self._since >= self.max_delay_s:
+            self._since = time.time()
+        if len(self._agg) >= self.max_keys or time.time() - self._since >= self.max_delay_s:
             return self.flush()
         return None
 
@@ -264,6 +291,14 @@ class Combiner:
         self._agg.clear()
         self._since = None
         return partials
+
+    def held(self) -> Batch | None:
+        """A copy of the partials held now (None when none are), without flushing them."""
+        return None if self._since is None else self._agg.partial()
+
+    def empty(self) -> Batch | None:
+        """Partials without rows, with the columns and dtypes seen so far (None: none seen)."""
+        return None if self._agg.result() is None else self._agg.partial()
 
 
 def _key_of(batch: Batch, key: str) -> Column:

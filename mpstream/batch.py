@@ -25,17 +25,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._mps import ffi, lib
-from .errors import LayoutError, SchemaError
+from .errors import BatchShapeError, LayoutError, SchemaError
 
 __all__ = ["Batch", "StringColumn", "Column", "BatchShapeError"]
 
 BUFFER_ALIGNMENT = 64
 _STRING = "utf8"
 _NUMERIC_KINDS = frozenset("biufmM")
-
-
-class BatchShapeError(SchemaError, ValueError):
-    """Columns that are not 1-D, or not all of one length."""
 
 
 class StringColumn:

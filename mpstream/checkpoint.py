@@ -2,8 +2,9 @@
 
 Layout of a checkpoint directory (``{root}/chk-{id:010d}/``)::
 
-    {operator}-{instance}.state   one per operator instance, written by that worker:
-                                  MAGIC (8 bytes) | version u32 | crc32 u32 | length u64 | pickle
+    {operator}-{instance}.state   one per operator instance (see state_key), written by the
+                                  worker running it: MAGIC (8 bytes) | version u32 | crc32 u32 |
+                                  length u64 | pickled OperatorSnapshot
     _metadata                     JSON, written last by the coordinator, atomically (temp file,
                                   fsync, rename, fsync of the directory): {"format": VERSION,
                                   "id": n, "created": unix time, "states": {"op-i": {"file",
@@ -23,21 +24,35 @@ import shutil
 import struct
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MpstreamError
+from .errors import CheckpointError
 
-__all__ = ["CheckpointStore", "CheckpointError", "StateFile", "FORMAT_VERSION"]
+__all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot", "FORMAT_VERSION", "state_key"]
 
-FORMAT_VERSION = 1
+#: 2: a state file holds an OperatorSnapshot (1 held a dict with the source offset).
+FORMAT_VERSION = 2
 _MAGIC = b"MPSSTATE"
 _HEADER = struct.Struct("<8sIIQ")
 _METADATA = "_metadata"
 
 
-class CheckpointError(MpstreamError):
-    """A checkpoint could not be written, or none can be restored."""
+def state_key(operator: str, instance: int) -> str:
+    """The key of an operator instance's state in a checkpoint (and its file's name)."""
+    return f"{operator}-{instance}"
+
+
+@dataclass
+class OperatorSnapshot:
+    """What a checkpoint keeps of one operator instance: the operator's own ``snapshot()``
+    (a source's position included), its pending timers, and
+    whether it had already processed the end of its input (then ``close()`` is not run again
+    after a restore: its final output was already emitted)."""
+
+    operator: Any
+    timers: list[Any] = field(default_factory=list)
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,20 +79,23 @@ class CheckpointStore:
         if retain < 1:
             raise ValueError(f"retain must be >= 1, got {retain}")
         self.root, self.retain = root, retain
-        os.makedirs(root, exist_ok=True)
+
+    def create(self) -> None:
+        """Makes the root directory (a store only reads until something is written)."""
+        os.makedirs(self.root, exist_ok=True)
 
     def directory(self, checkpoint_id: int) -> str:
         return os.path.join(self.root, f"chk-{checkpoint_id:010d}")
 
     # ---- written by workers -----------------------------------------------------------------
 
-    def write_state(self, checkpoint_id: int, operator: str, instance: int, state: Any) -> StateFile:
+    def write_state(self, checkpoint_id: int, operator: str, instance: int, state: OperatorSnapshot) -> StateFile:
         """Pickles state into its file (fsynced); returns what the coordinator records."""
         payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
         crc = zlib.crc32(payload)
         directory = self.directory(checkpoint_id)
         os.makedirs(directory, exist_ok=True)
-        name = f"{operator}-{instance}.state"
+        name = f"{state_key(operator, instance)}.state"
         try:
             with open(os.path.join(directory, name), "wb") as f:
                 f.write(_HEADER.pack(_MAGIC, FORMAT_VERSION, crc, len(payload)))
@@ -119,7 +137,7 @@ class CheckpointStore:
         """Removes every checkpoint directory without committed metadata (call when no worker
         can still write into one: at the start or the end of a job)."""
         complete = set(self.complete())
-        for entry in os.listdir(self.root):
+        for entry in self._entries():
             if entry.startswith("chk-") and int(entry[4:]) not in complete:
                 shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
 
@@ -128,10 +146,13 @@ class CheckpointStore:
     def complete(self) -> list[int]:
         """Ids of the checkpoints whose metadata was committed, oldest first."""
         ids = []
-        for entry in os.listdir(self.root):
+        for entry in self._entries():
             if entry.startswith("chk-") and os.path.exists(os.path.join(self.root, entry, _METADATA)):
                 ids.append(int(entry[4:]))
         return sorted(ids)
+
+    def _entries(self) -> list[str]:
+        return os.listdir(self.root) if os.path.isdir(self.root) else []
 
     def metadata(self, checkpoint_id: int) -> dict[str, Any]:
         with open(os.path.join(self.directory(checkpoint_id), _METADATA)) as f:
@@ -156,9 +177,18 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is corrupt or truncated (checksum mismatch)")
         return payload
 
-    def read_state(self, checkpoint_id: int, key: str) -> Any:
-        """The state recorded under key ("operator-instance"), checked against its checksum."""
-        return pickle.loads(self._payload(checkpoint_id, self.metadata(checkpoint_id)["states"][key]))
+    def read_state(self, checkpoint_id: int, operator: str, instance: int) -> OperatorSnapshot:
+        """The state of an operator instance, checked against its checksum."""
+        entry = self.metadata(checkpoint_id)["states"][state_key(operator, instance)]
+        return pickle.loads(self._payload(checkpoint_id, entry))
+
+    def instances(self, checkpoint_id: int, operator: str) -> int:
+        """How many instances of operator the checkpoint holds states of (its parallelism then)."""
+        states = self.metadata(checkpoint_id)["states"]
+        count = 0
+        while state_key(operator, count) in states:
+            count += 1
+        return count
 
     def verify(self, checkpoint_id: int) -> None:
         """Checks every state file of a checkpoint (without unpickling); raises CheckpointError

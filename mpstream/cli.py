@@ -4,21 +4,46 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least minimum (argparse names the option on error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mpstream", description="mpstream: columnar pipelines, one process per operator")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the click-stream demo job and verify its result")
-    demo.add_argument("--events", type=int, default=10_000_000, help="events to generate (default 10M)")
-    demo.add_argument("--parallelism", type=int, default=2, help="instances per operator (default 2)")
-    demo.add_argument("--salt", type=int, default=4, help="salt of the two-stage aggregation; 0: none (default 4)")
-    demo.add_argument("--batch-size", type=int, default=65536, help="rows per batch (default 65536)")
-    demo.add_argument("--out", default=None, help="directory for the CSV output (default: a new temporary one)")
+    demo.add_argument("--events", type=_integer(0), default=10_000_000, help="events to generate (default 10M)")
+    demo.add_argument("--parallelism", type=_integer(1), default=2, help="instances per operator (default 2)")
+    demo.add_argument("--salt", type=_integer(0), default=4, help="salt of the two-stage aggregation; 0: none (default 4)")
+    demo.add_argument("--batch-size", type=_integer(1), default=65536, help="rows per batch (default 65536)")
+    demo.add_argument("--out", default=None, help="directory for the CSV output (default: a temporary one, removed at the end)")
     demo.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
-    demo.add_argument("--checkpoint-interval", type=float, default=None,
+    demo.add_argument("--checkpoint-interval", type=_seconds, default=None,
                       help="take aligned checkpoints every S seconds (default: none; 0.2 with --kill-workers)")
-    demo.add_argument("--kill-workers", type=int, default=0,
+    demo.add_argument("--kill-workers", type=_integer(0), default=0,
                       help="SIGKILL K random workers at random moments; the job recovers and still verifies")
     demo.add_argument("--checkpoint-dir", default=None,
                       help="where checkpoints go (default: OUT/checkpoints when checkpointing)")
@@ -27,10 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir")
-    from .demo import run_demo
+    try:
+        from .demo import run_demo
 
-    summary = run_demo(args.events, args.parallelism, args.salt, args.batch_size, args.out, args.json,
-                       args.checkpoint_interval, args.kill_workers, args.checkpoint_dir, args.resume)
+        summary = run_demo(args.events, args.parallelism, args.salt, args.batch_size, args.out, args.json,
+                           args.checkpoint_interval, args.kill_workers, args.checkpoint_dir, args.resume)
+    except KeyboardInterrupt:
+        print("mpstream: interrupted; every worker was stopped", file=sys.stderr)
+        return 130
     return 0 if summary["verified"] else 1
 
 

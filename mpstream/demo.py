@@ -58,8 +58,10 @@ class ClickStream:
         return max(0, min(self.batch_size, share - offset * self.batch_size))
 
     def raw(self, instance: int, offset: int) -> dict[str, Any] | None:
+        """The columns of a batch; offset 0 of an instance without events has no rows (its
+        schema still flows through the job); None after the last batch."""
         n = self.rows(instance, offset)
-        if n == 0:
+        if n == 0 and offset > 0:
             return None
         rng = np.random.default_rng([self.seed, instance, offset])
         return {
@@ -69,6 +71,10 @@ class ClickStream:
             "status": rng.choice(np.array([200, 200, 200, 304, 404, 500]), n),
             "ts": np.datetime64("2026-11-24T00:00:00", "ms") + rng.integers(0, 86_400_000, n).astype("timedelta64[ms]"),
         }
+
+    def events_before(self, offsets: list[int]) -> int:
+        """Events in the batches before each instance's offset."""
+        return sum(sum(self.rows(i, o) for o in range(offset)) for i, offset in enumerate(offsets))
 
     def __call__(self, instance: int, offset: int) -> Batch | None:
         raw = self.raw(instance, offset)
@@ -120,6 +126,8 @@ def reference(stream: ClickStream) -> dict[str, tuple[int, int, int]]:
 
 
 def verify(result: Batch, want: dict[str, tuple[int, int, int]]) -> bool:
+    if result.num_rows == 0:
+        return not want
     domains = result["domain"].to_numpy().tolist()
     got = {d: (int(s), int(m), int(c)) for d, s, m, c in
            zip(domains, result["bytes_sum"], result["bytes_max"], result["count"])}
@@ -174,33 +182,50 @@ class Killer:
 def run_demo(events: int, parallelism: int, salt: int, batch_size: int, out_dir: str | None,
              as_json: bool, checkpoint_interval: float | None = None, kill_workers: int = 0,
              checkpoint_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Runs the demo job and prints its summary; the CSV output goes to out_dir (a temporary
+    directory, removed at the end, when None)."""
+    if out_dir is not None:
+        return _run_demo(events, parallelism, salt, batch_size, out_dir, False, as_json, checkpoint_interval,
+                         kill_workers, checkpoint_dir, resume)
+    with tempfile.TemporaryDirectory(prefix="mpstream-demo-") as temporary:  # removed whatever happens
+        return _run_demo(events, parallelism, salt, batch_size, temporary, True, as_json, checkpoint_interval,
+                         kill_workers, checkpoint_dir, resume)
+
+
+def _run_demo(events: int, parallelism: int, salt: int, batch_size: int, out_dir: str, temporary: bool,
+              as_json: bool, checkpoint_interval: float | None, kill_workers: int, checkpoint_dir: str | None,
+              resume: bool) -> dict[str, Any]:
     stream = ClickStream(events, parallelism, batch_size)
-    out_dir = out_dir or tempfile.mkdtemp(prefix="mpstream-demo-")
     checkpointing = checkpoint_interval is not None or kill_workers > 0 or checkpoint_dir is not None
     pipeline = build(stream, parallelism, salt, out_dir, transactional=checkpointing)
     bar = ProgressBar(events) if sys.stderr.isatty() and not as_json else None
     options: dict[str, Any] = {}
     if checkpointing:
-        options = {"checkpoint_dir": checkpoint_dir or os.path.join(out_dir, "checkpoints"),
-                   "restarts": kill_workers + 3, "checkpoint_interval": checkpoint_interval or 0.2,
-                   "restart_backoff": 0.01, "resume": resume}
+        checkpoint_dir = checkpoint_dir or os.path.join(out_dir, "checkpoints")
+        options = {"checkpoint_dir": checkpoint_dir, "restarts": kill_workers + 3,
+                   "checkpoint_interval": checkpoint_interval or 0.2, "restart_backoff": 0.01, "resume": resume}
     with warnings.catch_warnings(), Killer(kill_workers) as killer:
         warnings.simplefilter("ignore")  # restarts are reported in the summary
         result = pipeline.run(progress=bar, **options)
     if bar:
         sys.stderr.write("\n")
+    before = stream.events_before([p["offset"] for p in result.started_at.get("clicks", [])])  # a resumed run
+    processed = events - before
     started = time.perf_counter()
     verified = verify(result["check"], reference(stream))
     check_s = time.perf_counter() - started
     operators = {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
                  for name, row in result.per_operator().items()}
-    summary = {"events": events, "seconds": round(result.seconds, 3),
-               "events_per_s": round(events / result.seconds), "verified": verified,
-               "parallelism": parallelism, "salt": salt, "output": out_dir, "operators": operators,
+    rate = processed / result.seconds
+    where = "not kept (pass --out DIR to keep the CSV files)" if temporary else f"in {out_dir}"
+    summary = {"events": processed, "seconds": round(result.seconds, 3), "events_per_s": round(rate),
+               "verified": verified, "parallelism": parallelism, "salt": salt,
+               "output": None if temporary else out_dir, "operators": operators,
                "checkpoints": len(result.checkpoints), "kills": killer.kills, "restarts": result.restarts,
                "recovery_seconds": [round(s, 4) for s in result.recovery_seconds]}
-    print(f"mpstream demo: {events:,} events in {result.seconds:.2f} s = {events / result.seconds / 1e6:.2f} M events/s "
-          f"(parallelism {parallelism}, salt {salt}); output in {out_dir}")
+    resumed = f" (resumed: {before:,} events of {events:,} were processed before)" if before else ""
+    print(f"mpstream demo: {processed:,} events in {result.seconds:.2f} s = {rate / 1e6:.2f} M events/s "
+          f"(parallelism {parallelism}, salt {salt}){resumed}; output {where}")
     print(f"{'operator':20s}{'inst':>5s}{'records in':>14s}{'records out':>14s}{'busy s':>9s}{'idle s':>9s}{'backpr. s':>10s}")
     for name, row in operators.items():
         print(f"{name:20s}{row['instances']:>5d}{row['records_in']:>14,}{row['records_out']:>14,}"

@@ -1,10 +1,58 @@
-"""The exceptions mpstream raises. Every message names the channel (or operator) involved and
-says what to do about it."""
+"""Every exception mpstream raises. Each message names the operator, column or channel involved
+and says what to do about it.
+
+``MpstreamError`` is the root. Errors a caller can fix in its own arguments also derive from
+``ValueError`` or ``TypeError``, so code that catches those keeps working.
+"""
 
 
 class MpstreamError(Exception):
     """Base class of every mpstream error."""
 
+
+# ---- building a job ------------------------------------------------------------------------
+
+class PlanError(MpstreamError, ValueError):
+    """A pipeline cannot be built or run as described: a bad name, parallelism, argument or
+    combination of options. Raised when the plan is built, before any process starts."""
+
+
+class SchemaError(MpstreamError, TypeError):
+    """A column has a dtype mpstream cannot carry (object, complex, ...)."""
+
+
+class BatchShapeError(SchemaError, ValueError):
+    """Columns that are not 1-D, or not all of one length."""
+
+
+class AggregateError(MpstreamError, ValueError):
+    """An aggregation spec or its input columns do not fit together."""
+
+
+class PartitionError(MpstreamError, ValueError):
+    """A partitioner produced ids out of range, or its key column is unusable."""
+
+
+class SourceError(MpstreamError, ValueError):
+    """A source's input is malformed (a ragged CSV row, a value that does not fit its column)
+    or a source returned something that is not a batch."""
+
+
+# ---- running a job -------------------------------------------------------------------------
+
+class OperatorError(MpstreamError):
+    """An operator raised; the message names it and carries the worker's traceback."""
+
+
+class WorkerDiedError(MpstreamError):
+    """A worker process died without reporting (killed by a signal, or exited)."""
+
+
+class CheckpointError(MpstreamError):
+    """A checkpoint could not be written, or none can be restored."""
+
+
+# ---- channels ------------------------------------------------------------------------------
 
 class ChannelError(MpstreamError):
     """A shared-memory channel failed."""
@@ -32,7 +80,3 @@ class LayoutError(ChannelError):
 
 class RecordTooLargeError(ChannelError, ValueError):
     """A record does not fit in the channel's ring (its limit is half the capacity)."""
-
-
-class SchemaError(MpstreamError, TypeError):
-    """A column has a dtype mpstream cannot carry (object, complex, ...)."""

@@ -1,54 +1,85 @@
-"""Operators: the per-instance logic a worker process runs, as small lifecycle classes.
+"""Operators: the per-instance logic a task runs, as small lifecycle classes.
 
-An :class:`Operator` is opened once per instance with its :class:`Context`, gets every input
-batch through ``process`` and may return a batch (or a mapping of columns), several (any
-iterable), or None; ``close``
-may return final output at the end of its input. ``snapshot``/``restore`` carry its state for
-checkpoints. A :class:`Source` produces batches by offset, so it can be replayed from one.
+The contract (every hook optional but ``process``)::
 
-Batches passed to ``process`` hold views on shared memory, valid during the call: return
-them (or slices of them) freely, they are copied downstream; ``copy()`` what you keep.
+    open(ctx)                            once, before anything else; ctx.timers registers timers
+    restore(states)                      after open, when the job starts from a checkpoint
+    process(batch) -> Output             every input batch
+    on_timer(timer) -> Output            a timer registered through ctx.timers is due
+    prepare_snapshot_pre_barrier(n) -> Output
+                                         a checkpoint barrier arrived: output that must precede it
+    snapshot() -> state                  the operator's state for checkpoint n (picklable, owned)
+    notify_checkpoint_complete(n)        checkpoint n is committed (two-phase-commit sinks publish)
+    close() -> Output                    the end of the input: final output
+
+An ``Output`` is a :class:`~mpstream.batch.Batch`, a mapping of columns, an iterable of those,
+or None. Batches passed to ``process`` hold views on shared memory, valid during the call:
+return them (or slices of them) freely, they are copied downstream; ``copy()`` what you keep.
+
+``restore`` has one signature for every operator: it gets a list of states. An operator that
+declares ``rescalable = True`` gets the states of every instance of the checkpoint (any old
+parallelism) and keeps what belongs to its key groups; any other gets a list holding its own
+state only, and its parallelism cannot change on restore (unless its states are all None).
+``resumable = False`` declares an operator that cannot be restored at all (a job with
+checkpoints refuses it up front); ``commits_on_checkpoint = True`` one that publishes output
+when a checkpoint commits (the job's final checkpoint must then succeed before it ends).
 
 >>> class RunningTotal(Operator):
 ...     def open(self, ctx):
 ...         self.total = 0
 ...     def process(self, batch):
 ...         self.total += int(batch["x"].sum())
+...     def snapshot(self):
+...         return self.total
+...     def restore(self, states):
+...         self.total = states[0]
 ...     def close(self):
-...         return Batch({"total": np.array([self.total])})
+...         return {"total": np.array([self.total])}
 """
 
 from __future__ import annotations
 
-import csv
-import os
+import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
 
 import numpy as np
 
-from .aggregate import KeyedAggregate
-from .batch import Batch, StringColumn
+from .aggregate import Combiner, KeyedAggregate
+from .batch import Batch
 from .partition import groups_of_instance, key_groups
+from .state import KeyedState
+from .timers import Timer, TimerService
 
-__all__ = ["Context", "Operator", "KeyedOperator", "KeyedState", "Source", "Output"]
+__all__ = ["Context", "Operator", "KeyedOperator", "Output", "Map", "Filter", "FlatMap", "Aggregate", "Combine"]
 
 Output = Union[Batch, Mapping[str, Any], Iterable[Union[Batch, Mapping[str, Any]]], None]
 
 
 @dataclass(frozen=True)
 class Context:
-    """Where an operator instance runs: its name, instance index and parallelism."""
+    """Where an operator instance runs: its name, instance index and parallelism, its timers,
+    and whether the job takes checkpoints."""
 
     name: str
     instance: int
     parallelism: int
+    timers: TimerService = field(default_factory=TimerService, compare=False, repr=False)
+    checkpointing: bool = False
 
 
 class Operator:
-    """Lifecycle of one operator instance: open -> process* -> close; snapshot/restore for
-    checkpoints (state must be picklable)."""
+    """Lifecycle of one operator instance (see the module doc)."""
+
+    #: restore() takes the states of every instance of the checkpoint and keeps its key groups.
+    rescalable: ClassVar[bool] = False
+    #: False: the operator cannot be restored after a failure; jobs with checkpoints refuse it.
+    resumable: bool = True
+    #: True: it publishes output in notify_checkpoint_complete (two-phase commit), so a job's
+    #: final checkpoint must commit before the job ends.
+    commits_on_checkpoint: ClassVar[bool] = False
 
     def open(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -56,174 +87,46 @@ class Operator:
     def process(self, batch: Batch) -> Output:
         return batch
 
-    def close(self) -> Output:
+    def on_timer(self, timer: Timer) -> Output:
+        return None
+
+    def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
         return None
 
     def snapshot(self) -> Any:
         return None
 
-    def restore(self, state: Any) -> None:
+    def restore(self, states: list[Any]) -> None:
         pass
 
     def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
-        """Called (when overridden) after checkpoint checkpoint_id was committed: the moment a
-        two-phase-commit sink publishes what preceded it."""
+        pass
+
+    def close(self) -> Output:
+        return None
 
 
-class KeyedState:
-    """Per-key values of one keyed operator instance, kept per key group, so a snapshot can be
-    split by group and restored at another parallelism.
-
-    >>> state = KeyedState(range(128))
-    >>> state["a.com"] = 3
-    >>> state.get("a.com", 0), state.get("b.org", 0), len(state)
-    (3, 0, 1)
-    """
-
-    def __init__(self, groups: range) -> None:
-        self.groups = groups
-        self._by_group: dict[int, dict[Any, Any]] = {}
-
-    def _group(self, key: Any) -> dict[Any, Any]:
-        col = StringColumn.from_strings([key]) if isinstance(key, str) else np.array([key])
-        return self._by_group.setdefault(int(key_groups(col)[0]), {})
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._group(key).get(key, default)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._group(key)[key]
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._group(key)[key] = value
-
-    def __len__(self) -> int:
-        return sum(len(values) for values in self._by_group.values())
-
-    def items(self) -> Iterable[tuple[Any, Any]]:
-        return ((k, v) for values in self._by_group.values() for k, v in values.items())
-
-    def snapshot(self) -> dict[int, dict[Any, Any]]:
-        """{key group: {key: value}} (a copy of the dictionaries, values shared)."""
-        return {group: dict(values) for group, values in self._by_group.items() if values}
-
-    def restore(self, snapshots: Iterable[dict[int, dict[Any, Any]]]) -> None:
-        """Takes this instance's key groups out of snapshots of any number of instances."""
-        for snapshot in snapshots:
-            for group, values in snapshot.items():
-                if group in self.groups:
-                    self._by_group.setdefault(group, {}).update(values)
+def own_key_groups(ctx: Context) -> range:
+    """The key groups an operator instance owns (see :mod:`mpstream.partition`)."""
+    return groups_of_instance(ctx.instance, ctx.parallelism)
 
 
 class KeyedOperator(Operator):
     """A stateful operator after ``key_by``: it sees every row of the keys in its key groups;
-    ``self.state`` is their :class:`KeyedState`, snapshotted and restored per key group, so
-    it restores at another parallelism too."""
+    ``self.state`` is their :class:`~mpstream.state.KeyedState`, snapshotted and restored per
+    key group, so it restores at another parallelism too."""
 
     rescalable = True
-    keyed_input = True
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
-        self.state = KeyedState(groups_of_instance(ctx.instance, ctx.parallelism))
+        self.state = KeyedState(own_key_groups(ctx))
 
     def snapshot(self) -> Any:
         return self.state.snapshot()
 
     def restore(self, states: list[Any]) -> None:
-        self.state.restore(s for s in states if s)
-
-
-class Source(Operator):
-    """An operator without input: it produces batch number ``offset`` of this instance's share,
-    or None at the end. Reading the same offset again gives the same batch: that is what makes
-    a source replayable (the runtime records the offset in every checkpoint itself)."""
-
-    def read(self, offset: int) -> Batch | None:
-        raise NotImplementedError
-
-
-# ---- sources ------------------------------------------------------------------------------
-
-def _share(rows: int, ctx: Context) -> tuple[int, int]:
-    """The contiguous rows [start, stop) of instance ctx.instance out of ctx.parallelism."""
-    return rows * ctx.instance // ctx.parallelism, rows * (ctx.instance + 1) // ctx.parallelism
-
-
-class ColumnsSource(Source):
-    """In-memory columns (or columns loaded by ``load`` in the worker), cut into batches."""
-
-    def __init__(self, columns: Mapping[str, Any] | None, batch_size: int,
-                 load: Callable[[], Mapping[str, Any]] | None = None) -> None:
-        self._columns, self._load, self.batch_size = columns, load, batch_size
-
-    def open(self, ctx: Context) -> None:
-        super().open(ctx)
-        columns = self._columns if self._load is None else self._load()
-        rows = len(next(iter(columns.values()), ()))
-        start, stop = _share(rows, ctx)  # this instance's rows only: encode no more than those
-        self._data = Batch({name: col.slice(start, stop) if isinstance(col, StringColumn) else np.asarray(col)[start:stop]
-                            for name, col in columns.items()})
-
-    def read(self, offset: int) -> Batch | None:
-        start = offset * self.batch_size
-        if start >= self._data.num_rows:
-            return None
-        return self._data.slice(start, start + self.batch_size)
-
-
-class BatchesSource(Source):
-    """In-memory batches: instance i of p reads batches i, i + p, i + 2p, ..."""
-
-    def __init__(self, batches: Sequence[Batch]) -> None:
-        self.batches = batches
-
-    def read(self, offset: int) -> Batch | None:
-        index = self.ctx.instance + offset * self.ctx.parallelism
-        return self.batches[index] if index < len(self.batches) else None
-
-
-class GeneratorSource(Source):
-    """``fn(instance, offset)`` returns batch number offset of an instance, or None at the end."""
-
-    def __init__(self, fn: Callable[[int, int], Batch | Mapping[str, Any] | None]) -> None:
-        self.fn = fn
-
-    def read(self, offset: int) -> Batch | None:
-        out = self.fn(self.ctx.instance, offset)
-        return out if out is None or isinstance(out, Batch) else Batch(out)
-
-
-def load_csv(path: str) -> dict[str, np.ndarray]:
-    """Columns of a CSV file with a header row; each column int, else float, else str."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise ValueError(f"{path}: empty CSV file (a header row is required)")
-    header, body = rows[0], rows[1:]
-    out = {}
-    for i, name in enumerate(header):
-        values = [r[i] for r in body]
-        for dtype in (np.int64, np.float64):
-            try:
-                out[name] = np.array(values, dtype=dtype)
-                break
-            except ValueError:
-                continue
-        else:
-            out[name] = np.array(values, dtype=str)
-    return out
-
-
-def load_numpy(path: str) -> dict[str, np.ndarray]:
-    """Columns of an .npz archive (one array per column) or a structured .npy array."""
-    if path.endswith(".npz"):
-        with np.load(path) as archive:
-            return {name: archive[name] for name in archive.files}
-    arr = np.load(path, mmap_mode="r")
-    if arr.dtype.names is None:
-        raise ValueError(f"{path}: a .npy source must hold a structured array (one field per column)")
-    return {name: np.asarray(arr[name]) for name in arr.dtype.names}
+        self.state.restore(states)
 
 
 # ---- transforms ---------------------------------------------------------------------------
@@ -233,8 +136,7 @@ class Map(Operator):
         self.fn = fn
 
     def process(self, batch: Batch) -> Output:
-        out = self.fn(batch)
-        return out if isinstance(out, Batch) or out is None else Batch(out)
+        return self.fn(batch)
 
 
 class Filter(Operator):
@@ -253,157 +155,123 @@ class FlatMap(Operator):
         return self.fn(batch)
 
 
-class Aggregate(Operator):
-    """Keyed aggregation of ``inputs`` ("rows", or "partials" of other instances) into
-    ``output`` ("results", or "partials" for a later stage). Emits when its input ends."""
+# ---- aggregation --------------------------------------------------------------------------
 
-    rescalable = True  # restore() takes old instances' states and keeps its key groups
+def _keep_own_groups(ctx: Context, key: str, partials: Iterable[Batch | None]) -> Iterable[Batch]:
+    """The rows of partial batches whose key falls in this instance's key groups."""
+    mine = own_key_groups(ctx)
+    for partial in partials:
+        if partial is not None:
+            groups = key_groups(partial[key])
+            yield partial.filter((groups >= mine.start) & (groups < mine.stop))
+
+
+class Aggregate(Operator):
+    """Keyed aggregation of raw rows (``inputs="rows"``) or of partials from a
+    :class:`Combine` (``inputs="partials"``) into one result row per key.
+
+    ``emit="final"``: every key's row when the input ends. ``emit="updates"`` (for unbounded
+    streams): the rows of the keys that changed, every ``update_interval`` seconds, before
+    every checkpoint barrier and at the end: an upsert stream whose newest row per key is that
+    key's result so far."""
+
+    rescalable = True
 
     def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], inputs: str = "rows",
-                 output: str = "results", keyed_input: bool = True) -> None:
-        self.key, self.spec, self.inputs, self.output = key, spec, inputs, output
-        self.keyed_input = keyed_input  # False behind a salted edge: any key may reach any instance
+                 emit: str = "final", update_interval: float = 1.0) -> None:
+        self.key, self.spec, self.inputs, self.emit = key, spec, inputs, emit
+        self.update_interval = update_interval
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
-        self.state = KeyedAggregate(self.key, self.spec)
+        self.state = KeyedAggregate(self.key, self.spec, track_changes=self.emit == "updates")
+        self._add = self.state.merge if self.inputs == "partials" else self.state.update
+        self._timer: Timer | None = None
 
     def process(self, batch: Batch) -> Output:
-        (self.state.merge if self.inputs == "partials" else self.state.update)(batch)
+        self._add(batch)
+        if self.emit == "updates" and self._timer is None:
+            self._timer = self.ctx.timers.register_processing_time(time.time() + self.update_interval)
         return None
+
+    def on_timer(self, timer: Timer) -> Output:
+        self._timer = None
+        return self.state.take_changes()
+
+    def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
+        return self.state.take_changes() if self.emit == "updates" else None
 
     def snapshot(self) -> Any:
         return self.state.partial() if len(self.state) else None
 
     def restore(self, states: list[Any]) -> None:
-        mine = groups_of_instance(self.ctx.instance, self.ctx.parallelism)
-        for partial in states:
-            if partial is not None:
-                groups = key_groups(partial[self.key])
-                self.state.merge(partial.filter((groups >= mine.start) & (groups < mine.stop)))
+        for partial in _keep_own_groups(self.ctx, self.key, states):
+            self.state.merge(partial)
+        self.state.forget_changes()  # restored rows were emitted before the checkpoint
 
     def close(self) -> Output:
-        if not len(self.state):
-            return None
-        return self.state.partial() if self.output == "partials" else self.state.result()
+        return self.state.take_changes() if self.emit == "updates" else self.state.result()
 
 
-# ---- sinks --------------------------------------------------------------------------------
+class Combine(Operator):
+    """Pre-aggregates rows (or merges partials) into one partial row per key and hands the
+    partials on (Flink's local aggregation): when its oldest held row has waited
+    ``max_delay_s`` (a processing-time timer), when it holds ``max_keys`` keys, before every
+    checkpoint barrier when ``flush_at_barrier`` (its state is then empty at every checkpoint),
+    and at the end. Without ``flush_at_barrier`` it keeps what it holds in its snapshot."""
 
-def _append_csv(file: Any, batch: Batch) -> None:
-    """Appends batch's rows to an open CSV file, after a header row if the file is empty."""
-    writer = csv.writer(file)
-    if file.tell() == 0:
-        writer.writerow(list(batch))
-    writer.writerows(zip(*(c.tolist() for c in batch.to_numpy().values())))
+    rescalable = True
 
-
-class TransactionalFileSink(Operator):
-    """Exactly-once CSV output by two-phase commit. Rows of epoch e (after BARRIER(e)) go to a
-    pending file ``{directory}/.pending/{name}-{instance}.{e}.csv``; checkpoint n lists the
-    files of epochs before n, and once it is committed they are published by rename to
-    ``{directory}/{name}-{instance}.{e:010d}.csv``. On restore, listed files are published
-    (idempotently) and every other pending file, written after the checkpoint, is discarded.
-    At the end of the stream everything is published."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], inputs: str = "rows",
+                 max_delay_s: float = 0.1, max_keys: int = 1 << 20, flush_at_barrier: bool = True) -> None:
+        self.key, self.spec, self.inputs = key, spec, inputs
+        self.max_delay_s, self.max_keys, self.flush_at_barrier = max_delay_s, max_keys, flush_at_barrier
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
-        self.pending_dir = os.path.join(self.directory, ".pending")
-        os.makedirs(self.pending_dir, exist_ok=True)
-        self.ready: list[int] = []  # closed epochs awaiting a committed checkpoint
-        self.epoch = 0
-        self._file = None
+        self.combiner = Combiner(self.key, self.spec, self.max_delay_s, self.max_keys)
+        self._add = self.combiner.add_partials if self.inputs == "partials" else self.combiner.add
+        self._timer: Timer | None = None
+        self._emitted = False
 
-    def _pending(self, epoch: int) -> str:
-        return os.path.join(self.pending_dir, f"{self.ctx.name}-{self.ctx.instance}.{epoch}.csv")
+    def _arm(self) -> None:
+        """Keeps one processing-time timer at the held rows' due time."""
+        due = self.combiner.due
+        if self._timer is not None and (due is None or self._timer.time != due):
+            self.ctx.timers.delete(self._timer)
+            self._timer = None
+        if due is not None and self._timer is None and math.isfinite(due):
+            self._timer = self.ctx.timers.register_processing_time(due)
 
-    def _publish(self, epoch: int) -> None:
-        final = os.path.join(self.directory, f"{self.ctx.name}-{self.ctx.instance}.{epoch:010d}.csv")
-        if os.path.exists(self._pending(epoch)):
-            os.rename(self._pending(epoch), final)
+    def _flush(self) -> Batch | None:
+        out = self.combiner.flush()
+        self._emitted |= out is not None
+        self._arm()
+        return out
 
     def process(self, batch: Batch) -> Output:
-        if self._file is None:
-            self._file = open(self._pending(self.epoch), "w", newline="")
-        _append_csv(self._file, batch)
-        return None
+        out = self._add(batch)
+        self._emitted |= out is not None
+        self._arm()
+        return out
 
-    def _seal(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            self.ready.append(self.epoch)
+    def on_timer(self, timer: Timer) -> Output:
+        self._timer = None
+        return self._flush()
+
+    def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
+        return self._flush() if self.flush_at_barrier else None
 
     def snapshot(self) -> Any:
-        self._seal()  # this epoch ends at the barrier
-        self.epoch += 1
-        return {"ready": list(self.ready), "epoch": self.epoch}
+        return self.combiner.held()
 
-    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
-        for epoch in [e for e in self.ready if e < self.epoch]:
-            self._publish(epoch)
-            self.ready.remove(epoch)
-
-    def restore(self, state: Any) -> None:
-        if state is not None:
-            for epoch in state["ready"]:
-                self._publish(epoch)
-            self.epoch = state["epoch"]
-        mine = f"{self.ctx.name}-{self.ctx.instance}."
-        for entry in os.listdir(self.pending_dir):  # written after the checkpoint: replayed
-            if entry.startswith(mine):
-                os.unlink(os.path.join(self.pending_dir, entry))
+    def restore(self, states: list[Any]) -> None:
+        for partial in _keep_own_groups(self.ctx, self.key, states):
+            self.combiner.add_partials(partial)
+        self._arm()
 
     def close(self) -> Output:
-        self._seal()
-        for epoch in self.ready:
-            self._publish(epoch)
-        self.ready = []
-        return None
-
-
-class CallbackSink(Operator):
-    """Calls ``fn(batch)`` in the sink's worker process for every batch."""
-
-    def __init__(self, fn: Callable[[Batch], None]) -> None:
-        self.fn = fn
-
-    def process(self, batch: Batch) -> Output:
-        self.fn(batch)
-        return None
-
-
-class FileSink(Operator):
-    """Writes ``{directory}/{name}-{instance}.csv`` (rows appended per batch) or ``.npz``
-    (columns, written at close) per instance."""
-
-    def __init__(self, directory: str, fmt: str = "csv") -> None:
-        if fmt not in ("csv", "npz"):
-            raise ValueError(f"file sink format must be 'csv' or 'npz', got {fmt!r}")
-        self.directory, self.fmt = directory, fmt
-
-    def open(self, ctx: Context) -> None:
-        super().open(ctx)
-        os.makedirs(self.directory, exist_ok=True)
-        self.path = os.path.join(self.directory, f"{ctx.name}-{ctx.instance}.{self.fmt}")
-        self._kept: list[Batch] = []
-        self._file = open(self.path, "w", newline="") if self.fmt == "csv" else None
-
-    def process(self, batch: Batch) -> Output:
-        if self._file is None:
-            self._kept.append(batch.copy())
-        else:
-            _append_csv(self._file, batch)
-        return None
-
-    def close(self) -> Output:
-        if self._file is not None:
-            self._file.close()
-        else:
-            np.savez(self.path, **Batch.concat(self._kept).to_numpy())
-        return None
+        out = self._flush()
+        if out is None and not self._emitted:
+            return self.combiner.empty()  # no rows at all: the schema still goes on
+        return out

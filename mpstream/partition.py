@@ -25,15 +25,11 @@ import numpy as np
 
 from ._mps import lib
 from .batch import Batch, Column, StringColumn, _ptr
-from .errors import MpstreamError
+from .errors import PartitionError
 
 __all__ = ["Partitioner", "HashPartitioner", "RoundRobinPartitioner", "RangePartitioner",
            "CustomPartitioner", "PartitionError", "hash_column", "split", "KEY_GROUPS", "key_groups",
            "instance_of", "groups_of_instance"]
-
-
-class PartitionError(MpstreamError, ValueError):
-    """A partitioner produced ids out of range, or its key column is unusable."""
 
 
 def hash_column(col: Column) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""The pipeline API: named operators over streams of batches, built into a plan that
-:func:`mpstream.runtime.execute` runs with one OS process per operator instance.
+"""The pipeline API: named operators over streams of batches, built into a job graph
+(:mod:`mpstream.plan`) that the coordinator runs with one OS process per task.
 
 >>> import numpy as np
 >>> p = Pipeline()
@@ -11,168 +11,188 @@
 >>> sorted(zip(r["domain"].to_numpy().tolist(), r["bytes_sum"].tolist()))
 [('a', 4), ('b', 2)]
 
-Every operator has a stable, user-given name (unique in the pipeline; it will key its state in
-checkpoints) and a parallelism (default: its input's). Records of one key keep their order from
-a source instance to the consumer that gets the key; there is no order across keys or across
-source instances. Functions may be lambdas or closures: workers are forked from the caller.
+Every operator has a stable, user-given name (unique in the pipeline; it keys its state in
+checkpoints and names its output files) and a parallelism (default: its input's). Records of
+one key keep their order from a source instance to the consumer that gets the key; there is
+no order across keys or across source instances. Functions may be lambdas or closures: tasks
+are forked from the caller. Arguments are checked here, when the pipeline is built: a bad one
+raises :class:`~mpstream.errors.PlanError` (a ValueError) or TypeError naming the operator.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import operators as ops
-from .aggregate import Combiner
+from . import sinks, sources
+from .aggregate import parse_spec
 from .batch import Batch
+from .coordinator import CheckpointConfig, JobHandle, run, start
+from .errors import AggregateError, PartitionError, PlanError
+from .operators import Aggregate, Combine, Filter, FlatMap, Map, Operator
 from .partition import CustomPartitioner, HashPartitioner, Partitioner, RangePartitioner, RoundRobinPartitioner
-from .runtime import CheckpointConfig, JobResult, execute
+from .plan import Edge, JobGraph, Node, check_name, check_parallelism
+from .result import JobResult
 
-__all__ = ["Pipeline", "Stream", "KeyedStream", "Node", "Edge"]
+__all__ = ["Pipeline", "Stream", "KeyedStream"]
 
 DEFAULT_BATCH_SIZE = 65536
 
 
-@dataclass
-class Edge:
-    """Rows from every instance of upstream into the node owning this edge, partitioned by a
-    fresh ``partitioner()`` per upstream instance; None means forward (instance i to i)."""
-
-    upstream: Node
-    partitioner: Callable[[], Partitioner] | None
-    drop: bool = False  # backpressure policy: drop (and count) instead of waiting for credit
-    combiner: Callable[[], Combiner] | None = None  # one per upstream instance, before partitioning
-
-
-@dataclass
-class Node:
-    name: str
-    parallelism: int
-    make: Callable[[], ops.Operator | ops.Source]
-    inputs: list[Edge] = field(default_factory=list)
-    collect: bool = False  # a collect sink: its batches return to the caller of run()
-
-    @property
-    def is_source(self) -> bool:
-        return not self.inputs
-
-
 class Pipeline:
-    """A job under construction. ``run()`` executes it and returns the collected results.
+    """A job under construction. ``run()`` executes it and returns the collected results;
+    ``start()`` runs it in the background and returns a handle to stop it.
 
     channel_capacity is the ring size of every channel (bytes, a power of two): a batch may
     take up to half of it (4 MiB: batches up to 2 MiB, e.g. 64K rows of four 8-byte columns)."""
 
     def __init__(self, channel_capacity: int = 1 << 22) -> None:
-        self.nodes: list[Node] = []
-        self.channel_capacity = channel_capacity
+        self.graph = JobGraph(channel_capacity)
 
-    def _add(self, node: Node) -> Node:
-        if any(n.name == node.name for n in self.nodes):
-            raise ValueError(f"operator name {node.name!r} is used twice; every operator needs its own name")
-        if node.parallelism < 1:
-            raise ValueError(f"operator {node.name!r}: parallelism must be >= 1, got {node.parallelism}")
-        self.nodes.append(node)
-        return node
+    @property
+    def nodes(self) -> list[Node]:
+        return self.graph.nodes
 
     # ---- sources ------------------------------------------------------------------------------
 
-    def source(self, name: str, make: Callable[[], ops.Source], parallelism: int = 1) -> Stream:
-        """A source from a :class:`~mpstream.operators.Source` factory, one per instance."""
-        return Stream(self, [self._add(Node(name, parallelism, make))], None)
+    def source(self, name: str, make: Callable[[], sources.Source], parallelism: int = 1) -> Stream:
+        """A source from a :class:`~mpstream.sources.Source` factory, one per instance."""
+        node = self.graph.add(Node(check_name(name), check_parallelism(name, parallelism), make))
+        return Stream(self, [node])
 
     def from_arrays(self, name: str, columns: Mapping[str, Any], *, parallelism: int = 1,
                     batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
         """In-memory columns; instance i of p reads the i-th contiguous share of the rows."""
         Batch(columns)  # validate here, in the caller, with a clear error
-        return self.source(name, lambda: ops.ColumnsSource(columns, batch_size), parallelism)
+        return self.source(name, lambda: sources.ColumnsSource(columns, batch_size), parallelism)
 
-    def from_batches(self, name: str, batches: Sequence[Batch], *, parallelism: int = 1) -> Stream:
-        """In-memory batches; instance i of p reads batches i, i + p, ..."""
-        batches = list(batches)
-        return self.source(name, lambda: ops.BatchesSource(batches), parallelism)
+    def from_batches(self, name: str, batches: Iterable[Batch | Mapping[str, Any]], *, parallelism: int = 1) -> Stream:
+        """In-memory batches (or mappings of columns); instance i of p reads batches i, i + p, ..."""
+        checked = []
+        for i, batch in enumerate(batches):
+            if not isinstance(batch, (Batch, Mapping)):
+                raise TypeError(f"operator {name!r}: batch {i} is a {type(batch).__name__}; pass Batch objects or "
+                                f"mappings of columns (name -> array)")
+            checked.append(batch if isinstance(batch, Batch) else Batch(batch))
+        return self.source(name, lambda: sources.BatchesSource(checked), parallelism)
 
     def from_generator(self, name: str, fn: Callable[[int, int], Batch | Mapping[str, Any] | None], *,
                        parallelism: int = 1) -> Stream:
         """``fn(instance, offset)`` gives batch number offset of an instance (None: the end).
         Deterministic functions make the source replayable from any offset."""
-        return self.source(name, lambda: ops.GeneratorSource(fn), parallelism)
+        return self.source(name, lambda: sources.GeneratorSource(fn), parallelism)
 
     def from_csv(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
-        """A CSV file with a header row (columns typed int, else float, else str)."""
-        return self.source(name, lambda: ops.ColumnsSource(None, batch_size, lambda: ops.load_csv(path)), parallelism)
+        """A CSV file with a header row (typing rules: :func:`mpstream.sources.load_csv`)."""
+        return self.source(name, lambda: sources.ColumnsSource(None, batch_size, lambda: sources.load_csv(path)),
+                           parallelism)
 
     def from_numpy(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
         """An .npz archive (one array per column) or a structured .npy array."""
-        return self.source(name, lambda: ops.ColumnsSource(None, batch_size, lambda: ops.load_numpy(path)), parallelism)
+        return self.source(name, lambda: sources.ColumnsSource(None, batch_size, lambda: sources.load_numpy(path)),
+                           parallelism)
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def _options(self, checkpoint_dir: str | None, checkpoint_interval: float, checkpoint_retain: int,
+                 tolerable_checkpoint_failures: int, restarts: int, restart_backoff: float, resume: bool | str,
+                 exactly_once: bool) -> CheckpointConfig | None:
+        if resume not in (False, True, "if-present"):
+            raise PlanError(f"resume must be False, True or 'if-present', got {resume!r}")
+        if checkpoint_dir is None:
+            if resume:
+                raise PlanError("resume needs a checkpoint_dir to resume from")
+            return None
+        if not checkpoint_interval > 0:
+            raise PlanError(f"checkpoint_interval must be > 0 seconds, got {checkpoint_interval!r}")
+        return CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
+                                restarts, restart_backoff, resume, exactly_once)
 
     def run(self, *, progress: Callable[[dict[str, Any]], None] | None = None,
             checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
             checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
-            restarts: int = 3, restart_backoff: float = 0.1, resume: bool = False,
+            restarts: int = 3, restart_backoff: float = 0.1, resume: bool | str = False,
             exactly_once: bool = True) -> JobResult:
-        """Runs the job to completion; see :func:`mpstream.runtime.execute`. With a
-        ``checkpoint_dir``, aligned checkpoints are taken every ``checkpoint_interval`` s and
-        a failed worker makes the job restart from the last one (up to ``restarts`` times);
-        ``resume=True`` starts from the directory's newest valid checkpoint (a job whose
-        whole process tree died). ``exactly_once=False`` skips barrier alignment: no pause at
-        a checkpoint, but a restore may count some records twice (at-least-once)."""
-        config = None
-        if checkpoint_dir is not None:
-            config = CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain,
-                                      tolerable_checkpoint_failures, restarts, restart_backoff, resume,
-                                      exactly_once)
-        return execute(self, progress=progress, checkpoints=config)
+        """Runs the job until its sources end (or it is stopped: SIGTERM) and returns its
+        result. ``progress(info)`` is called four times a second with the rows the sources
+        produced so far. With a ``checkpoint_dir``, aligned checkpoints are taken every
+        ``checkpoint_interval`` s (and on SIGUSR1), a failed worker makes the job restart
+        from the last one (up to ``restarts`` times), and a bounded job ends with a final
+        checkpoint; ``resume=True`` starts from the directory's newest valid checkpoint (an
+        error if there is none; ``"if-present"`` starts fresh then). ``exactly_once=False``
+        skips barrier alignment: no pause at a checkpoint, but a restore may count some
+        records twice (at-least-once). See :mod:`mpstream.coordinator`."""
+        config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
+                               restarts, restart_backoff, resume, exactly_once)
+        return run(self.graph, progress, config)
+
+    def start(self, *, progress: Callable[[dict[str, Any]], None] | None = None,
+              checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
+              checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
+              restarts: int = 3, restart_backoff: float = 0.1, resume: bool | str = False,
+              exactly_once: bool = True) -> JobHandle:
+        """As :meth:`run`, but in a background thread: returns a
+        :class:`~mpstream.coordinator.JobHandle` (``stop()``, ``wait()``). ``run()`` is
+        ``start().wait()`` in the calling thread."""
+        config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
+                               restarts, restart_backoff, resume, exactly_once)
+        return start(self.graph, progress, config)
 
 
 class Stream:
     """The output of one or more operators (several after ``union``)."""
 
-    def __init__(self, pipeline: Pipeline, upstreams: list[Node], partitioner: Callable[[], Partitioner] | None) -> None:
+    def __init__(self, pipeline: Pipeline, upstreams: list[Node], partitioner: Callable[[], Partitioner] | None = None,
+                 range_bounds: int | None = None) -> None:
         self.pipeline = pipeline
         self.upstreams = upstreams
         self._partitioner = partitioner
+        self._range_bounds = range_bounds  # a range partitioner's bound count, checked at the next operator
 
     @property
     def parallelism(self) -> int:
         return max(n.parallelism for n in self.upstreams)
 
-    def _then(self, name: str, make: Callable[[], ops.Operator], parallelism: int | None,
-              backpressure: str = "block", partitioner: Callable[[], Partitioner] | None = None,
-              collect: bool = False, combiner: Callable[[], Combiner] | None = None) -> Stream:
+    def _then(self, name: str, make: Callable[[], Operator], parallelism: int | None,
+              backpressure: str = "block", collect: bool = False) -> Stream:
+        check_name(name)
         if backpressure not in ("block", "drop"):
-            raise ValueError(f"operator {name!r}: backpressure must be 'block' or 'drop', got {backpressure!r}")
-        parallelism = parallelism or self.parallelism
-        part = partitioner or self._partitioner
+            raise PlanError(f"operator {name!r}: backpressure must be 'block' or 'drop', got {backpressure!r}")
+        parallelism = self.parallelism if parallelism is None else check_parallelism(name, parallelism)
+        if self._range_bounds is not None and self._range_bounds != parallelism - 1:
+            raise PlanError(f"operator {name!r}: a range partitioner over {parallelism} instances needs "
+                            f"{parallelism - 1} range bounds, got {self._range_bounds}")
         edges = []
         for up in self.upstreams:
-            edge_part = part
-            if edge_part is None and up.parallelism != parallelism:
-                edge_part = RoundRobinPartitioner  # no key: rebalance whole batches
-            edges.append(Edge(up, edge_part, drop=backpressure == "drop", combiner=combiner))
-        node = self.pipeline._add(Node(name, parallelism, make, edges, collect))
-        return Stream(self.pipeline, [node], None)
+            partitioner = self._partitioner
+            if partitioner is None and up.parallelism != parallelism:
+                partitioner = RoundRobinPartitioner  # no key: rebalance whole batches
+            edges.append(Edge(up.name, partitioner, drop=backpressure == "drop"))
+        node = self.pipeline.graph.add(Node(name, parallelism, make, edges, collect, keyed=self._keyed()))
+        return Stream(self.pipeline, [node])
+
+    def _keyed(self) -> bool:
+        return False
 
     def map(self, name: str, fn: Callable[[Batch], Batch | Mapping[str, Any]], *, parallelism: int | None = None,
             backpressure: str = "block") -> Stream:
         """batch -> batch (or a mapping of columns)."""
-        return self._then(name, lambda: ops.Map(fn), parallelism, backpressure)
+        return self._then(name, lambda: Map(fn), parallelism, backpressure)
 
     def filter(self, name: str, fn: Callable[[Batch], np.ndarray], *, parallelism: int | None = None,
                backpressure: str = "block") -> Stream:
         """Keeps the rows where ``fn(batch)`` (a bool mask) is true."""
-        return self._then(name, lambda: ops.Filter(fn), parallelism, backpressure)
+        return self._then(name, lambda: Filter(fn), parallelism, backpressure)
 
     def flat_map(self, name: str, fn: Callable[[Batch], Iterable[Batch]], *, parallelism: int | None = None,
                  backpressure: str = "block") -> Stream:
         """batch -> zero or more batches."""
-        return self._then(name, lambda: ops.FlatMap(fn), parallelism, backpressure)
+        return self._then(name, lambda: FlatMap(fn), parallelism, backpressure)
 
-    def process(self, name: str, make: Callable[[], ops.Operator], *, parallelism: int | None = None,
+    def process(self, name: str, make: Callable[[], Operator], *, parallelism: int | None = None,
                 backpressure: str = "block") -> Stream:
         """A user :class:`~mpstream.operators.Operator` (a fresh ``make()`` per instance); after
         ``key_by`` a :class:`~mpstream.operators.KeyedOperator` keeps state per key group."""
@@ -180,26 +200,33 @@ class Stream:
 
     def union(self, *others: Stream) -> Stream:
         """The rows of this stream and others, read fairly by the next operator."""
-        return Stream(self.pipeline, self.upstreams + [n for o in others for n in o.upstreams], self._partitioner)
+        return Stream(self.pipeline, self.upstreams + [n for o in others for n in o.upstreams], self._partitioner,
+                      self._range_bounds)
 
     def key_by(self, key: str, partitioner: str | Callable[[Batch, int], np.ndarray] = "hash", *,
                bounds: Sequence[float] | None = None) -> KeyedStream:
         """Partitions the next operator's input by ``key``: "hash" (default: by key group),
         "range" (with sorted ``bounds``, parallelism - 1 of them), "round_robin" (whole batches
         in turn: balance, but a key's rows may go anywhere) or a function ``fn(batch, n) -> ids``."""
+        range_bounds = None
         if partitioner == "hash":
             factory: Callable[[], Partitioner] = lambda: HashPartitioner(key)  # noqa: E731
         elif partitioner == "round_robin":
             factory = RoundRobinPartitioner
         elif partitioner == "range":
             if bounds is None:
-                raise ValueError("a range partitioner needs bounds")
+                raise PlanError(f"a range partitioner on key {key!r} needs bounds")
+            try:
+                RangePartitioner(key, bounds)  # checks them here
+            except PartitionError as exc:
+                raise PlanError(str(exc)) from None
             factory = lambda: RangePartitioner(key, bounds)  # noqa: E731
+            range_bounds = len(bounds)
         elif callable(partitioner):
             factory = lambda: CustomPartitioner(partitioner)  # noqa: E731
         else:
-            raise ValueError(f"partitioner must be 'hash', 'range', 'round_robin' or a function, got {partitioner!r}")
-        return KeyedStream(self.pipeline, self.upstreams, factory, key)
+            raise PlanError(f"partitioner must be 'hash', 'range', 'round_robin' or a function, got {partitioner!r}")
+        return KeyedStream(self.pipeline, self.upstreams, factory, key, partitioner == "hash", range_bounds)
 
     def rebalance(self) -> Stream:
         """Round-robin: whole batches in turn to the next operator's instances."""
@@ -209,51 +236,90 @@ class Stream:
 
     def collect(self, name: str) -> None:
         """Returns every batch to the caller: ``pipeline.run()[name]`` is their concatenation."""
-        self._then(name, ops.Operator, None, collect=True)
+        self._then(name, sinks.Collect, None, collect=True)
 
     def to_files(self, name: str, directory: str, fmt: str = "csv", *, transactional: bool = False) -> None:
-        """One file per instance: ``{directory}/{name}-{instance}.csv`` or ``.npz``. With
-        ``transactional=True`` (CSV, for jobs with checkpoints): exactly-once output by
-        two-phase commit, one file per instance and checkpoint epoch (see
-        :class:`~mpstream.operators.TransactionalFileSink`)."""
+        """One file per instance: ``{directory}/{name}-{instance}.csv`` or ``.npz``. A plain CSV
+        sink resumes its file after a restore (each row once); npz files cannot be resumed and
+        are refused in jobs with checkpoints. ``transactional=True`` (CSV): exactly-once
+        output by two-phase commit, one file per instance and checkpoint epoch, published
+        when the checkpoint that closes the epoch commits (see
+        :class:`~mpstream.sinks.TransactionalFileSink`)."""
+        if fmt not in ("csv", "npz"):
+            raise PlanError(f"operator {name!r}: file format must be 'csv' or 'npz', got {fmt!r}")
         if transactional:
-            self._then(name, lambda: ops.TransactionalFileSink(directory), None)
+            if fmt != "csv":
+                raise PlanError(f"operator {name!r}: transactional file output is CSV only, got fmt={fmt!r}")
+            self._then(name, lambda: sinks.TransactionalFileSink(directory), None)
         else:
-            self._then(name, lambda: ops.FileSink(directory, fmt), None)
+            self._then(name, lambda: sinks.FileSink(directory, fmt), None)
 
     def to_callback(self, name: str, fn: Callable[[Batch], None]) -> None:
         """Calls ``fn(batch)`` in the sink's worker process."""
-        self._then(name, lambda: ops.CallbackSink(fn), None)
+        self._then(name, lambda: sinks.CallbackSink(fn), None)
 
 
 class KeyedStream(Stream):
     """A stream partitioned by a key: its next operator gets all rows of a key in one instance."""
 
-    def __init__(self, pipeline: Pipeline, upstreams: list[Node], partitioner: Callable[[], Partitioner], key: str) -> None:
-        super().__init__(pipeline, upstreams, partitioner)
+    def __init__(self, pipeline: Pipeline, upstreams: list[Node], partitioner: Callable[[], Partitioner], key: str,
+                 hashed: bool, range_bounds: int | None = None) -> None:
+        super().__init__(pipeline, upstreams, partitioner, range_bounds)
         self.key = key
+        self._hashed = hashed
+
+    def _keyed(self) -> bool:
+        return self._hashed
 
     def aggregate(self, name: str, spec: Mapping[str, str | Sequence[str]], *, parallelism: int | None = None,
-                  salt: int = 0, combiner_delay_s: float = 0.1) -> Stream:
+                  salt: int = 0, combiner_delay_s: float = 0.1, emit: str = "final",
+                  update_interval: float = 1.0) -> Stream:
         """Per key: ``spec`` maps a column to sum/count/min/max/mean (or a list; "*": "count").
-        Result columns: the key, ``{column}_{function}`` and ``count``.
+        Result columns: the key, ``{column}_{function}`` and ``count``. A value column whose
+        dtype changes between batches widens as numpy would (int and float: float64).
+
+        ``emit="final"``: one row per key when the input ends. ``emit="updates"`` (unbounded
+        streams): the rows of the keys that changed, every ``update_interval`` seconds and
+        before every checkpoint barrier: an upsert stream (the newest row per key is its
+        result so far).
 
         ``salt=n`` (n > 1) makes it two-stage, for hot keys. Each upstream instance first
-        pre-aggregates its rows in a :class:`~mpstream.aggregate.Combiner` (one partial row
-        per key, handed on when its oldest row has waited ``combiner_delay_s`` seconds, at
-        every checkpoint barrier and at the end); the partial rows go to a partial
-        aggregate ``{name}.partial`` by key plus a salt ``row % n`` (so one key spreads evenly
-        over min(n, parallelism) partitions), and its partials go by key to the final ``name``.
+        pre-aggregates its rows in a :class:`~mpstream.operators.Combine` chained to it (one
+        partial row per key, handed on when its oldest row has waited ``combiner_delay_s``
+        seconds, at every checkpoint barrier and at the end); the partial rows go to a partial
+        stage ``{name}.partial`` by key plus a salt (so one key spreads evenly over
+        min(n, parallelism) instances), and its partials go by key to the final ``name``.
         Results equal the unsalted ones (float sums up to rounding: another order).
         """
         key = self.key
-        if combiner_delay_s < 0:
-            raise ValueError(f"operator {name!r}: combiner_delay_s must be >= 0, got {combiner_delay_s}")
-        if salt > 1:
-            partial = self._then(f"{name}.partial", lambda: ops.Aggregate(key, spec, "partials", "partials", False),
-                                 parallelism, partitioner=lambda: HashPartitioner(key, salt),
-                                 combiner=functools.partial(Combiner, key, spec, combiner_delay_s))
-            return partial._then(name, lambda: ops.Aggregate(key, spec, "partials", "results"), parallelism,
-                                 partitioner=lambda: HashPartitioner(key))
-        return self._then(name, lambda: ops.Aggregate(key, spec), parallelism)
-
+        try:
+            parse_spec(spec)
+        except AggregateError as exc:
+            raise PlanError(f"operator {name!r}: {exc}") from None
+        if not isinstance(salt, int) or isinstance(salt, bool) or salt < 0:
+            raise PlanError(f"operator {name!r}: salt must be an int >= 0, got {salt!r}")
+        if not (isinstance(combiner_delay_s, (int, float)) and combiner_delay_s >= 0):
+            raise PlanError(f"operator {name!r}: combiner_delay_s must be >= 0, got {combiner_delay_s!r}")
+        if emit not in ("final", "updates"):
+            raise PlanError(f"operator {name!r}: emit must be 'final' or 'updates', got {emit!r}")
+        if not (isinstance(update_interval, (int, float)) and update_interval > 0):
+            raise PlanError(f"operator {name!r}: update_interval must be > 0 seconds, got {update_interval!r}")
+        if parallelism is not None:
+            check_parallelism(name, parallelism)
+        check_name(name)
+        if salt <= 1:
+            return self._then(name, lambda: Aggregate(key, spec, "rows", emit, update_interval), parallelism)
+        graph = self.pipeline.graph
+        combiners = []
+        for up in self.upstreams:
+            combine_name = f"{name}.combine" if len(self.upstreams) == 1 else f"{name}.combine.{up.name}"
+            combiners.append(graph.add(Node(
+                combine_name, up.parallelism, lambda: Combine(key, spec, "rows", combiner_delay_s), [Edge(up.name)],
+                chained=True)))
+        updates = emit == "updates"
+        partial = KeyedStream(self.pipeline, combiners, lambda: HashPartitioner(key, salt), key, hashed=False)
+        partial = partial._then(f"{name}.partial", lambda: Combine(key, spec, "partials",
+                                                                   update_interval if updates else math.inf,
+                                                                   flush_at_barrier=updates), parallelism)
+        final = KeyedStream(self.pipeline, partial.upstreams, lambda: HashPartitioner(key), key, hashed=True)
+        return final._then(name, lambda: Aggregate(key, spec, "partials", emit, update_interval), parallelism)

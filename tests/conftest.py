@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import signal
+import tempfile
 import time
 
 import psutil
@@ -16,6 +17,14 @@ from mpstream.channel import SEGMENT_PREFIX, SHM_DIR
 
 def _segments() -> set[str]:
     return {e for e in os.listdir(SHM_DIR) if e.startswith(SEGMENT_PREFIX)}
+
+
+#: Prefixes of the temporary directories mpstream's demo, benchmarks and tests may create.
+TEMP_PREFIXES = ("mpstream-", "mps-")
+
+
+def _temp_dirs() -> set[str]:
+    return {e for e in os.listdir(tempfile.gettempdir()) if e.startswith(TEMP_PREFIXES)}
 
 
 def _is_ours(p: psutil.Process) -> bool:
@@ -52,8 +61,9 @@ def deadline():
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fails the test that leaves an orphan process or a /dev/shm segment (and cleans up)."""
-    before = _segments()
+    """Fails the test that leaves an orphan process, a /dev/shm segment or a temporary
+    directory of mpstream's behind (and cleans up)."""
+    before, temp_before = _segments(), _temp_dirs()
     yield
     multiprocessing.active_children()  # reaps finished multiprocessing children
     orphans = _reap_children(5.0)
@@ -62,8 +72,12 @@ def no_leaks():
     leaked = _segments() - before
     for entry in leaked:
         os.unlink(os.path.join(SHM_DIR, entry))
+    left = _temp_dirs() - temp_before
+    for entry in left:
+        shutil.rmtree(os.path.join(tempfile.gettempdir(), entry), ignore_errors=True)
     assert not orphans, f"test left child processes running: {orphans}"
     assert not leaked, f"test left shared-memory segments: {sorted(leaked)}"
+    assert not left, f"test left temporary directories: {sorted(left)}"
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:

@@ -22,8 +22,8 @@ def test_a_checkpoint_exists_only_after_its_metadata_is_committed(tmp_path):
     assert store.complete() == [] and store.latest_valid() == (None, [])
     write(store, 2, 5)
     assert store.complete() == [2]
-    assert store.read_state(2, "op-1")["i"] == 1
-    np.testing.assert_array_equal(store.read_state(2, "op-0")["arr"], [0, 5, 10])
+    assert store.read_state(2, "op", 1)["i"] == 1
+    np.testing.assert_array_equal(store.read_state(2, "op", 0)["arr"], [0, 5, 10])
     assert not os.path.exists(os.path.join(store.directory(2), "_metadata.tmp"))
 
 
@@ -50,7 +50,7 @@ def test_a_corrupt_state_file_is_detected_and_the_previous_checkpoint_used(tmp_p
         blob = bytearray()
     open(path, "wb").write(blob)
     with pytest.raises(CheckpointError, match="checkpoint 2: .*op-1.state is (corrupt|truncated)"):
-        store.read_state(2, "op-1")
+        store.read_state(2, "op", 1)
     latest, problems = store.latest_valid()
     assert latest == 1 and len(problems) == 1 and "op-1.state" in problems[0]
 

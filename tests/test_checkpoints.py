@@ -11,7 +11,7 @@ from conftest import run_on_small_tmpfs
 from mpstream import Batch, Channel, ChannelReader, ChannelWriter, InputGate, RecordKind
 from mpstream.aggregate import KeyedAggregate
 from mpstream.checkpoint import CheckpointStore
-from mpstream.operators import Source
+from mpstream.sources import OffsetSource
 from mpstream.pipeline import Pipeline
 
 
@@ -48,7 +48,7 @@ def rows(instance, offset):
     return {"k": rng.integers(0, 50, 500), "v": rng.integers(0, 1000, 500)}
 
 
-class UntilTwoCheckpoints(Source):
+class UntilTwoCheckpoints(OffsetSource):
     """Emits deterministic batches; ends once it has taken part in two checkpoints."""
 
     def open(self, ctx):
@@ -57,7 +57,7 @@ class UntilTwoCheckpoints(Source):
 
     def snapshot(self):
         self.snapshots += 1
-        return {"snapshots": self.snapshots}
+        return {**super().snapshot(), "snapshots": self.snapshots}
 
     def read(self, offset):
         if self.snapshots >= 2 and offset >= 5:
@@ -86,13 +86,13 @@ def test_a_committed_checkpoint_is_a_consistent_cut(tmp_path, parallelism):
     want = KeyedAggregate("k", {"v": "sum", "*": "count"})
     for source, instances in (("a", 2), ("b", 1)):
         for i in range(instances):
-            offset = store.read_state(n, f"{source}-{i}")["offset"]
+            offset = store.read_state(n, source, i).operator["offset"]
             for o in range(offset):
                 r = rows(i, o)
                 want.update(Batch({"k": r["k"], "v": r["v"] * 2}))
     got = KeyedAggregate("k", {"v": "sum", "*": "count"})
     for i in range(parallelism):
-        state = store.read_state(n, f"agg-{i}")["operator"]
+        state = store.read_state(n, "agg", i).operator
         if state is not None:
             got.merge(state)
     table = lambda agg: sorted(zip(*(agg.result()[c].tolist() for c in ("k", "v_sum", "count"))))  # noqa: E731
@@ -118,12 +118,12 @@ def test_at_least_once_checkpoints_without_alignment(tmp_path):
     assert result.checkpoints
     store = CheckpointStore(str(tmp_path))
     n = store.complete()[-1]
-    emitted = sum(store.read_state(n, f"a-{i}")["offset"] for i in range(2)) * 500
-    counted = sum(int(store.read_state(n, f"agg-{i}")["operator"]["count"].sum()) for i in range(2))
+    emitted = sum(store.read_state(n, "a", i).operator["offset"] for i in range(2)) * 500
+    counted = sum(int(store.read_state(n, "agg", i).operator["count"].sum()) for i in range(2))
     assert counted >= emitted
 
 
-class AsksForACheckpoint(Source):
+class AsksForACheckpoint(OffsetSource):
     """At offset 3 it asks its coordinator for a checkpoint (SIGUSR1); it ends once one is
     committed."""
 
@@ -143,9 +143,10 @@ class AsksForACheckpoint(Source):
 def test_a_checkpoint_on_demand(tmp_path):
     p = Pipeline(channel_capacity=1 << 16)
     p.source("s", AsksForACheckpoint).key_by("k").aggregate("agg", {"v": "sum"}).collect("out")
-    p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=1e9)  # never by the interval
+    result = p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=1e9)  # never by the interval
     store = CheckpointStore(str(tmp_path))
-    assert store.complete() == [1] and store.read_state(1, "s-0")["offset"] >= 3
+    assert store.read_state(1, "s", 0).operator["offset"] >= 3
+    assert store.complete() == [1, 2] and result.final_checkpoint == 2  # the one asked for, then the final one
 
 
 FULL_DISK_JOB = """
@@ -174,3 +175,21 @@ def test_a_full_disk_fails_checkpoints_but_not_the_job(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0].startswith("ROWS 400000 FAILED True")
     assert "No space left on device" in lines[1] and "operator 'agg' instance 0" in lines[1]
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "mistyped"])
+def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_fresh(tmp_path, how):
+    from mpstream import CheckpointError
+
+    directory = tmp_path / "chk"
+    if how == "empty":
+        directory.mkdir()
+    elif how == "mistyped":
+        directory = tmp_path / "chk-typo"
+        (tmp_path / "chk").mkdir()
+    p = Pipeline()
+    p.from_arrays("s", {"v": np.arange(5)}).collect("out")
+    with pytest.raises(CheckpointError, match=f"no checkpoint was found in {directory}"):
+        p.run(checkpoint_dir=str(directory), resume=True)
+    assert not (tmp_path / "chk-typo").exists()  # nothing was created
+    assert p.run(checkpoint_dir=str(directory), resume="if-present")["out"]["v"].tolist() == list(range(5))

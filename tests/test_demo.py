@@ -3,8 +3,11 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+
+import pytest
 
 
 def test_demo_verifies_and_reports_json(tmp_path):
@@ -64,3 +67,65 @@ def test_demo_resumes_from_its_checkpoints_after_the_whole_tree_died(tmp_path):
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["verified"] is True
     assert summary["operators"]["clicks"]["records_in"] < 20_000_000  # it went on from the checkpoint
+
+
+def demo(*args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-m", "mpstream.cli", "demo", *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--events", "-5"], "--events: must be an integer >= 0"),
+    (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+    (["--parallelism", "0"], "--parallelism: must be an integer >= 1"),
+    (["--salt", "-1"], "--salt: must be an integer >= 0"),
+])
+def test_demo_refuses_bad_values_with_a_usage_error(args, message):
+    out = demo(*args)
+    assert out.returncode == 2 and "usage:" in out.stderr and message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_demo_with_zero_events_is_a_verified_empty_run(tmp_path):
+    out = demo("--events", "0", "--out", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["events"] == 0 and summary["verified"] is True
+
+
+def test_demo_without_out_removes_its_temporary_directory_and_says_so():
+    import tempfile
+
+    before = {e for e in os.listdir(tempfile.gettempdir()) if e.startswith("mpstream-demo-")}
+    out = demo("--events", "100000")
+    assert out.returncode == 0, out.stderr
+    assert "not kept" in out.stdout and "--out" in out.stdout
+    assert {e for e in os.listdir(tempfile.gettempdir()) if e.startswith("mpstream-demo-")} == before
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    import psutil
+    from conftest import wait_until
+
+    proc = subprocess.Popen([sys.executable, "-m", "mpstream.cli", "demo", "--events", "2000000000", "--out",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: len(psutil.Process(proc.pid).children()) >= 8, timeout=60, what="the demo's workers")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1 and "interrupted" in stderr
+
+
+def test_a_resumed_demo_reports_only_the_events_of_its_own_run(tmp_path):
+    chk, out = tmp_path / "chk", tmp_path / "out"
+    first = subprocess.run([sys.executable, "-c", DEMO_THEN_DIE, str(chk), str(out)], capture_output=True,
+                           text=True, timeout=300, start_new_session=True)
+    assert first.returncode == -9
+    second = demo("--events", "20000000", "--batch-size", "16384", "--out", str(out), "--checkpoint-dir", str(chk),
+                  "--resume", "--json")
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    consumed = summary["operators"]["clicks"]["records_out"]
+    assert summary["verified"] is True
+    assert 0 < summary["events"] == consumed < 20_000_000  # this run's events, not the stream's
+    assert summary["events_per_s"] == pytest.approx(summary["events"] / summary["seconds"], rel=0.01)

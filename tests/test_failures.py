@@ -14,7 +14,7 @@ import pytest
 from conftest import wait_until
 
 from mpstream.pipeline import Pipeline
-from mpstream.runtime import OperatorError, WorkerDiedError
+from mpstream import OperatorError, WorkerDiedError
 
 SHM = "/dev/shm"
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mpstream import Batch, StringColumn
-from mpstream.operators import KeyedOperator, KeyedState
+from mpstream import KeyedOperator, KeyedState
 from mpstream.partition import KEY_GROUPS, HashPartitioner, groups_of_instance, instance_of, key_groups
 from mpstream.pipeline import Pipeline
 

@@ -221,3 +221,57 @@ def test_batches_larger_than_a_channel_are_split_in_order():
     assert sorted(out["seq"].tolist()) == list(range(n))
     for k in range(3):
         assert (np.diff(out["seq"][out["key"] == k]) > 0).all()
+
+
+@pytest.mark.parametrize("salt", [0, 3])
+def test_aggregate_over_a_union_of_int_and_float_columns_matches_numpy(salt):
+    """Two sources of one schema but for the dtype of v (a CSV of integer prices next to one of
+    decimal prices): the accumulators widen to float64, salted or not."""
+    p = Pipeline(channel_capacity=1 << 20)
+    ints = p.from_arrays("ints", {"k": np.array([1, 1, 2, 3] * 50), "v": np.arange(200)}, batch_size=30)
+    floats = p.from_arrays("floats", {"k": np.array([1, 2, 2, 4] * 50), "v": np.arange(200) + 0.5}, batch_size=30)
+    (ints.union(floats).key_by("k")
+     .aggregate("agg", {"v": ["sum", "min", "max", "mean"], "*": "count"}, parallelism=2, salt=salt)
+     .collect("out"))
+    out = p.run()["out"]
+    keys = np.concatenate([np.array([1, 1, 2, 3] * 50), np.array([1, 2, 2, 4] * 50)])
+    values = np.concatenate([np.arange(200), np.arange(200) + 0.5])
+    want = sorted((int(k), values[keys == k].sum(), values[keys == k].min(), values[keys == k].max(),
+                   values[keys == k].mean(), int((keys == k).sum())) for k in np.unique(keys))
+    assert rows_of(out, "k", "v_sum", "v_min", "v_max", "v_mean", "count") == want
+    assert out["v_sum"].dtype == np.float64
+
+
+def test_a_column_that_changes_from_number_to_string_fails_naming_operator_and_column():
+    from mpstream import Batch, OperatorError
+
+    p = Pipeline(channel_capacity=1 << 20)
+    (p.from_batches("src", [Batch({"k": np.array([1]), "v": np.array([1.5])}),
+                            Batch({"k": np.array([1]), "v": np.array(["oops"])})])
+     .key_by("k").aggregate("agg", {"v": "sum"}).collect("out"))
+    with pytest.raises(OperatorError, match=r"(?s)operator 'agg'.*column 'v'"):
+        p.run()
+
+
+EMPTY = {"k": np.zeros(0, np.int64), "v": np.zeros(0)}
+
+
+@pytest.mark.parametrize("salt", [0, 2])
+@pytest.mark.parametrize("case", ["empty arrays", "a filter that keeps nothing", "a header-only CSV"])
+def test_an_empty_result_keeps_its_columns_and_dtypes(tmp_path, case, salt):
+    p = Pipeline(channel_capacity=1 << 20)
+    if case == "empty arrays":
+        src = p.from_arrays("src", EMPTY, parallelism=2)
+    elif case == "a filter that keeps nothing":
+        src = p.from_arrays("src", {"k": np.arange(10), "v": np.ones(10)}).filter("none", lambda b: b["v"] > 5)
+    else:
+        (tmp_path / "in.csv").write_text("k,v\n")
+        src = p.from_csv("src", str(tmp_path / "in.csv"))
+    src.map("same", lambda b: b).collect("rows")
+    src.key_by("k").aggregate("agg", {"v": ["sum", "max", "mean"], "*": "count"}, parallelism=2, salt=salt).collect("out")
+    result = p.run()
+    rows, out = result["rows"], result["out"]
+    assert rows.num_rows == 0 and rows.schema[0] == ("k", "<i8")
+    assert out.num_rows == 0
+    assert [name for name, _ in out.schema] == ["k", "v_sum", "v_max", "v_mean", "count"]
+    assert out["k"].dtype == np.int64 and out["v_mean"].dtype == np.float64 and out["count"].dtype == np.int64

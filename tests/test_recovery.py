@@ -13,7 +13,8 @@ import pytest
 
 from mpstream import Batch
 from mpstream.checkpoint import CheckpointStore
-from mpstream.operators import Aggregate, Source
+from mpstream.operators import Aggregate
+from mpstream.sources import OffsetSource
 from mpstream.pipeline import Pipeline
 
 BATCHES, ROWS, KEYS = 200, 5000, 1000  # 2M events
@@ -47,7 +48,7 @@ def kill_once(marker: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class Clicks(Source):
+class Clicks(OffsetSource):
     """BATCHES batches per instance; then, while any of the markers in ``hold_for`` is missing,
     empty batches: the job runs on (adding nothing) until every kill it waits for happened."""
 
@@ -58,7 +59,7 @@ class Clicks(Source):
     def snapshot(self):
         if self.ctx.instance == 1:  # dies right after injecting BARRIER(1): downstream is aligning
             kill_once(os.path.join(self.marker_dir, "source-after-barrier"))
-        return None
+        return super().snapshot()
 
     def read(self, offset):
         if offset < BATCHES:
@@ -217,3 +218,47 @@ def test_transactional_file_sink_publishes_every_row_exactly_once(tmp_path):
     want = [o * ROWS + j for _ in range(2) for o in range(BATCHES) for j in range(ROWS)]
     assert sorted(ids) == sorted(want)  # each of the 2M rows once: none lost, none twice
     assert os.listdir(out_dir / ".pending") == []
+
+
+@pytest.mark.parametrize("salt", [0, 3])
+def test_a_value_column_that_changes_dtype_aggregates_exactly_across_a_restore(tmp_path, salt):
+    """v is int64 in even batches and float64 in odd ones; a worker is SIGKILLed after a
+    checkpoint holding int and float accumulators: the result equals numpy's over all rows."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+
+    def mixed(instance, offset):
+        rng = np.random.default_rng([instance, offset, 5])
+        v = rng.integers(-50, 50, 400)
+        return {"k": rng.integers(0, 30, 400), "v": v if offset % 2 == 0 else v + 0.25, "seq": np.full(400, offset)}
+
+    def until_killed(instance, offset):
+        """60 batches, then (until the kill fired) filler rows of key -1 that keep the job going."""
+        if offset < 60:
+            return mixed(instance, offset)
+        return None if (markers / "map").exists() else {"k": np.array([-1]), "v": np.array([0]), "seq": np.array([60])}
+
+    def maybe_die(batch):
+        chk = tmp_path / "chk"
+        if int(batch["seq"][0]) >= 40 and any((chk / e / "_metadata").exists() for e in os.listdir(chk)):
+            kill_once(str(markers / "map"))
+        return batch
+
+    p = Pipeline(channel_capacity=1 << 16)
+    (p.from_generator("src", until_killed, parallelism=2).map("die", maybe_die)
+      .filter("real", lambda b: b["k"] >= 0).key_by("k")
+      .aggregate("agg", {"v": ["sum", "min", "max", "mean"], "*": "count"}, parallelism=2, salt=salt)
+      .collect("out"))
+    with pytest.warns(UserWarning, match="restarting"):
+        out = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005, restarts=3,
+                    restart_backoff=0.01)["out"]
+    rows = [mixed(i, o) for i in range(2) for o in range(60)]
+    k = np.concatenate([r["k"] for r in rows])
+    v = np.concatenate([np.asarray(r["v"], np.float64) for r in rows])
+    want = {int(key): (v[k == key].sum(), v[k == key].min(), v[k == key].max(), int((k == key).sum()))
+            for key in np.unique(k)}
+    got = {int(key): (s, lo, hi, c) for key, s, lo, hi, c in
+           zip(*(out[c].tolist() for c in ("k", "v_sum", "v_min", "v_max", "count")))}
+    assert got == want  # quarters and integers: every sum is exact in float64
+    assert out["v_mean"].tolist() == pytest.approx([want[key][0] / want[key][3] for key in out["k"].tolist()])
+    assert (markers / "map").exists()

@@ -1,0 +1,459 @@
+"""The coordinator: runs a job graph with one OS process per task, supervises it, restarts it
+from its last checkpoint after a failure, and stops it on request.
+
+An **attempt** creates a channel for every (producing task, consuming task) pair, forks the
+tasks, and unlinks every segment as soon as all tasks have attached, so nothing is left in
+/dev/shm whatever happens next; tasks die with the coordinator (``PR_SET_PDEATHSIG``). It then
+sleeps on the tasks' control pipes, their process sentinels and a wake-up pipe (stop and
+checkpoint requests), with a timeout set by the next checkpoint or progress report: it uses no
+CPU while it waits. Collected batches, acknowledgements and statistics arrive on the pipes;
+so do failures. On a failure it SIGKILLs the remaining tasks and raises an error naming the
+operator and instance: :class:`OperatorError` with the worker's traceback for an exception,
+:class:`WorkerDiedError` for a process that died (a signal, or an exit without a report).
+
+A **job** runs attempts: with checkpoints, a failed attempt is followed by another restored
+from the newest valid checkpoint (up to ``restarts`` times); collect sinks keep only what
+preceded that checkpoint, so results are exactly once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from . import messages as msg
+from .batch import Batch
+from .channel import Channel, sweep_stale_segments
+from .checkpoint import CheckpointStore
+from .checkpoint_coordinator import CheckpointCoordinator
+from .errors import CheckpointError, OperatorError, PlanError, WorkerDiedError
+from .metrics import InstanceStats
+from .plan import JobGraph, TaskSpec
+from .result import JobResult
+from .task import TaskConfig, task_main
+
+__all__ = ["CheckpointConfig", "Job", "JobHandle", "run", "start"]
+
+PROGRESS_INTERVAL_S = 0.25
+#: Held back while the coordinator forks: CPython runs at-fork callbacks (logging registers
+#: some) in which an exception, KeyboardInterrupt included, is printed and dropped. Blocked,
+#: a Ctrl-C during the forks is delivered right after them instead of being lost.
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints every ``interval`` seconds into ``directory``, keeping the last ``retain``;
+    the job fails after more than ``tolerable_failures`` failed checkpoints in a row (e.g. a
+    full disk). When a task fails, the job restarts from the newest valid checkpoint, up to
+    ``restarts`` times, waiting ``restart_backoff`` (doubling) first. ``resume``: True starts
+    from the directory's newest valid checkpoint (an error if there is none), "if-present"
+    also starts fresh when there is none. ``exactly_once=False``: barriers are not aligned
+    (at-least-once: a restore may replay some records twice)."""
+
+    directory: str
+    interval: float = 1.0
+    retain: int = 3
+    tolerable_failures: int = 3
+    restarts: int = 3
+    restart_backoff: float = 0.1
+    resume: bool | str = False
+    exactly_once: bool = True
+
+
+class _Cancelled(Exception):
+    """JobHandle.cancel(): stop at once, killing every task."""
+
+
+class Job:
+    """One run of a job graph: its attempts and their results (see the module doc)."""
+
+    def __init__(self, graph: JobGraph, progress: Callable[[dict[str, Any]], None] | None = None,
+                 checkpoints: CheckpointConfig | None = None) -> None:
+        if not graph.nodes:
+            raise PlanError("the pipeline has no operators")
+        self.graph, self.progress, self.config = graph, progress, checkpoints
+        self.store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
+        if checkpoints is not None:
+            for node in graph.nodes:  # built here only to ask; tasks build their own
+                operator = node.make()
+                if not getattr(operator, "resumable", True):
+                    raise PlanError(f"operator {node.name!r} ({operator!r}) cannot be resumed after a restore, so it "
+                                    f"cannot run in a job with checkpoints: for files, write CSV (fmt='csv') or use "
+                                    f"to_files(..., transactional=True)")
+        self.tasks = graph.tasks()
+        self.kept: dict[str, list[tuple[int, Batch]]] = {n.name: [] for n in graph.nodes if n.collect}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._requests: set[str] = set()  # "stop", "drain", "checkpoint", "cancel"
+        self.stop_requested = False
+        self.started = time.monotonic()
+
+    def request(self, what: str) -> None:
+        """Asks the running job for "stop" (with a checkpoint), "drain", "checkpoint" or
+        "cancel"; safe from a signal handler or another thread."""
+        self._requests.add(what)
+        self.stop_requested |= what in ("stop", "drain")
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _restore_point(self) -> int | None:
+        """The id of the newest checkpoint that checks out (damaged newer ones are reported)."""
+        checkpoint_id, problems = self.store.latest_valid()
+        for problem in problems:
+            warnings.warn(f"skipping a damaged checkpoint: {problem}", stacklevel=4)
+        return checkpoint_id
+
+    def run(self) -> JobResult:
+        config = self.config
+        restore = None
+        if config is not None and config.resume:
+            restore = self._restore_point()
+            if restore is None and config.resume != "if-present":
+                raise CheckpointError(f"resume=True, but no checkpoint was found in {config.directory}: check the "
+                                      f"directory, or pass resume='if-present' to start fresh when there is none")
+        if self.store is not None:
+            self.store.create()
+            self.store.discard_incomplete()  # left by a job that died mid-checkpoint
+        restored_from = restore
+        started_at = {} if restore is None else {  # where the run's sources start: its own work is after that
+            node.name: [self.store.read_state(restore, node.name, i).operator
+                        for i in range(self.store.instances(restore, node.name))]
+            for node in self.graph.nodes if node.is_source}
+        recoveries: list[float] = []  # failure detected -> every task restored and running again
+        failed_at: list[float] = []
+        running_at: list[float] = []
+
+        def running(at: float) -> None:
+            running_at.append(at)
+            if len(failed_at) > len(recoveries):
+                recoveries.append(at - failed_at[-1])
+
+        while True:
+            try:
+                result = _Attempt(self, restore, running).run()
+                result.recovery_seconds, result.running_at = recoveries, running_at
+                result.restored_from, result.started_at = restored_from, started_at
+                return result
+            except (WorkerDiedError, OperatorError) as exc:
+                if config is None or len(failed_at) >= config.restarts:
+                    raise
+                if len(failed_at) > len(recoveries):  # the restarted attempt failed before running
+                    recoveries.append(time.monotonic() - failed_at[-1])
+                failed_at.append(time.monotonic())
+                warnings.warn(f"restarting the job from its last checkpoint after: {exc}", stacklevel=3)
+                time.sleep(config.restart_backoff * 2 ** (len(failed_at) - 1))  # backoff, not synchronisation
+                restore = self._restore_point()
+                upto = restore or 0
+                for batches in self.kept.values():  # what followed the checkpoint will be replayed
+                    batches[:] = [(epoch, b) for epoch, b in batches if epoch < upto]
+
+
+def _widen(*conns: Connection) -> None:
+    """Asks for 4 MiB socket buffers (the kernel caps them at net.core.[rw]mem_max): a collect
+    sink's pickled batches then go out without waiting for the coordinator to read each 200 KiB."""
+    for conn in conns:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+
+
+@dataclass
+class _TaskProcess:
+    spec: TaskSpec
+    process: Any  # multiprocessing.Process
+    conn: Connection
+
+
+class _Attempt:
+    """One attempt of a job: its channels and task processes, and the coordinator's loop."""
+
+    def __init__(self, job: Job, restore: int | None, running: Callable[[float], None]) -> None:
+        self.job, self.restore, self.running = job, restore, running
+        self.by_name: dict[str, _TaskProcess] = {}
+        self.by_conn: dict[Connection, _TaskProcess] = {}
+        self.by_sentinel: dict[int, _TaskProcess] = {}
+        self.not_ready = len(job.tasks)
+        self.commits = False  # a task runs a two-phase-commit operator
+        self.finished: dict[str, tuple[InstanceStats, ...]] = {}
+        self.produced: dict[str, int] = {}
+        self.channels: dict[str, Channel] = {}
+        config = job.config
+        self.checkpoints = None if config is None else CheckpointCoordinator(
+            job.store, config.interval, config.tolerable_failures, self._send,
+            {t.name for t in job.tasks if t.is_source}, {t.name for t in job.tasks}, lambda: self.commits)
+        self.stopped = False
+
+    def run(self) -> JobResult:
+        sweep_stale_segments()
+        job = self.job
+        context = multiprocessing.get_context("fork")  # tasks inherit the user's functions, lambdas too
+        config = TaskConfig(None if job.config is None else job.config.directory,
+                            job.config is None or job.config.exactly_once, self.restore)
+        try:
+            for label in job.graph.channels():
+                self.channels[label] = Channel(label, job.graph.channel_capacity)
+            names = {label: chan.name for label, chan in self.channels.items()}
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+            try:
+                self._fork(context, names, config)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            return self._supervise()
+        finally:
+            if self.checkpoints is not None:
+                self.checkpoints.abandon()
+            for task in self.by_name.values():
+                if task.process.is_alive():
+                    task.process.kill()
+                task.process.join()
+                task.conn.close()
+            for chan in self.channels.values():
+                chan.close()
+
+    def _fork(self, context: Any, names: dict[str, str], config: TaskConfig) -> None:
+        for spec in self.job.tasks:
+            ours, theirs = context.Pipe()
+            if any(op.node.collect for op in spec.operators):
+                _widen(ours, theirs)
+            process = context.Process(target=task_main, name=f"mpstream:{spec.name}",
+                                      args=(spec, names, theirs, os.getpid(), config), daemon=True)
+            process.start()
+            theirs.close()
+            task = _TaskProcess(spec, process, ours)
+            self.by_name[spec.name] = self.by_conn[ours] = self.by_sentinel[process.sentinel] = task
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _supervise(self) -> JobResult:
+        job = self.job
+        open_conns = dict(self.by_conn)
+        sentinels = dict(self.by_sentinel)
+        next_progress = time.monotonic() + PROGRESS_INTERVAL_S
+        while len(self.finished) < len(self.by_name):
+            self._requests()
+            if self.checkpoints is not None:
+                self.checkpoints.poll()
+                if self.checkpoints.done and not self.stopped:
+                    self.stopped = True
+                    self._broadcast(msg.Finish())
+            deadline = next_progress if job.progress is not None else float("inf")
+            if self.checkpoints is not None:
+                deadline = min(deadline, self.checkpoints.deadline)
+            timeout = None if deadline == float("inf") else min(max(0.0, deadline - time.monotonic()), 3600.0)
+            ready = wait(list(open_conns) + list(sentinels) + [job._wake_r], timeout=timeout)
+            for obj in ready:  # messages first: a task's last report precedes its exit
+                if obj in open_conns:
+                    self._drain(obj, open_conns)
+            for obj in ready:
+                if obj in sentinels:
+                    self._exited(sentinels.pop(obj), open_conns)
+            if job.progress is not None and time.monotonic() >= next_progress:
+                job.progress({"rows": sum(self.produced.values()), "seconds": time.monotonic() - job.started})
+                next_progress = time.monotonic() + PROGRESS_INTERVAL_S
+        if job.progress is not None:
+            job.progress({"rows": sum(self.produced.values()), "seconds": time.monotonic() - job.started})
+        return self._result()
+
+    def _requests(self) -> None:
+        """Acts on stop, drain, checkpoint and cancel requests (signals, a JobHandle)."""
+        job = self.job
+        try:
+            os.read(job._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        requests, job._requests = set(job._requests), set()
+        if "cancel" in requests:
+            raise _Cancelled()
+        checkpoints = self.checkpoints
+        if "drain" in requests or ("stop" in requests and checkpoints is None):
+            for task in self.by_name.values():  # the sources end their input here
+                if task.spec.is_source:
+                    self._send(task.spec.name, msg.EndInput())
+        elif "stop" in requests:
+            checkpoints.request_stop()
+            job._requests.add("stop")  # it holds for the attempts after a restart too
+        if "checkpoint" in requests and checkpoints is not None:
+            checkpoints.demand()
+
+    def _send(self, task: str, message: Any) -> None:
+        try:
+            self.by_name[task].conn.send(message)
+        except OSError:  # it just died: its sentinel reports that next
+            pass
+
+    def _broadcast(self, message: Any) -> None:
+        for name in self.by_name:
+            self._send(name, message)
+
+    def _drain(self, conn: Connection, open_conns: dict) -> None:
+        while conn in open_conns and conn.poll():
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # closed, or reset by a killed task with unread input
+                del open_conns[conn]
+                return
+            self._handle(self.by_conn[conn], message)
+
+    def _handle(self, task: _TaskProcess, message: Any) -> None:
+        name = task.spec.name
+        checkpoints = self.checkpoints
+        if isinstance(message, msg.Collected):
+            self.job.kept[message.sink].append((message.epoch, message.batch))
+        elif isinstance(message, msg.Progress):
+            self.produced[name] = message.rows
+        elif isinstance(message, msg.AcknowledgeCheckpoint):
+            checkpoints.on_acknowledge(name, message)
+        elif isinstance(message, msg.DeclineCheckpoint):
+            checkpoints.on_decline(name, message)
+        elif isinstance(message, msg.TaskDrained):
+            if checkpoints is not None:
+                checkpoints.on_drained(name)
+        elif isinstance(message, msg.TaskFinished):
+            self.finished[name] = message.stats
+        elif isinstance(message, msg.TaskReady):
+            self.commits |= message.commits_on_checkpoint
+            self.not_ready -= 1
+            if self.not_ready == 0:  # every task attached: the names are no longer needed
+                for chan in self.channels.values():
+                    chan.close()
+                self.running(time.monotonic())
+        elif isinstance(message, msg.TaskFailed):
+            raise OperatorError(f"operator {message.operator!r} instance {message.instance} failed: {message.error}\n"
+                                f"--- traceback in the worker (pid {task.process.pid}) ---\n{message.traceback}")
+
+    def _exited(self, task: _TaskProcess, open_conns: dict) -> None:
+        task.process.join()
+        self._drain(task.conn, open_conns)
+        if task.spec.name not in self.finished:
+            code = task.process.exitcode
+            how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                   else f"exited with code {code}")
+            raise WorkerDiedError(f"operator {task.spec.head.name!r} instance {task.spec.instance} (pid "
+                                  f"{task.process.pid}) {how} before finishing; the job was stopped and its "
+                                  f"other workers killed")
+
+    def _result(self) -> JobResult:
+        order = [n.name for n in self.job.graph.nodes]
+        stats = sorted((s for group in self.finished.values() for s in group),
+                       key=lambda s: (order.index(s.name), s.instance))
+        dropped: dict[str, int] = {}
+        for s in stats:
+            if s.dropped:
+                dropped[s.name] = dropped.get(s.name, 0) + s.dropped
+        collected = {name: [batch for _, batch in batches] for name, batches in self.job.kept.items()}
+        checkpoints = self.checkpoints
+        return JobResult(collected, stats, time.monotonic() - self.job.started, dropped,
+                         [] if checkpoints is None else checkpoints.completed,
+                         stopped=self.job.stop_requested,
+                         final_checkpoint=None if checkpoints is None else checkpoints.final_checkpoint)
+
+
+# ---- running a job --------------------------------------------------------------------------
+
+def run(graph: JobGraph, progress: Callable[[dict[str, Any]], None] | None = None,
+        checkpoints: CheckpointConfig | None = None) -> JobResult:
+    """Runs the job in the calling thread until it ends (or is stopped) and returns its result.
+    In the main thread, SIGTERM stops it with a checkpoint (see :meth:`JobHandle.stop`) and
+    SIGUSR1 asks for a checkpoint now; Ctrl-C (KeyboardInterrupt) kills it at once."""
+    job = Job(graph, progress, checkpoints)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        # installed before any task exists: SIGUSR1's default action would end the coordinator
+        handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda s, f: job.request("stop")),
+                    signal.SIGUSR1: signal.signal(signal.SIGUSR1, lambda s, f: job.request("checkpoint"))}
+    try:
+        return job.run()
+    finally:
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
+        job.close()
+
+
+class JobHandle:
+    """A job running in a background thread of this process (from ``Pipeline.start()``).
+
+    >>> import numpy as np
+    >>> from mpstream import Pipeline
+    >>> p = Pipeline()
+    >>> p.from_generator("ticks", lambda i, offset: {"n": np.arange(10)}).collect("out")  # unbounded
+    >>> job = p.start()
+    >>> job.stop(drain=True)          # no checkpoints: the sources end their input where they are
+    >>> job.wait()["out"].num_rows % 10
+    0
+    """
+
+    def __init__(self, graph: JobGraph, progress: Callable[[dict[str, Any]], None] | None,
+                 checkpoints: CheckpointConfig | None) -> None:
+        self._job = Job(graph, progress, checkpoints)
+        self._result: JobResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mpstream-coordinator", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self._job.run()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+            self._error = exc
+        finally:
+            self._job.close()
+
+    def stop(self, drain: bool = False) -> None:
+        """Stops the job with a checkpoint (Flink's stop-with-savepoint): the sources stop
+        where they are, a final checkpoint is taken, two-phase-commit sinks publish, and the
+        job ends without processing the end of its input; ``resume=True`` goes on from there.
+        ``drain=True`` (and any stop of a job without checkpoints) instead ends the sources'
+        input where they are: every operator then emits its final output."""
+        self._job.request("drain" if drain else "stop")
+
+    def checkpoint(self) -> None:
+        """Asks for a checkpoint now (as SIGUSR1 does)."""
+        self._job.request("checkpoint")
+
+    def cancel(self) -> None:
+        """Kills every task at once; :meth:`wait` then raises KeyboardInterrupt."""
+        self._job.request("cancel")
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> JobResult:
+        """The job's result once it ended (raises what the job raised; TimeoutError after
+        ``timeout`` seconds). Ctrl-C while waiting cancels the job."""
+        try:
+            self._thread.join(timeout)
+        except KeyboardInterrupt:
+            self.cancel()
+            self._thread.join()
+            raise
+        if self._thread.is_alive():
+            raise TimeoutError(f"the job is still running after {timeout} s")
+        if isinstance(self._error, _Cancelled):
+            raise KeyboardInterrupt("the job was cancelled")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def start(graph: JobGraph, progress: Callable[[dict[str, Any]], None] | None = None,
+          checkpoints: CheckpointConfig | None = None) -> JobHandle:
+    """Starts the job in a background thread and returns its :class:`JobHandle`."""
+    return JobHandle(graph, progress, checkpoints)

@@ -1,0 +1,225 @@
+"""Sources: operators without input, possibly unbounded, possibly idle.
+
+The contract is non-blocking, as Bytewax's ``next_batch``/``next_awake`` or Flink's split
+readers: :meth:`Source.poll` returns what the source has *now* (a batch, or None when nothing is
+ready) and raises ``StopIteration`` at the end of a bounded input; after a None,
+:meth:`Source.next_awake` says when to ask again. Between polls the task handles checkpoint
+triggers, timers and stops, so a source never blocks them. A source keeps its reading
+position in its own ``snapshot()`` (any picklable value: a file offset, a log sequence id)
+and gets it back in ``restore([position])``: replaying from there must give the same records.
+
+:class:`OffsetSource` is the easy case: batch number ``offset`` of this instance, by
+``read(offset)``; the position is the offset. The built-in in-memory, generator and file
+sources are OffsetSources.
+
+>>> class Ticks(Source):
+...     '''One row per poll, at most one every 10 ms; unbounded.'''
+...     def open(self, ctx):
+...         super().open(ctx)
+...         self.next, self.due = 0, 0.0
+...     def poll(self):
+...         if time.time() < self.due:
+...             return None                      # nothing now: asked again at next_awake()
+...         self.due = time.time() + 0.01
+...         self.next += 1
+...         return {"tick": np.array([self.next - 1])}
+...     def next_awake(self):
+...         return self.due
+...     def snapshot(self):
+...         return self.next                     # the position
+...     def restore(self, states):
+...         self.next = states[0]
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .batch import Batch, StringColumn
+from .errors import SourceError
+from .operators import Context, Operator, Output
+
+__all__ = ["Source", "OffsetSource", "ColumnsSource", "BatchesSource", "GeneratorSource", "load_csv", "load_numpy"]
+
+
+class Source(Operator):
+    """An operator without input (see the module doc). Override :meth:`poll`, and
+    :meth:`next_awake` for a source that can have nothing to give for a while."""
+
+    def poll(self) -> Output:
+        """The records available now (a batch or a mapping of columns), None when nothing is
+        ready; raises StopIteration at the end of the input."""
+        raise NotImplementedError
+
+    def next_awake(self) -> float | None:
+        """After :meth:`poll` returned None: the ``time.time()`` at which to poll again. None
+        lets the task choose (it backs off from 1 ms to 50 ms while nothing comes)."""
+        return None
+
+
+class OffsetSource(Source):
+    """A source read by batch number: ``read(offset)`` returns batch number offset of this
+    instance (a Batch or a mapping of columns), or None at the end. Reading an offset again
+    gives the same batch, which makes it replayable; its position is ``{"offset": n}``.
+    Subclasses that keep more state extend ``snapshot``/``restore`` and call ``super()``."""
+
+    offset = 0
+
+    def read(self, offset: int) -> Output:
+        raise NotImplementedError
+
+    def poll(self) -> Output:
+        out = self.read(self.offset)
+        if out is None:
+            raise StopIteration
+        self.offset += 1
+        return out
+
+    def snapshot(self) -> Any:
+        return {"offset": self.offset}
+
+    def restore(self, states: list[Any]) -> None:
+        self.offset = states[0]["offset"]
+
+
+def _share(rows: int, ctx: Context) -> tuple[int, int]:
+    """The contiguous rows [start, stop) of instance ctx.instance out of ctx.parallelism."""
+    return rows * ctx.instance // ctx.parallelism, rows * (ctx.instance + 1) // ctx.parallelism
+
+
+class ColumnsSource(OffsetSource):
+    """In-memory columns (or columns loaded by ``load`` in the worker), cut into batches.
+    Offset 0 is read even without rows, so the columns' schema reaches the job."""
+
+    def __init__(self, columns: Mapping[str, Any] | None, batch_size: int,
+                 load: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        self._columns, self._load, self.batch_size = columns, load, batch_size
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        columns = self._columns if self._load is None else self._load()
+        rows = len(next(iter(columns.values()), ()))
+        start, stop = _share(rows, ctx)  # this instance's rows only: encode no more than those
+        self._data = Batch({name: col.slice(start, stop) if isinstance(col, StringColumn) else np.asarray(col)[start:stop]
+                            for name, col in columns.items()})
+
+    def read(self, offset: int) -> Batch | None:
+        start = offset * self.batch_size
+        if start >= self._data.num_rows and offset > 0:
+            return None
+        return self._data.slice(start, start + self.batch_size)
+
+
+class BatchesSource(OffsetSource):
+    """In-memory batches: instance i of p reads batches i, i + p, i + 2p, ..."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = batches
+
+    def read(self, offset: int) -> Batch | None:
+        index = self.ctx.instance + offset * self.ctx.parallelism
+        return self.batches[index] if index < len(self.batches) else None
+
+
+class GeneratorSource(OffsetSource):
+    """``fn(instance, offset)`` returns batch number offset of an instance, or None at the end."""
+
+    def __init__(self, fn: Callable[[int, int], Batch | Mapping[str, Any] | None]) -> None:
+        self.fn = fn
+
+    def read(self, offset: int) -> Batch | Mapping[str, Any] | None:
+        out = self.fn(self.ctx.instance, offset)
+        if out is not None and not isinstance(out, (Batch, Mapping)):
+            raise SourceError(f"source {self.ctx.name!r}: its function returned {type(out).__name__} for offset "
+                              f"{offset}; return a Batch, a mapping of columns (name -> array), or None at the end")
+        return out
+
+
+# ---- files --------------------------------------------------------------------------------
+
+def load_csv(path: str) -> dict[str, np.ndarray]:
+    """Columns of a CSV file with a header row. Blank lines are skipped. A column is int64 if
+    every field is an integer, else float64 if every field is a number, else str. An empty
+    field is an empty string in a str column and an error in a number column (missing values
+    are not supported yet: fill them, or read the column as str). Ragged rows, a duplicate
+    column name and an integer beyond int64 are errors naming the file, line and column."""
+    name = os.path.basename(path)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header: list[str] | None = None
+        lines: list[int] = []  # the file line of each data row, for error messages
+        rows: list[list[str]] = []
+        for row in reader:
+            if not row:
+                continue
+            if header is None:
+                header = row
+                seen: set[str] = set()
+                for column in header:
+                    if column in seen:
+                        raise SourceError(f"{name}, line {reader.line_num}: column {column!r} appears twice in the "
+                                          f"header; give every column its own name")
+                    seen.add(column)
+                continue
+            if len(row) != len(header):
+                fields = "1 field" if len(row) == 1 else f"{len(row)} fields"
+                raise SourceError(f"{name}, line {reader.line_num}: {fields}, the header has {len(header)}; "
+                                  f"every row needs one field per column")
+            rows.append(row)
+            lines.append(reader.line_num)
+    if header is None:
+        raise SourceError(f"{name}: empty CSV file (a header row is required)")
+    columns = list(zip(*rows)) if rows else [() for _ in header]
+    return {column: _typed(name, column, values, lines) for column, values in zip(header, columns)}
+
+
+def _typed(name: str, column: str, values: Sequence[str], lines: list[int]) -> np.ndarray:
+    """int64, else float64, else str (see load_csv)."""
+    for dtype in (np.int64, np.float64):
+        try:
+            return np.array(values, dtype=dtype)
+        except ValueError:
+            continue
+        except OverflowError:  # an integer beyond int64 (a float column goes on to float64)
+            huge = [i for i, v in enumerate(values) if _integer(v) is not None and not -2**63 <= _integer(v) < 2**63]
+            if all(_integer(v) is not None for v in values):
+                raise SourceError(f"{name}, line {lines[huge[0]]}: column {column!r} holds {values[huge[0]]}, which "
+                                  f"does not fit in int64; write it with a decimal point to read the column as "
+                                  f"float64") from None
+    if "" in values and any(_is_number(v) for v in values if v):
+        row = values.index("")
+        raise SourceError(f"{name}, line {lines[row]}: column {column!r} has an empty field, and its other fields "
+                          f"are numbers; missing values are not supported yet: fill them in")
+    return np.array(values, dtype=str)
+
+
+def _integer(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_numpy(path: str) -> dict[str, np.ndarray]:
+    """Columns of an .npz archive (one array per column) or a structured .npy array."""
+    if path.endswith(".npz"):
+        with np.load(path) as archive:
+            return {name: archive[name] for name in archive.files}
+    arr = np.load(path, mmap_mode="r")
+    if arr.dtype.names is None:
+        raise SourceError(f"{path}: a .npy source must hold a structured array (one field per column)")
+    return {name: np.asarray(arr[name]) for name in arr.dtype.names}

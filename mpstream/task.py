@@ -1,0 +1,432 @@
+"""A task: one OS process running one instance of a node and the operators chained to it.
+
+Life of a task::
+
+    open every operator -> restore (from a checkpoint) -> TaskReady
+    -> RUNNING: a source task polls its source; any other reads its input gate. Between records
+       it fires due timers and handles the coordinator's messages (checkpoint triggers, commit
+       notifications, stop, finish); with nothing to do it sleeps on its inputs (futexes) or
+       its control pipe until its next timer.
+    -> end of input: close every operator (head first), END_OF_STREAM on every output,
+       TaskDrained. With checkpoints the task then waits, still answering checkpoint triggers,
+       until the job's final checkpoint is committed and the coordinator says Finish.
+    -> TaskFinished (statistics), exit.
+
+A task that gets Finish while running (after a stop with a checkpoint) exits without closing
+its operators: its input did not end, and a resumed job goes on from the checkpoint.
+
+At BARRIER(n) (a source: at the coordinator's trigger, between two polls) the task calls
+every operator's ``prepare_snapshot_pre_barrier`` and ``snapshot`` (head first, so output a
+chained operator gets before the barrier is in its snapshot), forwards BARRIER(n) on every
+output, and leaves pickling, writing and acknowledging to a writer thread: processing pauses
+only for the in-memory copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import messages as msg
+from .barrier import AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler
+from .batch import Batch
+from .channel import ChannelReader, ChannelTimeoutError, InputGate, RecordKind
+from .checkpoint import CheckpointStore, OperatorSnapshot
+from .errors import CheckpointError
+from .metrics import InstanceStats
+from .operators import Context, Output
+from .output import OutputWriter
+from .plan import OperatorSpec, TaskSpec
+from .sources import Source
+from .timers import TimerService
+
+__all__ = ["TaskConfig", "Task", "task_main"]
+
+#: How often a busy task looks at its control pipe, and how long a parked one sleeps at most
+#: before it does: the latency of commit notifications and of msg.Finish.
+CONTROL_INTERVAL_S = 0.02
+PROGRESS_INTERVAL_S = 0.25
+#: A source whose poll() returned nothing and that names no time to ask again is asked after
+#: 1 ms, then doubling up to this while nothing comes.
+MAX_SOURCE_BACKOFF_S = 0.05
+_PR_SET_PDEATHSIG = 1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """How the job runs this attempt: its checkpoint directory (None: no checkpoints), whether
+    barriers align (exactly-once), and the checkpoint to restore from (None: a fresh start)."""
+
+    checkpoint_dir: str | None = None
+    exactly_once: bool = True
+    restore_from: int | None = None
+
+
+class _OperatorRaised(Exception):
+    """An operator's code raised: the wrapped exception is the cause."""
+
+    def __init__(self, name: str, instance: int) -> None:
+        super().__init__(name, instance)
+        self.name, self.instance = name, instance
+
+
+def _batches(out: Output, name: str) -> list[Batch]:
+    """An operator's output as batches: a Batch, a mapping of columns, or an iterable of those."""
+    items = [out] if isinstance(out, (Batch, Mapping)) else out
+    try:
+        return [b if isinstance(b, Batch) else Batch(b) for b in items]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise TypeError(f"operator {name!r} returned {type(out).__name__}: return a Batch, a mapping of columns, "
+                        f"an iterable of those, or None ({exc})") from exc
+
+
+class ChainedOperator:
+    """One operator instance of a task, with its timers, statistics and outputs: chained
+    operators of the same task get its output by a call, others through channels."""
+
+    def __init__(self, spec: OperatorSpec, task: Task, names: dict[str, str]) -> None:
+        node = spec.node
+        self.name, self.instance, self.task = node.name, spec.instance, task
+        self.timers = TimerService(task.wake_at)
+        self.ctx = Context(node.name, spec.instance, node.parallelism, self.timers, task.checkpointing)
+        self.stats = InstanceStats(node.name, spec.instance, task.spec.name)
+        self.collect = node.collect
+        self.keyed = node.keyed
+        self.outputs = [OutputWriter(o, names) for o in spec.outputs]
+        self.next: list[ChainedOperator] = []  # chained successors, linked by the task
+        self.finished = False  # close() ran (in this attempt or before the restored checkpoint)
+        self._announced = False  # emitted a batch already (so its schema is known downstream)
+        self.op = self.call(node.make)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Runs operator code; an exception is reported as raised by this operator."""
+        try:
+            return fn(*args)
+        except _OperatorRaised:
+            raise
+        except Exception as exc:
+            raise _OperatorRaised(self.name, self.instance) from exc
+
+    def process(self, batch: Batch) -> None:
+        self.stats.records_in += batch.num_rows
+        self.stats.batches_in += 1
+        self.emit(self.call(self.op.process, batch))
+
+    def emit(self, out: Output) -> None:
+        if out is None:
+            return
+        for batch in self.call(_batches, out, self.name):
+            if batch.num_rows == 0 and self._announced:
+                continue
+            if self.task.outputs_closed:
+                raise _OperatorRaised(self.name, self.instance) from RuntimeError(
+                    f"operator {self.name!r} emitted output after the end of its input; emit everything in close()")
+            self._announced = True
+            if batch.num_rows:
+                self.stats.records_out += batch.num_rows
+                self.stats.batches_out += 1
+            if self.collect:
+                self.task.send(msg.Collected(self.name, batch, self.task.epoch))  # pickling copies it off the ring
+            for successor in self.next:
+                successor.process(batch)
+            for output in self.outputs:
+                output.write(batch)
+
+    def fire_timers(self, now: float) -> None:
+        for timer in self.timers.due_processing(now):
+            self.emit(self.call(self.op.on_timer, timer))
+
+
+class Task:
+    """One process of a job (see the module doc)."""
+
+    def __init__(self, spec: TaskSpec, names: dict[str, str], conn: Connection, config: TaskConfig) -> None:
+        self.spec, self.conn, self.config = spec, conn, config
+        self.checkpointing = config.checkpoint_dir is not None
+        self.store = CheckpointStore(config.checkpoint_dir) if self.checkpointing else None
+        self.epoch = config.restore_from or 0  # the last barrier this task passed
+        self.outputs_closed = False
+        self.finishing = False  # msg.Finish arrived: exit
+        self.stopped = False  # a stop's barrier went out (a source produces nothing more)
+        self.ended = False  # the input ended (or msg.EndInput arrived, for a source)
+        self._sending = threading.Lock()  # the snapshot writer sends acks from its thread
+        self._writer = ThreadPoolExecutor(1, "snapshot-writer") if self.checkpointing else None
+        self._next_timer = float("inf")  # time.time() of the earliest processing-time timer
+        self.operators = [ChainedOperator(op, self, names) for op in spec.operators]
+        by_name = {op.name: op for op in self.operators}
+        for op, op_spec in zip(self.operators, spec.operators):
+            op.next = [by_name[name] for name in op_spec.chained]
+        self.head = self.operators[0]
+        readers = [ChannelReader(names[label]) for label in spec.inputs]
+        self.gate = InputGate(readers) if readers else None
+        handler = AlignedBarrierHandler if config.exactly_once else AtLeastOnceBarrierHandler
+        self.barriers: BarrierHandler | None = handler(self.gate) if self.gate else None
+        self.idle_s = 0.0
+        self._next_control = 0.0
+
+    # ---- control --------------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        with self._sending:
+            self.conn.send(message)
+
+    def _control(self, timeout: float = 0.0) -> None:
+        """Handles the coordinator's messages, waiting up to timeout for the first."""
+        self._next_control = time.monotonic() + CONTROL_INTERVAL_S
+        waited = time.perf_counter()
+        ready = self.conn.poll(max(0.0, timeout))
+        self.idle_s += time.perf_counter() - waited
+        while ready:
+            message = self.conn.recv()
+            if isinstance(message, msg.TriggerCheckpoint):
+                if message.checkpoint_id > self.epoch:  # a drained task may be asked after its barrier came
+                    self._checkpoint(message.checkpoint_id, 0.0)
+                self.stopped |= message.stop
+            elif isinstance(message, msg.CheckpointCommitted):
+                for op in self.operators:
+                    op.call(op.op.notify_checkpoint_complete, message.checkpoint_id)
+            elif isinstance(message, msg.EndInput):
+                self.ended = True
+            elif isinstance(message, msg.Finish):
+                self.finishing = True
+            ready = self.conn.poll()
+
+    def wake_at(self, at: float) -> None:
+        """A processing-time timer was registered for ``at``."""
+        self._next_timer = min(self._next_timer, at)
+
+    def _fire_timers(self) -> None:
+        """Fires the processing-time timers due by now, if any."""
+        if time.time() < self._next_timer:
+            return
+        self._next_timer = float("inf")
+        now = time.time()
+        for op in self.operators:
+            op.fire_timers(now)
+        self._next_timer = min([self._next_timer] + [t for op in self.operators
+                                                      if (t := op.timers.next_processing_time()) is not None])
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def _checkpoint(self, checkpoint_id: int, alignment_s: float) -> None:
+        """Snapshots every operator in memory, forwards BARRIER(n), and leaves the writing to
+        the writer thread (see the module doc)."""
+        started = time.perf_counter()
+        self.epoch = checkpoint_id
+        for op in self.operators:  # output that belongs before the barrier: chained ones see it first
+            op.emit(op.call(op.op.prepare_snapshot_pre_barrier, checkpoint_id))
+        snapshots = {op.name: OperatorSnapshot(op.call(op.op.snapshot), op.timers.snapshot(), op.finished)
+                     for op in self.operators}
+        pause = time.perf_counter() - started
+        if not self.outputs_closed:
+            for op in self.operators:
+                for output in op.outputs:
+                    output.write_barrier(checkpoint_id)
+        self._writer.submit(self._persist, checkpoint_id, snapshots, alignment_s, pause)
+
+    def _persist(self, checkpoint_id: int, snapshots: dict[str, OperatorSnapshot], alignment_s: float,
+                 pause: float) -> None:
+        try:
+            states = {}
+            for name, snapshot in snapshots.items():
+                try:
+                    state = self.store.write_state(checkpoint_id, name, self.spec.instance, snapshot)
+                except Exception as exc:  # noqa: BLE001 - a failed checkpoint, reported, not a failed job
+                    raise CheckpointError(f"operator {name!r} instance {self.spec.instance}: {exc}") from exc
+                states[f"{name}-{self.spec.instance}"] = state
+            self.send(msg.AcknowledgeCheckpoint(checkpoint_id, states, alignment_s, pause))
+        except CheckpointError as exc:
+            self.send(msg.DeclineCheckpoint(checkpoint_id, str(exc)))
+
+    def _restore(self, checkpoint_id: int) -> None:
+        """Puts back every operator's state of the checkpoint: its own, or, for a rescalable
+        operator at a new parallelism (or whose input is not keyed), the states of every old
+        instance to pick its key groups from."""
+        store = self.store
+        for op in self.operators:
+            parallelism = op.ctx.parallelism
+            old = store.instances(checkpoint_id, op.name)
+            if old == 0:
+                raise CheckpointError(f"checkpoint {checkpoint_id} holds no state of operator {op.name!r}: the job "
+                                      f"is not the one that wrote it (an operator was added or renamed); resume "
+                                      f"it with the job that wrote it, or start without resume")
+            if old == parallelism and (op.keyed or not op.op.rescalable):
+                snaps = [store.read_state(checkpoint_id, op.name, op.instance)]
+            else:
+                snaps = [store.read_state(checkpoint_id, op.name, i) for i in range(old)]
+                stateless = all(s.operator is None and not s.timers for s in snaps)
+                if not op.op.rescalable and not stateless:
+                    raise CheckpointError(
+                        f"operator {op.name!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
+                        f"{parallelism} now: only keyed operators (and stateless ones) can change it on "
+                        f"restore; run it with parallelism {old}")
+            if not (old != parallelism and not op.op.rescalable):
+                op.call(op.op.restore, [s.operator for s in snaps])
+            op.timers.restore([t for s in snaps for t in s.timers])
+            op.finished = all(s.finished for s in snaps)
+        if isinstance(self.head.op, Source):
+            self.head.stats.start_position = self.head.op.snapshot()
+
+    # ---- running --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        started, cpu = time.perf_counter(), time.process_time()
+        for op in self.operators:
+            op.call(op.op.open, op.ctx)
+        if self.config.restore_from is not None:
+            self._restore(self.config.restore_from)
+        self.send(msg.TaskReady(any(op.op.commits_on_checkpoint for op in self.operators)))
+        if not self.head.finished:
+            if self.gate is None:
+                self._run_source()
+            else:
+                self._run_operator()
+        if not self.finishing:
+            self._end_input()
+        if isinstance(self.head.op, Source):
+            self.head.stats.position = self.head.call(self.head.op.snapshot)  # where it ended or stopped
+        if self.gate is not None:
+            self.gate.close()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # acks before the statistics
+        head = self.head.stats
+        head.idle_s = self.idle_s
+        head.backpressured_s = sum(o.backpressured_s() for op in self.operators for o in op.outputs)
+        head.busy_s = max(0.0, time.perf_counter() - started - head.idle_s - head.backpressured_s)
+        head.cpu_s = time.process_time() - cpu
+        for op in self.operators:
+            op.stats.bytes_out = sum(o.bytes_out for o in op.outputs)
+            op.stats.dropped = sum(o.dropped for o in op.outputs)
+        self.send(msg.TaskFinished(tuple(op.stats for op in self.operators)))
+
+    def _end_input(self) -> None:
+        """Closes the operators (head first: a chained one gets its upstream's final output
+        before it closes), ends every output, and with checkpoints waits for msg.Finish."""
+        for op in self.operators:
+            if not op.finished:
+                op.emit(op.call(op.op.close))
+                op.finished = True
+        for op in self.operators:
+            for output in op.outputs:
+                output.close()
+        self.outputs_closed = True
+        if self._writer is not None:  # after the acks of every checkpoint taken so far
+            self._writer.submit(self.send, msg.TaskDrained())
+        else:
+            self.send(msg.TaskDrained())
+        while self.checkpointing and not self.finishing:  # triggers of the final checkpoint(s)
+            self._control(timeout=1.0)
+
+    def _run_source(self) -> None:
+        head, source = self.head, self.head.op
+        backoff, reported = 0.001, time.monotonic()
+        while not (self.finishing or self.ended):
+            self._fire_timers()
+            self._control()  # between every two polls: a barrier goes after a whole batch
+            if self.stopped:  # a stop's barrier went out: nothing more, until msg.Finish
+                self._control(timeout=1.0)
+                continue
+            if self.finishing or self.ended:
+                break
+            try:
+                out = head.call(source.poll)
+            except _OperatorRaised as raised:
+                if isinstance(raised.__cause__, StopIteration):
+                    break
+                raise
+            batches = [] if out is None else head.call(_batches, out, head.name)
+            for batch in batches:
+                head.stats.records_in += batch.num_rows
+                head.stats.batches_in += 1
+            if batches:
+                head.emit(batches)
+                backoff = 0.001
+                if time.monotonic() - reported > PROGRESS_INTERVAL_S:
+                    self.send(msg.Progress(head.stats.records_in))
+                    reported = time.monotonic()
+                continue
+            now = time.time()
+            awake = head.call(source.next_awake)
+            wake = min(now + backoff if awake is None else awake, self._next_timer)
+            backoff = min(2 * backoff, MAX_SOURCE_BACKOFF_S)
+            self._control(timeout=wake - now)  # a trigger or a stop wakes it at once
+        self.send(msg.Progress(head.stats.records_in))
+
+    def _run_operator(self) -> None:
+        gate, barriers, head = self.gate, self.barriers, self.head
+        while not self.finishing:
+            ended = gate.done
+            checkpoint_id = barriers.complete()
+            if checkpoint_id is not None:
+                self._checkpoint(checkpoint_id, time.perf_counter() - barriers.started)
+            if ended:
+                return
+            self._fire_timers()
+            if time.monotonic() >= self._next_control:
+                self._control()
+                if self.finishing:
+                    return
+            waited = time.perf_counter()
+            timeout = max(0.0, min(self._next_timer - time.time(), self._next_control - time.monotonic()))
+            try:
+                channel, record = gate.read(timeout)
+            except ChannelTimeoutError:
+                continue
+            finally:
+                self.idle_s += time.perf_counter() - waited
+            with record:
+                kind = record.kind
+                if kind is RecordKind.DATA:
+                    head.process(record.batch)
+                elif kind is RecordKind.BARRIER:
+                    barriers.on_barrier(channel, record.value)
+
+
+def _prepare_worker_process(parent: int) -> None:
+    """SIGKILL this worker when the coordinator dies (even by SIGKILL), and keep freed batch
+    buffers in the heap: glibc otherwise maps every buffer above 128 KiB afresh and unmaps it
+    on free, so each batch pays its page faults again (they cost a shuffle half its time)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+    if hasattr(libc, "mallopt"):  # glibc
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+
+
+def task_main(spec: TaskSpec, names: dict[str, str], conn: Connection, parent: int, config: TaskConfig) -> None:
+    """The entry point of a task's (forked) process."""
+    _prepare_worker_process(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the coordinator's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the coordinator forks with them blocked
+    task = None
+    try:
+        task = Task(spec, names, conn, config)
+        task.run()
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which raises
+        if isinstance(exc, _OperatorRaised):
+            name, instance, exc = exc.name, exc.instance, exc.__cause__
+        else:
+            name, instance = spec.head.name, spec.instance
+        trace = "".join(traceback.format_exception(exc))
+        report = msg.TaskFailed(name, instance, f"{type(exc).__name__}: {exc}", trace)
+        try:  # through the task's lock: its snapshot writer may be sending an ack
+            task.send(report) if task is not None else conn.send(report)
+        finally:
+            code = 1
+    conn.close()
+    os._exit(code)  # no atexit handlers or finalizers inherited from the coordinator

@@ -1,0 +1,26 @@
+"""Benchmarks clean up what they create, on success and on failure (the suite-wide fixture in
+conftest checks the temporary directory after every test)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import checkpoint as bench_checkpoint  # noqa: E402
+
+
+def test_the_checkpoint_benchmark_removes_its_checkpoints():
+    rate, checkpoints = bench_checkpoint.throughput(batches=20, interval=0.01)
+    assert rate > 0
+
+
+def test_the_checkpoint_benchmark_removes_its_checkpoints_when_the_job_fails(monkeypatch):
+    def failing_job(*args, **kwargs):
+        raise RuntimeError("the job failed")
+
+    monkeypatch.setattr(bench_checkpoint, "job", failing_job)
+    with pytest.raises(RuntimeError, match="the job failed"):
+        bench_checkpoint.throughput(batches=20, interval=0.01)
+    with pytest.raises(RuntimeError, match="the job failed"):
+        bench_checkpoint.recovery(batches=20, keys=1000)

@@ -1,0 +1,174 @@
+"""File sinks under failures: the plain CSV sink resumes its file after a restore, the npz sink
+is refused with checkpoints, and the transactional sink publishes a bounded job's last epoch
+only once the job's final checkpoint is committed."""
+
+import csv
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import wait_until
+
+from mpstream import Operator
+from mpstream.pipeline import Pipeline
+from mpstream.sinks import FileSink, TransactionalFileSink
+
+ROWS, BATCHES = 50, 200
+
+
+def kill_once(marker) -> None:
+    """SIGKILLs the calling worker the first time (across restarts) it gets here."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ids(instance, offset):
+    if offset >= BATCHES:
+        return None
+    return {"id": (instance * BATCHES + offset) * ROWS + np.arange(ROWS), "seq": np.full(ROWS, offset)}
+
+
+def csv_column(directory, column):
+    values = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".csv"):
+            with open(os.path.join(directory, name), newline="") as f:
+                values += [int(r[column]) for r in csv.DictReader(f)]
+    return values
+
+
+def committed(directory) -> bool:
+    """Whether a checkpoint has been committed in directory (its metadata written)."""
+    return os.path.isdir(directory) and any(os.path.exists(os.path.join(directory, e, "_metadata"))
+                                            for e in os.listdir(directory))
+
+
+class DyingFileSink(FileSink):
+    """A plain CSV sink that SIGKILLs itself once, mid-stream, after a checkpoint was committed
+    (so the restart restores the file's checkpointed state, not a fresh start)."""
+
+    def __init__(self, directory, marker, checkpoints):
+        super().__init__(directory, "csv")
+        self.marker, self.checkpoints = marker, checkpoints
+
+    def process(self, batch):
+        super().process(batch)
+        if int(batch["seq"][0]) >= 150 and committed(self.checkpoints):
+            kill_once(self.marker)
+
+
+def test_the_plain_csv_sink_writes_every_row_once_after_restarts(tmp_path):
+    """A map worker and the sink itself are SIGKILLed; the CSV files still hold each input row
+    exactly once (the sink truncates its file back to its checkpointed length on restore)."""
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    markers.mkdir()
+
+    chk = str(tmp_path / "chk")
+
+    def tag(batch):
+        if committed(chk) and int(batch["seq"][0]) >= 60:
+            kill_once(markers / "map")
+        return batch
+
+    def until_killed(instance, offset):
+        """The rows, then (until both kills fired) filler rows with id -1 that keep the job going."""
+        if offset < BATCHES:
+            return ids(instance, offset)
+        if (markers / "map").exists() and (markers / "sink").exists():
+            return None
+        return {"id": np.array([-1]), "seq": np.array([BATCHES])}
+
+    p = Pipeline(channel_capacity=1 << 16)
+    (p.from_generator("src", until_killed, parallelism=2).map("tag", tag)
+      .process("files", lambda: DyingFileSink(str(out), str(markers / "sink"), chk)))
+    with pytest.warns(UserWarning, match="restarting"):
+        result = p.run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=5, restart_backoff=0.01)
+    assert result.restarts >= 1 and sorted(os.listdir(markers)) == ["map", "sink"]
+    written = [i for i in csv_column(out, "id") if i >= 0]
+    assert sorted(written) == list(range(2 * BATCHES * ROWS)), f"{len(written)} rows written"
+
+
+def test_npz_files_with_checkpoints_are_refused_with_advice(tmp_path):
+    p = Pipeline()
+    p.from_generator("src", ids).to_files("files", str(tmp_path / "out"), "npz")
+    with pytest.raises(ValueError, match=r"operator 'files'.*npz.*cannot be resumed.*(csv|transactional=True)"):
+        p.run(checkpoint_dir=str(tmp_path / "chk"))
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+class MarkingSink(TransactionalFileSink):
+    """The transactional sink, leaving a marker when it took a snapshot and when its input ended."""
+
+    def __init__(self, directory, markers):
+        super().__init__(directory)
+        self.markers = markers
+
+    def snapshot(self):
+        state = super().snapshot()
+        open(os.path.join(self.markers, "sink-snapshot"), "w").close()
+        return state
+
+    def close(self):
+        out = super().close()
+        open(os.path.join(self.markers, "sink-closed"), "w").close()
+        return out
+
+
+def test_a_bounded_jobs_last_epoch_is_published_only_after_its_final_checkpoint(tmp_path):
+    """Branch 1 (keys -> aggregate -> transactional sink) ends while branch 2 runs on; then a
+    worker of branch 2 is SIGKILLed. The job restarts from a checkpoint taken before branch 1's
+    last epoch was committed, so that epoch must not have been published: every key once."""
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    markers.mkdir()
+    has = lambda name: (markers / name).exists()  # noqa: E731
+
+    def keys(instance, offset):
+        if offset < 20:
+            return {"k": np.arange(100) % 37, "v": np.ones(100, np.int64)}
+        if not has("sink-snapshot"):  # a barrier has reached the sink: now end
+            return {"k": np.zeros(0, np.int64), "v": np.zeros(0, np.int64)}
+        open(markers / "keys-ended", "w").close()
+        return None
+
+    def other(instance, offset):
+        return None if has("victim") else {"x": np.arange(10)}
+
+    class Victim(Operator):
+        """Dies once the sink's input has ended; its snapshot waits until branch 1's source
+        has ended, so the checkpoint whose barrier the sink saw last is not complete by then."""
+
+        def process(self, batch):
+            if has("sink-closed"):
+                kill_once(markers / "victim")
+            return batch
+
+        def snapshot(self):
+            wait_until(lambda: has("keys-ended"), timeout=60, what="branch 1's source to end")
+            return None
+
+    p = Pipeline(channel_capacity=1 << 16)
+    (p.from_generator("keys", keys).key_by("k").aggregate("agg", {"v": "sum", "*": "count"})
+      .process("files", lambda: MarkingSink(str(out), str(markers))))
+    p.from_generator("other", other).process("victim", Victim).to_callback("drop", lambda b: None)
+    with pytest.warns(UserWarning, match="restarting"):
+        p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005, restarts=3, restart_backoff=0.01)
+    assert has("victim")
+    published = csv_column(out, "k")
+    assert sorted(published) == list(range(37)), "a key was published twice (or never)"
+    want_counts = np.bincount(np.tile(np.arange(100) % 37, 20), minlength=37)
+    assert sorted(zip(published, csv_column(out, "count"))) == list(enumerate(want_counts.tolist()))
+    assert os.listdir(out / ".pending") == []
+
+
+def test_a_csv_sink_writes_its_header_for_an_empty_result(tmp_path):
+    p = Pipeline()
+    (p.from_arrays("src", {"k": np.zeros(0, np.int64), "v": np.zeros(0)})
+      .key_by("k").aggregate("agg", {"v": "sum"}).to_files("files", str(tmp_path)))
+    p.run()
+    with open(tmp_path / "files-0.csv") as f:
+        assert f.read().splitlines() == ["k,v_sum"]
