@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import threading
 import time
@@ -173,6 +174,8 @@ class Task:
         self.barriers: BarrierHandler | None = handler(self.gate) if self.gate else None
         self.idle_s = 0.0
         self._next_control = 0.0
+        self._control_poll = select.poll()  # reused: Connection.poll() builds a selector each call
+        self._control_poll.register(conn.fileno(), select.POLLIN)
 
     # ---- control --------------------------------------------------------------------------
 
@@ -183,9 +186,12 @@ class Task:
     def _control(self, timeout: float = 0.0) -> None:
         """Handles the coordinator's messages, waiting up to timeout for the first."""
         self._next_control = time.monotonic() + CONTROL_INTERVAL_S
-        waited = time.perf_counter()
-        ready = self.conn.poll(max(0.0, timeout))
-        self.idle_s += time.perf_counter() - waited
+        if timeout > 0:
+            waited = time.perf_counter()
+            ready = self._control_poll.poll(min(timeout, 3600.0) * 1000.0)
+            self.idle_s += time.perf_counter() - waited
+        else:
+            ready = self._control_poll.poll(0)
         while ready:
             message = self.conn.recv()
             if isinstance(message, msg.TriggerCheckpoint):
@@ -199,7 +205,7 @@ class Task:
                 self.ended = True
             elif isinstance(message, msg.Finish):
                 self.finishing = True
-            ready = self.conn.poll()
+            ready = self._control_poll.poll(0)
 
     def wake_at(self, at: float) -> None:
         """A processing-time timer was registered for ``at``."""
