@@ -96,6 +96,7 @@ class Job:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._requests: set[str] = set()  # "stop", "drain", "checkpoint", "cancel"
+        self.attempt: _Attempt | None = None  # the one running
         self.stop_requested = False
         self.started = time.monotonic()
 
@@ -147,7 +148,8 @@ class Job:
 
         while True:
             try:
-                result = _Attempt(self, restore, running).run()
+                self.attempt = _Attempt(self, restore, running)
+                result = self.attempt.run()
                 result.recovery_seconds, result.running_at = recoveries, running_at
                 result.restored_from, result.started_at = restored_from, started_at
                 return result
@@ -252,7 +254,8 @@ class _Attempt:
                 self.checkpoints.poll()
                 if self.checkpoints.done and not self.stopped:
                     self.stopped = True
-                    self._broadcast(msg.Finish())
+                    for name in reversed(list(self.by_name)):  # downstream first: it stops reading first
+                        self._send(name, msg.Finish())
             deadline = next_progress if job.progress is not None else float("inf")
             if self.checkpoints is not None:
                 deadline = min(deadline, self.checkpoints.deadline)
@@ -297,10 +300,6 @@ class _Attempt:
             self.by_name[task].conn.send(message)
         except OSError:  # it just died: its sentinel reports that next
             pass
-
-    def _broadcast(self, message: Any) -> None:
-        for name in self.by_name:
-            self._send(name, message)
 
     def _drain(self, conn: Connection, open_conns: dict) -> None:
         while conn in open_conns and conn.poll():
@@ -422,6 +421,11 @@ class JobHandle:
         ``drain=True`` (and any stop of a job without checkpoints) instead ends the sources'
         input where they are: every operator then emits its final output."""
         self._job.request("drain" if drain else "stop")
+
+    def workers(self) -> dict[str, int]:
+        """The pid of every task (by name, e.g. ``"agg[0]"``) of the attempt running now."""
+        attempt = self._job.attempt
+        return {} if attempt is None else {name: task.process.pid for name, task in list(attempt.by_name.items())}
 
     def checkpoint(self) -> None:
         """Asks for a checkpoint now (as SIGUSR1 does)."""

@@ -234,29 +234,31 @@ class Stream:
 
     # ---- sinks --------------------------------------------------------------------------------
 
-    def collect(self, name: str) -> None:
+    def collect(self, name: str, *, parallelism: int | None = None) -> None:
         """Returns every batch to the caller: ``pipeline.run()[name]`` is their concatenation."""
-        self._then(name, sinks.Collect, None, collect=True)
+        self._then(name, sinks.Collect, parallelism, collect=True)
 
-    def to_files(self, name: str, directory: str, fmt: str = "csv", *, transactional: bool = False) -> None:
+    def to_files(self, name: str, directory: str, fmt: str = "csv", *, transactional: bool = False,
+                 parallelism: int | None = None) -> None:
         """One file per instance: ``{directory}/{name}-{instance}.csv`` or ``.npz``. A plain CSV
         sink resumes its file after a restore (each row once); npz files cannot be resumed and
         are refused in jobs with checkpoints. ``transactional=True`` (CSV): exactly-once
         output by two-phase commit, one file per instance and checkpoint epoch, published
         when the checkpoint that closes the epoch commits (see
-        :class:`~mpstream.sinks.TransactionalFileSink`)."""
+        :class:`~mpstream.sinks.TransactionalFileSink`). A file sink keeps its state per
+        instance, so a job resumed from a checkpoint must give it the same parallelism."""
         if fmt not in ("csv", "npz"):
             raise PlanError(f"operator {name!r}: file format must be 'csv' or 'npz', got {fmt!r}")
         if transactional:
             if fmt != "csv":
                 raise PlanError(f"operator {name!r}: transactional file output is CSV only, got fmt={fmt!r}")
-            self._then(name, lambda: sinks.TransactionalFileSink(directory), None)
+            self._then(name, lambda: sinks.TransactionalFileSink(directory), parallelism)
         else:
-            self._then(name, lambda: sinks.FileSink(directory, fmt), None)
+            self._then(name, lambda: sinks.FileSink(directory, fmt), parallelism)
 
-    def to_callback(self, name: str, fn: Callable[[Batch], None]) -> None:
+    def to_callback(self, name: str, fn: Callable[[Batch], None], *, parallelism: int | None = None) -> None:
         """Calls ``fn(batch)`` in the sink's worker process."""
-        self._then(name, lambda: sinks.CallbackSink(fn), None)
+        self._then(name, lambda: sinks.CallbackSink(fn), parallelism)
 
 
 class KeyedStream(Stream):

@@ -42,7 +42,7 @@ from .barrier import AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHa
 from .batch import Batch
 from .channel import ChannelReader, ChannelTimeoutError, InputGate, RecordKind
 from .checkpoint import CheckpointStore, OperatorSnapshot
-from .errors import CheckpointError
+from .errors import ChannelClosedError, CheckpointError, PeerDiedError
 from .metrics import InstanceStats
 from .operators import Context, Output
 from .output import OutputWriter
@@ -53,13 +53,15 @@ from .timers import TimerService
 __all__ = ["TaskConfig", "Task", "task_main"]
 
 #: How often a busy task looks at its control pipe, and how long a parked one sleeps at most
-#: before it does: the latency of commit notifications and of msg.Finish.
+#: before it does (the latency of commit notifications and of Finish to a running task).
 CONTROL_INTERVAL_S = 0.02
+PARKED_CONTROL_INTERVAL_S = 0.1
 PROGRESS_INTERVAL_S = 0.25
 #: A source whose poll() returned nothing and that names no time to ask again is asked after
 #: 1 ms, then doubling up to this while nothing comes.
 MAX_SOURCE_BACKOFF_S = 0.05
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
@@ -157,9 +159,9 @@ class Task:
         self.store = CheckpointStore(config.checkpoint_dir) if self.checkpointing else None
         self.epoch = config.restore_from or 0  # the last barrier this task passed
         self.outputs_closed = False
-        self.finishing = False  # msg.Finish arrived: exit
+        self.finishing = False  # Finish arrived: exit
         self.stopped = False  # a stop's barrier went out (a source produces nothing more)
-        self.ended = False  # the input ended (or msg.EndInput arrived, for a source)
+        self.ended = False  # the input ended (or EndInput arrived, for a source)
         self._sending = threading.Lock()  # the snapshot writer sends acks from its thread
         self._writer = ThreadPoolExecutor(1, "snapshot-writer") if self.checkpointing else None
         self._next_timer = float("inf")  # time.time() of the earliest processing-time timer
@@ -206,6 +208,14 @@ class Task:
             elif isinstance(message, msg.Finish):
                 self.finishing = True
             ready = self._control_poll.poll(0)
+
+    def _told_to_finish(self) -> bool:
+        """After a peer process exited: whether the coordinator told this task to finish too
+        (after a stop every task exits; a neighbour may go first). Waits a little for it."""
+        deadline = time.monotonic() + 1.0
+        while not self.finishing and time.monotonic() < deadline:
+            self._control(timeout=deadline - time.monotonic())
+        return self.finishing
 
     def wake_at(self, at: float) -> None:
         """A processing-time timer was registered for ``at``."""
@@ -293,10 +303,11 @@ class Task:
             self._restore(self.config.restore_from)
         self.send(msg.TaskReady(any(op.op.commits_on_checkpoint for op in self.operators)))
         if not self.head.finished:
-            if self.gate is None:
-                self._run_source()
-            else:
-                self._run_operator()
+            try:
+                self._run_source() if self.gate is None else self._run_operator()
+            except (PeerDiedError, ChannelClosedError):
+                if not self._told_to_finish():
+                    raise
         if not self.finishing:
             self._end_input()
         if isinstance(self.head.op, Source):
@@ -317,7 +328,7 @@ class Task:
 
     def _end_input(self) -> None:
         """Closes the operators (head first: a chained one gets its upstream's final output
-        before it closes), ends every output, and with checkpoints waits for msg.Finish."""
+        before it closes), ends every output, and with checkpoints waits for Finish."""
         for op in self.operators:
             if not op.finished:
                 op.emit(op.call(op.op.close))
@@ -339,7 +350,7 @@ class Task:
         while not (self.finishing or self.ended):
             self._fire_timers()
             self._control()  # between every two polls: a barrier goes after a whole batch
-            if self.stopped:  # a stop's barrier went out: nothing more, until msg.Finish
+            if self.stopped:  # a stop's barrier went out: nothing more, until Finish
                 self._control(timeout=1.0)
                 continue
             if self.finishing or self.ended:
@@ -383,7 +394,8 @@ class Task:
                 if self.finishing:
                     return
             waited = time.perf_counter()
-            timeout = max(0.0, min(self._next_timer - time.time(), self._next_control - time.monotonic()))
+            parked_until = self._next_control + PARKED_CONTROL_INTERVAL_S - CONTROL_INTERVAL_S
+            timeout = max(0.0, min(self._next_timer - time.time(), parked_until - time.monotonic()))
             try:
                 channel, record = gate.read(timeout)
             except ChannelTimeoutError:
@@ -398,12 +410,14 @@ class Task:
                     barriers.on_barrier(channel, record.value)
 
 
-def _prepare_worker_process(parent: int) -> None:
-    """SIGKILL this worker when the coordinator dies (even by SIGKILL), and keep freed batch
-    buffers in the heap: glibc otherwise maps every buffer above 128 KiB afresh and unmaps it
-    on free, so each batch pays its page faults again (they cost a shuffle half its time)."""
+def _prepare_worker_process(parent: int, name: str) -> None:
+    """SIGKILL this worker when the coordinator dies (even by SIGKILL), name the process after
+    its task (``ps``, ``top``: at most 15 bytes), and keep freed batch buffers in the heap:
+    glibc otherwise maps every buffer above 128 KiB afresh and unmaps it on free, so each
+    batch pays its page faults again (they cost a shuffle half its time)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
     if os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
     if hasattr(libc, "mallopt"):  # glibc
@@ -413,7 +427,7 @@ def _prepare_worker_process(parent: int) -> None:
 
 def task_main(spec: TaskSpec, names: dict[str, str], conn: Connection, parent: int, config: TaskConfig) -> None:
     """The entry point of a task's (forked) process."""
-    _prepare_worker_process(parent)
+    _prepare_worker_process(parent, spec.name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the coordinator's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
