@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from typing import Any
 
 import numpy as np
-import psutil
 
 from .batch import Batch, StringColumn
 from .pipeline import Pipeline
+from .testing import RandomKiller
 
 HOT_DOMAIN = "hot.example.com"
 COLD_DOMAINS = 999
@@ -149,36 +146,6 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-class Killer:
-    """SIGKILLs ``count`` random workers of this coordinator at random moments (fault injection)."""
-
-    def __init__(self, count: int, seed: int = 1) -> None:
-        self.count, self.kills, self.rng = count, 0, random.Random(seed)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while self.kills < self.count and not self.stop.wait(self.rng.uniform(0.05, 0.3)):
-            workers = [c for c in me.children() if c.status() != psutil.STATUS_ZOMBIE]
-            if workers:
-                try:
-                    os.kill(self.rng.choice(workers).pid, signal.SIGKILL)
-                    self.kills += 1
-                except ProcessLookupError:
-                    pass
-
-    def __enter__(self) -> Killer:
-        if self.count:
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        if self.count:
-            self.thread.join()
-
-
 def run_demo(events: int, parallelism: int, salt: int, batch_size: int, out_dir: str | None,
              as_json: bool, checkpoint_interval: float | None = None, kill_workers: int = 0,
              checkpoint_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
@@ -204,7 +171,7 @@ def _run_demo(events: int, parallelism: int, salt: int, batch_size: int, out_dir
         checkpoint_dir = checkpoint_dir or os.path.join(out_dir, "checkpoints")
         options = {"checkpoint_dir": checkpoint_dir, "restarts": kill_workers + 3,
                    "checkpoint_interval": checkpoint_interval or 0.2, "restart_backoff": 0.01, "resume": resume}
-    with warnings.catch_warnings(), Killer(kill_workers) as killer:
+    with warnings.catch_warnings(), RandomKiller(kill_workers) as killer:
         warnings.simplefilter("ignore")  # restarts are reported in the summary
         result = pipeline.run(progress=bar, **options)
     if bar:

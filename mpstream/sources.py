@@ -12,6 +12,7 @@ and gets it back in ``restore([position])``: replaying from there must give the 
 ``read(offset)``; the position is the offset. The built-in in-memory, generator and file
 sources are OffsetSources.
 
+>>> import time
 >>> class Ticks(Source):
 ...     '''One row per poll, at most one every 10 ms; unbounded.'''
 ...     def open(self, ctx):
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 

@@ -15,6 +15,7 @@ from conftest import wait_until
 
 from mpstream.pipeline import Pipeline
 from mpstream import OperatorError, WorkerDiedError
+from mpstream.testing import kill_me
 
 SHM = "/dev/shm"
 
@@ -55,7 +56,7 @@ def test_a_source_that_raises_fails_the_job_naming_it():
 
 def kill_self_on_third(batch):
     if batch["x"][0] >= 2000:
-        os.kill(os.getpid(), signal.SIGKILL)
+        kill_me()
     return batch
 
 

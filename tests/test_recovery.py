@@ -3,7 +3,6 @@ checkpoint write) and the job still produces exactly the reference result; resto
 parallelism; resume after the whole process tree died."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -11,11 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from mpstream import Batch
 from mpstream.checkpoint import CheckpointStore
 from mpstream.operators import Aggregate
-from mpstream.sources import OffsetSource
 from mpstream.pipeline import Pipeline
+from mpstream.testing import Once, Stall, TestingSource, kill_me
 
 BATCHES, ROWS, KEYS = 200, 5000, 1000  # 2M events
 
@@ -38,50 +36,49 @@ def reference(instances=2):
     return {k: (int(sums[k]), int(counts[k])) for k in np.flatnonzero(counts)}
 
 
-def kill_once(marker: str) -> None:
-    """SIGKILLs this worker the first time (across restarts) it gets here."""
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os.kill(os.getpid(), signal.SIGKILL)
+def kill_once(marker_dir, name) -> None:
+    """SIGKILLs this worker the first time (across restarts) any worker gets here."""
+    if Once(marker_dir, name)():
+        kill_me()
 
 
-class Clicks(OffsetSource):
-    """BATCHES batches per instance; then, while any of the markers in ``hold_for`` is missing,
-    empty batches: the job runs on (adding nothing) until every kill it waits for happened."""
+def fired(marker_dir) -> set[str]:
+    """The faults that happened."""
+    return {entry.removeprefix("once.") for entry in os.listdir(marker_dir)}
 
-    def __init__(self, marker_dir, hold_for=()):
-        self.marker_dir = marker_dir
-        self.hold_for = hold_for
 
-    def snapshot(self):
-        if self.ctx.instance == 1:  # dies right after injecting BARRIER(1): downstream is aligning
-            kill_once(os.path.join(self.marker_dir, "source-after-barrier"))
-        return super().snapshot()
+def disarm(marker_dir, *names) -> None:
+    """These faults count as happened already."""
+    for name in names:
+        Once(marker_dir, name)()
 
-    def read(self, offset):
-        if offset < BATCHES:
-            return Batch(rows(self.ctx.instance, offset))
-        if all(os.path.exists(os.path.join(self.marker_dir, m)) for m in self.hold_for):
-            return None
-        return Batch({name: column[:0] for name, column in rows(0, 0).items()})
+
+def clicks(marker_dir, hold_for=()):
+    """BATCHES batches per instance; then, until every fault in ``hold_for`` happened, nothing
+    (the job runs on until every kill it waits for fired). A source dies the first time it
+    takes checkpoint 1 ("source-after-barrier"): the other one's barrier is downstream then."""
+    parts = [[rows(i, o) for o in range(BATCHES)] + [Stall(lambda: set(hold_for) <= fired(marker_dir))]
+             for i in range(2)]
+    return lambda: TestingSource(*parts, kill_at_checkpoint=(1, Once(marker_dir, "source-after-barrier")))
 
 
 class DyingAggregate(Aggregate):
     def snapshot(self):
         state = super().snapshot()
-        kill_once(os.path.join(self.marker_dir, f"agg-snapshot-{self.ctx.instance}"))  # mid checkpoint
+        kill_once(self.marker_dir, f"agg-snapshot-{self.ctx.instance}")  # mid checkpoint
         return state
 
 
-def build(marker_dir, parallelism=2, salt=4, files=None, hold_for=()):
+def build(marker_dir, parallelism=2, salt=4, files=None, hold_for=(), after_checkpoints=(None, 0)):
+    """``after_checkpoints=(directory, n)``: the map's kills fire at their batch or later, once
+    the job's checkpoint directory holds n committed checkpoints."""
+    store = None if after_checkpoints[0] is None else CheckpointStore(after_checkpoints[0])
+
     def triple(batch):
         seq = int(batch["seq"][0])
         for at in (15, 50, 90):  # mid-stream
-            if seq == at:
-                kill_once(os.path.join(marker_dir, f"map-{at}"))
+            if seq == at if store is None else seq >= at and len(store.complete()) >= after_checkpoints[1]:
+                kill_once(marker_dir, f"map-{at}")
         return {"k": batch["k"], "v": batch["v"] * 3}
 
     def dying_aggregate():
@@ -90,7 +87,7 @@ def build(marker_dir, parallelism=2, salt=4, files=None, hold_for=()):
         return agg
 
     p = Pipeline(channel_capacity=1 << 18)
-    keyed = p.source("clicks", lambda: Clicks(marker_dir, hold_for), parallelism=2).map("triple", triple).key_by("k")
+    keyed = p.source("clicks", clicks(marker_dir, hold_for), parallelism=2).map("triple", triple).key_by("k")
     if salt:
         result = keyed.aggregate("agg", {"v": "sum", "*": "count"}, parallelism=parallelism, salt=salt)
     else:
@@ -133,7 +130,7 @@ def test_sigkilled_workers_recover_to_exactly_the_reference_result(tmp_path, sal
     assert published(tmp_path / "files") == want  # the transactional sink too
     assert os.listdir(tmp_path / "files" / ".pending") == []
     expected_kills = {"map-15", "map-50", "map-90"} | at_checkpoints
-    assert set(os.listdir(markers)) == expected_kills
+    assert fired(markers) == expected_kills
     # kills that land in one attempt (two workers dying together) cost one restart
     assert 1 <= result.restarts <= len(expected_kills)
     assert all(seconds >= 0 for seconds in result.recovery_seconds)
@@ -143,11 +140,9 @@ def test_restore_at_another_parallelism(tmp_path):
     """A checkpoint taken with aggregate parallelism 3 restores into parallelism 2 (key groups)."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    (markers / "map-50").touch()  # only the kills at batch 15 and 90, and the source's
-    (markers / "map-15").touch()
-    first = build(str(markers), parallelism=3, salt=0)
-    for name in ("agg-snapshot-0", "agg-snapshot-1", "agg-snapshot-2", "source-after-barrier"):
-        (markers / name).touch()
+    disarm(markers, "map-50", "map-15", "agg-snapshot-0", "agg-snapshot-1", "agg-snapshot-2", "source-after-barrier")
+    chk = str(tmp_path / "chk")  # only the kill at batch 90, after a checkpoint
+    first = build(str(markers), parallelism=3, salt=0, hold_for=("map-90",), after_checkpoints=(chk, 1))
     with pytest.raises(Exception, match="killed by SIGKILL"):  # no restarts left: stops at batch 90
         first.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005, restarts=0)
     second = build(str(markers), parallelism=2, salt=0)
@@ -159,7 +154,7 @@ RESUME_SCRIPT = textwrap.dedent("""
     import os, sys, signal
     sys.path.insert(0, {tests!r})
     from test_recovery import build
-    p = build({markers!r}, salt=0)
+    p = build({markers!r}, salt=0, hold_for=("map-90",), after_checkpoints=({chk!r}, 2))
     p.run(checkpoint_dir={chk!r}, checkpoint_interval=0.005, restarts=0)
 """)
 
@@ -168,8 +163,8 @@ RESUME_SCRIPT = textwrap.dedent("""
 def test_resume_after_the_whole_process_tree_died(tmp_path, corrupt_newest):
     markers = tmp_path / "markers"
     markers.mkdir()
-    for name in ("map-15", "map-50", "source-after-barrier", "agg-snapshot-0", "agg-snapshot-1"):
-        (markers / name).touch()  # only map-90 fires: the job dies there, coordinator included
+    # only map-90 fires: the job dies there, coordinator included
+    disarm(markers, "map-15", "map-50", "source-after-barrier", "agg-snapshot-0", "agg-snapshot-1")
     script = RESUME_SCRIPT.format(tests=os.path.dirname(__file__), markers=str(markers), chk=str(tmp_path / "chk"))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "killed by SIGKILL" in out.stderr
@@ -200,11 +195,11 @@ def test_transactional_file_sink_publishes_every_row_exactly_once(tmp_path):
         seq = int(batch["seq"][0])
         for at in (20, 70, 150):
             if seq == at:
-                kill_once(str(markers / f"tag-{at}"))
+                kill_once(markers, f"tag-{at}")
         return {"id": batch["seq"] * ROWS + np.arange(ROWS), "k": batch["k"]}
 
     p = Pipeline(channel_capacity=1 << 18)
-    (p.source("clicks", lambda: Clicks(str(markers)), parallelism=2).map("tag", tag)
+    (p.source("clicks", clicks(str(markers)), parallelism=2).map("tag", tag)
       .to_files("files", str(out_dir), transactional=True))
     with pytest.warns(UserWarning, match="restarting"):
         result = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.01, restarts=10,
@@ -236,12 +231,12 @@ def test_a_value_column_that_changes_dtype_aggregates_exactly_across_a_restore(t
         """60 batches, then (until the kill fired) filler rows of key -1 that keep the job going."""
         if offset < 60:
             return mixed(instance, offset)
-        return None if (markers / "map").exists() else {"k": np.array([-1]), "v": np.array([0]), "seq": np.array([60])}
+        return None if "map" in fired(markers) else {"k": np.array([-1]), "v": np.array([0]), "seq": np.array([60])}
 
     def maybe_die(batch):
         chk = tmp_path / "chk"
         if int(batch["seq"][0]) >= 40 and any((chk / e / "_metadata").exists() for e in os.listdir(chk)):
-            kill_once(str(markers / "map"))
+            kill_once(markers, "map")
         return batch
 
     p = Pipeline(channel_capacity=1 << 16)
@@ -261,4 +256,4 @@ def test_a_value_column_that_changes_dtype_aggregates_exactly_across_a_restore(t
            zip(*(out[c].tolist() for c in ("k", "v_sum", "v_min", "v_max", "count")))}
     assert got == want  # quarters and integers: every sum is exact in float64
     assert out["v_mean"].tolist() == pytest.approx([want[key][0] / want[key][3] for key in out["k"].tolist()])
-    assert (markers / "map").exists()
+    assert "map" in fired(markers)

@@ -4,7 +4,6 @@ only once the job's final checkpoint is committed."""
 
 import csv
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -14,17 +13,9 @@ from conftest import wait_until
 from mpstream import Operator
 from mpstream.pipeline import Pipeline
 from mpstream.sinks import FileSink, TransactionalFileSink
+from mpstream.testing import Once, kill_me
 
 ROWS, BATCHES = 50, 200
-
-
-def kill_once(marker) -> None:
-    """SIGKILLs the calling worker the first time (across restarts) it gets here."""
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def ids(instance, offset):
@@ -52,43 +43,41 @@ class DyingFileSink(FileSink):
     """A plain CSV sink that SIGKILLs itself once, mid-stream, after a checkpoint was committed
     (so the restart restores the file's checkpointed state, not a fresh start)."""
 
-    def __init__(self, directory, marker, checkpoints):
+    def __init__(self, directory, once, checkpoints):
         super().__init__(directory, "csv")
-        self.marker, self.checkpoints = marker, checkpoints
+        self.once, self.checkpoints = once, checkpoints
 
     def process(self, batch):
         super().process(batch)
-        if int(batch["seq"][0]) >= 150 and committed(self.checkpoints):
-            kill_once(self.marker)
+        if int(batch["seq"][0]) >= 150 and committed(self.checkpoints) and self.once():
+            kill_me()
 
 
 def test_the_plain_csv_sink_writes_every_row_once_after_restarts(tmp_path):
     """A map worker and the sink itself are SIGKILLed; the CSV files still hold each input row
     exactly once (the sink truncates its file back to its checkpointed length on restore)."""
-    out, markers = tmp_path / "out", tmp_path / "markers"
-    markers.mkdir()
-
-    chk = str(tmp_path / "chk")
+    out, chk = tmp_path / "out", str(tmp_path / "chk")
+    map_kill, sink_kill = Once(tmp_path, "map"), Once(tmp_path, "sink")
 
     def tag(batch):
-        if committed(chk) and int(batch["seq"][0]) >= 60:
-            kill_once(markers / "map")
+        if committed(chk) and int(batch["seq"][0]) >= 60 and map_kill():
+            kill_me()
         return batch
 
     def until_killed(instance, offset):
         """The rows, then (until both kills fired) filler rows with id -1 that keep the job going."""
         if offset < BATCHES:
             return ids(instance, offset)
-        if (markers / "map").exists() and (markers / "sink").exists():
+        if map_kill.fired and sink_kill.fired:
             return None
         return {"id": np.array([-1]), "seq": np.array([BATCHES])}
 
     p = Pipeline(channel_capacity=1 << 16)
     (p.from_generator("src", until_killed, parallelism=2).map("tag", tag)
-      .process("files", lambda: DyingFileSink(str(out), str(markers / "sink"), chk)))
+      .process("files", lambda: DyingFileSink(str(out), sink_kill, chk)))
     with pytest.warns(UserWarning, match="restarting"):
         result = p.run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=5, restart_backoff=0.01)
-    assert result.restarts >= 1 and sorted(os.listdir(markers)) == ["map", "sink"]
+    assert result.restarts >= 1 and map_kill.fired and sink_kill.fired
     written = [i for i in csv_column(out, "id") if i >= 0]
     assert sorted(written) == list(range(2 * BATCHES * ROWS)), f"{len(written)} rows written"
 
@@ -102,20 +91,20 @@ def test_npz_files_with_checkpoints_are_refused_with_advice(tmp_path):
 
 
 class MarkingSink(TransactionalFileSink):
-    """The transactional sink, leaving a marker when it took a snapshot and when its input ended."""
+    """The transactional sink, telling when it took a snapshot and when its input ended."""
 
-    def __init__(self, directory, markers):
+    def __init__(self, directory, snapshotted, closed):
         super().__init__(directory)
-        self.markers = markers
+        self.snapshotted, self.closed = snapshotted, closed
 
     def snapshot(self):
         state = super().snapshot()
-        open(os.path.join(self.markers, "sink-snapshot"), "w").close()
+        self.snapshotted()
         return state
 
     def close(self):
         out = super().close()
-        open(os.path.join(self.markers, "sink-closed"), "w").close()
+        self.closed()
         return out
 
 
@@ -123,41 +112,41 @@ def test_a_bounded_jobs_last_epoch_is_published_only_after_its_final_checkpoint(
     """Branch 1 (keys -> aggregate -> transactional sink) ends while branch 2 runs on; then a
     worker of branch 2 is SIGKILLed. The job restarts from a checkpoint taken before branch 1's
     last epoch was committed, so that epoch must not have been published: every key once."""
-    out, markers = tmp_path / "out", tmp_path / "markers"
-    markers.mkdir()
-    has = lambda name: (markers / name).exists()  # noqa: E731
+    out = tmp_path / "out"
+    sink_snapshot, sink_closed, keys_ended, victim = (Once(tmp_path, name) for name in
+                                                      ("sink-snapshot", "sink-closed", "keys-ended", "victim"))
 
     def keys(instance, offset):
         if offset < 20:
             return {"k": np.arange(100) % 37, "v": np.ones(100, np.int64)}
-        if not has("sink-snapshot"):  # a barrier has reached the sink: now end
+        if not sink_snapshot.fired:  # a barrier has reached the sink: now end
             return {"k": np.zeros(0, np.int64), "v": np.zeros(0, np.int64)}
-        open(markers / "keys-ended", "w").close()
+        keys_ended()
         return None
 
     def other(instance, offset):
-        return None if has("victim") else {"x": np.arange(10)}
+        return None if victim.fired else {"x": np.arange(10)}
 
     class Victim(Operator):
         """Dies once the sink's input has ended; its snapshot waits until branch 1's source
         has ended, so the checkpoint whose barrier the sink saw last is not complete by then."""
 
         def process(self, batch):
-            if has("sink-closed"):
-                kill_once(markers / "victim")
+            if sink_closed.fired and victim():
+                kill_me()
             return batch
 
         def snapshot(self):
-            wait_until(lambda: has("keys-ended"), timeout=60, what="branch 1's source to end")
+            wait_until(lambda: keys_ended.fired, timeout=60, what="branch 1's source to end")
             return None
 
     p = Pipeline(channel_capacity=1 << 16)
     (p.from_generator("keys", keys).key_by("k").aggregate("agg", {"v": "sum", "*": "count"})
-      .process("files", lambda: MarkingSink(str(out), str(markers))))
+      .process("files", lambda: MarkingSink(str(out), sink_snapshot, sink_closed)))
     p.from_generator("other", other).process("victim", Victim).to_callback("drop", lambda b: None)
     with pytest.warns(UserWarning, match="restarting"):
         p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.005, restarts=3, restart_backoff=0.01)
-    assert has("victim")
+    assert victim.fired
     published = csv_column(out, "k")
     assert sorted(published) == list(range(37)), "a key was published twice (or never)"
     want_counts = np.bincount(np.tile(np.arange(100) % 37, 20), minlength=37)
