@@ -80,6 +80,7 @@ struct mps_ring {
     uint64_t max_records;
     int side;
     int64_t spin_ns;
+    int64_t nap_ns;
     int peer_pidfd;
     int32_t peer_pid;
     /* producer: own tail, cached view of the consumer, the open claim */
@@ -285,7 +286,7 @@ int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t 
     return 0;
 }
 
-int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_ns,
+int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_ns, uint64_t nap_ns,
                     struct mps_ring **ring_out)
 {
     void *base = segment->base;
@@ -310,6 +311,7 @@ int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_ns,
     ring->max_records = shared->descriptor.max_records;
     ring->side = side;
     ring->spin_ns = spin_ns;
+    ring->nap_ns = nap_ns ? (int64_t)nap_ns : MPS_RING_NAP_NS;
     ring->peer_pidfd = -1;
 
     /* A side's pid stays in its slot after detach, so the peer can still tell a dead writer
@@ -384,29 +386,56 @@ static void set_waiting(struct mps_ring **rings, uint32_t count, uint32_t value)
         atomic_store(waiting_flag(rings[i]), value); /* seq_cst: ordered before the re-check */
 }
 
-/* Sleeps until a futex word of the set changes, the (absolute, monotonic) deadline, or a
- * signal. One futex_waitv call covers any number of rings (Linux >= 5.16). */
-static int park(struct mps_ring **rings, uint32_t count, const uint32_t *seen, int64_t deadline_ns)
+/* An optional extra futex word to wake on: it rang once it differs from seen. */
+struct doorbell {
+    _Atomic uint32_t *word;
+    uint32_t seen;
+};
+
+static const struct doorbell NO_DOORBELL = {.word = NULL, .seen = 0};
+
+static bool rang(const struct doorbell *bell)
+{
+    return bell->word && atomic_load_explicit(bell->word, memory_order_acquire) != bell->seen;
+}
+
+void mps_doorbell_ring(uint32_t *doorbell)
+{
+    _Atomic uint32_t *word = (_Atomic uint32_t *)doorbell;
+    atomic_fetch_add(word, 1); /* seq_cst: a message the ringer sent before is visible first */
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* Sleeps until a futex word of the set (or the doorbell) changes, the (absolute, monotonic)
+ * deadline, or a signal. One futex_waitv call covers any number of rings (Linux >= 5.16). */
+static int park(struct mps_ring **rings, uint32_t count, const uint32_t *seen, const struct doorbell *bell,
+                int64_t deadline_ns)
 {
     struct futex_waitv waiters[MPS_RING_MAX_WAIT_SET];
     for (uint32_t i = 0; i < count; i++) {
         waiters[i] = (struct futex_waitv){.val = seen[i], .uaddr = (uintptr_t)wake_word(rings[i]),
                                           .flags = FUTEX_32}; /* shared: no FUTEX_PRIVATE_FLAG */
     }
+    uint32_t n = count;
+    if (bell->word)
+        waiters[n++] = (struct futex_waitv){.val = bell->seen, .uaddr = (uintptr_t)bell->word, .flags = FUTEX_32};
     struct timespec ts = {.tv_sec = deadline_ns / 1000000000LL, .tv_nsec = deadline_ns % 1000000000LL};
-    if (syscall(SYS_futex_waitv, waiters, count, 0, &ts, CLOCK_MONOTONIC) >= 0)
+    if (syscall(SYS_futex_waitv, waiters, n, 0, &ts, CLOCK_MONOTONIC) >= 0)
         return 0;
     return errno;
 }
 
-/* Spin up to the first ring's spin_ns, then park on every ring's futex until poll() stops
- * returning not_ready, the timeout passes, a signal arrives, or a peer dies (*dead_index). */
+/* Spin up to the first ring's spin_ns, then park on every ring's futex (and the doorbell) in
+ * naps of the first ring's nap_ns until poll() stops returning not_ready, the doorbell rings,
+ * the timeout passes, a signal arrives, or a peer dies (*dead_index). */
 static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_once, void *context,
-                    int not_ready, int64_t timeout_ns, uint32_t *dead_index)
+                    int not_ready, int64_t timeout_ns, const struct doorbell *bell, uint32_t *dead_index)
 {
     int result = poll_once(context);
     if (result != not_ready)
         return result;
+    if (rang(bell))
+        return MPS_RING_RUNG;
     int64_t start = now_ns();
     int64_t spin_ns = rings[0]->spin_ns;
     /* Spin first: a peer in the middle of a record answers faster than a futex wake. Bounded
@@ -418,6 +447,10 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
         result = poll_once(context);
         if (result != not_ready)
             goto done;
+        if (rang(bell)) {
+            result = MPS_RING_RUNG;
+            goto done;
+        }
         if (i % 16 == 0) {
             int64_t spun = now_ns() - start;
             if (spun >= spin_ns)
@@ -437,7 +470,7 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
             goto done;
         }
         int64_t now = now_ns();
-        int64_t deadline = now + MPS_RING_NAP_NS;
+        int64_t deadline = now + rings[0]->nap_ns;
         if (timeout_ns >= 0 && start + timeout_ns < deadline)
             deadline = start + timeout_ns;
         if (deadline <= now) {
@@ -445,11 +478,15 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
             result = MPS_RING_TIMEOUT;
             goto done;
         }
-        int err = park(rings, count, seen, deadline);
+        int err = park(rings, count, seen, bell, deadline);
         set_waiting(rings, count, 0);
         result = poll_once(context);
         if (result != not_ready)
             goto done;
+        if (rang(bell)) {
+            result = MPS_RING_RUNG;
+            goto done;
+        }
         if (err == EINTR) {
             result = MPS_RING_INTERRUPTED;
             goto done;
@@ -540,7 +577,7 @@ int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_
     if (result != MPS_RING_OK)
         return result;
     uint32_t dead_index;
-    result = wait_for(&ring, 1, producer_poll, ring, MPS_RING_FULL, timeout_ns, &dead_index);
+    result = wait_for(&ring, 1, producer_poll, ring, MPS_RING_FULL, timeout_ns, &NO_DOORBELL, &dead_index);
     return end_claim(ring, result, offset_out);
 }
 
@@ -627,10 +664,10 @@ static int consumer_set_poll(void *context)
     return MPS_RING_EMPTY;
 }
 
-int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
-                      struct mps_record *record)
+static int peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
+                    struct mps_record *record, const struct doorbell *bell)
 {
-    if (count == 0 || count > MPS_RING_MAX_WAIT_SET)
+    if (count == 0 || count + (bell->word != NULL) > MPS_RING_MAX_WAIT_SET)
         return MPS_RING_BAD_STATE;
     for (uint32_t i = 0; i < count; i++) {
         if (rings[i]->side != MPS_RING_CONSUMER || rings[i]->peek_length != 0)
@@ -640,9 +677,22 @@ int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, 
     uint32_t dead_index = 0;
     int result = timeout_ns == 0 ? consumer_set_poll(&set)
                                  : wait_for(rings, count, consumer_set_poll, &set, MPS_RING_EMPTY,
-                                            timeout_ns, &dead_index);
+                                            timeout_ns, bell, &dead_index);
     *index = result == MPS_RING_PEER_DEAD ? dead_index : set.next;
     return result == MPS_RING_OK ? fill_record(rings[set.next], result, record) : result;
+}
+
+int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
+                      struct mps_record *record)
+{
+    return peek_any(rings, count, index, timeout_ns, record, &NO_DOORBELL);
+}
+
+int mps_ring_peek_any_or(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
+                         struct mps_record *record, uint32_t *doorbell, uint32_t seen)
+{
+    struct doorbell bell = {.word = (_Atomic uint32_t *)doorbell, .seen = seen};
+    return peek_any(rings, count, index, timeout_ns, record, &bell);
 }
 
 int mps_ring_try_peek(struct mps_ring *ring, struct mps_record *record)

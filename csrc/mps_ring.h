@@ -40,7 +40,13 @@
  * Waiting: a bounded spin, then a futex in the segment (shared, not FUTEX_PRIVATE). The sleeper
  * sets its "waiting" flag, re-checks, then sleeps on the futex word the other side bumps; the
  * other side publishes its position, fences, and only makes the wake syscall when the flag is
- * set. Sleeps are timed (MPS_RING_NAP_NS) so a sleeper notices a dead peer within a nap.
+ * set. Sleeps are timed (a nap, MPS_RING_NAP_NS by default) so a sleeper notices a dead peer
+ * within a nap; every timed wake-up costs CPU (about 90 us on a VM), so a user that learns of
+ * dead peers otherwise (mpstream's coordinator) attaches with long naps.
+ *
+ * Doorbells: a consumer can also sleep on one more futex word, a doorbell another process
+ * rings (mps_doorbell_ring) to get its attention: mps_ring_peek_any_or returns MPS_RING_RUNG
+ * once the word differs from the value the caller read before it last looked for the reason.
  */
 #ifndef MPS_RING_H
 #define MPS_RING_H
@@ -54,7 +60,7 @@
 #define MPS_RING_MIN_CAPACITY 1024
 #define MPS_RECORD_ALIGNMENT 64
 #define MPS_RECORD_HEADER_LENGTH 8
-#define MPS_RING_NAP_NS 20000000 /* 20 ms: bounds how late a sleeper sees a dead peer */
+#define MPS_RING_NAP_NS 20000000 /* default nap, 20 ms: bounds how late a sleeper sees a dead peer */
 #define MPS_RING_YIELD_AFTER_NS 1000 /* a spinning waiter starts yielding its CPU after 1 us */
 #define MPS_RING_MAX_WAIT_SET 128 /* rings one call can wait on: the kernel's futex_waitv limit */
 
@@ -78,7 +84,8 @@ enum mps_ring_result {
     MPS_RING_PEER_DEAD = 5,   /* the other side's process exited while we waited on it */
     MPS_RING_TOO_LARGE = 6,   /* payload above mps_ring_max_payload_length */
     MPS_RING_INTERRUPTED = 7, /* a signal arrived while parked: return to the caller to handle it */
-    MPS_RING_BAD_STATE = 8    /* call out of order (commit without claim, release without peek) */
+    MPS_RING_BAD_STATE = 8,   /* call out of order (commit without claim, release without peek) */
+    MPS_RING_RUNG = 9         /* the doorbell of mps_ring_peek_any_or rang */
 };
 
 enum mps_ring_side { MPS_RING_PRODUCER = 0, MPS_RING_CONSUMER = 1 };
@@ -136,8 +143,9 @@ int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t 
 /* Attaches this process as one side. On success *ring_out is a handle (holding a reference
  * to the segment) that the caller frees with mps_ring_free. A side has one live process at a time:
  * MPS_ATTACH_SIDE_TAKEN unless the slot is free, ours, or held by a dead process. A blocking
- * call spins up to spin_ns nanoseconds before it parks on the futex. */
-int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_ns,
+ * call spins up to spin_ns nanoseconds before it parks on the futex, in naps of nap_ns (0: the
+ * default MPS_RING_NAP_NS) after each of which it checks that its peer lives. */
+int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_ns, uint64_t nap_ns,
                     struct mps_ring **ring_out);
 /* Detaches, frees the handle and releases its segment reference. A consumer marks its end closed (the producer then gets
  * MPS_RING_CLOSED). The pid stays in the side's slot: a peer waiting on a writer that detached
@@ -164,6 +172,12 @@ int mps_ring_release(struct mps_ring *ring);
  * time for fairness); on MPS_RING_PEER_DEAD, the ring whose writer died. */
 int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
                       struct mps_record *record);
+/* The same, at most MPS_RING_MAX_WAIT_SET - 1 rings, also waking when the 32-bit doorbell word
+ * (in shared memory) differs from seen: MPS_RING_RUNG. */
+int mps_ring_peek_any_or(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
+                         struct mps_record *record, uint32_t *doorbell, uint32_t seen);
+/* Bumps a doorbell word and wakes whoever sleeps on it. */
+void mps_doorbell_ring(uint32_t *doorbell);
 
 uint8_t *mps_ring_data(struct mps_ring *ring);
 void mps_ring_get_stats(struct mps_ring *ring, struct mps_ring_stats *stats);

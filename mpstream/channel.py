@@ -56,15 +56,21 @@ __all__ = [
     "RecordKind",
     "sweep_stale_segments",
     "SHM_DIR",
+    "Doorbells",
+    "Doorbell",
 ]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "mps."
 DEFAULT_CAPACITY = 1 << 22
-#: Longest a single C call stays parked; between calls Python handles signals (Ctrl-C).
-_SLICE_NS = 200_000_000
+#: Longest a single C call stays parked (a signal wakes it anyway: Python then runs its handler).
+_SLICE_NS = 1_000_000_000
 #: Nanoseconds a blocking call spins before it parks on the futex (see bench/transport.py).
 DEFAULT_SPIN_NS = 50_000
+#: How long a parked call sleeps before it checks that its peer lives (0: the C default,
+#: MPS_RING_NAP_NS = 20 ms). Every wake-up costs CPU: mpstream's tasks, whose coordinator
+#: notices a dead process at once and stops the others, nap a second.
+DEFAULT_NAP_NS = 0
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 _RUN_TOKEN = secrets.token_hex(4)
@@ -214,7 +220,7 @@ def _blocking(call: Any, timeout: float | None) -> int:
         if rc == lib.MPS_RING_INTERRUPTED:
             continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
         if rc != lib.MPS_RING_TIMEOUT or (deadline is not None and time.monotonic() >= deadline):
-            return rc
+            return rc  # a record, a rung doorbell, the timeout, or an error
 
 
 class _Endpoint:
@@ -223,11 +229,11 @@ class _Endpoint:
     _side: int
     _role: str
 
-    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS) -> None:
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS) -> None:
         self.name = name
         self._mapping = _Mapping.open(name)
         out = ffi.new("struct mps_ring **")
-        rc = lib.mps_ring_attach(self._mapping.segment, self._side, spin_ns, out)
+        rc = lib.mps_ring_attach(self._mapping.segment, self._side, spin_ns, nap_ns, out)
         if rc != lib.MPS_ATTACH_OK:
             raise LayoutError(self._attach_message(rc))
         self._ring = ffi.gc(out[0], lib.mps_ring_free)
@@ -287,8 +293,8 @@ class ChannelWriter(_Endpoint):
     _side = lib.MPS_RING_PRODUCER
     _role = "writer"
 
-    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS) -> None:
-        super().__init__(name, spin_ns)
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS) -> None:
+        super().__init__(name, spin_ns, nap_ns)
         self._out = memoryview(self._mapping.buffer)
         self._base = ffi.cast("uint8_t *", self._mapping.base)
         self._offset = ffi.new("uint64_t *")
@@ -410,8 +416,8 @@ class ChannelReader(_Endpoint):
     _side = lib.MPS_RING_CONSUMER
     _role = "reader"
 
-    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS) -> None:
-        super().__init__(name, spin_ns)
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS) -> None:
+        super().__init__(name, spin_ns, nap_ns)
         self._in = memoryview(self._mapping.buffer).toreadonly()
         self._peeked = ffi.new("struct mps_record *")
         self._frame: Frame | None = None
@@ -493,8 +499,8 @@ class InputGate:
     """
 
     def __init__(self, readers: list[ChannelReader]) -> None:
-        if not 0 < len(readers) <= lib.MPS_RING_MAX_WAIT_SET:
-            raise ValueError(f"an InputGate takes 1 to {lib.MPS_RING_MAX_WAIT_SET} channels, got {len(readers)}")
+        if not 0 < len(readers) < lib.MPS_RING_MAX_WAIT_SET:  # one futex of the wait set is a doorbell's
+            raise ValueError(f"an InputGate takes 1 to {lib.MPS_RING_MAX_WAIT_SET - 1} channels, got {len(readers)}")
         self.readers = list(readers)
         self.live = list(range(len(readers)))  # channels that have not delivered END_OF_STREAM
         self.blocked: set[int] = set()  # channels not read until unblock_all (barrier alignment)
@@ -538,6 +544,14 @@ class InputGate:
     def read(self, timeout: float | None = None) -> tuple[int, Record]:
         """(index of the channel in readers, its Record); see the class doc. Raises
         ChannelTimeoutError after ``timeout`` seconds without a record; ``read(0)`` only polls."""
+        got = self.wait(timeout)
+        if got is None:
+            self.readers[0]._raise_for(lib.MPS_RING_TIMEOUT, timeout)
+        return got
+
+    def wait(self, timeout: float | None = None, doorbell: Doorbell | None = None) -> tuple[int, Record] | None:
+        """As :meth:`read`, but None when ``timeout`` passed or ``doorbell`` rang first (it
+        rang if its word changed since its last :meth:`Doorbell.answer`)."""
         self._retire_ended()
         if self._ended is not None:
             raise ChannelError("release the previous record before reading the next")
@@ -548,7 +562,13 @@ class InputGate:
         while True:
             rc = lib.mps_ring_peek_any(rings, count, nxt, 0, rec)
             if rc == _EMPTY:
-                rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
+                if doorbell is None:
+                    rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
+                else:
+                    word, seen = doorbell.word, doorbell.seen
+                    rc = _blocking(lambda ns: lib.mps_ring_peek_any_or(rings, count, nxt, ns, rec, word, seen), timeout)
+                if rc == lib.MPS_RING_TIMEOUT or rc == lib.MPS_RING_RUNG:
+                    return None
             channel = self._readable[nxt[0]]
             reader = self.readers[channel]
             if rc != _OK:
@@ -563,3 +583,89 @@ class InputGate:
         """Closes every reader of the gate."""
         for reader in self.readers:
             reader.close()
+
+
+class Doorbells:
+    """A shared-memory segment of doorbells: 32-bit futex words, one per slot, each in its own
+    cache line. One process rings slot i (bumps the word and wakes whoever sleeps on it) to get
+    the attention of the process that sleeps on it: mpstream's coordinator rings a task's bell
+    after sending it a message, and the task sleeps on its input channels and its bell at once
+    (:meth:`InputGate.wait`), so it needs no polling loop to see messages.
+
+    ``Doorbells(label, slots)`` creates the segment and owns its name (``close()`` unlinks it);
+    ``Doorbells.open(name)`` attaches in another process.
+
+    >>> with Doorbells("example-bells", 2) as bells:
+    ...     mine = Doorbells.open(bells.name).slot(1)
+    ...     before = mine.rung
+    ...     bells.ring(1)
+    ...     after = mine.rung
+    ...     mine.answer()
+    >>> before, after, mine.rung
+    (False, True, False)
+    """
+
+    _LINE = 64
+
+    def __init__(self, label: str, slots: int, *, _mapping: _Mapping | None = None, _owner: bool = True) -> None:
+        if _mapping is None:
+            self.name = segment_name(label)
+            length = max(slots * self._LINE, lib.MPS_RING_DATA_OFFSET)  # what mps_segment_open accepts
+            _check_free_space(label, length)
+            out = ffi.new("struct mps_segment **")
+            err = lib.mps_segment_create(self.name.encode(), length, out)
+            if err:
+                raise _full_error(label, length, None) if err == errno.ENOSPC else \
+                    ChannelError(f"cannot create doorbells {label!r} ({self.name}): {os.strerror(err)}")
+            _mapping = _Mapping(out[0])  # takes over the creator's reference
+        else:
+            self.name = label
+        self._mapping = _mapping
+        self._words = ffi.cast("uint32_t *", _mapping.base)
+        self._owner_pid = os.getpid() if _owner else 0
+
+    @classmethod
+    def open(cls, name: str) -> Doorbells:
+        return cls(name, 0, _mapping=_Mapping.open(name), _owner=False)
+
+    def word(self, slot: int) -> Any:
+        """The C pointer to slot's word (valid while this object lives)."""
+        return self._words + slot * (self._LINE // 4)
+
+    def ring(self, slot: int) -> None:
+        lib.mps_doorbell_ring(self.word(slot))
+
+    def slot(self, slot: int) -> Doorbell:
+        return Doorbell(self, slot)
+
+    def close(self) -> None:
+        """Unlinks the name (the creator only); mappings stay valid while their objects live."""
+        if self._owner_pid == os.getpid():
+            lib.mps_segment_unlink(self.name.encode())
+            self._owner_pid = 0
+
+    def __enter__(self) -> Doorbells:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Doorbell:
+    """The slot of :class:`Doorbells` a process sleeps on: it has :attr:`rung` when its word
+    changed since the last :meth:`answer`. Answer first, then look for the reason (a message):
+    a ring that comes after is seen next time."""
+
+    __slots__ = ("board", "word", "seen")
+
+    def __init__(self, board: Doorbells, slot: int) -> None:
+        self.board = board  # keeps the mapping alive
+        self.word = board.word(slot)
+        self.seen = self.word[0]
+
+    @property
+    def rung(self) -> bool:
+        return self.word[0] != self.seen
+
+    def answer(self) -> None:
+        self.seen = self.word[0]

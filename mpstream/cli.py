@@ -48,15 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--checkpoint-dir", default=None,
                       help="where checkpoints go (default: OUT/checkpoints when checkpointing)")
     demo.add_argument("--resume", action="store_true",
-                      help="continue from the newest valid checkpoint in --checkpoint-dir (after a crash)")
+                      help="continue from the newest valid checkpoint in --checkpoint-dir (after a crash or a stop)")
+    demo.add_argument("--unbounded", action="store_true",
+                      help="sources never end: run until SIGTERM (stop with a final checkpoint, verify, exit 0) "
+                           "or Ctrl-C; the aggregate emits the domains that changed every second")
+    demo.add_argument("--rate", type=_integer(1), default=None,
+                      help="at most N events/s per source instance (default: as fast as it goes)")
     args = parser.parse_args(argv)
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir")
+    if args.resume and args.unbounded and not args.out:
+        parser.error("--resume --unbounded needs --out: the output directory of the run it continues")
+    options = {k: v for k, v in vars(args).items() if k != "command"}
     try:
-        from .demo import run_demo
+        from .demo import DemoOptions, run_demo
 
-        summary = run_demo(args.events, args.parallelism, args.salt, args.batch_size, args.out, args.json,
-                           args.checkpoint_interval, args.kill_workers, args.checkpoint_dir, args.resume)
+        summary = run_demo(DemoOptions(**options))
     except KeyboardInterrupt:
         print("mpstream: interrupted; every worker was stopped", file=sys.stderr)
         return 130

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import messages as msg
 from .batch import Batch
-from .channel import Channel, sweep_stale_segments
+from .channel import Channel, Doorbells, sweep_stale_segments
 from .checkpoint import CheckpointStore
 from .checkpoint_coordinator import CheckpointCoordinator
 from .errors import CheckpointError, OperatorError, PlanError, WorkerDiedError
@@ -196,6 +196,8 @@ class _Attempt:
         self.finished: dict[str, tuple[InstanceStats, ...]] = {}
         self.produced: dict[str, int] = {}
         self.channels: dict[str, Channel] = {}
+        self.doorbells: Doorbells | None = None
+        self.slots: dict[str, int] = {}  # task -> its doorbell
         config = job.config
         self.checkpoints = None if config is None else CheckpointCoordinator(
             job.store, config.interval, config.tolerable_failures, self._send,
@@ -206,9 +208,10 @@ class _Attempt:
         sweep_stale_segments()
         job = self.job
         context = multiprocessing.get_context("fork")  # tasks inherit the user's functions, lambdas too
-        config = TaskConfig(None if job.config is None else job.config.directory,
-                            job.config is None or job.config.exactly_once, self.restore)
         try:
+            self.doorbells = Doorbells("doorbells", len(job.tasks))
+            config = TaskConfig(None if job.config is None else job.config.directory,
+                                job.config is None or job.config.exactly_once, self.restore, self.doorbells.name)
             for label in job.graph.channels():
                 self.channels[label] = Channel(label, job.graph.channel_capacity)
             names = {label: chan.name for label, chan in self.channels.items()}
@@ -226,16 +229,23 @@ class _Attempt:
                     task.process.kill()
                 task.process.join()
                 task.conn.close()
-            for chan in self.channels.values():
-                chan.close()
+            self._unlink()
+
+    def _unlink(self) -> None:
+        """Unlinks every segment name (tasks attached keep their mappings)."""
+        for chan in self.channels.values():
+            chan.close()
+        if self.doorbells is not None:
+            self.doorbells.close()
 
     def _fork(self, context: Any, names: dict[str, str], config: TaskConfig) -> None:
-        for spec in self.job.tasks:
+        for slot, spec in enumerate(self.job.tasks):
+            self.slots[spec.name] = slot
             ours, theirs = context.Pipe()
             if any(op.node.collect for op in spec.operators):
                 _widen(ours, theirs)
             process = context.Process(target=task_main, name=f"mpstream:{spec.name}",
-                                      args=(spec, names, theirs, os.getpid(), config), daemon=True)
+                                      args=(spec, slot, names, theirs, os.getpid(), config), daemon=True)
             process.start()
             theirs.close()
             task = _TaskProcess(spec, process, ours)
@@ -296,10 +306,12 @@ class _Attempt:
             checkpoints.demand()
 
     def _send(self, task: str, message: Any) -> None:
+        """Sends a message and rings the task's doorbell: a parked task wakes for it."""
         try:
             self.by_name[task].conn.send(message)
         except OSError:  # it just died: its sentinel reports that next
-            pass
+            return
+        self.doorbells.ring(self.slots[task])
 
     def _drain(self, conn: Connection, open_conns: dict) -> None:
         while conn in open_conns and conn.poll():
@@ -330,8 +342,7 @@ class _Attempt:
             self.commits |= message.commits_on_checkpoint
             self.not_ready -= 1
             if self.not_ready == 0:  # every task attached: the names are no longer needed
-                for chan in self.channels.values():
-                    chan.close()
+                self._unlink()
                 self.running(time.monotonic())
         elif isinstance(message, msg.TaskFailed):
             raise OperatorError(f"operator {message.operator!r} instance {message.instance} failed: {message.error}\n"

@@ -21,8 +21,8 @@ __all__ = ["OutputWriter"]
 class OutputWriter:
     """Writes one output edge of an operator instance (see the module doc)."""
 
-    def __init__(self, spec: OutputSpec, names: dict[str, str]) -> None:
-        self.writers = [ChannelWriter(names[label]) for label in spec.channels]
+    def __init__(self, spec: OutputSpec, names: dict[str, str], nap_ns: int = 0) -> None:
+        self.writers = [ChannelWriter(names[label], nap_ns=nap_ns) for label in spec.channels]
         self.partitioner: Partitioner | None = None if spec.partitioner is None else spec.partitioner()
         self.drop = spec.drop
         self.bytes_out = 0

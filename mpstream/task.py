@@ -40,7 +40,7 @@ from typing import Any
 from . import messages as msg
 from .barrier import AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler
 from .batch import Batch
-from .channel import ChannelReader, ChannelTimeoutError, InputGate, RecordKind
+from .channel import ChannelReader, Doorbells, InputGate, RecordKind
 from .checkpoint import CheckpointStore, OperatorSnapshot
 from .errors import ChannelClosedError, CheckpointError, PeerDiedError
 from .metrics import InstanceStats
@@ -52,11 +52,10 @@ from .timers import TimerService
 
 __all__ = ["TaskConfig", "Task", "task_main"]
 
-#: How often a busy task looks at its control pipe, and how long a parked one sleeps at most
-#: before it does (the latency of commit notifications and of Finish to a running task).
-CONTROL_INTERVAL_S = 0.02
-PARKED_CONTROL_INTERVAL_S = 0.1
 PROGRESS_INTERVAL_S = 0.25
+#: A parked task wakes this often to check that the processes it reads and writes live; the
+#: coordinator notices a dead one at once (its sentinel) and stops the others anyway.
+TASK_NAP_NS = 1_000_000_000
 #: A source whose poll() returned nothing and that names no time to ask again is asked after
 #: 1 ms, then doubling up to this while nothing comes.
 MAX_SOURCE_BACKOFF_S = 0.05
@@ -68,11 +67,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 @dataclass(frozen=True)
 class TaskConfig:
     """How the job runs this attempt: its checkpoint directory (None: no checkpoints), whether
-    barriers align (exactly-once), and the checkpoint to restore from (None: a fresh start)."""
+    barriers align (exactly-once), the checkpoint to restore from (None: a fresh start), and
+    the doorbells segment the coordinator rings after it sends a task a message."""
 
     checkpoint_dir: str | None = None
     exactly_once: bool = True
     restore_from: int | None = None
+    doorbells: str = ""
 
 
 class _OperatorRaised(Exception):
@@ -105,7 +106,7 @@ class ChainedOperator:
         self.stats = InstanceStats(node.name, spec.instance, task.spec.name)
         self.collect = node.collect
         self.keyed = node.keyed
-        self.outputs = [OutputWriter(o, names) for o in spec.outputs]
+        self.outputs = [OutputWriter(o, names, TASK_NAP_NS) for o in spec.outputs]
         self.next: list[ChainedOperator] = []  # chained successors, linked by the task
         self.finished = False  # close() ran (in this attempt or before the restored checkpoint)
         self._announced = False  # emitted a batch already (so its schema is known downstream)
@@ -153,8 +154,10 @@ class ChainedOperator:
 class Task:
     """One process of a job (see the module doc)."""
 
-    def __init__(self, spec: TaskSpec, names: dict[str, str], conn: Connection, config: TaskConfig) -> None:
+    def __init__(self, spec: TaskSpec, slot: int, names: dict[str, str], conn: Connection,
+                 config: TaskConfig) -> None:
         self.spec, self.conn, self.config = spec, conn, config
+        self.doorbell = Doorbells.open(config.doorbells).slot(slot)  # rung with every message sent
         self.checkpointing = config.checkpoint_dir is not None
         self.store = CheckpointStore(config.checkpoint_dir) if self.checkpointing else None
         self.epoch = config.restore_from or 0  # the last barrier this task passed
@@ -170,12 +173,11 @@ class Task:
         for op, op_spec in zip(self.operators, spec.operators):
             op.next = [by_name[name] for name in op_spec.chained]
         self.head = self.operators[0]
-        readers = [ChannelReader(names[label]) for label in spec.inputs]
+        readers = [ChannelReader(names[label], nap_ns=TASK_NAP_NS) for label in spec.inputs]
         self.gate = InputGate(readers) if readers else None
         handler = AlignedBarrierHandler if config.exactly_once else AtLeastOnceBarrierHandler
         self.barriers: BarrierHandler | None = handler(self.gate) if self.gate else None
         self.idle_s = 0.0
-        self._next_control = 0.0
         self._control_poll = select.poll()  # reused: Connection.poll() builds a selector each call
         self._control_poll.register(conn.fileno(), select.POLLIN)
 
@@ -186,8 +188,9 @@ class Task:
             self.conn.send(message)
 
     def _control(self, timeout: float = 0.0) -> None:
-        """Handles the coordinator's messages, waiting up to timeout for the first."""
-        self._next_control = time.monotonic() + CONTROL_INTERVAL_S
+        """Handles the coordinator's messages, waiting up to timeout for the first. A busy
+        task calls it only when its doorbell rang (a load, not a system call)."""
+        self.doorbell.answer()
         if timeout > 0:
             waited = time.perf_counter()
             ready = self._control_poll.poll(min(timeout, 3600.0) * 1000.0)
@@ -349,7 +352,8 @@ class Task:
         backoff, reported = 0.001, time.monotonic()
         while not (self.finishing or self.ended):
             self._fire_timers()
-            self._control()  # between every two polls: a barrier goes after a whole batch
+            if self.doorbell.rung:  # between two polls: a barrier goes after a whole batch
+                self._control()
             if self.stopped:  # a stop's barrier went out: nothing more, until Finish
                 self._control(timeout=1.0)
                 continue
@@ -389,19 +393,17 @@ class Task:
             if ended:
                 return
             self._fire_timers()
-            if time.monotonic() >= self._next_control:
+            if self.doorbell.rung:
                 self._control()
                 if self.finishing:
                     return
             waited = time.perf_counter()
-            parked_until = self._next_control + PARKED_CONTROL_INTERVAL_S - CONTROL_INTERVAL_S
-            timeout = max(0.0, min(self._next_timer - time.time(), parked_until - time.monotonic()))
-            try:
-                channel, record = gate.read(timeout)
-            except ChannelTimeoutError:
+            got = gate.wait(None if self._next_timer == float("inf") else max(0.0, self._next_timer - time.time()),
+                            self.doorbell)  # input, a message or the next timer: whichever comes first
+            self.idle_s += time.perf_counter() - waited
+            if got is None:
                 continue
-            finally:
-                self.idle_s += time.perf_counter() - waited
+            channel, record = got
             with record:
                 kind = record.kind
                 if kind is RecordKind.DATA:
@@ -425,16 +427,19 @@ def _prepare_worker_process(parent: int, name: str) -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
-def task_main(spec: TaskSpec, names: dict[str, str], conn: Connection, parent: int, config: TaskConfig) -> None:
+def task_main(spec: TaskSpec, slot: int, names: dict[str, str], conn: Connection, parent: int,
+              config: TaskConfig) -> None:
     """The entry point of a task's (forked) process."""
     _prepare_worker_process(parent, spec.name)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the coordinator's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C and SIGTERM are the coordinator's (a terminal or `docker stop` signals the whole
+    # process group): a task ends when the coordinator says so, or dies with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the coordinator forks with them blocked
     task = None
     try:
-        task = Task(spec, names, conn, config)
+        task = Task(spec, slot, names, conn, config)
         task.run()
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the coordinator, which raises

@@ -29,7 +29,7 @@ class RawRing:
 
     def _attach(self, side):
         out = ffi.new("struct mps_ring **")
-        assert lib.mps_ring_attach(self.mapping.segment, side, 0, out) == lib.MPS_ATTACH_OK
+        assert lib.mps_ring_attach(self.mapping.segment, side, 0, 0, out) == lib.MPS_ATTACH_OK
         return ffi.gc(out[0], lib.mps_ring_free)
 
     def u64(self, offset):
