@@ -129,3 +129,39 @@ def test_a_resumed_demo_reports_only_the_events_of_its_own_run(tmp_path):
     assert summary["verified"] is True
     assert 0 < summary["events"] == consumed < 20_000_000  # this run's events, not the stream's
     assert summary["events_per_s"] == pytest.approx(summary["events"] / summary["seconds"], rel=0.01)
+
+
+def stop_unbounded_demo(*args):
+    """Starts ``mpstream demo --unbounded ... --json``, lets it commit checkpoints after the one
+    its run started from (three), SIGTERMs the coordinator and returns its summary."""
+    import psutil
+    from conftest import wait_until
+
+    from mpstream.checkpoint import CheckpointStore
+
+    chk = args[args.index("--checkpoint-dir") + 1]
+    store = CheckpointStore(chk)
+    first = (store.complete() or [0])[-1]
+    proc = subprocess.Popen([sys.executable, "-m", "mpstream.cli", "demo", "--unbounded", *args, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (store.complete() or [0])[-1] >= first + 3, timeout=120, what="three new checkpoints")
+    assert len(psutil.Process(proc.pid).children()) == 14
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "VERIFIED" in stdout
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_an_unbounded_demo_stops_on_sigterm_verifies_and_resumes(tmp_path):
+    options = ["--rate", "20000", "--batch-size", "4096", "--out", str(tmp_path / "out"),
+               "--checkpoint-dir", str(tmp_path / "chk"), "--checkpoint-interval", "0.2"]
+    first = stop_unbounded_demo(*options, "--kill-workers", "1")
+    assert first["verified"] is True and first["kills"] == 1 and first["restarts"] == 1
+    assert first["final_checkpoint"] is not None and min(first["stopped_at"]) > 0
+    assert first["events"] == sum(first["stopped_at"]) * 4000  # 20,000 events/s: batches of 4,000
+    second = stop_unbounded_demo(*options, "--resume")  # verifies the output of both runs together
+    assert second["verified"] is True
+    assert all(b > a for a, b in zip(first["stopped_at"], second["stopped_at"]))
+    assert second["events"] == (sum(second["stopped_at"]) - sum(first["stopped_at"])) * 4000
+    assert not os.listdir(tmp_path / "out" / ".pending")
