@@ -390,3 +390,21 @@ MPS_SCATTER_EXTREME(mps_scatter_min_i64, int64_t, MPS_LESS)
 MPS_SCATTER_EXTREME(mps_scatter_max_i64, int64_t, MPS_MORE)
 MPS_SCATTER_EXTREME(mps_scatter_min_f64, double, MPS_LESS)
 MPS_SCATTER_EXTREME(mps_scatter_max_f64, double, MPS_MORE)
+
+int64_t mps_session_groups(const int64_t *slot, const int64_t *start, const int64_t *end, uint64_t n,
+                           int64_t *group)
+{
+    int64_t groups = 0;
+    int64_t reach = 0; /* the largest end of the current group */
+    for (uint64_t i = 0; i < n; i++) {
+        if (i == 0 || slot[i] != slot[i - 1] || start[i] > reach) {
+            groups++;
+            reach = end[i];
+        } else if (end[i] > reach) {
+            reach = end[i];
+        }
+        group[i] = groups - 1;
+    }
+    return groups;
+}
+

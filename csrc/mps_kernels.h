@@ -40,6 +40,13 @@ void mps_scatter_max_i64(int64_t *acc, const int64_t *slots, const int64_t *valu
 void mps_scatter_min_f64(double *acc, const int64_t *slots, const double *values, uint64_t n);
 void mps_scatter_max_f64(double *acc, const int64_t *slots, const double *values, uint64_t n);
 
+/* Session windows: rows sorted by (slot, start) hold intervals [start, end); group[i] = the
+ * merged session of row i, numbered from 0 in row order. Rows of one slot whose intervals
+ * intersect or touch (start <= the group's largest end so far) share a session; merging is
+ * transitive. Returns the number of sessions. */
+int64_t mps_session_groups(const int64_t *slot, const int64_t *start, const int64_t *end, uint64_t n,
+                           int64_t *group);
+
 /* A map from 64-bit keys to dense slots 0, 1, 2, ... in order of first appearance: the index
  * of keyed state. Small keys (0 up to 8 per key held) live in a direct-address array, the
  * others in a hash table (open addressing, linear probing, grown at half load, probed in

@@ -72,6 +72,7 @@ enum mps_record_type {
     MPS_RECORD_WATERMARK = 3,
     MPS_RECORD_END_OF_STREAM = 4,
     MPS_RECORD_SCHEMA = 5,
+    MPS_RECORD_STATUS = 6, /* watermark status of the channel: idle (1) or active (0) */
     MPS_RECORD_USER = 64
 };
 

@@ -31,7 +31,7 @@ from .batch import Batch, Column, StringColumn, _ptr
 from .errors import AggregateError
 from .partition import hash_column
 
-__all__ = ["KeyedAggregate", "Combiner", "AggregateError", "FUNCTIONS"]
+__all__ = ["KeyIndex", "Accumulators", "KeyedAggregate", "Combiner", "AggregateError", "FUNCTIONS", "parse_spec"]
 
 FUNCTIONS = ("sum", "count", "min", "max", "mean")
 _NEEDS = {"sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",), "count": ()}
@@ -53,170 +53,243 @@ def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str]
     return tuple(items)
 
 
-class KeyedAggregate:
-    """Per-key accumulators for one aggregation (see the module doc)."""
+class KeyIndex:
+    """Keys of one column (int, bool or str) to dense slots 0, 1, 2, ... in order of first
+    appearance, through the C key map; remembers each slot's key. A column's type is fixed by
+    the first batch. Str keys are identified by their 64-bit hash (see the module doc)."""
 
-    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], expected_keys: int = 1024,
-                 track_changes: bool = False) -> None:
+    def __init__(self, key: str, expected_keys: int = 1024) -> None:
         self.key = key
-        self.items = parse_spec(spec)
-        self.partials = tuple(dict.fromkeys(
-            f"{column}.{need}" for column, func in self.items for need in _NEEDS[func]))
         self._map = ffi.gc(lib.mps_keymap_new(expected_keys), lib.mps_keymap_free)
         self._size = 0
-        self._key_kind: str | None = None  # "str" or an int dtype.str, fixed by the first batch
+        self.kind: str | None = None  # "str" or an int dtype.str, fixed by the first batch
         self._names: list[StringColumn] = []  # str keys: the string of each slot, in slot order
-        self._acc: dict[str, np.ndarray] = {}
-        self._changed = np.zeros(1024 if track_changes else 0, bool)  # per slot: changed since take_changes()
-        self._tracking = track_changes
 
     def __len__(self) -> int:
         return self._size
 
     def clear(self) -> None:
-        """Forgets every key, keeping the memory of the key map and accumulators for reuse."""
+        """Forgets every key (the next one gets slot 0), keeping the map's memory."""
         lib.mps_keymap_clear(self._map)
-        for name, acc in self._acc.items():
-            acc[: self._size] = _identity(name, acc.dtype)
-        self._changed[: self._size] = False
         self._size = 0
         self._names.clear()
 
-    # ---- keys -------------------------------------------------------------------------------
-
-    def _slots(self, keys: Column) -> np.ndarray:
+    def slots(self, keys: Column) -> np.ndarray:
+        """The slot of every key (int64), inserting new keys."""
         kind = "str" if isinstance(keys, StringColumn) else keys.dtype.str
         if kind != "str" and keys.dtype.kind not in "biu":
             raise AggregateError(f"key column {self.key!r} has dtype {keys.dtype}; keys must be int, bool or str")
-        if self._key_kind is None:
-            self._key_kind = kind
-        elif kind != self._key_kind:
-            raise AggregateError(f"key column {self.key!r} changed type from {self._key_kind} to {kind}")
+        if self.kind is None:
+            self.kind = kind
+        elif kind != self.kind:
+            raise AggregateError(f"key column {self.key!r} changed type from {self.kind} to {kind}")
         ids = hash_column(keys) if kind == "str" else np.ascontiguousarray(keys, np.int64).view(np.uint64)
         slots = np.empty(len(ids), np.int64)
         size = lib.mps_keymap_insert(self._map, _ptr("uint64_t[]", ids), len(ids), _ptr("int64_t[]", slots))
         if size < 0:
             raise MemoryError(f"aggregation by {self.key!r}: out of memory for its key map")
-        if size > self._size:
-            if kind == "str":  # remember the string of each new slot (its first row)
-                new = np.flatnonzero(slots >= self._size)
-                _, first = np.unique(slots[new], return_index=True)
-                self._names.append(keys.take(new[first]))
-            self._grow(size)
-        if self._tracking:
-            self._changed[slots] = True
+        if size > self._size and kind == "str":  # remember the string of each new slot (its first row)
+            new = np.flatnonzero(slots >= self._size)
+            _, first = np.unique(slots[new], return_index=True)
+            self._names.append(keys.take(new[first]))
+        self._size = size
         return slots
 
-    def _grow(self, size: int) -> None:
-        for name, acc in self._acc.items():
-            if len(acc) < size:
-                fill = _identity(name, acc.dtype)
-                self._acc[name] = np.concatenate([acc, np.full(max(size, 2 * len(acc)) - len(acc), fill, acc.dtype)])
-        if self._tracking and len(self._changed) < size:
-            self._changed = np.concatenate([self._changed, np.zeros(max(size, 2 * len(self._changed)), bool)])
-        self._size = size
+    def keys(self, slots: np.ndarray | None = None) -> Column:
+        """The key of every slot (or of the given slots), as a column of the key's type."""
+        if self.kind == "str":
+            names = StringColumn.concat(self._names)
+            return names if slots is None else names.take(slots)
+        ids = np.empty(self._size, np.uint64)
+        lib.mps_keymap_keys(self._map, _ptr("uint64_t[]", ids))
+        keys = ids.view(np.int64).astype(np.dtype(self.kind or "<i8"))
+        return keys if slots is None else keys[slots]
 
-    def _accumulator(self, name: str, dtype: np.dtype) -> np.ndarray:
+
+class Accumulators:
+    """The accumulators of an aggregation spec over an index space of any shape: ``count`` and,
+    per value column, its ``sum``, ``min`` and ``max`` as the functions need, each an array of
+    ``shape`` updated in place by C scatter kernels at flat indices (``acc.reshape(-1)[i]``).
+
+    Accumulators are int64 (signed ints and bools, exact), uint64 or float64; when a batch
+    brings another kind than an accumulator holds, it widens as numpy promotes (ints and floats,
+    or signed and unsigned, to float64), so mixed input gives what numpy gives for the
+    concatenated column. Cells never updated (count 0) hold the identity of their operation.
+    """
+
+    def __init__(self, items: tuple[tuple[str, str], ...], shape: tuple[int, ...]) -> None:
+        self.items = items
+        self.partials = tuple(dict.fromkeys(f"{column}.{need}" for column, func in items for need in _NEEDS[func]))
+        self.shape = shape
+        self.count = np.zeros(shape, np.int64)
+        self._acc: dict[str, np.ndarray] = {}
+        self.known = False  # a batch (even without rows) has fixed the dtypes
+
+    def _array(self, name: str, dtype: np.dtype) -> np.ndarray:
         acc = self._acc.get(name)
         if acc is None:
-            acc = self._acc[name] = np.full(max(self._size, 1024), _identity(name, dtype), dtype)
+            acc = self._acc[name] = np.full(self.shape, _identity(name, dtype), dtype)
         return acc
 
-    # ---- input ------------------------------------------------------------------------------
+    def resize(self, shape: tuple[int, ...]) -> None:
+        """A new shape; the cells of the old one keep their place (by position in each axis)."""
+        common = tuple(slice(0, min(a, b)) for a, b in zip(self.shape, shape))
+        count = np.zeros(shape, np.int64)
+        count[common] = self.count[common]
+        self.count = count
+        for name, acc in self._acc.items():
+            new = np.full(shape, _identity(name, acc.dtype), acc.dtype)
+            new[common] = acc[common]
+            self._acc[name] = new
+        self.shape = shape
 
-    def update(self, batch: Batch) -> None:
-        """Adds raw rows. A batch without rows still fixes the key's and the values' dtypes,
-        so an empty result keeps its schema."""
-        slots = self._slots(_key_of(batch, self.key))
-        counts = self._accumulator(_COUNT, np.dtype(np.int64))
-        lib.mps_scatter_add_i64(_ptr("int64_t[]", counts), _ptr("int64_t[]", slots), ffi.NULL, len(slots))
+    def reset(self, where: object) -> None:
+        """Empties the cells selected by ``where`` (an index expression on the arrays)."""
+        self.count[where] = 0
+        for name, acc in self._acc.items():
+            acc[where] = _identity(name, acc.dtype)
+
+    def add(self, index: np.ndarray, batch: Batch) -> None:
+        """Raw rows: row i goes to flat cell index[i]."""
+        self.known = True
+        lib.mps_scatter_add_i64(_ptr("int64_t[]", self.count.reshape(-1)), _ptr("int64_t[]", index), ffi.NULL,
+                                len(index))
         for partial in self.partials:
             column, need = partial.rsplit(".", 1)
-            self._combine(partial, need, slots, _values(batch, column))
+            self._combine(partial, need, index, _values(batch, column))
 
-    def merge(self, partials: Batch) -> None:
-        """Adds the partials (a batch from :meth:`partial`) of another instance."""
-        slots = self._slots(_key_of(partials, self.key))
-        counts = self._accumulator(_COUNT, np.dtype(np.int64))
-        lib.mps_scatter_add_i64(_ptr("int64_t[]", counts), _ptr("int64_t[]", slots),
-                                _ptr("int64_t[]", np.ascontiguousarray(partials[_COUNT], np.int64)), len(slots))
+    def merge(self, index: np.ndarray, partials: Mapping[str, np.ndarray]) -> None:
+        """Partial rows (as :meth:`partial_columns` makes): row i goes to flat cell index[i]."""
+        self.known = True
+        lib.mps_scatter_add_i64(_ptr("int64_t[]", self.count.reshape(-1)), _ptr("int64_t[]", index),
+                                _ptr("int64_t[]", np.ascontiguousarray(partials[_COUNT], np.int64)), len(index))
         for partial in self.partials:
-            self._combine(partial, partial.rsplit(".", 1)[1], slots, partials[partial])
+            self._combine(partial, partial.rsplit(".", 1)[1], index, partials[partial])
 
-    def _combine(self, name: str, need: str, slots: np.ndarray, values: np.ndarray) -> None:
-        """acc[slot] op= value in one C pass. Accumulators are int64 (signed ints and bools,
-        exact), uint64 or float64; when a batch brings another kind than the accumulator holds,
-        the accumulator widens as numpy promotes (ints and floats, or signed and unsigned, to
-        float64), so mixed input gives what numpy gives for the concatenated column."""
+    def _combine(self, name: str, need: str, index: np.ndarray, values: np.ndarray) -> None:
+        """acc[index] op= values in one C pass, widening the accumulator first if need be."""
         kind = _ACCUMULATOR_DTYPE[values.dtype.kind]
         acc = self._acc.get(name)
         if acc is not None and acc.dtype != kind:
             kind = np.result_type(acc.dtype, kind)
             if kind != acc.dtype:
                 acc = self._widen(name, kind)
-        acc = self._accumulator(name, kind)
+        flat = self._array(name, kind).reshape(-1)
         values = np.ascontiguousarray(values).astype(kind, copy=False)
         if kind == np.uint64 and need != "sum":  # unsigned order differs from int64's
-            (np.minimum if need == "min" else np.maximum).at(acc, slots, values)
+            (np.minimum if need == "min" else np.maximum).at(flat, index, values)
             return
         as_c = np.float64 if kind == np.float64 else np.int64  # uint64 sums: the same bits as int64's
         ctype = "double" if as_c is np.float64 else "int64_t"
-        _KERNELS[need][as_c](_ptr(f"{ctype}[]", acc.view(as_c)), _ptr("int64_t[]", slots),
-                             _ptr(f"{ctype}[]", values.view(as_c)), len(slots))
+        _KERNELS[need][as_c](_ptr(f"{ctype}[]", flat.view(as_c)), _ptr("int64_t[]", index),
+                             _ptr(f"{ctype}[]", values.view(as_c)), len(index))
 
     def _widen(self, name: str, dtype: np.dtype) -> np.ndarray:
-        """Converts an accumulator to dtype; unused slots get dtype's identity (not the
-        converted identity of the old dtype: int64's max is no float +inf)."""
+        """Converts an accumulator to dtype; empty cells get dtype's identity (not the converted
+        identity of the old dtype: int64's max is no float +inf)."""
         acc = self._acc[name].astype(dtype)
-        acc[self._size:] = _identity(name, acc.dtype)
+        acc[self.count == 0] = _identity(name, acc.dtype)
         self._acc[name] = acc
         return acc
 
-    # ---- output -----------------------------------------------------------------------------
+    def partial_columns(self, where: object) -> dict[str, np.ndarray]:
+        """count and every partial accumulator at ``where`` (copies), for :meth:`merge`."""
+        cols = {_COUNT: self.count[where].copy()}
+        for name in self.partials:
+            if name in self._acc:
+                cols[name] = self._acc[name][where].copy()
+        return cols
 
-    def _key_column(self) -> Column:
-        if self._key_kind == "str":
-            return StringColumn.concat(self._names)
-        ids = np.empty(self._size, np.uint64)
-        lib.mps_keymap_keys(self._map, _ptr("uint64_t[]", ids))
-        return ids.view(np.int64).astype(np.dtype(self._key_kind or "<i8"))
+    def result_columns(self, where: object, reduce: str | None = None) -> dict[str, np.ndarray]:
+        """``{column}_{function}`` (``count`` for "*") at ``where``; with ``reduce="panes"``,
+        ``where`` selects rows of a 2-D array and each column is combined over them first
+        (the panes of a window)."""
+        def pick(name: str, acc: np.ndarray) -> np.ndarray:
+            cells = acc[where]
+            if reduce is None:
+                return cells
+            need = name.rsplit(".", 1)[-1]
+            return (np.min if need == "min" else np.max if need == "max" else np.sum)(cells, axis=0)
+
+        counts = pick(_COUNT, self.count)
+        cols: dict[str, np.ndarray] = {}
+        for column, func in self.items:
+            if func == "count":
+                cols[_COUNT if column == "*" else f"{column}_count"] = counts.copy()
+                continue
+            values = pick(f"{column}.{_NEEDS[func][0]}", self._acc[f"{column}.{_NEEDS[func][0]}"])
+            if func == "mean":
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    cols[f"{column}_mean"] = values / counts
+            else:
+                cols[f"{column}_{func}"] = values.copy()
+        return cols
+
+
+class KeyedAggregate:
+    """Per-key accumulators for one aggregation (see the module doc): a :class:`KeyIndex` and
+    one-dimensional :class:`Accumulators` indexed by slot."""
+
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], expected_keys: int = 1024,
+                 track_changes: bool = False) -> None:
+        self.key = key
+        self.items = parse_spec(spec)
+        self.index = KeyIndex(key, expected_keys)
+        self.acc = Accumulators(self.items, (1024,))
+        self.partials = self.acc.partials
+        self._changed = np.zeros(1024 if track_changes else 0, bool)  # per slot: changed since take_changes()
+        self._tracking = track_changes
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def clear(self) -> None:
+        """Forgets every key, keeping the memory of the key map and accumulators for reuse."""
+        self.acc.reset(slice(0, len(self.index)))
+        self._changed[: len(self.index)] = False
+        self.index.clear()
+
+    def _slots(self, keys: Column) -> np.ndarray:
+        slots = self.index.slots(keys)
+        size = len(self.index)
+        if size > self.acc.shape[0]:
+            self.acc.resize((max(size, 2 * self.acc.shape[0]),))
+        if self._tracking:
+            if size > len(self._changed):
+                self._changed = np.concatenate([self._changed, np.zeros(max(size, len(self._changed)), bool)])
+            self._changed[slots] = True
+        return slots
+
+    # ---- input ------------------------------------------------------------------------------
+
+    def update(self, batch: Batch) -> None:
+        """Adds raw rows. A batch without rows still fixes the key's and the values' dtypes,
+        so an empty result keeps its schema."""
+        self.acc.add(self._slots(_key_of(batch, self.key)), batch)
+
+    def merge(self, partials: Batch) -> None:
+        """Adds the partials (a batch from :meth:`partial`) of another instance."""
+        self.acc.merge(self._slots(_key_of(partials, self.key)), partials)
+
+    # ---- output -----------------------------------------------------------------------------
 
     def partial(self) -> Batch:
         """The state as a batch of partials: key, count and each partial accumulator."""
-        n = self._size
-        cols: dict[str, Column] = {self.key: self._key_column(), _COUNT: self._accumulator(_COUNT, np.dtype(np.int64))[:n].copy()}
-        for name in self.partials:
-            if name in self._acc:
-                cols[name] = self._acc[name][:n].copy()
-        return Batch(cols)
+        return Batch({self.key: self.index.keys(), **self.acc.partial_columns(slice(0, len(self.index)))})
 
     def result(self, slots: np.ndarray | None = None) -> Batch | None:
         """key, then one column per (column, function): ``{column}_{function}``, or ``count``;
         for every key, or for the keys of ``slots``. None before any batch arrived (no schema
         known); zero rows with every column after batches without rows."""
-        if self._key_kind is None:
+        if self.index.kind is None:
             return None
-        n = self._size
-        rows = slice(0, n) if slots is None else slots
-        keys = self._key_column()
-        counts = self._accumulator(_COUNT, np.dtype(np.int64))[:n][rows]
-        cols: dict[str, Column] = {self.key: keys if slots is None else keys.take(slots) if isinstance(keys, StringColumn) else keys[slots]}
-        for column, func in self.items:
-            if func == "count":
-                cols[_COUNT if column == "*" else f"{column}_count"] = counts.copy()
-                continue
-            acc = self._acc[f"{column}.{_NEEDS[func][0]}"][:n][rows]
-            if func == "mean":
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    cols[f"{column}_mean"] = acc / counts
-            else:
-                cols[f"{column}_{func}"] = acc.copy()
-        return Batch(cols)
+        where = slice(0, len(self.index)) if slots is None else slots
+        return Batch({self.key: self.index.keys(slots), **self.acc.result_columns(where)})
 
     def take_changes(self) -> Batch | None:
         """The result rows of the keys that changed since the last call (``track_changes``),
         or None when none did."""
-        changed = np.flatnonzero(self._changed[: self._size])
+        changed = np.flatnonzero(self._changed[: len(self.index)])
         if not len(changed):
             return None
         self._changed[changed] = False
@@ -224,7 +297,7 @@ class KeyedAggregate:
 
     def forget_changes(self) -> None:
         """Marks every key unchanged (restored state that was emitted before its checkpoint)."""
-        self._changed[: self._size] = False
+        self._changed[: len(self.index)] = False
 
 
 _KERNELS = {

@@ -82,6 +82,7 @@ class RecordKind(enum.IntEnum):
     DATA = lib.MPS_RECORD_DATA
     BARRIER = lib.MPS_RECORD_BARRIER
     WATERMARK = lib.MPS_RECORD_WATERMARK
+    STATUS = lib.MPS_RECORD_STATUS
     END_OF_STREAM = lib.MPS_RECORD_END_OF_STREAM
 
 
@@ -349,6 +350,11 @@ class ChannelWriter(_Endpoint):
         """Writes WATERMARK(event_time): no later record has an event time below it."""
         self._write_bytes(lib.MPS_RECORD_WATERMARK, _I64.pack(event_time), timeout)
 
+    def write_status(self, idle: bool, timeout: float | None = None) -> None:
+        """Writes STATUS: the channel goes idle (its watermark no longer holds others back) or
+        active again."""
+        self._write_bytes(lib.MPS_RECORD_STATUS, _U64.pack(1 if idle else 0), timeout)
+
     def close(self, timeout: float | None = None) -> None:
         """Writes END_OF_STREAM after all data, then detaches. A reader already gone is fine."""
         if self._ring is None:
@@ -373,7 +379,8 @@ class Record:
     """The record a reader holds: use it as a context manager, which releases it on exit.
 
     kind is a :class:`RecordKind`; ``batch`` (DATA) holds read-only views valid until release;
-    ``value`` is the checkpoint id (BARRIER) or event time (WATERMARK). A reader holds one
+    ``value`` is the checkpoint id (BARRIER), the event time (WATERMARK) or 1 for idle, 0 for
+    active (STATUS). A reader holds one
     record at a time and reuses this object for the next one.
     """
 
@@ -458,6 +465,8 @@ class ChannelReader(_Endpoint):
             record.value = _U64.unpack_from(self._in, index)[0]
         elif kind is RecordKind.WATERMARK:
             record.value = _I64.unpack_from(self._in, index)[0]
+        elif kind is RecordKind.STATUS:
+            record.value = _U64.unpack_from(self._in, index)[0]
         return True
 
     def close(self) -> None:
@@ -597,7 +606,7 @@ class Doorbells:
 
     >>> with Doorbells("example-bells", 2) as bells:
     ...     mine = Doorbells.open(bells.name).slot(1)
-    ...     before = mine.rung
+    ...     before = mine.rung                  # a new slot: nobody rang
     ...     bells.ring(1)
     ...     after = mine.rung
     ...     mine.answer()
@@ -654,14 +663,15 @@ class Doorbells:
 class Doorbell:
     """The slot of :class:`Doorbells` a process sleeps on: it has :attr:`rung` when its word
     changed since the last :meth:`answer`. Answer first, then look for the reason (a message):
-    a ring that comes after is seen next time."""
+    a ring that comes after is seen next time. A new segment's words are 0 and a Doorbell starts
+    from 0, so a ring that came before it was made (before the process got this far) counts."""
 
     __slots__ = ("board", "word", "seen")
 
     def __init__(self, board: Doorbells, slot: int) -> None:
         self.board = board  # keeps the mapping alive
         self.word = board.word(slot)
-        self.seen = self.word[0]
+        self.seen = 0
 
     @property
     def rung(self) -> bool:

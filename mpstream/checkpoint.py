@@ -29,7 +29,8 @@ from typing import Any
 
 from .errors import CheckpointError
 
-__all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot", "FORMAT_VERSION", "state_key"]
+__all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot", "FORMAT_VERSION", "state_key",
+           "restore_from"]
 
 #: 2: a state file holds an OperatorSnapshot (1 held a dict with the source offset).
 FORMAT_VERSION = 2
@@ -46,13 +47,18 @@ def state_key(operator: str, instance: int) -> str:
 @dataclass
 class OperatorSnapshot:
     """What a checkpoint keeps of one operator instance: the operator's own ``snapshot()``
-    (a source's position included), its pending timers, and
-    whether it had already processed the end of its input (then ``close()`` is not run again
-    after a restore: its final output was already emitted)."""
+    (a source's position included), its pending timers, whether it had already processed the
+    end of its input (then ``close()`` is not run again after a restore: its final output was
+    already emitted), and its event time. The head of a task also keeps its input channels'
+    watermarks (``valve``: per producing operator instance) or, for a source, its watermark
+    generator's state, so a restore continues with exactly the watermarks it had."""
 
     operator: Any
     timers: list[Any] = field(default_factory=list)
     finished: bool = False
+    watermark: int = -(2**63)
+    valve: dict[str, Any] | None = None
+    generator: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -196,14 +202,48 @@ class CheckpointStore:
         for entry in self.metadata(checkpoint_id)["states"].values():
             self._payload(checkpoint_id, entry)
 
-    def latest_valid(self) -> tuple[int | None, list[str]]:
-        """The newest complete checkpoint whose files all check out, and the problems met on
-        the way (newer checkpoints found corrupt); None if there is none."""
+    def latest_valid(self, first: int = 0) -> tuple[int | None, list[str]]:
+        """The newest complete checkpoint (from id ``first`` on) whose files all check out, and
+        the problems met on the way (newer checkpoints found corrupt); None if there is none."""
         problems = []
-        for checkpoint_id in reversed(self.complete()):
+        for checkpoint_id in reversed([n for n in self.complete() if n >= first]):
             try:
                 self.verify(checkpoint_id)
                 return checkpoint_id, problems
             except (CheckpointError, OSError, KeyError, ValueError) as exc:
                 problems.append(str(exc))
         return None, problems
+
+
+#: Input partitionings whose keyed state can move between instances by key group.
+MOVABLE = (None, "hash", "salted", "round_robin")
+
+
+def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, parallelism: int, rescalable: bool,
+                 partitioning: str | None) -> list[int] | None:
+    """The old instances whose states instance i of an operator restores from: None means its
+    own (instance i, at an unchanged parallelism: right for every operator), a list means all
+    of them (a rescalable operator at another parallelism keeps its key groups). Raises
+    CheckpointError, saying what to do, when the operator cannot be restored at this
+    parallelism: the checkpoint lacks it; it is not rescalable and has state; or its input is
+    partitioned by range or a custom function (its keys cannot be placed by key group)."""
+    old = store.instances(checkpoint_id, operator)
+    if old == 0:
+        raise CheckpointError(f"checkpoint {checkpoint_id} holds no state of operator {operator!r}: the job is not "
+                              f"the one that wrote it (an operator was added or renamed); resume it with the job "
+                              f"that wrote it, or start without resume")
+    if old == parallelism:
+        return None
+    if rescalable and partitioning in MOVABLE:
+        return list(range(old))
+    if rescalable:
+        raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
+                              f"{parallelism} now, and its input is partitioned by {partitioning}: its state cannot "
+                              f"move between instances; run it with parallelism {old} (or key it by hash)")
+    snaps = [store.read_state(checkpoint_id, operator, i) for i in range(old)]
+    if all(s.operator is None and not s.timers for s in snaps):
+        return list(range(old))  # stateless: any parallelism will do
+    raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
+                          f"{parallelism} now: only keyed operators (and stateless ones) can change it on restore; "
+                          f"run it with parallelism {old}")
+

@@ -72,6 +72,7 @@ class CheckpointCoordinator:
         self.failures = 0
         self.drained: set[str] = set()
         self.stop_requested = False
+        self.retry_at = 0.0  # when a failed stop or final checkpoint is tried again
         self.done = False  # the final or stop checkpoint is committed (or given up): the job may end
         self.final_checkpoint: int | None = None
 
@@ -81,7 +82,7 @@ class CheckpointCoordinator:
         if self.done or self.pending is not None:
             return float("inf")
         if self.stop_requested or self.drained == self.tasks:
-            return 0.0  # at once
+            return self.retry_at  # at once; after a failed one, at the next interval
         return self.next_trigger
 
     def demand(self) -> None:
@@ -155,6 +156,7 @@ class CheckpointCoordinator:
     def _failed(self, pending: PendingCheckpoint, exc: CheckpointError) -> None:
         self.store.discard(pending.checkpoint_id)
         self.failures += 1
+        self.retry_at = time.monotonic() + self.interval
         kind = "final checkpoint" if pending.final else "checkpoint"
         if self.failures > self.tolerable_failures:
             raise CheckpointError(f"{self.failures} checkpoints failed in a row, more than the {self.tolerable_failures} "

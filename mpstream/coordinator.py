@@ -33,7 +33,7 @@ from typing import Any
 from . import messages as msg
 from .batch import Batch
 from .channel import Channel, Doorbells, sweep_stale_segments
-from .checkpoint import CheckpointStore
+from .checkpoint import CheckpointStore, restore_from
 from .checkpoint_coordinator import CheckpointCoordinator
 from .errors import CheckpointError, OperatorError, PlanError, WorkerDiedError
 from .metrics import InstanceStats
@@ -83,6 +83,7 @@ class Job:
             raise PlanError("the pipeline has no operators")
         self.graph, self.progress, self.config = graph, progress, checkpoints
         self.store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
+        self._rescalable: dict[str, bool] = {}
         if checkpoints is not None:
             for node in graph.nodes:  # built here only to ask; tasks build their own
                 operator = node.make()
@@ -90,21 +91,24 @@ class Job:
                     raise PlanError(f"operator {node.name!r} ({operator!r}) cannot be resumed after a restore, so it "
                                     f"cannot run in a job with checkpoints: for files, write CSV (fmt='csv') or use "
                                     f"to_files(..., transactional=True)")
+                self._rescalable[node.name] = operator.rescalable
         self.tasks = graph.tasks()
         self.kept: dict[str, list[tuple[int, Batch]]] = {n.name: [] for n in graph.nodes if n.collect}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._requests: set[str] = set()  # "stop", "drain", "checkpoint", "cancel"
+        self._requests: set[str] = set()  # "checkpoint", "cancel": for the attempt running
         self.attempt: _Attempt | None = None  # the one running
-        self.stop_requested = False
+        self.stop_mode: str | None = None  # "stop" or "drain", asked once: it holds for every attempt after
         self.started = time.monotonic()
 
     def request(self, what: str) -> None:
         """Asks the running job for "stop" (with a checkpoint), "drain", "checkpoint" or
         "cancel"; safe from a signal handler or another thread."""
-        self._requests.add(what)
-        self.stop_requested |= what in ("stop", "drain")
+        if what in ("stop", "drain"):
+            self.stop_mode = "drain" if "drain" in (what, self.stop_mode) else what
+        else:
+            self._requests.add(what)
         try:
             os.write(self._wake_w, b"!")
         except BlockingIOError:  # the pipe is full of wake-ups already
@@ -114,12 +118,20 @@ class Job:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def _restore_point(self) -> int | None:
-        """The id of the newest checkpoint that checks out (damaged newer ones are reported)."""
-        checkpoint_id, problems = self.store.latest_valid()
+    def _restore_point(self, first: int = 0) -> int | None:
+        """The id of the newest checkpoint from ``first`` on that checks out (damaged newer ones
+        are reported): a restart never goes back to an earlier run's checkpoints."""
+        checkpoint_id, problems = self.store.latest_valid(first)
         for problem in problems:
             warnings.warn(f"skipping a damaged checkpoint: {problem}", stacklevel=4)
         return checkpoint_id
+
+    def _check_restorable(self, checkpoint_id: int) -> None:
+        """Every operator can be restored from the checkpoint at its parallelism now (else a
+        CheckpointError saying why and what to do, before anything starts)."""
+        for node in self.graph.nodes:
+            restore_from(self.store, checkpoint_id, node.name, node.parallelism, self._rescalable[node.name],
+                         node.partitioning)
 
     def run(self) -> JobResult:
         config = self.config
@@ -130,8 +142,12 @@ class Job:
                 raise CheckpointError(f"resume=True, but no checkpoint was found in {config.directory}: check the "
                                       f"directory, or pass resume='if-present' to start fresh when there is none")
         if self.store is not None:
+            if restore is not None:
+                self._check_restorable(restore)
             self.store.create()
             self.store.discard_incomplete()  # left by a job that died mid-checkpoint
+        # this run's checkpoints: a restart goes back to one of them (or to the one it resumed)
+        first = restore if restore is not None else (self.store.complete() or [0])[-1] + 1 if self.store else 0
         restored_from = restore
         started_at = {} if restore is None else {  # where the run's sources start: its own work is after that
             node.name: [self.store.read_state(restore, node.name, i).operator
@@ -161,7 +177,7 @@ class Job:
                 failed_at.append(time.monotonic())
                 warnings.warn(f"restarting the job from its last checkpoint after: {exc}", stacklevel=3)
                 time.sleep(config.restart_backoff * 2 ** (len(failed_at) - 1))  # backoff, not synchronisation
-                restore = self._restore_point()
+                restore = self._restore_point(first)
                 upto = restore or 0
                 for batches in self.kept.values():  # what followed the checkpoint will be replayed
                     batches[:] = [(epoch, b) for epoch, b in batches if epoch < upto]
@@ -202,7 +218,8 @@ class _Attempt:
         self.checkpoints = None if config is None else CheckpointCoordinator(
             job.store, config.interval, config.tolerable_failures, self._send,
             {t.name for t in job.tasks if t.is_source}, {t.name for t in job.tasks}, lambda: self.commits)
-        self.stopped = False
+        self.stopped = False  # Finish went out
+        self.stop_applied: str | None = None
 
     def run(self) -> JobResult:
         sweep_stale_segments()
@@ -295,13 +312,14 @@ class _Attempt:
         if "cancel" in requests:
             raise _Cancelled()
         checkpoints = self.checkpoints
-        if "drain" in requests or ("stop" in requests and checkpoints is None):
-            for task in self.by_name.values():  # the sources end their input here
-                if task.spec.is_source:
-                    self._send(task.spec.name, msg.EndInput())
-        elif "stop" in requests:
-            checkpoints.request_stop()
-            job._requests.add("stop")  # it holds for the attempts after a restart too
+        if job.stop_mode is not None and self.stop_applied != job.stop_mode:
+            self.stop_applied = job.stop_mode
+            if job.stop_mode == "drain" or checkpoints is None:
+                for task in self.by_name.values():  # the sources end their input here
+                    if task.spec.is_source:
+                        self._send(task.spec.name, msg.EndInput())
+            else:
+                checkpoints.request_stop()
         if "checkpoint" in requests and checkpoints is not None:
             checkpoints.demand()
 
@@ -367,12 +385,17 @@ class _Attempt:
         for s in stats:
             if s.dropped:
                 dropped[s.name] = dropped.get(s.name, 0) + s.dropped
-        collected = {name: [batch for _, batch in batches] for name, batches in self.job.kept.items()}
         checkpoints = self.checkpoints
+        final = None if checkpoints is None else checkpoints.final_checkpoint
+        stopped = self.job.stop_mode is not None
+        # after a stop, what a sink got behind the stop's barrier is not in its checkpoint: the
+        # resumed run makes it again
+        upto = final if stopped and final is not None else float("inf")
+        collected = {name: [batch for epoch, batch in batches if epoch < upto]
+                     for name, batches in self.job.kept.items()}
         return JobResult(collected, stats, time.monotonic() - self.job.started, dropped,
-                         [] if checkpoints is None else checkpoints.completed,
-                         stopped=self.job.stop_requested,
-                         final_checkpoint=None if checkpoints is None else checkpoints.final_checkpoint)
+                         [] if checkpoints is None else checkpoints.completed, stopped=stopped,
+                         final_checkpoint=final)
 
 
 # ---- running a job --------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["InstanceStats"]
@@ -18,6 +18,8 @@ class InstanceStats:
     those times: the head of the chain reports them, the others report only their counters.
     A source reports its ``position`` (its snapshot) where it ended or stopped, and
     ``start_position`` where it started when the job was restored from a checkpoint.
+    ``watermark`` is the instance's event time when it ended (None without event time);
+    ``counters`` what the operator counted (``late_records_dropped`` of a window).
     """
 
     name: str
@@ -35,3 +37,5 @@ class InstanceStats:
     cpu_s: float = 0.0
     position: Any = None
     start_position: Any = None
+    watermark: int | None = None
+    counters: dict[str, int] = field(default_factory=dict)

@@ -6,6 +6,8 @@ The contract (every hook optional but ``process``)::
     restore(states)                      after open, when the job starts from a checkpoint
     process(batch) -> Output             every input batch
     on_timer(timer) -> Output            a timer registered through ctx.timers is due
+    on_watermark(watermark) -> Output    the operator's event time advanced (after its due
+                                         event-time timers fired; the watermark goes on after)
     prepare_snapshot_pre_barrier(n) -> Output
                                          a checkpoint barrier arrived: output that must precede it
     snapshot() -> state                  the operator's state for checkpoint n (picklable, owned)
@@ -16,10 +18,11 @@ An ``Output`` is a :class:`~mpstream.batch.Batch`, a mapping of columns, an iter
 or None. Batches passed to ``process`` hold views on shared memory, valid during the call:
 return them (or slices of them) freely, they are copied downstream; ``copy()`` what you keep.
 
-``restore`` has one signature for every operator: it gets a list of states. An operator that
-declares ``rescalable = True`` gets the states of every instance of the checkpoint (any old
-parallelism) and keeps what belongs to its key groups; any other gets a list holding its own
-state only, and its parallelism cannot change on restore (unless its states are all None).
+``restore`` has one signature for every operator: it gets a list of states. At an unchanged
+parallelism it is the instance's own state. At another one, an operator that declares
+``rescalable = True`` gets the states of every old instance (``ctx.rescaled`` is then true) and
+keeps what belongs to its key groups; any other cannot change its parallelism on restore
+(unless its states are all None).
 ``resumable = False`` declares an operator that cannot be restored at all (a job with
 checkpoints refuses it up front); ``commits_on_checkpoint = True`` one that publishes output
 when a checkpoint commits (the job's final checkpoint must then succeed before it ends).
@@ -53,21 +56,34 @@ from .partition import groups_of_instance, key_groups
 from .state import KeyedState
 from .timers import Timer, TimerService
 
-__all__ = ["Context", "Operator", "KeyedOperator", "Output", "Map", "Filter", "FlatMap", "Aggregate", "Combine"]
+__all__ = ["Context", "Operator", "KeyedOperator", "Output", "Map", "Filter", "FlatMap", "Aggregate", "Combine",
+           "own_key_groups", "own_rows"]
 
 Output = Union[Batch, Mapping[str, Any], Iterable[Union[Batch, Mapping[str, Any]]], None]
 
 
-@dataclass(frozen=True)
+def _no_side_output(port: str, out: Output) -> None:
+    raise ValueError(f"no side output {port!r} outside a running task")
+
+
+@dataclass(eq=False)
 class Context:
     """Where an operator instance runs: its name, instance index and parallelism, its timers,
-    and whether the job takes checkpoints."""
+    whether the job takes checkpoints; ``side_output(port, out)`` emits to another output port
+    than the main one, and ``ports`` says which of its ports something reads; ``counters``
+    are added to the instance's statistics (e.g. ``late_records_dropped``). During ``restore``,
+    ``rescaled`` is true when the states are those of every old instance (the parallelism
+    changed): keep only your key groups' part (:func:`own_rows`); else it is your own state."""
 
     name: str
     instance: int
     parallelism: int
     timers: TimerService = field(default_factory=TimerService, compare=False, repr=False)
     checkpointing: bool = False
+    side_output: Callable[[str, Output], None] = field(default=_no_side_output, compare=False, repr=False)
+    ports: frozenset[str] = frozenset()
+    counters: dict[str, int] = field(default_factory=dict)
+    rescaled: bool = False
 
 
 class Operator:
@@ -88,6 +104,9 @@ class Operator:
         return batch
 
     def on_timer(self, timer: Timer) -> Output:
+        return None
+
+    def on_watermark(self, watermark: int) -> Output:
         return None
 
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
@@ -126,7 +145,7 @@ class KeyedOperator(Operator):
         return self.state.snapshot()
 
     def restore(self, states: list[Any]) -> None:
-        self.state.restore(states)
+        self.state.restore(states, own_only=not self.ctx.rescaled)
 
 
 # ---- transforms ---------------------------------------------------------------------------
@@ -157,13 +176,17 @@ class FlatMap(Operator):
 
 # ---- aggregation --------------------------------------------------------------------------
 
-def _keep_own_groups(ctx: Context, key: str, partials: Iterable[Batch | None]) -> Iterable[Batch]:
-    """The rows of partial batches whose key falls in this instance's key groups."""
+def own_rows(ctx: Context, key: str, batch: Batch | None) -> Batch | None:
+    """In ``restore``: the rows of a checkpointed batch this instance keeps: all of them when
+    it is its own state, else those whose key falls in its key groups (None: no row)."""
+    if batch is None or not batch.num_rows:
+        return None
+    if not ctx.rescaled:
+        return batch
     mine = own_key_groups(ctx)
-    for partial in partials:
-        if partial is not None:
-            groups = key_groups(partial[key])
-            yield partial.filter((groups >= mine.start) & (groups < mine.stop))
+    groups = key_groups(batch[key])
+    keep = (groups >= mine.start) & (groups < mine.stop)
+    return batch.filter(keep) if keep.any() else None
 
 
 class Aggregate(Operator):
@@ -205,7 +228,7 @@ class Aggregate(Operator):
         return self.state.partial() if len(self.state) else None
 
     def restore(self, states: list[Any]) -> None:
-        for partial in _keep_own_groups(self.ctx, self.key, states):
+        for partial in filter(None, (own_rows(self.ctx, self.key, s) for s in states)):
             self.state.merge(partial)
         self.state.forget_changes()  # restored rows were emitted before the checkpoint
 
@@ -266,7 +289,7 @@ class Combine(Operator):
         return self.combiner.held()
 
     def restore(self, states: list[Any]) -> None:
-        for partial in _keep_own_groups(self.ctx, self.key, states):
+        for partial in filter(None, (own_rows(self.ctx, self.key, s) for s in states)):
             self.combiner.add_partials(partial)
         self._arm()
 

@@ -25,6 +25,7 @@ class OutputWriter:
         self.writers = [ChannelWriter(names[label], nap_ns=nap_ns) for label in spec.channels]
         self.partitioner: Partitioner | None = None if spec.partitioner is None else spec.partitioner()
         self.drop = spec.drop
+        self.port = spec.port
         self.bytes_out = 0
         self.dropped = 0
         self._waited_s: float | None = None  # backpressured time, kept when the writers close
@@ -65,6 +66,15 @@ class OutputWriter:
     def write_barrier(self, checkpoint_id: int) -> None:
         for writer in self.writers:
             writer.write_barrier(checkpoint_id)
+
+    def write_watermark(self, watermark: int) -> None:
+        """To every channel: a watermark crosses keyed and round-robin edges whole."""
+        for writer in self.writers:
+            writer.write_watermark(watermark)
+
+    def write_status(self, idle: bool) -> None:
+        for writer in self.writers:
+            writer.write_status(idle)
 
     def backpressured_s(self) -> float:
         """Seconds spent waiting for credit on this edge's channels."""

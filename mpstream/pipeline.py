@@ -34,8 +34,9 @@ from .coordinator import CheckpointConfig, JobHandle, run, start
 from .errors import AggregateError, PartitionError, PlanError
 from .operators import Aggregate, Combine, Filter, FlatMap, Map, Operator
 from .partition import CustomPartitioner, HashPartitioner, Partitioner, RangePartitioner, RoundRobinPartitioner
-from .plan import Edge, JobGraph, Node, check_name, check_parallelism
+from .plan import MAIN, Edge, JobGraph, Node, check_name, check_parallelism
 from .result import JobResult
+from .watermarks import EventTime
 
 __all__ = ["Pipeline", "Stream", "KeyedStream"]
 
@@ -143,14 +144,17 @@ class Pipeline:
 
 
 class Stream:
-    """The output of one or more operators (several after ``union``)."""
+    """The output of one or more operators (several after ``union``): of their main output
+    port, or of a side output (``ports``, e.g. a window's "late")."""
 
     def __init__(self, pipeline: Pipeline, upstreams: list[Node], partitioner: Callable[[], Partitioner] | None = None,
-                 range_bounds: int | None = None) -> None:
+                 range_bounds: int | None = None, ports: list[str] | None = None) -> None:
         self.pipeline = pipeline
         self.upstreams = upstreams
+        self.ports = ports or [MAIN] * len(upstreams)
         self._partitioner = partitioner
         self._range_bounds = range_bounds  # a range partitioner's bound count, checked at the next operator
+        self._partitioning: str | None = None if partitioner is None else "round_robin"  # see Node.partitioning
 
     @property
     def parallelism(self) -> int:
@@ -166,16 +170,14 @@ class Stream:
             raise PlanError(f"operator {name!r}: a range partitioner over {parallelism} instances needs "
                             f"{parallelism - 1} range bounds, got {self._range_bounds}")
         edges = []
-        for up in self.upstreams:
+        for up, port in zip(self.upstreams, self.ports):
             partitioner = self._partitioner
             if partitioner is None and up.parallelism != parallelism:
                 partitioner = RoundRobinPartitioner  # no key: rebalance whole batches
-            edges.append(Edge(up.name, partitioner, drop=backpressure == "drop"))
-        node = self.pipeline.graph.add(Node(name, parallelism, make, edges, collect, keyed=self._keyed()))
+            edges.append(Edge(up.name, partitioner, drop=backpressure == "drop", port=port))
+        node = self.pipeline.graph.add(Node(name, parallelism, make, edges, collect,
+                                            partitioning=self._partitioning))
         return Stream(self.pipeline, [node])
-
-    def _keyed(self) -> bool:
-        return False
 
     def map(self, name: str, fn: Callable[[Batch], Batch | Mapping[str, Any]], *, parallelism: int | None = None,
             backpressure: str = "block") -> Stream:
@@ -201,7 +203,48 @@ class Stream:
     def union(self, *others: Stream) -> Stream:
         """The rows of this stream and others, read fairly by the next operator."""
         return Stream(self.pipeline, self.upstreams + [n for o in others for n in o.upstreams], self._partitioner,
-                      self._range_bounds)
+                      self._range_bounds, self.ports + [p for o in others for p in o.ports])
+
+    def with_event_time(self, column: str, *, max_out_of_orderness: int = 0,
+                        watermark: Callable[[Batch], int | None] | None = None, idle_timeout: float | None = None,
+                        interval: float = 0.2) -> Stream:
+        """Declares a source's event time (right after the source): ``column`` holds each
+        record's timestamp (int64 in the job's time unit, or datetime64), and every source
+        instance makes watermarks from it: ``W = max timestamp seen - max_out_of_orderness``
+        after each batch (0: ordered input), or ``watermark(batch)``. With ``idle_timeout``
+        (seconds without a record, not counting time blocked on credit) an instance marks
+        itself idle, so it holds no window back; ``interval`` is how often it checks. See
+        :mod:`mpstream.watermarks`."""
+        if len(self.upstreams) != 1 or not self.upstreams[0].is_source or self.ports != [MAIN]:
+            raise PlanError("with_event_time() goes right after a source (p.from_...(...).with_event_time(...)): "
+                            "watermarks are made where the records enter the job")
+        node = self.upstreams[0]
+        if not isinstance(max_out_of_orderness, int) or isinstance(max_out_of_orderness, bool) or \
+                max_out_of_orderness < 0:
+            raise PlanError(f"operator {node.name!r}: max_out_of_orderness must be an int >= 0 (in the event-time "
+                            f"unit), got {max_out_of_orderness!r}")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise PlanError(f"operator {node.name!r}: idle_timeout must be > 0 seconds, got {idle_timeout!r}")
+        if not interval > 0:
+            raise PlanError(f"operator {node.name!r}: interval must be > 0 seconds, got {interval!r}")
+        node.event_time = EventTime(column, max_out_of_orderness, watermark, idle_timeout, interval)
+        return self
+
+    def _event_time_column(self) -> str | None:
+        """The event-time column of the sources this stream comes from (None: none declared)."""
+        graph, columns, todo, seen = self.pipeline.graph, set(), list(self.upstreams), set()
+        while todo:
+            node = todo.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.event_time is not None:
+                columns.add(node.event_time.column)
+            todo += [graph.node(e.upstream) for e in node.inputs]
+        if len(columns) > 1:
+            raise PlanError(f"the sources of this stream name different event-time columns {sorted(columns)}: "
+                            f"rename them to one")
+        return columns.pop() if columns else None
 
     def key_by(self, key: str, partitioner: str | Callable[[Batch, int], np.ndarray] = "hash", *,
                bounds: Sequence[float] | None = None) -> KeyedStream:
@@ -209,6 +252,7 @@ class Stream:
         "range" (with sorted ``bounds``, parallelism - 1 of them), "round_robin" (whole batches
         in turn: balance, but a key's rows may go anywhere) or a function ``fn(batch, n) -> ids``."""
         range_bounds = None
+        kind = partitioner if isinstance(partitioner, str) else "custom"
         if partitioner == "hash":
             factory: Callable[[], Partitioner] = lambda: HashPartitioner(key)  # noqa: E731
         elif partitioner == "round_robin":
@@ -226,11 +270,11 @@ class Stream:
             factory = lambda: CustomPartitioner(partitioner)  # noqa: E731
         else:
             raise PlanError(f"partitioner must be 'hash', 'range', 'round_robin' or a function, got {partitioner!r}")
-        return KeyedStream(self.pipeline, self.upstreams, factory, key, partitioner == "hash", range_bounds)
+        return KeyedStream(self.pipeline, self.upstreams, factory, key, kind, range_bounds, self.ports)
 
     def rebalance(self) -> Stream:
         """Round-robin: whole batches in turn to the next operator's instances."""
-        return Stream(self.pipeline, self.upstreams, RoundRobinPartitioner)
+        return Stream(self.pipeline, self.upstreams, RoundRobinPartitioner, ports=self.ports)
 
     # ---- sinks --------------------------------------------------------------------------------
 
@@ -265,13 +309,10 @@ class KeyedStream(Stream):
     """A stream partitioned by a key: its next operator gets all rows of a key in one instance."""
 
     def __init__(self, pipeline: Pipeline, upstreams: list[Node], partitioner: Callable[[], Partitioner], key: str,
-                 hashed: bool, range_bounds: int | None = None) -> None:
-        super().__init__(pipeline, upstreams, partitioner, range_bounds)
+                 partitioning: str, range_bounds: int | None = None, ports: list[str] | None = None) -> None:
+        super().__init__(pipeline, upstreams, partitioner, range_bounds, ports)
         self.key = key
-        self._hashed = hashed
-
-    def _keyed(self) -> bool:
-        return self._hashed
+        self._partitioning = partitioning
 
     def aggregate(self, name: str, spec: Mapping[str, str | Sequence[str]], *, parallelism: int | None = None,
                   salt: int = 0, combiner_delay_s: float = 0.1, emit: str = "final",
@@ -319,9 +360,9 @@ class KeyedStream(Stream):
                 combine_name, up.parallelism, lambda: Combine(key, spec, "rows", combiner_delay_s), [Edge(up.name)],
                 chained=True)))
         updates = emit == "updates"
-        partial = KeyedStream(self.pipeline, combiners, lambda: HashPartitioner(key, salt), key, hashed=False)
+        partial = KeyedStream(self.pipeline, combiners, lambda: HashPartitioner(key, salt), key, "salted")
         partial = partial._then(f"{name}.partial", lambda: Combine(key, spec, "partials",
                                                                    update_interval if updates else math.inf,
                                                                    flush_at_barrier=updates), parallelism)
-        final = KeyedStream(self.pipeline, partial.upstreams, lambda: HashPartitioner(key), key, hashed=True)
+        final = KeyedStream(self.pipeline, partial.upstreams, lambda: HashPartitioner(key), key, "hash")
         return final._then(name, lambda: Aggregate(key, spec, "partials", emit, update_interval), parallelism)

@@ -29,6 +29,7 @@ from .errors import PlanError
 if TYPE_CHECKING:
     from .operators import Operator
     from .partition import Partitioner
+    from .watermarks import EventTime
 
 __all__ = ["Edge", "Node", "OutputSpec", "OperatorSpec", "TaskSpec", "JobGraph", "check_name", "check_parallelism"]
 
@@ -48,15 +49,20 @@ def check_parallelism(name: str, parallelism: Any) -> int:
     return parallelism
 
 
+MAIN = "main"  # the output port every operator has; others are side outputs (e.g. "late")
+
+
 @dataclass(frozen=True)
 class Edge:
     """Rows from every instance of ``upstream`` into the node owning this edge, partitioned by a
     fresh ``partitioner()`` per upstream instance; None means forward (instance i to i).
-    ``drop``: when out of credit, shed (and count) instead of waiting."""
+    ``drop``: when out of credit, shed (and count) instead of waiting. ``port``: which output
+    of the upstream operator (its main one, or a side output such as "late")."""
 
     upstream: str
     partitioner: Callable[[], Partitioner] | None = None
     drop: bool = False
+    port: str = MAIN
 
 
 @dataclass
@@ -64,9 +70,10 @@ class Node:
     """One operator of the job: ``make()`` builds an instance (in its worker process).
 
     ``collect``: its output returns to the caller of ``run()``. ``chained``: it runs in the task
-    of its upstream (see the module doc). ``keyed``: its input is hash-partitioned by key, so
-    an instance's state holds only its own key groups (a restore at unchanged parallelism reads
-    only its own state)."""
+    of its upstream (see the module doc). ``partitioning``: how its input is partitioned,
+    "hash", "salted", "range", "custom", "round_robin" or None (forward); it says whether its
+    keyed state can move to another parallelism on restore. ``event_time``: for a source, its
+    event-time column and watermarks."""
 
     name: str
     parallelism: int
@@ -74,7 +81,8 @@ class Node:
     inputs: list[Edge] = field(default_factory=list)
     collect: bool = False
     chained: bool = False
-    keyed: bool = False
+    partitioning: str | None = None
+    event_time: EventTime | None = None
 
     @property
     def is_source(self) -> bool:
@@ -84,22 +92,28 @@ class Node:
 @dataclass(frozen=True)
 class OutputSpec:
     """One output edge of an operator instance: the channel to each target instance (one
-    channel for a forward edge) and how to pick one."""
+    channel for a forward edge), how to pick one, and the operator's output port it carries."""
 
     channels: tuple[str, ...]
     partitioner: Callable[[], Partitioner] | None
     drop: bool
+    port: str = MAIN
 
 
 @dataclass(frozen=True)
 class OperatorSpec:
-    """One operator instance inside a task: its node, what it feeds in the same task (chained,
-    by name) and through channels."""
+    """One operator instance inside a task: its node, what it feeds in the same task (chained:
+    (operator name, port)) and through channels."""
 
     node: Node
     instance: int
-    chained: tuple[str, ...]
+    chained: tuple[tuple[str, str], ...]
     outputs: tuple[OutputSpec, ...]
+
+    @property
+    def ports(self) -> frozenset[str]:
+        """The output ports something reads (an operator need not produce the others)."""
+        return frozenset([port for _, port in self.chained] + [o.port for o in self.outputs])
 
     @property
     def name(self) -> str:
@@ -109,12 +123,14 @@ class OperatorSpec:
 @dataclass(frozen=True)
 class TaskSpec:
     """One process: its operators (the head first, then those chained to it, upstream before
-    downstream) and the channels the head reads."""
+    downstream), the channels the head reads and, for each, the producing operator instance
+    (``"name.instance"``: what a checkpointed watermark of the channel is kept under)."""
 
     name: str
     instance: int
     operators: tuple[OperatorSpec, ...]
     inputs: tuple[str, ...]
+    producers: tuple[str, ...] = ()
 
     @property
     def head(self) -> OperatorSpec:
@@ -164,11 +180,11 @@ class JobGraph:
         chained, outputs = [], []
         for consumer, edge in self.consumers(node.name):
             if consumer.chained:
-                chained.append(consumer.name)
+                chained.append((consumer.name, edge.port))
                 continue
             targets = [instance] if edge.partitioner is None else range(consumer.parallelism)
             outputs.append(OutputSpec(tuple(channel_label(node.name, instance, consumer.name, c) for c in targets),
-                                      edge.partitioner, edge.drop))
+                                      edge.partitioner, edge.drop, edge.port))
         return tuple(chained), tuple(outputs)
 
     def tasks(self) -> list[TaskSpec]:
@@ -183,12 +199,13 @@ class JobGraph:
                     current = todo.pop(0)
                     chained, outputs = self._outputs(current, instance)
                     operators.append(OperatorSpec(current, instance, chained, outputs))
-                    todo += [self.node(name) for name in chained]
-                inputs = tuple(channel_label(edge.upstream, pi, node.name, instance)
-                               for edge in node.inputs
-                               for pi in ([instance] if edge.partitioner is None
-                                          else range(self.node(edge.upstream).parallelism)))
-                tasks.append(TaskSpec(f"{node.name}[{instance}]", instance, tuple(operators), inputs))
+                    todo += [self.node(name) for name, _ in chained]
+                producers = [(edge.upstream, pi) for edge in node.inputs
+                             for pi in ([instance] if edge.partitioner is None
+                                        else range(self.node(edge.upstream).parallelism))]
+                inputs = tuple(channel_label(up, pi, node.name, instance) for up, pi in producers)
+                tasks.append(TaskSpec(f"{node.name}[{instance}]", instance, tuple(operators), inputs,
+                                      tuple(f"{up}.{pi}" for up, pi in producers)))
         return tasks
 
     def channels(self) -> list[str]:

@@ -62,7 +62,7 @@ class JobResult:
         for s in self.operators:
             row = out.setdefault(s.name, {"instances": 0})
             row["instances"] += 1
-            for k, v in asdict(s).items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "instance":
+            for k, v in {**asdict(s), **s.counters}.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("instance", "watermark"):
                     row[k] = row.get(k, 0) + v
         return out

@@ -62,6 +62,11 @@ class Source(Operator):
         lets the task choose (it backs off from 1 ms to 50 ms while nothing comes)."""
         return None
 
+    def has_input(self) -> bool:
+        """False when this instance has nothing to read at all (no partition assigned to it):
+        with event time it is then idle from the start, holding no watermark back."""
+        return True
+
 
 class OffsetSource(Source):
     """A source read by batch number: ``read(offset)`` returns batch number offset of this

@@ -52,9 +52,10 @@ class KeyedState:
         """{key group: {key: value}} (a copy of the dictionaries, values shared)."""
         return {group: dict(values) for group, values in self._by_group.items() if values}
 
-    def restore(self, snapshots: Iterable[dict[int, dict[Any, Any]] | None]) -> None:
-        """Takes this instance's key groups out of snapshots of any number of instances."""
+    def restore(self, snapshots: Iterable[dict[int, dict[Any, Any]] | None], own_only: bool = False) -> None:
+        """Takes this instance's key groups out of snapshots of any number of instances; with
+        ``own_only`` (its own snapshot, at an unchanged parallelism) every group it holds."""
         for snapshot in snapshots:
             for group, values in (snapshot or {}).items():
-                if group in self.groups:
+                if own_only or group in self.groups:
                     self._by_group.setdefault(group, {}).update(values)

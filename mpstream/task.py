@@ -41,14 +41,15 @@ from . import messages as msg
 from .barrier import AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler
 from .batch import Batch
 from .channel import ChannelReader, Doorbells, InputGate, RecordKind
-from .checkpoint import CheckpointStore, OperatorSnapshot
+from .checkpoint import CheckpointStore, OperatorSnapshot, restore_from
 from .errors import ChannelClosedError, CheckpointError, PeerDiedError
 from .metrics import InstanceStats
-from .operators import Context, Output
+from .operators import Context, Output, own_key_groups
 from .output import OutputWriter
-from .plan import OperatorSpec, TaskSpec
+from .plan import MAIN, OperatorSpec, TaskSpec
 from .sources import Source
 from .timers import TimerService
+from .watermarks import MAX_TIME, MIN_TIME, WatermarkGenerator, WatermarkValve
 
 __all__ = ["TaskConfig", "Task", "task_main"]
 
@@ -102,14 +103,17 @@ class ChainedOperator:
         node = spec.node
         self.name, self.instance, self.task = node.name, spec.instance, task
         self.timers = TimerService(task.wake_at)
-        self.ctx = Context(node.name, spec.instance, node.parallelism, self.timers, task.checkpointing)
-        self.stats = InstanceStats(node.name, spec.instance, task.spec.name)
+        self.ctx = Context(node.name, spec.instance, node.parallelism, self.timers, task.checkpointing,
+                           side_output=lambda port, out: self.emit(out, port), ports=spec.ports)
+        self.stats = InstanceStats(node.name, spec.instance, task.spec.name, counters=self.ctx.counters)
         self.collect = node.collect
-        self.keyed = node.keyed
+        self.partitioning = node.partitioning
+        self.spec_event_time = node.event_time
         self.outputs = [OutputWriter(o, names, TASK_NAP_NS) for o in spec.outputs]
-        self.next: list[ChainedOperator] = []  # chained successors, linked by the task
+        self.next: list[tuple[ChainedOperator, str]] = []  # chained successors and the port they read
         self.finished = False  # close() ran (in this attempt or before the restored checkpoint)
-        self._announced = False  # emitted a batch already (so its schema is known downstream)
+        self.watermark = MIN_TIME  # this operator's event time
+        self._announced: set[str] = set()  # ports that carried a batch (so downstream knows its schema)
         self.op = self.call(node.make)
 
     def call(self, fn: Any, *args: Any) -> Any:
@@ -126,29 +130,56 @@ class ChainedOperator:
         self.stats.batches_in += 1
         self.emit(self.call(self.op.process, batch))
 
-    def emit(self, out: Output) -> None:
+    def emit(self, out: Output, port: str = MAIN) -> None:
+        """Hands output of this operator (on one of its ports) on: to chained operators that
+        read the port, to its channels, and for a collect sink to the coordinator."""
         if out is None:
             return
         for batch in self.call(_batches, out, self.name):
-            if batch.num_rows == 0 and self._announced:
+            if batch.num_rows == 0 and port in self._announced:
                 continue
             if self.task.outputs_closed:
                 raise _OperatorRaised(self.name, self.instance) from RuntimeError(
                     f"operator {self.name!r} emitted output after the end of its input; emit everything in close()")
-            self._announced = True
+            self._announced.add(port)
             if batch.num_rows:
                 self.stats.records_out += batch.num_rows
                 self.stats.batches_out += 1
             if self.collect:
                 self.task.send(msg.Collected(self.name, batch, self.task.epoch))  # pickling copies it off the ring
-            for successor in self.next:
-                successor.process(batch)
+            for successor, wanted in self.next:
+                if wanted == port:
+                    successor.process(batch)
             for output in self.outputs:
-                output.write(batch)
+                if output.port == port:
+                    output.write(batch)
 
     def fire_timers(self, now: float) -> None:
         for timer in self.timers.due_processing(now):
             self.emit(self.call(self.op.on_timer, timer))
+
+    def advance(self, watermark: int) -> None:
+        """The operator's event time moves to ``watermark``: its due event-time timers fire and
+        ``on_watermark`` runs (their output goes first), then the watermark goes on to chained
+        operators and channels (Flink: an operator processes a watermark completely before it
+        forwards it)."""
+        if watermark <= self.watermark or self.finished:
+            return
+        self.watermark = watermark
+        for timer in self.timers.due_event(watermark):
+            self.emit(self.call(self.op.on_timer, timer))
+        self.emit(self.call(self.op.on_watermark, watermark))
+        for successor, _ in self.next:
+            successor.advance(watermark)
+        for output in self.outputs:
+            output.write_watermark(watermark)
+
+    def status(self, idle: bool) -> None:
+        """The task's input went idle (or active again): tell everything downstream."""
+        for successor, _ in self.next:
+            successor.status(idle)
+        for output in self.outputs:
+            output.write_status(idle)
 
 
 class Task:
@@ -171,12 +202,15 @@ class Task:
         self.operators = [ChainedOperator(op, self, names) for op in spec.operators]
         by_name = {op.name: op for op in self.operators}
         for op, op_spec in zip(self.operators, spec.operators):
-            op.next = [by_name[name] for name in op_spec.chained]
+            op.next = [(by_name[name], port) for name, port in op_spec.chained]
         self.head = self.operators[0]
         readers = [ChannelReader(names[label], nap_ns=TASK_NAP_NS) for label in spec.inputs]
         self.gate = InputGate(readers) if readers else None
         handler = AlignedBarrierHandler if config.exactly_once else AtLeastOnceBarrierHandler
         self.barriers: BarrierHandler | None = handler(self.gate) if self.gate else None
+        self.valve = WatermarkValve(len(readers)) if readers else None
+        event_time = self.head.spec_event_time
+        self.generator = None if event_time is None else WatermarkGenerator(event_time, f"source {self.head.name!r}")
         self.idle_s = 0.0
         self._control_poll = select.poll()  # reused: Connection.poll() builds a selector each call
         self._control_poll.register(conn.fileno(), select.POLLIN)
@@ -244,8 +278,14 @@ class Task:
         self.epoch = checkpoint_id
         for op in self.operators:  # output that belongs before the barrier: chained ones see it first
             op.emit(op.call(op.op.prepare_snapshot_pre_barrier, checkpoint_id))
-        snapshots = {op.name: OperatorSnapshot(op.call(op.op.snapshot), op.timers.snapshot(), op.finished)
-                     for op in self.operators}
+        snapshots = {op.name: OperatorSnapshot(op.call(op.op.snapshot), op.timers.snapshot(), op.finished,
+                                               op.watermark) for op in self.operators}
+        head = snapshots[self.head.name]
+        if self.valve is not None:
+            head.valve = {"output": self.valve.output, "idle": self.valve.idle,
+                          "channels": dict(zip(self.spec.producers, self.valve.state()["channels"]))}
+        if self.generator is not None:
+            head.generator = self.generator.state()
         pause = time.perf_counter() - started
         if not self.outputs_closed:
             for op in self.operators:
@@ -268,33 +308,44 @@ class Task:
             self.send(msg.DeclineCheckpoint(checkpoint_id, str(exc)))
 
     def _restore(self, checkpoint_id: int) -> None:
-        """Puts back every operator's state of the checkpoint: its own, or, for a rescalable
-        operator at a new parallelism (or whose input is not keyed), the states of every old
-        instance to pick its key groups from."""
+        """Puts back every operator's state of the checkpoint (:func:`~mpstream.checkpoint.restore_from`):
+        its own at an unchanged parallelism; else, for a rescalable operator, the states of every
+        old instance to pick its key groups from, with the timers of its key groups and (from the
+        old instance of its own index, if any) its unkeyed ones."""
         store = self.store
         for op in self.operators:
-            parallelism = op.ctx.parallelism
-            old = store.instances(checkpoint_id, op.name)
-            if old == 0:
-                raise CheckpointError(f"checkpoint {checkpoint_id} holds no state of operator {op.name!r}: the job "
-                                      f"is not the one that wrote it (an operator was added or renamed); resume "
-                                      f"it with the job that wrote it, or start without resume")
-            if old == parallelism and (op.keyed or not op.op.rescalable):
-                snaps = [store.read_state(checkpoint_id, op.name, op.instance)]
-            else:
-                snaps = [store.read_state(checkpoint_id, op.name, i) for i in range(old)]
-                stateless = all(s.operator is None and not s.timers for s in snaps)
-                if not op.op.rescalable and not stateless:
-                    raise CheckpointError(
-                        f"operator {op.name!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
-                        f"{parallelism} now: only keyed operators (and stateless ones) can change it on "
-                        f"restore; run it with parallelism {old}")
-            if not (old != parallelism and not op.op.rescalable):
+            which = restore_from(store, checkpoint_id, op.name, op.ctx.parallelism, op.op.rescalable, op.partitioning)
+            own = [store.read_state(checkpoint_id, op.name, op.instance)] if which is None else None
+            snaps = own or [store.read_state(checkpoint_id, op.name, i) for i in which]
+            op.ctx.rescaled = own is None
+            if own is not None or op.op.rescalable:
                 op.call(op.op.restore, [s.operator for s in snaps])
-            op.timers.restore([t for s in snaps for t in s.timers])
+            mine = own_key_groups(op.ctx)
+            op.timers.restore([t for i, s in enumerate(snaps) for t in s.timers
+                               if own is not None or (t.key_group in mine if t.key_group is not None
+                                                      else i == op.instance)])
             op.finished = all(s.finished for s in snaps)
+            op.watermark = min(s.watermark for s in snaps)  # equal at an aligned checkpoint
+            if op is self.head:
+                self._restore_watermarks(snaps)
+            op.ctx.rescaled = False
         if isinstance(self.head.op, Source):
             self.head.stats.start_position = self.head.op.snapshot()
+
+    def _restore_watermarks(self, snaps: list[OperatorSnapshot]) -> None:
+        """The head's input watermarks: per producing instance, as any old instance saw them (at
+        an aligned checkpoint every consumer instance had the same from one producer); a
+        producer new since starts at the restored output. A source's generator likewise."""
+        if self.valve is not None:
+            saved = [s.valve for s in snaps if s.valve is not None]
+            if saved:
+                channels: dict[str, Any] = {}
+                for state in saved:
+                    channels.update(state["channels"])
+                self.valve.restore({"output": min(s["output"] for s in saved), "idle": all(s["idle"] for s in saved)},
+                                   [channels.get(p) for p in self.spec.producers])
+        if self.generator is not None and snaps[0].generator is not None:
+            self.generator.restore(snaps[0].generator)
 
     # ---- running --------------------------------------------------------------------------
 
@@ -327,11 +378,14 @@ class Task:
         for op in self.operators:
             op.stats.bytes_out = sum(o.bytes_out for o in op.outputs)
             op.stats.dropped = sum(o.dropped for o in op.outputs)
+            op.stats.watermark = None if op.watermark == MIN_TIME else op.watermark
         self.send(msg.TaskFinished(tuple(op.stats for op in self.operators)))
 
     def _end_input(self) -> None:
-        """Closes the operators (head first: a chained one gets its upstream's final output
-        before it closes), ends every output, and with checkpoints waits for Finish."""
+        """The end of the input is WATERMARK(+inf): every window fires first. Then it closes
+        the operators (head first: a chained one gets its upstream's final output before it
+        closes), ends every output, and with checkpoints waits for Finish."""
+        self.head.advance(MAX_TIME)
         for op in self.operators:
             if not op.finished:
                 op.emit(op.call(op.op.close))
@@ -347,13 +401,39 @@ class Task:
         while self.checkpointing and not self.finishing:  # triggers of the final checkpoint(s)
             self._control(timeout=1.0)
 
+    def _blocked_s(self) -> float:
+        """Seconds this task's outputs waited for credit (a backpressured source is not idle)."""
+        return sum(o.backpressured_s() for op in self.operators for o in op.outputs)
+
+    def _watermarks_after(self, batches: list[Batch]) -> None:
+        """A source's watermark after the batches it produced (and its status back to active
+        first, if it had gone idle)."""
+        generator = self.generator
+        if generator.idle:
+            generator.idle = False
+            self.head.status(False)
+        blocked = self._blocked_s()
+        for batch in batches:
+            watermark = generator.on_batch(batch, blocked)
+            if watermark is not None:
+                self.head.advance(watermark)
+
     def _run_source(self) -> None:
         head, source = self.head, self.head.op
         backoff, reported = 0.001, time.monotonic()
+        generator = self.generator
+        probe_at = float("inf") if generator is None else time.monotonic() + generator.spec.interval
+        if generator is not None and not head.call(source.has_input):
+            generator.idle = True  # nothing to read: it holds no watermark back
+            head.status(True)
         while not (self.finishing or self.ended):
             self._fire_timers()
             if self.doorbell.rung:  # between two polls: a barrier goes after a whole batch
                 self._control()
+            if time.monotonic() >= probe_at:
+                probe_at = time.monotonic() + generator.spec.interval
+                if generator.probe(self._blocked_s()):
+                    head.status(True)
             if self.stopped:  # a stop's barrier went out: nothing more, until Finish
                 self._control(timeout=1.0)
                 continue
@@ -370,7 +450,11 @@ class Task:
                 head.stats.records_in += batch.num_rows
                 head.stats.batches_in += 1
             if batches:
+                if generator is not None and generator.idle:
+                    self._watermarks_after([])  # active again before its rows
                 head.emit(batches)
+                if generator is not None:
+                    self._watermarks_after(batches)
                 backoff = 0.001
                 if time.monotonic() - reported > PROGRESS_INTERVAL_S:
                     self.send(msg.Progress(head.stats.records_in))
@@ -378,7 +462,8 @@ class Task:
                 continue
             now = time.time()
             awake = head.call(source.next_awake)
-            wake = min(now + backoff if awake is None else awake, self._next_timer)
+            wake = min(now + backoff if awake is None else awake, self._next_timer,
+                       now + max(0.0, probe_at - time.monotonic()))
             backoff = min(2 * backoff, MAX_SOURCE_BACKOFF_S)
             self._control(timeout=wake - now)  # a trigger or a stop wakes it at once
         self.send(msg.Progress(head.stats.records_in))
@@ -410,6 +495,20 @@ class Task:
                     head.process(record.batch)
                 elif kind is RecordKind.BARRIER:
                     barriers.on_barrier(channel, record.value)
+                else:
+                    self._event_time(channel, kind, record.value)
+
+    def _event_time(self, channel: int, kind: RecordKind, value: int | None) -> None:
+        """A watermark, a status or the end of a channel (WATERMARK(+inf)) through the valve."""
+        if kind is RecordKind.STATUS:
+            watermark, idle = self.valve.status(channel, bool(value))
+        else:
+            watermark = self.valve.watermark(channel, MAX_TIME if kind is RecordKind.END_OF_STREAM else value)
+            idle = None
+        if watermark is not None:
+            self.head.advance(watermark)
+        if idle is not None:
+            self.head.status(idle)
 
 
 def _prepare_worker_process(parent: int, name: str) -> None:
@@ -431,11 +530,11 @@ def task_main(spec: TaskSpec, slot: int, names: dict[str, str], conn: Connection
               config: TaskConfig) -> None:
     """The entry point of a task's (forked) process."""
     _prepare_worker_process(parent, spec.name)
-    # Ctrl-C and SIGTERM are the coordinator's (a terminal or `docker stop` signals the whole
-    # process group): a task ends when the coordinator says so, or dies with it.
+    # Ctrl-C, SIGTERM and SIGUSR1 are the coordinator's (a terminal or `docker stop` signals the
+    # whole process group): a task ends when the coordinator says so, or dies with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the coordinator forks with them blocked
     task = None
     try:

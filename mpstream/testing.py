@@ -152,6 +152,9 @@ class TestingSource(Source):
     def next_awake(self) -> float | None:
         return time.time() + 0.02  # stalled or idle: look again soon
 
+    def has_input(self) -> bool:
+        return self.ctx.instance < len(self.partitions)
+
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
         if self.kill_at_checkpoint is not None:
             n, once = self.kill_at_checkpoint

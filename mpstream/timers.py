@@ -30,11 +30,15 @@ EVENT_TIME = "event"
 
 @dataclass(frozen=True, order=True)
 class Timer:
-    """``time``: seconds since the epoch (processing time) or the job's event-time unit."""
+    """``time``: seconds since the epoch (processing time) or the job's event-time unit.
+    ``key_group``: the key group of the key the timer was registered for (None: the operator
+    instance's own timer); a restore at another parallelism gives each instance the timers of
+    its key groups, and its own unkeyed ones."""
 
     time: float
     domain: str
     payload: Hashable = None
+    key_group: int | None = None
 
 
 class TimerService:
@@ -58,14 +62,14 @@ class TimerService:
                 self._on_processing_timer(timer.time)
         return timer
 
-    def register_processing_time(self, at: float, payload: Hashable = None) -> Timer:
-        """Fires once ``time.time() >= at``."""
-        return self._register(Timer(float(at), PROCESSING_TIME, payload))
+    def register_processing_time(self, at: float, payload: Hashable = None, key: Hashable = None) -> Timer:
+        """Fires once ``time.time() >= at``. Pass the ``key`` a keyed operator sets it for."""
+        return self._register(Timer(float(at), PROCESSING_TIME, payload, _group(key)))
 
-    def register_event_time(self, at: int, payload: Hashable = None) -> Timer:
+    def register_event_time(self, at: int, payload: Hashable = None, key: Hashable = None) -> Timer:
         """Fires once the watermark is ``>= at`` (no record with an event time below ``at`` is
-        to come)."""
-        return self._register(Timer(int(at), EVENT_TIME, payload))
+        to come). Pass the ``key`` a keyed operator sets it for."""
+        return self._register(Timer(int(at), EVENT_TIME, payload, _group(key)))
 
     def delete(self, timer: Timer) -> None:
         """Forgets a pending timer (nothing happens if it fired or was never registered)."""
@@ -99,8 +103,23 @@ class TimerService:
         return self._due(EVENT_TIME, watermark)
 
     def snapshot(self) -> list[Timer]:
-        return sorted(self._pending)
+        return sorted(self._pending, key=lambda t: (t.time, t.domain, str(t.payload), -1 if t.key_group is None
+                                                   else t.key_group))
 
     def restore(self, timers: list[Timer]) -> None:
         for timer in timers:
             self._register(timer)
+
+
+def _group(key: Hashable) -> int | None:
+    """The key group of a key (None for no key)."""
+    if key is None:
+        return None
+    import numpy as np
+
+    from .batch import StringColumn
+    from .partition import key_groups
+
+    column = StringColumn.from_strings([key]) if isinstance(key, str) else np.array([key])
+    return int(key_groups(column)[0])
+

@@ -1,6 +1,7 @@
 """The coordinator's own cost: it sleeps while it waits, calls the progress callback at its
 stated rate, and keeps taking checkpoints for the whole job."""
 
+import os
 import resource
 import time
 
@@ -34,3 +35,95 @@ def test_a_waiting_coordinator_sleeps_reports_progress_at_its_rate_and_keeps_che
     assert len(calls) <= 5 * result.seconds + 2, f"progress called {len(calls)} times in {result.seconds:.2f} s"
     assert calls and calls[-1]["rows"] == 300_000
     assert len(result.checkpoints) >= result.seconds / 0.1 / 4, f"{len(result.checkpoints)} checkpoints"
+
+
+def busy(instance, offset):
+    """A source that always has something: it looks at its control messages between polls only."""
+    return {"x": np.arange(10) + offset}
+
+
+def test_a_stop_sent_before_the_tasks_were_ready_is_not_lost(tmp_path):
+    """The coordinator rings a task's doorbell before the task has looked at it: the ring still
+    counts (it hung 1 run in 5 before)."""
+    for attempt in range(3):
+        p = Pipeline(channel_capacity=1 << 16)
+        p.from_generator("src", busy).map("m", lambda b: b, parallelism=2).to_callback("sink", lambda b: None)
+        job = p.start(checkpoint_dir=str(tmp_path / f"chk{attempt}"), checkpoint_interval=0.001)
+        job.stop()
+        result = job.wait(timeout=60)
+        assert result.stopped and result.final_checkpoint is not None
+
+
+def test_a_drain_holds_for_the_attempt_after_a_restart(tmp_path):
+    import pytest
+
+    from mpstream import Operator
+    from mpstream.checkpoint import CheckpointStore
+    from mpstream.testing import Once, TestingSource, kill_me
+    from conftest import wait_until
+
+    die = Once(tmp_path, "die-in-close")
+
+    class DiesInClose(Operator):
+        def close(self):
+            if die():
+                kill_me()
+
+    p = Pipeline()
+    (p.source("src", lambda: TestingSource([{"x": np.arange(5)}], unbounded=True))
+      .process("m", DiesInClose).collect("out"))
+    store = CheckpointStore(str(tmp_path / "chk"))
+    with pytest.warns(UserWarning, match="restarting"):
+        job = p.start(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.05)
+        wait_until(lambda: len(store.complete()) >= 2, timeout=60, what="two checkpoints")
+        job.stop(drain=True)
+        result = job.wait(timeout=60)
+    assert die.fired and result.restarts == 1 and result["out"]["x"].tolist() == list(range(5))
+
+
+def test_a_fresh_run_never_restarts_from_an_earlier_runs_checkpoint(tmp_path):
+    import pytest
+
+    from mpstream.testing import Kill, Once, TestingSource
+
+    def build(items):
+        p = Pipeline()
+        p.source("src", lambda: TestingSource(items)).key_by("k").aggregate("agg", {"v": "sum"}).collect("out")
+        return p
+
+    batch = {"k": np.array([1, 2]), "v": np.array([10, 20])}
+    chk = str(tmp_path / "chk")
+    first = build([batch]).run(checkpoint_dir=chk, checkpoint_interval=5.0)
+    assert first["out"]["v_sum"].tolist() == [10, 20] and first.final_checkpoint is not None
+    crash = Once(tmp_path, "crash")
+    with pytest.warns(UserWarning, match="restarting"):
+        second = build([batch, batch, Kill(crash), batch]).run(checkpoint_dir=chk, checkpoint_interval=5.0)
+    assert second.restarts == 1 and second.restored_from is None
+    assert second["out"]["v_sum"].tolist() == [30, 60]  # not run 1's finished state
+
+
+def test_a_failed_final_checkpoint_is_retried_at_the_checkpoint_interval(tmp_path, monkeypatch):
+    """The commit fails for the first 0.3 s: retried every 0.2 s, the third attempt commits
+    within the 3 failures tolerated (retried at once, four attempts failed in 5 ms before)."""
+    import time
+
+    import pytest
+
+    import mpstream.checkpoint as checkpoint
+    from mpstream.testing import TestingSource
+
+    commit, started = checkpoint.CheckpointStore.commit, time.monotonic()
+
+    def flaky(self, checkpoint_id, states, stats):
+        if time.monotonic() < started + 0.3:
+            raise checkpoint.CheckpointError("disk full (for a moment)")
+        return commit(self, checkpoint_id, states, stats)
+
+    monkeypatch.setattr(checkpoint.CheckpointStore, "commit", flaky)
+    p = Pipeline()
+    p.source("src", lambda: TestingSource([{"x": np.arange(3)}])).to_files("out", str(tmp_path / "out"),
+                                                                          transactional=True)
+    with pytest.warns(UserWarning, match="failed and was discarded"):
+        result = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.2, tolerable_checkpoint_failures=3)
+    assert result.final_checkpoint is not None
+    assert [f for f in os.listdir(tmp_path / "out") if f.endswith(".csv")]  # the last epoch was published

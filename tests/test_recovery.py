@@ -257,3 +257,35 @@ def test_a_value_column_that_changes_dtype_aggregates_exactly_across_a_restore(t
     assert got == want  # quarters and integers: every sum is exact in float64
     assert out["v_mean"].tolist() == pytest.approx([want[key][0] / want[key][3] for key in out["k"].tolist()])
     assert "map" in fired(markers)
+
+
+def test_a_range_partitioned_aggregate_restores_its_own_state(tmp_path):
+    """After key_by(..., "range") an instance's state holds the keys of its range: a restore at
+    the same parallelism takes its own state (it re-split states by hash key group before)."""
+    from mpstream.testing import Kill, Stall
+
+    store = CheckpointStore(str(tmp_path / "chk"))
+    crash = Once(tmp_path, "crash")
+    batch = {"k": np.arange(10), "v": np.ones(10, np.int64)}
+    items = [batch, Stall(lambda: len(store.complete()) >= 1), Kill(crash), batch]
+    p = Pipeline()
+    (p.source("src", lambda: TestingSource(items, items), parallelism=2).key_by("k", "range", bounds=[5])
+      .aggregate("agg", {"v": "sum"}, parallelism=2).collect("out"))
+    with pytest.warns(UserWarning, match="restarting"):
+        result = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.02)
+    assert crash.fired
+    assert sorted(zip(result["out"]["k"].tolist(), result["out"]["v_sum"].tolist())) == [(k, 4) for k in range(10)]
+
+
+def test_resuming_a_stateful_operator_at_another_parallelism_is_refused_up_front(tmp_path):
+    from mpstream import CheckpointError
+
+    def build(parallelism):
+        p = Pipeline()
+        p.source("src", lambda: TestingSource([{"x": np.arange(5)}], [{"x": np.arange(5)}]), parallelism=2) \
+         .to_files("sink", str(tmp_path / "out"), parallelism=parallelism)
+        return p
+
+    build(2).run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.05)
+    with pytest.raises(CheckpointError, match="operator 'sink' had parallelism 2 .* and has 3 now"):
+        build(3).run(checkpoint_dir=str(tmp_path / "chk"), resume=True)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from mpstream import Operator, Pipeline
+from mpstream import KeyedOperator, Operator, Pipeline
 from mpstream.checkpoint import CheckpointStore
 from mpstream.sources import Source
 from mpstream.testing import Once, Stall, TestingSource
@@ -278,3 +278,87 @@ def test_the_plan_imports_without_the_runtime_and_no_module_imports_one_that_imp
     layers = ["pipeline", "coordinator", "task", "channel"]  # data flows one way: API -> ... -> channels
     for upper, lower in zip(layers, layers[1:]):
         assert not reaches(lower, upper), f"{lower} imports {upper}"
+
+
+def test_rows_a_sink_gets_after_the_stop_barrier_come_once_across_the_resume(tmp_path):
+    """A timer set while the stop's checkpoint was taken fires after its barrier: the stopped
+    run does not return that row, the resumed run (whose checkpoint holds the timer) does."""
+    fed = Once(tmp_path, "fed")
+    gate = Once(tmp_path, "gate")
+
+    class TimerAtSnapshot(Operator):
+        def open(self, ctx):
+            super().open(ctx)
+            self.armed = False
+
+        def process(self, batch):
+            fed()
+
+        def snapshot(self):
+            if not self.armed:
+                self.armed = True
+                self.ctx.timers.register_processing_time(time.time(), "after the barrier")
+            return self.armed
+
+        def restore(self, states):
+            self.armed = states[0]
+
+        def on_timer(self, timer):
+            return {"note": np.array([timer.payload])}
+
+    def build():
+        p = Pipeline()
+        (p.source("src", lambda: TestingSource([batch([1]), Stall(lambda: gate.fired)]))
+          .process("t", TimerAtSnapshot).collect("out"))
+        return p
+
+    chk = str(tmp_path / "chk")
+    job = build().start(checkpoint_dir=chk, checkpoint_interval=1e9)
+    wait_until(lambda: fed.fired, timeout=60, what="the operator to get its batch")
+    job.stop()
+    first = job.wait()
+    gate()
+    second = build().run(checkpoint_dir=chk, resume=True)
+    notes = [r["note"].to_numpy().tolist() if r.num_rows else [] for r in (first["out"], second["out"])]
+    assert sum(notes, []) == ["after the barrier"], notes
+
+
+class KeyedTimer(KeyedOperator):
+    """Per key: counts its rows and sets a timer for the key (payload and key: the key)."""
+
+    def __init__(self, fired):
+        self.fired = fired
+
+    def process(self, batch):
+        for k in np.unique(batch["k"]).tolist():
+            self.state[k] = self.state.get(k, 0) + 1
+            self.ctx.timers.register_processing_time(time.time() + 0.3, k, key=k)
+
+    def on_timer(self, timer):
+        open(os.path.join(self.fired, f"{timer.payload}.{self.ctx.instance}"), "w").close()
+        return {"k": np.array([timer.payload]), "v": np.array([self.state.get(timer.payload, -1)])}
+
+
+def test_keyed_timers_go_with_their_key_groups_to_another_parallelism(tmp_path):
+    fired = [tmp_path / "fired-1", tmp_path / "fired-2"]  # where each run's timers leave a mark
+    for directory in fired:
+        directory.mkdir()
+    gate = Once(tmp_path, "gate")
+    store = CheckpointStore(str(tmp_path / "chk"))
+
+    def build(parallelism, items, run):
+        p = Pipeline()
+        (p.source("src", lambda: TestingSource(items)).key_by("k")
+          .process("t", lambda: KeyedTimer(str(fired[run])), parallelism=parallelism).collect("out"))
+        return p
+
+    job = build(2, [batch(np.arange(4)), Stall(lambda: gate.fired)], 0).start(checkpoint_dir=str(tmp_path / "chk"),
+                                                                               checkpoint_interval=0.02)
+    wait_until(lambda: len(store.complete()) >= 2, timeout=60, what="two checkpoints")
+    job.stop()
+    first = job.wait()
+    assert first["out"].num_rows == 0  # the timers were pending at the stop
+    resumed = [batch(np.arange(4)), Stall(lambda: len(os.listdir(fired[1])) >= 4)]  # goes on at position 1
+    second = build(3, resumed, 1).run(checkpoint_dir=str(tmp_path / "chk"), resume=True)
+    rows = sorted(zip(second["out"]["k"].tolist(), second["out"]["v"].tolist()))
+    assert rows == [(k, 1) for k in range(4)]  # each key's timer once, where its state is
