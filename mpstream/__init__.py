@@ -20,7 +20,7 @@ _EXPORTS = {
     "errors": ("AggregateError", "BatchShapeError", "ChannelClosedError", "ChannelError", "ChannelTimeoutError",
                "CheckpointError", "LayoutError", "MpstreamError", "OperatorError", "PartitionError", "PeerDiedError",
                "PlanError", "RecordTooLargeError", "SchemaError", "SharedMemoryFullError", "SourceError",
-               "WorkerDiedError"),
+               "WindowError", "WorkerDiedError"),
     "operators": ("Context", "KeyedOperator", "Operator"),
     "sources": ("OffsetSource", "Source"),
     "state": ("KeyedState",),

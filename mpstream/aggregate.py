@@ -159,12 +159,14 @@ class Accumulators:
             self._combine(partial, need, index, _values(batch, column))
 
     def merge(self, index: np.ndarray, partials: Mapping[str, np.ndarray]) -> None:
-        """Partial rows (as :meth:`partial_columns` makes): row i goes to flat cell index[i]."""
+        """Partial rows (as :meth:`partial_columns` makes): row i goes to flat cell index[i]. A
+        partial column missing is one no row ever reached (its count is 0): nothing to add."""
         self.known = True
         lib.mps_scatter_add_i64(_ptr("int64_t[]", self.count.reshape(-1)), _ptr("int64_t[]", index),
                                 _ptr("int64_t[]", np.ascontiguousarray(partials[_COUNT], np.int64)), len(index))
         for partial in self.partials:
-            self._combine(partial, partial.rsplit(".", 1)[1], index, partials[partial])
+            if partial in partials:
+                self._combine(partial, partial.rsplit(".", 1)[1], index, partials[partial])
 
     def _combine(self, name: str, need: str, index: np.ndarray, values: np.ndarray) -> None:
         """acc[index] op= values in one C pass, widening the accumulator first if need be."""

@@ -33,6 +33,11 @@ class PartitionError(MpstreamError, ValueError):
     """A partitioner produced ids out of range, or its key column is unusable."""
 
 
+class WindowError(MpstreamError, ValueError):
+    """A row's event time cannot be placed in a window (its window would start below the
+    smallest int64)."""
+
+
 class SourceError(MpstreamError, ValueError):
     """A source's input is malformed (a ragged CSV row, a value that does not fit its column)
     or a source returned something that is not a batch."""

@@ -37,8 +37,9 @@ from .partition import CustomPartitioner, HashPartitioner, Partitioner, RangePar
 from .plan import MAIN, Edge, JobGraph, Node, check_name, check_parallelism
 from .result import JobResult
 from .watermarks import EventTime
+from .windows import WindowAggregate, WindowCombine, WindowProcess, WindowSplit
 
-__all__ = ["Pipeline", "Stream", "KeyedStream"]
+__all__ = ["Pipeline", "Stream", "KeyedStream", "WindowedStream", "WindowResult"]
 
 DEFAULT_BATCH_SIZE = 65536
 
@@ -314,6 +315,15 @@ class KeyedStream(Stream):
         self.key = key
         self._partitioning = partitioning
 
+    def window(self, assigner: Any, *, allowed_lateness: int = 0) -> WindowedStream:
+        """Cuts each key's rows into event-time windows (``mpstream.windows``: ``Tumbling``,
+        ``Sliding``, ``Session``, ``Global``); a window fires when the watermark passes its end,
+        and rows up to ``allowed_lateness`` (in the event-time unit) after that still update it
+        (a late firing)."""
+        if not isinstance(allowed_lateness, int) or isinstance(allowed_lateness, bool) or allowed_lateness < 0:
+            raise PlanError(f"allowed_lateness must be an int >= 0 (in the event-time unit), got {allowed_lateness!r}")
+        return WindowedStream(self, assigner, allowed_lateness)
+
     def aggregate(self, name: str, spec: Mapping[str, str | Sequence[str]], *, parallelism: int | None = None,
                   salt: int = 0, combiner_delay_s: float = 0.1, emit: str = "final",
                   update_interval: float = 1.0) -> Stream:
@@ -366,3 +376,119 @@ class KeyedStream(Stream):
                                                                    flush_at_barrier=updates), parallelism)
         final = KeyedStream(self.pipeline, partial.upstreams, lambda: HashPartitioner(key), key, "hash")
         return final._then(name, lambda: Aggregate(key, spec, "partials", emit, update_interval), parallelism)
+
+
+class WindowResult(Stream):
+    """The rows a window operator emits; ``late`` is the stream of input rows that came too
+    late for all their windows (reading it sends them there instead of counting them)."""
+
+    def __init__(self, pipeline: Pipeline, upstreams: list[Node], late: list[Node]) -> None:
+        super().__init__(pipeline, upstreams)
+        self._late = late
+
+    @property
+    def late(self) -> Stream:
+        if not self._late:
+            raise PlanError("count windows have no late rows: they never close before the end of the input")
+        return Stream(self.pipeline, self._late, ports=["late"] * len(self._late))
+
+
+class WindowedStream:
+    """A keyed stream cut into windows (see :mod:`mpstream.windows`); ``aggregate`` or
+    ``process`` them.
+
+    >>> import numpy as np
+    >>> from mpstream.windows import Tumbling
+    >>> p = Pipeline()
+    >>> clicks = p.from_arrays("clicks", {"user": np.array([1, 1, 2, 1]), "ts": np.array([100, 1200, 1500, 900])})
+    >>> counts = (clicks.with_event_time("ts", max_out_of_orderness=500).key_by("user")
+    ...                 .window(Tumbling(1000)).aggregate("per_second", {"*": "count"}))
+    >>> counts.collect("out")
+    >>> r = p.run()["out"]
+    >>> sorted(zip(r["user"].tolist(), r["window_start"].tolist(), r["count"].tolist()))
+    [(1, 0, 2), (1, 1000, 1), (2, 1000, 1)]
+    """
+
+    def __init__(self, keyed: KeyedStream, assigner: Any, allowed_lateness: int) -> None:
+        self.keyed, self.assigner, self.lateness = keyed, assigner, allowed_lateness
+        self.time_column = keyed._event_time_column()
+        if assigner.kind != "count" and self.time_column is None:
+            raise PlanError("time windows need event time: declare it on the sources, e.g. "
+                            "p.from_...(...).with_event_time('ts', max_out_of_orderness=...)")
+
+    def _chained(self, name: str, suffix: str, make: Callable[[Node], Callable[[], Operator]]) -> list[Node]:
+        """One node per upstream, chained into its task (where rows meet their watermark)."""
+        graph, nodes = self.keyed.pipeline.graph, []
+        for up, port in zip(self.keyed.upstreams, self.keyed.ports):
+            node_name = f"{name}.{suffix}" if len(self.keyed.upstreams) == 1 else f"{name}.{suffix}.{up.name}"
+            nodes.append(graph.add(Node(node_name, up.parallelism, make(up), [Edge(up.name, port=port)], chained=True)))
+        return nodes
+
+    def _keyed(self, upstreams: list[Node], name: str, make: Callable[[], Operator], parallelism: int | None,
+               partitioner: Callable[[], Partitioner] | None = None, partitioning: str = "hash") -> Node:
+        key = self.keyed.key
+        stream = KeyedStream(self.keyed.pipeline, upstreams, partitioner or (lambda: HashPartitioner(key)), key,
+                             partitioning)
+        return stream._then(name, make, parallelism).upstreams[0]
+
+    def aggregate(self, name: str, spec: Mapping[str, str | Sequence[str]], *, parallelism: int | None = None,
+                  salt: int = 0, combiner_delay_s: float = 0.1, early_every: int | None = None,
+                  early_interval: float | None = None) -> WindowResult:
+        """Per key and window, the aggregates of ``spec`` (as ``KeyedStream.aggregate``); output
+        rows: the key, ``window_start``, ``window_end``, the aggregates and ``pane``. Early
+        firings: every ``early_every`` rows or ``early_interval`` seconds. ``salt=n`` (n > 1)
+        makes it two-stage for hot keys: each upstream task pre-aggregates per (key, pane) and
+        hands the partials on before every watermark, barrier and ``combiner_delay_s``; a
+        partial stage spreads a hot key over n instances; the final stage merges by key. The
+        results are the same with and without salt."""
+        key, assigner, ts, lateness = self.keyed.key, self.assigner, self.time_column, self.lateness
+        check_name(name)
+        try:
+            parse_spec(spec)
+        except AggregateError as exc:
+            raise PlanError(f"operator {name!r}: {exc}") from None
+        if parallelism is not None:
+            check_parallelism(name, parallelism)
+        if not isinstance(salt, int) or isinstance(salt, bool) or salt < 0:
+            raise PlanError(f"operator {name!r}: salt must be an int >= 0, got {salt!r}")
+        if early_every is not None and not (isinstance(early_every, int) and early_every > 0):
+            raise PlanError(f"operator {name!r}: early_every must be an int > 0, got {early_every!r}")
+        if early_interval is not None and not early_interval > 0:
+            raise PlanError(f"operator {name!r}: early_interval must be > 0 seconds, got {early_interval!r}")
+        if salt > 1 and assigner.kind == "count":
+            raise PlanError(f"operator {name!r}: count windows need every row of a key in order: salt is not "
+                            f"supported with them")
+        if assigner.kind == "count":
+            node = self._keyed(self.keyed.upstreams, name, lambda: WindowAggregate(
+                assigner, key, spec, None, 0, "rows", early_every, early_interval), parallelism)
+            return WindowResult(self.keyed.pipeline, [node], [])
+        if salt > 1:
+            first = self._chained(name, "combine", lambda up: lambda: WindowCombine(
+                assigner, key, spec, ts, lateness, "rows", combiner_delay_s))
+            partial = self._keyed(first, f"{name}.partial", lambda: WindowCombine(
+                assigner, key, spec, ts, lateness, "partials", combiner_delay_s), parallelism,
+                lambda: HashPartitioner(key, salt), "salted")
+            node = self._keyed([partial], name, lambda: WindowAggregate(
+                assigner, key, spec, ts, lateness, "partials", early_every, early_interval), parallelism)
+            return WindowResult(self.keyed.pipeline, [node], first)
+        first = self._chained(name, "split", lambda up: lambda: WindowSplit(assigner, ts, lateness))
+        node = self._keyed(first, name, lambda: WindowAggregate(
+            assigner, key, spec, ts, lateness, "rows", early_every, early_interval), parallelism)
+        return WindowResult(self.keyed.pipeline, [node], first)
+
+    def process(self, name: str, fn: Callable[[Any, Any, Any, Batch], Any], *,
+                parallelism: int | None = None) -> WindowResult:
+        """Calls ``fn(key, window_start, window_end, rows)`` for each window when it fires (with
+        every row so far at a late firing); its output rows get the key, ``window_start``,
+        ``window_end`` and ``pane`` in front."""
+        key, assigner, ts, lateness = self.keyed.key, self.assigner, self.time_column, self.lateness
+        check_name(name)
+        if parallelism is not None:
+            check_parallelism(name, parallelism)
+        if assigner.kind == "count":
+            node = self._keyed(self.keyed.upstreams, name, lambda: WindowProcess(assigner, key, fn, None, 0),
+                               parallelism)
+            return WindowResult(self.keyed.pipeline, [node], [])
+        first = self._chained(name, "split", lambda up: lambda: WindowSplit(assigner, ts, lateness))
+        node = self._keyed(first, name, lambda: WindowProcess(assigner, key, fn, ts, lateness), parallelism)
+        return WindowResult(self.keyed.pipeline, [node], first)

@@ -41,7 +41,7 @@ import numpy as np
 from ._mps import lib
 from .aggregate import Accumulators, KeyIndex, parse_spec
 from .batch import Batch, Column, StringColumn, _ptr
-from .errors import PlanError
+from .errors import PlanError, WindowError
 from .operators import Context, Operator, Output, own_rows
 from .timers import Timer
 from .watermarks import MAX_TIME, MIN_TIME, timestamps
@@ -131,9 +131,18 @@ class Global(Assigner):
 
 
 def _floor(ts: np.ndarray, step: int, offset: int) -> np.ndarray:
-    """floor((ts - offset) / step) * step + offset, without overflow for ts near the limits."""
-    offset %= step
-    return ts - np.mod(ts - offset, step) if offset else ts - np.mod(ts, step)
+    """floor((ts - offset) / step) * step + offset, without overflow for ts near the limits
+    (the caller keeps ts at least a window above the smallest int64: :func:`_check_range`)."""
+    return ts - np.mod(np.mod(ts, step) - offset % step, step)
+
+
+def _check_range(ts: np.ndarray, assigner: Assigner, where: str) -> None:
+    """Windows start below a row's time; a window starting below the smallest int64 cannot be
+    told apart (its start would wrap): such times are an error naming the column."""
+    reach = getattr(assigner, "size", 0) + getattr(assigner, "slide", 0)
+    if len(ts) and int(ts.min()) < MIN_TIME + reach:
+        raise WindowError(f"{where}: event time {int(ts.min())} is within {reach} of the smallest int64, so its "
+                          f"window would start below it; shift the timestamps")
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -300,6 +309,7 @@ class PaneWindows:
             slots = self.table.index.slots(batch[self.key])
             self.table.merge(panes, slots, batch)
         else:
+            _check_range(ts, self.a, f"window of {self.key!r}")
             panes = _floor(ts, self.g, self.offset)
             slots = self.table.index.slots(batch[self.key])
             self.table.add(panes, slots, batch)
@@ -326,11 +336,13 @@ class PaneWindows:
             low_pane, high_pane = min(rows), max(rows)
             first = max(saturating_add(self.watermark, -self.size) + 1, low_pane - self.size + 1)
             start = self._last_start(first + self.slide - 1) if first > MIN_TIME else self._last_start(low_pane)
-            while start <= min(saturating_add(watermark, -self.size), high_pane):
+            while start <= high_pane and saturating_add(start, self.size) <= watermark:  # ends saturate at +inf
                 if saturating_add(start, self.size) > self.watermark:
                     batch = self._result(start, ON_TIME)
                     if batch is not None:
                         out.append(batch)
+                if start > MAX_TIME - self.slide:
+                    break
                 start += self.slide
         self.watermark = max(self.watermark, watermark)
         for p in [p for p in rows if saturating_add(self.last_end(p), self.lateness) <= self.watermark]:
@@ -574,6 +586,7 @@ class Lateness:
     def split(self, batch: Batch, ctx: Context) -> tuple[Batch, np.ndarray]:
         """(the rows that are not late, their timestamps)."""
         ts = timestamps(batch, self.ts_column, f"operator {ctx.name!r}")
+        _check_range(ts, self.assigner, f"operator {ctx.name!r}, event-time column {self.ts_column!r}")
         if self.watermark == MIN_TIME or not len(ts):
             return batch, ts
         late = saturating_add(_last_end(self.assigner, ts), self.lateness) <= self.watermark
@@ -808,8 +821,9 @@ class WindowProcess(Operator):
         for windows in fired:
             wkeys = windows[self.key]
             wkeys = wkeys.to_numpy() if isinstance(wkeys, StringColumn) else wkeys
-            for k, start, end, pane in zip(wkeys.tolist(), windows[START].view(np.int64).tolist(),
-                                           windows[END].view(np.int64).tolist(), windows[PANE].to_numpy().tolist()):
+            for i, (k, start, end, pane) in enumerate(zip(wkeys.tolist(), windows[START].view(np.int64).tolist(),
+                                                          windows[END].view(np.int64).tolist(),
+                                                          windows[PANE].to_numpy().tolist())):
                 mine = (key_values == k) & (ts >= start) & (ts < end)
                 if self.assigner.kind == "count":  # the key's oldest count rows
                     mine &= np.cumsum(key_values == k) <= self.assigner.count
@@ -818,8 +832,9 @@ class WindowProcess(Operator):
                 for batch in [] if result is None else [result] if isinstance(result, (Batch, Mapping)) else result:
                     batch = batch if isinstance(batch, Batch) else Batch(batch)
                     n = batch.num_rows
-                    out.append(Batch({self.key: np.repeat(windows[self.key][:1], n) if not isinstance(
-                        windows[self.key], StringColumn) else windows[self.key].take(np.zeros(n, np.int64)),
+                    column = windows[self.key]
+                    out.append(Batch({self.key: column.take(np.full(n, i, np.int64)) if isinstance(
+                        column, StringColumn) else np.repeat(column[i:i + 1], n),
                         START: np.repeat(np.int64(start), n).view(self.windows.time_dtype),
                         END: np.repeat(np.int64(end), n).view(self.windows.time_dtype), **batch, PANE: _string(pane, n)}))
                 if self.assigner.kind == "count":
