@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                            "or Ctrl-C; the aggregate emits the domains that changed every second")
     demo.add_argument("--rate", type=_integer(1), default=None,
                       help="at most N events/s per source instance (default: as fast as it goes)")
+    demo.add_argument("--event-time", action="store_true",
+                      help="timestamps out of order (plus late stragglers): per-domain 1-minute tumbling windows "
+                           "with allowed lateness and a late side output, verified against the same rules in numpy")
     args = parser.parse_args(argv)
+    if args.event_time and args.unbounded:
+        parser.error("--event-time runs a bounded job: leave out --unbounded")
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir")
     if args.resume and args.unbounded and not args.out:

@@ -17,6 +17,15 @@ stream), and the job runs until SIGTERM stops it with a final checkpoint (or Ctr
 It then checks the published CSV files, newest row per domain, against numpy over exactly the
 events the sources consumed: their positions at the final checkpoint. ``--resume`` goes on from
 there, and its check covers the output of every run together.
+
+Event time (``--event-time``), the clicks carry timestamps out of order: each is up to
+``DISORDER_MS`` before its place in the stream, and a share ``STRAGGLER_SHARE`` of stragglers
+come 1-5 minutes later still. Sources make watermarks with that bound; per domain, 1-minute
+tumbling windows count the clicks and sum their bytes (salted, with ``LATENESS_MS`` of allowed
+lateness); clicks later than that go to a late side output. The check replays the same rules
+in numpy: the late side output and the last pane of each window exactly, and the panes of each
+window consistent (at most one ``on_time`` pane, holding at least the clicks that came before
+their own source's watermark passed the window; ``late`` panes accumulating after it).
 """
 
 from __future__ import annotations
@@ -38,12 +47,23 @@ from .pipeline import Pipeline
 from .result import JobResult
 from .sources import OffsetSource
 from .testing import RandomKiller
+from .windows import Tumbling
 
 HOT_DOMAIN = "hot.example.com"
 COLD_DOMAINS = 999
 HOT_SHARE = 0.9
 SPEC = {"bytes": ["sum", "max"], "kb": "mean", "*": "count"}
 UPDATE_INTERVAL_S = 1.0  # unbounded: how often changed domains are emitted
+START_MS = int(np.datetime64("2026-11-24T00:00:00", "ms").astype(np.int64))
+
+# --event-time
+EVENT_RATE = 10_000  # events per second of event time, all source instances together
+DISORDER_MS = 5_000  # the bound of the out-of-orderness (the watermark strategy's)
+STRAGGLER_SHARE = 0.002  # clicks that come later than that bound,
+STRAGGLER_DELAY_MS = (60_000, 300_000)  # by this much more
+WINDOW_MS = 60_000
+LATENESS_MS = 60_000
+WINDOW_SPEC = {"bytes": "sum", "*": "count"}
 
 
 def vocabulary() -> StringColumn:
@@ -72,6 +92,7 @@ class DemoOptions:
     resume: bool = False
     unbounded: bool = False
     rate: int | None = None
+    event_time: bool = False
 
     @property
     def checkpointing(self) -> bool:
@@ -83,8 +104,10 @@ class ClickStream:
     """Batch ``offset`` of source instance ``instance``: deterministic, so replayable.
     ``events`` None: unbounded (every batch has ``batch_size`` rows)."""
 
-    def __init__(self, events: int | None, parallelism: int, batch_size: int, seed: int = 7) -> None:
+    def __init__(self, events: int | None, parallelism: int, batch_size: int, seed: int = 7,
+                 event_time: bool = False) -> None:
         self.events, self.parallelism, self.batch_size, self.seed = events, parallelism, batch_size, seed
+        self.event_time = event_time
         self.domains = vocabulary()
 
     def rows(self, instance: int, offset: int) -> int:
@@ -100,13 +123,25 @@ class ClickStream:
         if n == 0 and offset > 0:
             return None
         rng = np.random.default_rng([self.seed, instance, offset])
-        return {
+        raw = {
             "domain_id": domain_ids(rng, n),
             "user_id": rng.integers(-50, 1_000_000, n),  # negative ids: bots
             "bytes": rng.integers(0, 1 << 20, n),
             "status": rng.choice(np.array([200, 200, 200, 304, 404, 500]), n),
-            "ts": np.datetime64("2026-11-24T00:00:00", "ms") + rng.integers(0, 86_400_000, n).astype("timedelta64[ms]"),
         }
+        if self.event_time:
+            ms = START_MS + self.nominal_ms(instance, offset, n) - rng.integers(0, DISORDER_MS + 1, n)
+            stragglers = rng.random(n) < STRAGGLER_SHARE
+            ms[stragglers] -= rng.integers(*STRAGGLER_DELAY_MS, int(stragglers.sum()))
+        else:
+            ms = START_MS + rng.integers(0, 86_400_000, n)
+        return {**raw, "ts": ms.astype("datetime64[ms]")}
+
+    def nominal_ms(self, instance: int, offset: int, n: int) -> np.ndarray:
+        """Where rows of a batch stand in event time: the instances interleave, ``EVENT_RATE``
+        events per second together."""
+        sequence = (offset * self.batch_size + np.arange(n, dtype=np.int64)) * self.parallelism + instance
+        return sequence * 1000 // EVENT_RATE
 
     def events_before(self, offsets: list[int]) -> int:
         """Events in the batches before each instance's offset."""
@@ -155,9 +190,25 @@ def valid(batch: Batch) -> np.ndarray:
     return (batch["status"] < 500) & (batch["user_id"] >= 0)
 
 
+def parse_timed(batch: Batch) -> dict[str, Any]:
+    return {**parse(batch), "ts": batch["ts"]}
+
+
 def build(stream: ClickStream, options: DemoOptions, out_dir: str) -> Pipeline:
     p = Pipeline()
-    per_domain = (p.source("clicks", lambda: ClickSource(stream, options.rate), options.parallelism)
+    clicks = p.source("clicks", lambda: ClickSource(stream, options.rate), options.parallelism)
+    if options.event_time:
+        windows = (clicks.with_event_time("ts", max_out_of_orderness=DISORDER_MS)
+                   .map("parse", parse_timed)
+                   .filter("valid", valid)
+                   .key_by("domain").window(Tumbling(WINDOW_MS), allowed_lateness=LATENESS_MS)
+                   .aggregate("per_minute", WINDOW_SPEC, salt=options.salt))
+        windows.to_files("csv", out_dir, transactional=options.checkpointing)
+        windows.collect("check")
+        windows.late.to_files("late_csv", out_dir, transactional=options.checkpointing)
+        windows.late.collect("late")
+        return p
+    per_domain = (clicks
                   .map("parse", parse)
                   .filter("valid", valid)
                   .key_by("domain").aggregate("per_domain", SPEC, salt=options.salt,
@@ -216,6 +267,87 @@ def verify_published(out_dir: str, want: dict[str, tuple[int, int, int]]) -> boo
     return _matches(rows, want)
 
 
+@dataclass
+class WindowReference:
+    """What ``--event-time`` must produce, per (domain, window start): the clicks in the window
+    (count, bytes) and those that came before their source's watermark passed the window (they
+    are in its on-time pane); and the late clicks as sorted (domain, ts, bytes) rows."""
+
+    counts: dict[tuple[int, int], int]
+    bytes: dict[tuple[int, int], int]
+    on_time: dict[tuple[int, int], int]
+    late: list[tuple[int, int, int]]
+
+
+def _window_keys(domain_ids: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """(domain, window) as one int64: the window's index times 1024 plus the domain."""
+    return ts // WINDOW_MS * 1024 + domain_ids
+
+
+def window_reference(stream: ClickStream) -> WindowReference:
+    """The rules of :mod:`mpstream.windows` in numpy, source instance by instance and batch by
+    batch: a click is judged against its instance's watermark after the batches before it
+    (the largest timestamp so far minus ``DISORDER_MS``)."""
+    keys, clicks, sums, sure, late = [], [], [], [], []
+    for instance in range(stream.parallelism):
+        offset, watermark = 0, None
+        while (raw := stream.raw(instance, offset)) is not None:
+            all_ts = raw["ts"].astype(np.int64)
+            keep = (raw["status"] < 500) & (raw["user_id"] >= 0)
+            ids, b, ts = raw["domain_id"][keep], raw["bytes"][keep], all_ts[keep]
+            end = ts // WINDOW_MS * WINDOW_MS + WINDOW_MS
+            dropped = np.zeros(len(ts), bool) if watermark is None else end + LATENESS_MS <= watermark
+            late += zip(ids[dropped].tolist(), ts[dropped].tolist(), b[dropped].tolist())
+            batch_keys, inverse = np.unique(_window_keys(ids[~dropped], ts[~dropped]), return_inverse=True)
+            keys.append(batch_keys)
+            clicks.append(np.bincount(inverse, minlength=len(batch_keys)))
+            sums.append(np.bincount(inverse, b[~dropped], minlength=len(batch_keys)))
+            before = np.ones(len(ts), bool) if watermark is None else end > watermark  # the window is still open
+            sure.append(np.bincount(inverse, before[~dropped], minlength=len(batch_keys)))
+            if len(all_ts):
+                seen = int(all_ts.max()) - DISORDER_MS
+                watermark = seen if watermark is None else max(watermark, seen)
+            offset += 1
+    unique, inverse = np.unique(np.concatenate(keys or [np.zeros(0, np.int64)]), return_inverse=True)
+
+    def total(parts: list[np.ndarray]) -> dict[tuple[int, int], int]:
+        summed = np.bincount(inverse, np.concatenate(parts or [np.zeros(0)]), minlength=len(unique))
+        return {(int(k) % 1024, int(k) // 1024 * WINDOW_MS): int(v) for k, v in zip(unique, summed)}
+
+    return WindowReference(total(clicks), total(sums), total(sure), sorted(late))
+
+
+def verify_windows(result: Batch, late: Batch, want: WindowReference) -> bool:
+    """The collected window rows and late rows against the reference: late rows and the last
+    pane of every window exactly; per window at most one ``on_time`` pane, holding at least
+    the clicks sure to be on time, and every ``late`` pane after it with more clicks."""
+    ids = {name: i for i, name in enumerate(vocabulary())}
+    panes: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
+    if result.num_rows:
+        for d, s, c, b, pane in zip(result["domain"].to_numpy().tolist(), result["window_start"].astype(np.int64),
+                                    result["count"].tolist(), result["bytes_sum"].tolist(),
+                                    result["pane"].to_numpy().tolist()):
+            panes.setdefault((ids[d], int(s)), []).append((c, b, pane))
+    got_late = [] if late.num_rows == 0 else sorted(zip(
+        [ids[d] for d in late["domain"].to_numpy().tolist()], late["ts"].astype(np.int64).tolist(),
+        late["bytes"].tolist()))
+    if got_late != want.late or set(panes) != set(want.counts):
+        return False
+    for window, rows in panes.items():
+        rows.sort()
+        kinds = [pane for _, _, pane in rows]
+        counts = [c for c, _, _ in rows]
+        if kinds.count("on_time") > 1 or set(kinds) - {"on_time", "late"} or len(set(counts)) != len(counts):
+            return False
+        if "on_time" in kinds and kinds[0] != "on_time" or want.on_time[window] and kinds[0] != "on_time":
+            return False
+        if kinds[0] == "on_time" and counts[0] < want.on_time[window]:
+            return False
+        if rows[-1][:2] != (want.counts[window], want.bytes[window]):
+            return False
+    return True
+
+
 class ProgressBar:
     def __init__(self, total: int | None) -> None:
         self.total = total
@@ -244,7 +376,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 def _run_demo(options: DemoOptions, out_dir: str, temporary: bool) -> dict[str, Any]:
     # a rate-limited source sends 5 batches a second: each batch wakes every task it passes
     batch_size = options.batch_size if options.rate is None else min(options.batch_size, max(1, options.rate // 5))
-    stream = ClickStream(None if options.unbounded else options.events, options.parallelism, batch_size)
+    stream = ClickStream(None if options.unbounded else options.events, options.parallelism, batch_size,
+                         event_time=options.event_time)
     pipeline = build(stream, options, out_dir)
     bar = ProgressBar(None if options.unbounded else options.events) if sys.stderr.isatty() and not options.json else None
     run_options: dict[str, Any] = {}
@@ -264,6 +397,9 @@ def _run_demo(options: DemoOptions, out_dir: str, temporary: bool) -> dict[str, 
         stopped_at = [p["offset"] for p in result.stopped_at["clicks"]]
         processed = stream.events_before(stopped_at) - before
         verified = verify_published(out_dir, reference(stream, stopped_at))
+    elif options.event_time:
+        processed = options.events - before
+        verified = verify_windows(result["check"], result["late"], window_reference(stream))
     else:
         processed = options.events - before
         verified = verify(result["check"], reference(stream))
@@ -286,6 +422,11 @@ def _summary(options: DemoOptions, result: JobResult, processed: int, verified: 
     if options.unbounded:
         summary["stopped_at"] = [p["offset"] for p in result.stopped_at["clicks"]]
         summary["final_checkpoint"] = result.final_checkpoint
+    if options.event_time:
+        windows = result["check"]
+        summary["windows"] = windows.num_rows
+        summary["late_fired"] = int((windows["pane"].to_numpy() == "late").sum()) if windows.num_rows else 0
+        summary["late_side_output"] = result["late"].num_rows
     return summary
 
 
@@ -307,6 +448,9 @@ def _report(options: DemoOptions, result: JobResult, summary: dict[str, Any], be
     if options.unbounded:
         print(f"sources stopped at offsets {summary['stopped_at']}; final checkpoint {summary['final_checkpoint']} "
               f"(resume with --resume and the same options)")
+    if options.event_time:
+        print(f"{summary['windows']:,} window rows ({summary['late_fired']:,} late firings); "
+              f"{summary['late_side_output']:,} clicks too late for their window went to the late side output")
     what = "the published CSV files (newest row per domain)" if options.unbounded else "the result"
     print(f"{what} {'VERIFIED' if summary['verified'] else 'DO NOT MATCH' if options.unbounded else 'DOES NOT MATCH'} "
           f"against a single-process numpy computation ({check_s:.2f} s)")
