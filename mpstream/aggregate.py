@@ -36,6 +36,7 @@ __all__ = ["KeyIndex", "Accumulators", "KeyedAggregate", "Combiner", "AggregateE
 FUNCTIONS = ("sum", "count", "min", "max", "mean")
 _NEEDS = {"sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",), "count": ()}
 _COUNT = "count"
+_UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum, _COUNT: np.add}  # how a part combines
 
 
 def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str], ...]:
@@ -64,6 +65,7 @@ class KeyIndex:
         self._size = 0
         self.kind: str | None = None  # "str" or an int dtype.str, fixed by the first batch
         self._names: list[StringColumn] = []  # str keys: the string of each slot, in slot order
+        self._keys: Column | None = None  # the last keys() of every slot
 
     def __len__(self) -> int:
         return self._size
@@ -73,6 +75,7 @@ class KeyIndex:
         lib.mps_keymap_clear(self._map)
         self._size = 0
         self._names.clear()
+        self._keys = None
 
     def slots(self, keys: Column) -> np.ndarray:
         """The slot of every key (int64), inserting new keys."""
@@ -97,13 +100,20 @@ class KeyIndex:
 
     def keys(self, slots: np.ndarray | None = None) -> Column:
         """The key of every slot (or of the given slots), as a column of the key's type."""
-        if self.kind == "str":
-            names = StringColumn.concat(self._names)
-            return names if slots is None else names.take(slots)
-        ids = np.empty(self._size, np.uint64)
-        lib.mps_keymap_keys(self._map, _ptr("uint64_t[]", ids))
-        keys = ids.view(np.int64).astype(np.dtype(self.kind or "<i8"))
-        return keys if slots is None else keys[slots]
+        keys = self._keys
+        if keys is None or len(keys) != self._size:  # made again only after new keys came
+            if self.kind == "str":
+                keys = self._names[0] if len(self._names) == 1 else StringColumn.concat(self._names)
+                self._names = [keys]
+            else:
+                ids = np.empty(self._size, np.uint64)
+                lib.mps_keymap_keys(self._map, _ptr("uint64_t[]", ids))
+                keys = ids.view(np.int64).astype(np.dtype(self.kind or "<i8"))
+                keys.flags.writeable = False
+            self._keys = keys
+        if slots is None:
+            return keys
+        return keys.take(slots) if isinstance(keys, StringColumn) else keys[slots]
 
 
 class Accumulators:
@@ -196,36 +206,79 @@ class Accumulators:
 
     def partial_columns(self, where: object) -> dict[str, np.ndarray]:
         """count and every partial accumulator at ``where`` (copies), for :meth:`merge`."""
-        cols = {_COUNT: self.count[where].copy()}
-        for name in self.partials:
-            if name in self._acc:
-                cols[name] = self._acc[name][where].copy()
-        return cols
+        return {name: np.array(part) for name, part in self.parts(where).items()}
 
     def result_columns(self, where: object, reduce: str | None = None) -> dict[str, np.ndarray]:
         """``{column}_{function}`` (``count`` for "*") at ``where``; with ``reduce="panes"``,
         ``where`` selects rows of a 2-D array and each column is combined over them first
         (the panes of a window)."""
-        def pick(name: str, acc: np.ndarray) -> np.ndarray:
-            cells = acc[where]
-            if reduce is None:
-                return cells
-            need = name.rsplit(".", 1)[-1]
-            return (np.min if need == "min" else np.max if need == "max" else np.sum)(cells, axis=0)
+        parts = self.parts(where)
+        return self.columns(parts if reduce is None else fold_parts(parts))
 
-        counts = pick(_COUNT, self.count)
+    def parts(self, where: object) -> dict[str, np.ndarray]:
+        """count and every partial accumulator at ``where``: views or copies, as numpy indexes."""
+        return {_COUNT: self.count[where], **{name: self._acc[name][where] for name in self.partials if name in self._acc}}
+
+    def stack(self, rows: Sequence[int | None], buffers: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The parts of these rows of a 2-D index space, one array row each (a None row is
+        empty: the identities). With ``buffers`` (name -> array, kept by the caller), written
+        into their leading rows, reallocated when they do not fit: fresh memory costs a page
+        fault per page."""
+        out = {}
+        for name, acc in {_COUNT: self.count, **self._acc}.items():
+            buffer = None if buffers is None else buffers.get(name)
+            if buffer is None or buffer.dtype != acc.dtype or buffer.shape[1] != acc.shape[1] or len(buffer) < len(rows):
+                buffer = np.empty((len(rows), acc.shape[1]), acc.dtype)
+                if buffers is not None:
+                    buffers[name] = buffer
+            stacked = buffer[: len(rows)]
+            for i, row in enumerate(rows):
+                if row is None:
+                    stacked[i] = _identity(name, acc.dtype)
+                else:
+                    stacked[i] = acc[row]
+            out[name] = stacked
+        return out
+
+    def columns(self, parts: Mapping[str, np.ndarray], copy: bool = True) -> dict[str, np.ndarray]:
+        """The result columns of parts (as :meth:`parts` gives); ``copy=False`` when the parts
+        are the caller's to give away."""
+        counts = parts[_COUNT]
+        own = np.array if copy else np.asarray
         cols: dict[str, np.ndarray] = {}
         for column, func in self.items:
             if func == "count":
-                cols[_COUNT if column == "*" else f"{column}_count"] = counts.copy()
+                cols[_COUNT if column == "*" else f"{column}_count"] = own(counts)
                 continue
-            values = pick(f"{column}.{_NEEDS[func][0]}", self._acc[f"{column}.{_NEEDS[func][0]}"])
+            values = parts[f"{column}.{_NEEDS[func][0]}"]
             if func == "mean":
                 with np.errstate(invalid="ignore", divide="ignore"):
                     cols[f"{column}_mean"] = values / counts
             else:
-                cols[f"{column}_{func}"] = values.copy()
+                cols[f"{column}_{func}"] = own(values)
         return cols
+
+
+def scan_parts(parts: dict[str, np.ndarray], reverse: bool = False) -> dict[str, np.ndarray]:
+    """Running combinations of stacked parts along their first axis, in place (from the last
+    row back with ``reverse``): row i becomes the combination of rows 0..i (or i..end)."""
+    for name, p in parts.items():
+        op = _UFUNCS[name.rsplit(".", 1)[-1]]
+        order = range(len(p) - 2, -1, -1) if reverse else range(1, len(p))
+        step = 1 if reverse else -1
+        for i in order:  # row by row: each a contiguous pass (accumulate along axis 0 is not)
+            op(p[i], p[i + step], out=p[i])
+    return parts
+
+
+def fold_parts(parts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stacked parts combined along their first axis into one row."""
+    return {name: _UFUNCS[name.rsplit(".", 1)[-1]].reduce(p, axis=0) for name, p in parts.items()}
+
+
+def combine_parts(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """a and b combined cell by cell (same names and shapes)."""
+    return {name: _UFUNCS[name.rsplit(".", 1)[-1]](a[name], b[name]) for name in a}
 
 
 class KeyedAggregate:

@@ -30,6 +30,7 @@ run, after any restore, with and without salt. Optional early firings (``early_e
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ._mps import lib
-from .aggregate import Accumulators, KeyIndex, parse_spec
+from .aggregate import Accumulators, KeyIndex, combine_parts, fold_parts, parse_spec, scan_parts
 from .batch import Batch, Column, StringColumn, _ptr
 from .errors import PlanError, WindowError
 from .operators import Context, Operator, Output, own_rows
@@ -130,10 +131,16 @@ class Global(Assigner):
         _positive("a global window's count", self.count)
 
 
+def _number(ts: np.ndarray, step: int, offset: int) -> np.ndarray:
+    """floor((ts - offset) / step): which step-long interval (aligned at offset) each time is
+    in; interval q starts at ``q * step + offset % step``. No overflow: the caller keeps ts at
+    least a window above the smallest int64 (:func:`_check_range`)."""
+    return (ts - offset % step) // step
+
+
 def _floor(ts: np.ndarray, step: int, offset: int) -> np.ndarray:
-    """floor((ts - offset) / step) * step + offset, without overflow for ts near the limits
-    (the caller keeps ts at least a window above the smallest int64: :func:`_check_range`)."""
-    return ts - np.mod(np.mod(ts, step) - offset % step, step)
+    """The start of each time's step-long interval (see :func:`_number`)."""
+    return _number(ts, step, offset) * step + offset % step
 
 
 def _check_range(ts: np.ndarray, assigner: Assigner, where: str) -> None:
@@ -147,18 +154,29 @@ def _check_range(ts: np.ndarray, assigner: Assigner, where: str) -> None:
 
 # ---- output -------------------------------------------------------------------------------------
 
+_STRINGS: dict[str, StringColumn] = {}  # value -> the longest column of it made so far (read-only)
+
+
 def _string(value: str, n: int) -> StringColumn:
-    """A column of n copies of an ASCII value (built directly: no per-row encoding)."""
-    raw = np.frombuffer(value.encode(), np.uint8)
-    return StringColumn(np.arange(n + 1, dtype=np.int64) * len(raw), np.tile(raw, n))
+    """A column of n copies of an ASCII value: a view of a column made once (and again when a
+    longer one is needed), not built row by row."""
+    column = _STRINGS.get(value)
+    if column is None or len(column.offsets) <= n:
+        raw = np.frombuffer(value.encode(), np.uint8)
+        size = max(n, 2 * (len(column.offsets) - 1) if column is not None else 1024)
+        offsets, data = np.arange(size + 1, dtype=np.int64) * len(raw), np.tile(raw, size)
+        offsets.flags.writeable = data.flags.writeable = False
+        column = _STRINGS[value] = StringColumn(offsets, data)
+    width = len(value)
+    return StringColumn(column.offsets[: n + 1], column.data[: n * width])
 
 
 def _window_rows(key: str, keys: Column, start: Any, end: Any, columns: Mapping[str, np.ndarray], pane: str,
                  time_dtype: np.dtype) -> Batch:
     """Result rows: the key, window_start, window_end, the aggregates and the pane timing."""
     n = len(keys)
-    starts = np.broadcast_to(np.asarray(start, np.int64), (n,)).astype(np.int64).view(time_dtype)
-    ends = np.broadcast_to(np.asarray(end, np.int64), (n,)).astype(np.int64).view(time_dtype)
+    starts = np.full(n, start, np.int64).view(time_dtype) if np.ndim(start) == 0 else np.asarray(start).view(time_dtype)
+    ends = np.full(n, end, np.int64).view(time_dtype) if np.ndim(end) == 0 else np.asarray(end).view(time_dtype)
     return Batch({key: keys, START: starts, END: ends, **columns, PANE: _string(pane, n)})
 
 
@@ -167,15 +185,17 @@ def _window_rows(key: str, keys: Column, start: Any, end: Any, columns: Mapping[
 class PaneTable:
     """The accumulators of every (key, pane): a :class:`KeyIndex` and 2-D
     :class:`Accumulators`, one row per live pane and one column per key slot (pane-major, so a
-    window's panes are whole rows). ``changed`` marks cells updated since the last early
-    firing."""
+    window's panes are whole rows). Panes are numbered: pane q starts at ``q * g + r``. With
+    ``track_changes``, ``changed`` marks cells updated since the last early firing."""
 
-    def __init__(self, key: str, items: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, key: str, items: tuple[tuple[str, str], ...], g: int, r: int,
+                 track_changes: bool = False) -> None:
         self.index = KeyIndex(key)
         self.acc = Accumulators(items, (4, 1024))
+        self.g, self.r = g, r
         self.rows: dict[int, int] = {}  # pane start -> row
         self.free = list(range(4))[::-1]
-        self.changed = np.zeros((4, 1024), bool)
+        self.changed = np.zeros((4, 1024) if track_changes else (0, 0), bool)
 
     def _capacity(self, keys: int) -> None:
         panes, slots = self.acc.shape
@@ -185,9 +205,10 @@ class PaneTable:
     def _reshape(self, panes: int, slots: int) -> None:
         old = self.acc.shape
         self.acc.resize((panes, slots))
-        changed = np.zeros((panes, slots), bool)
-        changed[: old[0], : old[1]] = self.changed[: old[0], : old[1]]
-        self.changed = changed
+        if self.changed.size:
+            changed = np.zeros((panes, slots), bool)
+            changed[: old[0], : old[1]] = self.changed[: old[0], : old[1]]
+            self.changed = changed
         self.free = list(range(panes - 1, old[0] - 1, -1)) + self.free
 
     def row(self, pane: int) -> int:
@@ -198,27 +219,44 @@ class PaneTable:
             row = self.rows[pane] = self.free.pop()
         return row
 
-    def cells(self, panes: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Flat cell index of every (pane start, key slot)."""
-        uniq, inverse = np.unique(panes, return_inverse=True)
-        rows = np.array([self.row(int(p)) for p in uniq], np.int64)[inverse]
+    def cells(self, numbers: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Flat cell index of every (pane number, key slot). A batch's panes are usually a few
+        neighbours: looked up through a table over their range, not sorted."""
+        if not len(numbers):
+            return np.zeros(0, np.int64)
+        low = int(numbers.min())
+        span = int(numbers.max()) - low + 1
+        if span <= max(1024, len(numbers)):
+            relative = numbers - low
+            present = np.zeros(span, bool)
+            present[relative] = True
+            used = np.flatnonzero(present)
+            table = np.zeros(span, np.int64)
+            table[used] = [self.row((low + int(u)) * self.g + self.r) for u in used]
+            rows = table[relative]
+        else:
+            used, inverse = np.unique(numbers, return_inverse=True)
+            rows = np.array([self.row(int(u) * self.g + self.r) for u in used], np.int64)[inverse]
         self._capacity(len(self.index))
         return rows * self.acc.shape[1] + slots
 
-    def add(self, panes: np.ndarray, slots: np.ndarray, batch: Batch) -> None:
-        cells = self.cells(panes, slots)
+    def add(self, numbers: np.ndarray, slots: np.ndarray, batch: Batch) -> None:
+        cells = self.cells(numbers, slots)
         self.acc.add(cells, batch)
-        self.changed.reshape(-1)[cells] = True
+        if self.changed.size:
+            self.changed.reshape(-1)[cells] = True
 
-    def merge(self, panes: np.ndarray, slots: np.ndarray, partials: Mapping[str, np.ndarray]) -> None:
-        cells = self.cells(panes, slots)
+    def merge(self, numbers: np.ndarray, slots: np.ndarray, partials: Mapping[str, np.ndarray]) -> None:
+        cells = self.cells(numbers, slots)
         self.acc.merge(cells, partials)
-        self.changed.reshape(-1)[cells] = True
+        if self.changed.size:
+            self.changed.reshape(-1)[cells] = True
 
     def drop(self, pane: int) -> None:
         row = self.rows.pop(pane)
         self.acc.reset(row)
-        self.changed[row] = False
+        if self.changed.size:
+            self.changed[row] = False
         self.free.append(row)
 
     def window(self, panes: list[int], slots: np.ndarray | None = None,
@@ -238,11 +276,14 @@ class PaneTable:
             return None
         return slots, self.acc.result_columns(np.ix_(rows, slots), reduce="panes")
 
-    def partial_rows(self, key: str, pane_column: str, time_dtype: np.dtype) -> Batch | None:
-        """Every non-empty (key, pane) as a partial row (for a snapshot or a flush)."""
+    def partial_rows(self, key: str, pane_column: str, time_dtype: np.dtype,
+                     panes: list[int] | None = None) -> Batch | None:
+        """Every non-empty (key, pane) as a partial row (for a snapshot or a flush), or those
+        of some panes."""
         n = len(self.index)
         parts = []
-        for pane, row in sorted(self.rows.items()):
+        for pane in sorted(self.rows if panes is None else panes):
+            row = self.rows[pane]
             slots = np.flatnonzero(self.acc.count[row, :n])
             if len(slots):
                 parts.append(Batch({key: self.index.keys(slots), pane_column: np.full(len(slots), pane).view(time_dtype),
@@ -253,15 +294,71 @@ class PaneTable:
 _PANE = "_pane"  # a partial row's pane start
 
 
+class SlidingFolds:
+    """On-time firings of sliding windows of ``n`` > 1 panes, in order, from two folds each
+    instead of n panes (the two-stacks idea): with blocks of n panes (block k: panes ``k*n`` to
+    ``k*n + n - 1``), the window from pane ``a = k*n + i`` combines the fold of block k's panes
+    from i on (the suffix folds of a block, made once per block, kept for its panes with rows
+    only) with the fold of block k+1's first i panes (a running prefix, extended by one slide
+    per window). So the cost of a window does not grow with size / slide. Folds cover panes of
+    fired windows only, which change only by late rows: those drop the folds
+    (:meth:`invalidate`), as a wider table does."""
+
+    def __init__(self, table: PaneTable, n: int) -> None:
+        self.table, self.n = table, n
+        self.block: int | None = None
+        self.buffers: dict[str, np.ndarray] = {}  # the suffix folds' memory, reused block after block
+
+    def invalidate(self) -> None:
+        self.block = None
+
+    def _with_rows(self, low: int, high: int) -> list[int]:
+        """The numbers of the panes low..high-1 that hold rows."""
+        table = self.table
+        return [q for q in range(low, high) if q * table.g + table.r in table.rows]
+
+    def _stack(self, numbers: list[int], buffers: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        table = self.table
+        return table.acc.stack([table.rows[q * table.g + table.r] for q in numbers], buffers)
+
+    def window(self, a: int) -> dict[str, np.ndarray] | None:
+        """The parts of the window made of panes a..a+n-1, over every key slot (None: no rows);
+        the caller may keep them."""
+        n, width = self.n, self.table.acc.shape[1]
+        k, i = divmod(a, n)
+        if self.block != k or self.width != width or i < self.first:
+            self.block, self.width, self.first = k, width, i
+            self.present = self._with_rows(a, (k + 1) * n)
+            self.suffix = scan_parts(self._stack(self.present, self.buffers), reverse=True) if self.present else {}
+            self.prefix, self.prefix_end = None, (k + 1) * n
+        j = bisect.bisect_left(self.present, a)  # the suffix from pane a is the one from its first pane with rows
+        suffix = {name: part[j] for name, part in self.suffix.items()} if j < len(self.present) else None
+        if i == 0:  # a copy: the suffix folds' memory is reused
+            return None if suffix is None else {name: part.copy() for name, part in suffix.items()}
+        if self.prefix_end < a + n:
+            more = self._with_rows(self.prefix_end, a + n)
+            if more:
+                folded = fold_parts(self._stack(more))
+                self.prefix = folded if self.prefix is None else combine_parts(self.prefix, folded)
+            self.prefix_end = a + n
+        if suffix is None:
+            return self.prefix  # never changed in place: a new one replaces it
+        if self.prefix is None:
+            return {name: part.copy() for name, part in suffix.items()}
+        return combine_parts(suffix, self.prefix)
+
+
 class PaneWindows:
     """Tumbling and sliding windows of one operator instance over a :class:`PaneTable` (see
-    the module doc). ``watermark`` is the operator's: windows ending at or before it fired."""
+    the module doc). ``watermark`` is the operator's: windows ending at or before it fired.
+    ``early``: keep track of changed cells for early firings."""
 
     def __init__(self, assigner: Tumbling | Sliding, key: str, items: tuple[tuple[str, str], ...],
-                 lateness: int) -> None:
-        self.a, self.key, self.items, self.lateness = assigner, key, items, lateness
+                 lateness: int, early: bool = False) -> None:
+        self.a, self.key, self.items, self.lateness, self.early_firings = assigner, key, items, lateness, early
         self.size, self.slide, self.g, self.offset = assigner.size, assigner.slide, assigner.pane, assigner.offset
-        self.table = PaneTable(key, items)
+        self.r, self.n = self.offset % self.g, self.size // self.g  # pane alignment, panes per window
+        self.clear()
         self.watermark = MIN_TIME
         self.time_dtype = np.dtype(np.int64)
 
@@ -290,32 +387,53 @@ class PaneWindows:
     def panes_of(self, start: int) -> list[int]:
         return list(range(start, start + self.size, self.g))
 
+    def _rows(self, start: int, slots: np.ndarray | None, columns: dict[str, np.ndarray], pane: str) -> Batch:
+        """The result rows of a window for these key slots (None: every key)."""
+        return _window_rows(self.key, self.table.index.keys(slots), start, saturating_add(start, self.size), columns,
+                            pane, self.time_dtype)
+
     def _result(self, start: int, pane: str, slots: np.ndarray | None = None,
                 changed_only: bool = False) -> Batch | None:
         window = self.table.window(self.panes_of(start), slots, changed_only)
-        if window is None:
+        return None if window is None else self._rows(start, *window, pane)
+
+    def _on_time(self, start: int) -> Batch | None:
+        if self.n == 1 or not any(p in self.table.rows for p in self.panes_of(start)):
+            return self._result(start, ON_TIME)
+        parts = self.folds.window((start - self.r) // self.g)
+        if parts is None:
             return None
-        slots, columns = window
-        return _window_rows(self.key, self.table.index.keys(slots), start, saturating_add(start, self.size), columns,
-                            pane, self.time_dtype)
+        m = len(self.table.index)
+        active = parts[_COUNT][:m] > 0
+        if active.all():  # every key has rows in the window (usual with many rows a window): no gathers
+            slots, where = None, slice(0, m)
+        else:
+            slots = where = np.flatnonzero(active)
+            if not len(slots):
+                return None
+        columns = self.table.acc.columns({name: p[where] for name, p in parts.items()}, copy=False)
+        return self._rows(start, slots, columns, ON_TIME)
 
     # ---- input ------------------------------------------------------------------------------
 
     def add(self, batch: Batch, ts: np.ndarray | None, partial: bool) -> list[Batch]:
         """Rows (or partial rows) into their panes; the late firings they cause, at once."""
+        slots = self.table.index.slots(batch[self.key])
         if partial:
-            panes = batch[_PANE].view(np.int64)
             self.time_dtype = batch[_PANE].dtype
-            slots = self.table.index.slots(batch[self.key])
-            self.table.merge(panes, slots, batch)
+            numbers = _number(batch[_PANE].view(np.int64), self.g, self.r)
+            self.table.merge(numbers, slots, batch)
         else:
             _check_range(ts, self.a, f"window of {self.key!r}")
-            panes = _floor(ts, self.g, self.offset)
-            slots = self.table.index.slots(batch[self.key])
-            self.table.add(panes, slots, batch)
-        if self.watermark == MIN_TIME or not len(panes):
-            return []
-        late = np.flatnonzero(self.first_end(panes) <= self.watermark)  # a window of theirs fired already
+            numbers = _number(ts, self.g, self.offset)
+            self.table.add(numbers, slots, batch)
+        if self.watermark == MIN_TIME or not len(numbers) or \
+                self.first_end(np.array([numbers.min() * self.g + self.r]))[0] > self.watermark:
+            return []  # none of these rows is in a window that fired already
+        panes = numbers * self.g + self.r
+        late = np.flatnonzero(self.first_end(panes) <= self.watermark)
+        if len(late):
+            self.folds.invalidate()
         out = []
         for p in np.unique(panes[late]).tolist():
             changed = np.unique(slots[late][panes[late] == p])
@@ -338,7 +456,7 @@ class PaneWindows:
             start = self._last_start(first + self.slide - 1) if first > MIN_TIME else self._last_start(low_pane)
             while start <= high_pane and saturating_add(start, self.size) <= watermark:  # ends saturate at +inf
                 if saturating_add(start, self.size) > self.watermark:
-                    batch = self._result(start, ON_TIME)
+                    batch = self._on_time(start)
                     if batch is not None:
                         out.append(batch)
                 if start > MAX_TIME - self.slide:
@@ -362,8 +480,22 @@ class PaneWindows:
     def partials(self) -> Batch | None:
         return self.table.partial_rows(self.key, _PANE, self.time_dtype)
 
+    def take(self, watermark: int | None = None) -> Batch | None:
+        """The partial rows of the panes a window that ``watermark`` fires holds (of every pane
+        when None), taken out of the state."""
+        if watermark is None:
+            out = self.partials()
+            self.clear()
+            return out
+        due = [p for p in self.table.rows if self.first_end(np.array([p], np.int64))[0] <= watermark]
+        out = self.table.partial_rows(self.key, _PANE, self.time_dtype, due) if due else None
+        for p in due:
+            self.table.drop(p)
+        return out
+
     def clear(self) -> None:
-        self.table = PaneTable(self.key, self.items)
+        self.table = PaneTable(self.key, self.items, self.g, self.r, self.early_firings)
+        self.folds = SlidingFolds(self.table, self.n)
 
     def __len__(self) -> int:
         return len(self.table.rows)
@@ -483,6 +615,17 @@ class SessionWindows:
         return Batch({self.key: self.index.keys(self.slot), START: self.start.view(self.time_dtype),
                       END: self.end.view(self.time_dtype), **self.acc.partial_columns(slice(None))})
 
+    def take(self, watermark: int | None = None) -> Batch | None:
+        """The partial sessions that a session ``watermark`` fires might merge with (those
+        starting at or before it; every one when None), taken out of the state."""
+        due = np.arange(len(self.slot)) if watermark is None else np.flatnonzero(self.start <= watermark)
+        if not len(due):
+            return None
+        out = Batch({self.key: self.index.keys(self.slot[due]), START: self.start[due].view(self.time_dtype),
+                     END: self.end[due].view(self.time_dtype), **self.acc.partial_columns(due)})
+        self._keep(np.flatnonzero(self.start > watermark) if watermark is not None else np.zeros(0, np.int64))
+        return out
+
     def flags(self) -> tuple[np.ndarray, np.ndarray]:
         """(emitted, late) of every session, in the order of :meth:`partials`."""
         return self.emitted.copy(), self.late.copy()
@@ -587,9 +730,9 @@ class Lateness:
         """(the rows that are not late, their timestamps)."""
         ts = timestamps(batch, self.ts_column, f"operator {ctx.name!r}")
         _check_range(ts, self.assigner, f"operator {ctx.name!r}, event-time column {self.ts_column!r}")
-        if self.watermark == MIN_TIME or not len(ts):
-            return batch, ts
-        late = saturating_add(_last_end(self.assigner, ts), self.lateness) <= self.watermark
+        if self.watermark == MIN_TIME or not len(ts) or self._live(ts.min(keepdims=True))[0]:
+            return batch, ts  # the last end grows with the time: none is late if the earliest is not
+        late = ~self._live(ts)
         if not late.any():
             return batch, ts
         if "late" in ctx.ports:
@@ -598,6 +741,10 @@ class Lateness:
             ctx.counters["late_records_dropped"] = ctx.counters.get("late_records_dropped", 0) + int(late.sum())
         keep = ~late
         return batch.filter(keep), ts[keep]
+
+    def _live(self, ts: np.ndarray) -> np.ndarray:
+        """Rows with a window that is still open or within the lateness."""
+        return saturating_add(_last_end(self.assigner, ts), self.lateness) > self.watermark
 
 
 class WindowSplit(Operator):
@@ -623,9 +770,9 @@ class WindowSplit(Operator):
 
 class WindowCombine(Operator):
     """Pre-aggregates rows (or merges partial rows) per (key, pane) or into per-key partial
-    sessions, and hands the partials on before every watermark, before every checkpoint
-    barrier, when its oldest row has waited ``max_delay_s``, and at the end: the first stages
-    of a salted window aggregation. Over rows it also sends late rows aside (see
+    sessions, and hands the partials on: those a window may need before the watermark that
+    fires it, all of them before every checkpoint barrier, when the oldest has waited
+    ``max_delay_s``, and at the end: the first stages of a salted window aggregation. Over rows it also sends late rows aside (see
     :class:`Lateness`)."""
 
     rescalable = True
@@ -640,7 +787,6 @@ class WindowCombine(Operator):
         super().open(ctx)
         self.state = _STATES[self.assigner.kind](self.assigner, self.key, parse_spec(self.spec), 0)
         self._timer: Timer | None = None
-        self._emitted = False
 
     def process(self, batch: Batch) -> Output:
         if self.inputs == "rows":
@@ -654,14 +800,12 @@ class WindowCombine(Operator):
             self._timer = self.ctx.timers.register_processing_time(time.time() + self.max_delay_s)
         return None
 
-    def _flush(self) -> Batch | None:
-        if self._timer is not None:
+    def _flush(self, watermark: int | None = None) -> Batch | None:
+        """The partials (those a window fired by ``watermark`` may need, if given)."""
+        out = self.state.take(watermark)
+        if not len(self.state) and self._timer is not None:
             self.ctx.timers.delete(self._timer)
             self._timer = None
-        out = self.state.partials()
-        if out is not None:
-            self.state.clear()
-            self._emitted = True
         return out
 
     def on_timer(self, timer: Timer) -> Output:
@@ -670,7 +814,7 @@ class WindowCombine(Operator):
 
     def on_watermark(self, watermark: int) -> Output:
         self.lateness.watermark = watermark
-        return self._flush()  # partials go before the watermark that may fire their windows
+        return self._flush(watermark)  # partials go before the watermark that may fire their windows
 
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
         return self._flush()
@@ -701,7 +845,9 @@ class WindowAggregate(Operator):
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
-        self.state = _STATES[self.assigner.kind](self.assigner, self.key, parse_spec(self.spec), self.lateness)
+        items, early = parse_spec(self.spec), self.early_every is not None or self.early_interval is not None
+        self.state = PaneWindows(self.assigner, self.key, items, self.lateness, early) if self.assigner.kind == "panes" \
+            else _STATES[self.assigner.kind](self.assigner, self.key, items, self.lateness)
         self._since_early = 0
         if self.early_interval is not None:
             ctx.timers.register_processing_time(time.time() + self.early_interval, "early")

@@ -21,15 +21,20 @@ def rows(k, ts, v=None):
 
 
 def run_windows(batches, assigner, *, bound=0, lateness=0, salt=0, parallelism=1, spec=None, late=True,
-                checkpoint_dir=None, **aggregate):
-    """(window rows as (k, start, end, count, pane) in emission order, late rows' ts, result)."""
+                checkpoint_dir=None, files=None, **aggregate):
+    """(window rows as (k, start, end, count, pane) in emission order, late rows' ts, result);
+    with ``files``, the rows (and late rows) also go to transactional CSV files there."""
     p = Pipeline(channel_capacity=1 << 16)
     result = (p.source("src", lambda: TestingSource(batches)).with_event_time("ts", max_out_of_orderness=bound)
               .key_by("k").window(assigner, allowed_lateness=lateness)
               .aggregate("w", spec or {"*": "count"}, parallelism=parallelism, salt=salt, **aggregate))
     result.collect("out")
+    if files is not None:
+        result.to_files("windows", files, transactional=True)
     if late:
         result.late.collect("late")
+        if files is not None:
+            result.late.to_files("late_files", files, transactional=True)
     options = {} if checkpoint_dir is None else {"checkpoint_dir": checkpoint_dir, "checkpoint_interval": 0.01,
                                                  "restart_backoff": 0.01}
     out = p.run(**options)
@@ -197,11 +202,16 @@ def test_windows_are_the_same_after_a_sigkill_and_restore(tmp_path, assigner):
     head = [rows(1, [1, 3]), rows(2, [4, 7]), rows(1, [12]), rows(1, [2]), rows(2, [21])]
     tail = [rows(1, [9, 25]), rows(2, [24]), rows(1, [40])]
     late = assigner.kind != "count"
-    want = run_windows(head + tail, assigner, bound=2, lateness=6, late=late)[:2]
+    want = run_windows(head + tail, assigner, bound=2, lateness=6, late=late, files=tmp_path / "want")[:2]
     with pytest.warns(UserWarning, match="restarting"):
         got = run_windows(head + [Stall(lambda: len(store.complete()) >= 2), Kill(crash)] + tail, assigner, bound=2,
-                          lateness=6, checkpoint_dir=store_dir, late=late)[:2]
+                          lateness=6, checkpoint_dir=store_dir, late=late, files=tmp_path / "got")[:2]
     assert crash.fired and panes(got[0]) == panes(want[0]) and got[1] == want[1]
+    assert any(pane == "late" for *_, pane in want[0]) == late  # late firings are part of it
+    for name in ["windows"] + (["late_files"] if late else []):  # the published files hold the same rows
+        published = [[line for f in sorted((tmp_path / run).glob(f"{name}-0.*.csv"))
+                      for line in f.read_text().splitlines()[1:]] for run in ("want", "got")]
+        assert sorted(published[0]) == sorted(published[1]) and (published[0] or name == "late_files")
 
 
 def test_window_arguments_are_checked():
@@ -312,3 +322,54 @@ def test_tumbling_windows_with_disorder_and_stragglers_match_the_reference(seed,
 def test_sliding_and_session_windows_match_the_reference(seed, instances, parallelism, salt, assigner):
     parts = streams(seed, instances, disorder=10, stragglers=0.0)  # within the bound: nothing is late
     assert run_parts(parts, assigner, 25, 0, parallelism, salt) == reference(parts, assigner, 25, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), lateness=st.sampled_from([0, 40]), keys=st.sampled_from([3, 100_000]),
+       stragglers=st.sampled_from([0.0, 0.2]),
+       assigner=st.sampled_from([Sliding(60, 5), Sliding(30, 20), Sliding(40, 10, offset=3), Sliding(9, 3),
+                                 Tumbling(10)]))
+def test_every_pane_a_window_state_emits_matches_a_brute_force_sum(seed, lateness, keys, stragglers, assigner):
+    """The window state alone (no processes), row by row: every on-time and late pane it emits
+    holds exactly the rows added so far in its window (sliding windows are combined from
+    folds of panes, which late rows and new keys must renew), and on-time panes come for
+    exactly the windows with rows that the watermark closes."""
+    from mpstream.aggregate import parse_spec
+    from mpstream.batch import Batch
+    from mpstream.windows import PaneWindows
+
+    rng = np.random.default_rng(seed)
+    state = PaneWindows(assigner, "k", parse_spec({"v": ["sum", "min", "max"], "*": "count"}), lateness)
+    added = np.zeros((0, 3), np.int64)  # (k, ts, v)
+
+    def starts(t):
+        last = (t - assigner.offset) // assigner.slide * assigner.slide + assigner.offset
+        return range(last, t - assigner.size, -assigner.slide)
+
+    def check(batches, pane):
+        for b in batches:
+            assert set(b["pane"].to_numpy().tolist()) == {pane}
+            for k, s, e, total, low, high, count in zip(*(b[c].tolist() for c in (
+                    "k", "window_start", "window_end", "v_sum", "v_min", "v_max", "count"))):
+                mine = added[(added[:, 0] == k) & (added[:, 1] >= s) & (added[:, 1] < e)]
+                assert e - s == assigner.size and (s - assigner.offset) % assigner.slide == 0
+                assert (total, low, high, count) == (mine[:, 2].sum(), mine[:, 2].min(), mine[:, 2].max(), len(mine))
+
+    cursor, watermark = 0, MIN
+    for _ in range(25):
+        n = int(rng.integers(0, 60 if keys < 10 else 300))
+        ts = cursor + rng.integers(-15, 10, n) - (rng.random(n) < stragglers) * rng.integers(0, 80, n)
+        if watermark != MIN:  # what the split lets through: rows with a window open or within the lateness
+            ts = ts[np.array([max(starts(int(t))) + assigner.size + lateness > watermark for t in ts], bool)]
+        k = rng.integers(0, keys, len(ts))  # a few keys (windows with every key) or many (the table widens)
+        values = rng.integers(-50, 50, len(ts))
+        added = np.concatenate([added, np.stack([k, ts, values], axis=1)])
+        check(state.add(Batch({"k": k, "ts": ts, "v": values}), ts, partial=False), "late")
+        cursor += int(rng.integers(0, 40))
+        new = max(watermark, cursor - 15)
+        fired = state.fire(new)
+        check(fired, "on_time")
+        closed = {(int(k), s) for k, t in added[:, :2].tolist() for s in starts(int(t))
+                  if watermark < s + assigner.size <= new}
+        assert {(k, s) for b in fired for k, s in zip(b["k"].tolist(), b["window_start"].tolist())} == closed
+        watermark = new
