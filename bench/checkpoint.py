@@ -13,7 +13,6 @@ The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -26,7 +25,7 @@ import warnings
 
 import numpy as np
 import psutil
-from transport import machine_line
+from transport import machine_line, quick_option
 
 from mpstream import Batch
 from mpstream.checkpoint import CheckpointStore
@@ -113,10 +112,8 @@ def _recovery(batches: int, keys: int, directory: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter jobs: under 90 s")
-    args = parser.parse_args()
-    batches = 1000 if args.quick else 3000
+    quick = quick_option(__doc__, "shorter jobs: under 90 s")
+    batches = 1000 if quick else 3000
     off, on, checkpoints = 0.0, 0.0, []
     for _ in range(2):  # interleaved: both see the same machine
         off = max(off, throughput(batches, None)[0])
@@ -124,8 +121,8 @@ def main() -> None:
         if rate > on:
             on, checkpoints = rate, taken
     recoveries, state_mb = [], 0.0
-    for _ in range(2 if args.quick else 4):
-        seconds, state_mb = recovery(batches=400 if args.quick else 600, keys=4_000_000)
+    for _ in range(2 if quick else 4):
+        seconds, state_mb = recovery(batches=400 if quick else 600, keys=4_000_000)
         recoveries.append(seconds)
         print(f"  recovery {seconds:.3f} s with {state_mb:.0f} MB of checkpointed state", file=sys.stderr)
     cost = 1 - on / off

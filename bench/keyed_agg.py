@@ -17,7 +17,6 @@ Every result is checked against numpy. The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import sys
@@ -25,7 +24,7 @@ import time
 from urllib.parse import urlsplit
 
 import numpy as np
-from transport import machine_line
+from transport import machine_line, quick_option
 
 from mpstream import Batch, StringColumn
 from mpstream.pipeline import Pipeline
@@ -134,12 +133,10 @@ def cpu_map(rows: int, parallelism: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4M events: under 60 s")
-    args = parser.parse_args()
-    n = 4_000_000 if args.quick else 20_000_000
-    results, partitions = keyed_agg(n, repeats=2 if args.quick else 3)
-    rows = 100_000 if args.quick else 400_000
+    quick = quick_option(__doc__, "4M events: under 60 s")
+    n = 4_000_000 if quick else 20_000_000
+    results, partitions = keyed_agg(n, repeats=2 if quick else 3)
+    rows = 100_000 if quick else 400_000
     cpu = {1: float("inf"), 2: float("inf")}
     for _ in range(3):  # interleaved, best of three
         for p in cpu:

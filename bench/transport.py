@@ -234,6 +234,13 @@ def idle_reader_cpu_percent(seconds: float) -> float:
 
 # ---- report -------------------------------------------------------------------------------
 
+def quick_option(doc: str, what: str) -> bool:
+    """Parses a benchmark script's command line: only ``--quick`` (``what`` it does)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=what)
+    return parser.parse_args().quick
+
+
 def machine_line() -> str:
     model = platform.processor() or "unknown CPU"
     try:
@@ -292,10 +299,8 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts: finishes in under 60 s")
-    args = parser.parse_args()
-    result = run(args.quick)
+    quick = quick_option(__doc__, "smaller counts: finishes in under 60 s")
+    result = run(quick)
     print_table(result)
     print(json.dumps(result))
 

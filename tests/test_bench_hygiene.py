@@ -1,9 +1,10 @@
 """Benchmarks clean up what they create, on success and on failure (the suite-wide fixture in
-conftest checks the temporary directory after every test)."""
+conftest checks the temporary directory after every test), and their checks can fail."""
 
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -24,3 +25,14 @@ def test_the_checkpoint_benchmark_removes_its_checkpoints_when_the_job_fails(mon
         bench_checkpoint.throughput(batches=20, interval=0.01)
     with pytest.raises(RuntimeError, match="the job failed"):
         bench_checkpoint.recovery(batches=20, keys=1000)
+
+
+def test_the_windows_benchmark_checks_every_row():
+    import windows as bench_windows
+
+    data = bench_windows.events(50_000, 300, 0.0)
+    want = bench_windows.reference(data, "sliding_5", 300)
+    bench_windows.run_mpstream(data, "sliding_5", 0, want, check=True)
+    want.counts[np.flatnonzero(want.counts)[7]] += 1  # numpy "says" one window has a row more
+    with pytest.raises(Exception, match="1 of .* rows differ from numpy"):
+        bench_windows.run_mpstream(data, "sliding_5", 0, want, check=True)
