@@ -72,7 +72,11 @@ def timestamps(batch: Batch, column: str, where: str) -> np.ndarray:
         raise SourceError(f"{where}: the event-time column {column!r} has dtype {dtype}; it must be int64 "
                           f"(in the job's time unit) or datetime64")
     if col.dtype.kind == "M":
-        return col.view(np.int64)
+        ints = col.view(np.int64)
+        if len(ints) and int(ints.min()) == MIN_TIME:  # NaT
+            raise SourceError(f"{where}: the event-time column {column!r} has NaT (no timestamp) at row "
+                              f"{int(np.flatnonzero(np.isnat(col))[0])}; every record needs a timestamp")
+        return ints
     if col.dtype.kind == "u" and len(col) and int(col.max()) > MAX_TIME:
         raise SourceError(f"{where}: the event-time column {column!r} holds values beyond int64")
     return col.astype(np.int64, copy=False)

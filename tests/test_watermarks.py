@@ -67,6 +67,8 @@ def test_a_missing_or_mistyped_timestamp_is_an_error_naming_the_column():
         gen.on_batch(Batch({"time": np.array([1])}), 0.0)
     with pytest.raises(SourceError, match=r"event-time column 'ts' has dtype float64"):
         gen.on_batch(Batch({"ts": np.array([1.5])}), 0.0)
+    with pytest.raises(SourceError, match=r"event-time column 'ts' has NaT \(no timestamp\) at row 1"):
+        gen.on_batch(Batch({"ts": np.array(["2026-11-24", "NaT"], "datetime64[ms]")}), 0.0)
 
 
 def test_idleness_counts_only_time_not_blocked_on_credit(monkeypatch):
