@@ -107,7 +107,14 @@ struct mps_keymap {
     uint64_t *slot_keys;            /* size entries, grown by doubling */
     uint64_t size;
     uint64_t slot_capacity;
+    int64_t reserved;               /* the slot no key maps to (mps_keymap_reserve), or -1 */
 };
+
+/* Slot s holds a key (every slot but the reserved one). */
+static inline bool keymap_keyed(const struct mps_keymap *map, uint64_t s)
+{
+    return (int64_t)s != map->reserved;
+}
 
 static struct mps_keymap_entry *table_alloc(uint64_t capacity)
 {
@@ -158,7 +165,7 @@ static int keymap_rebuild(struct mps_keymap *map, uint64_t capacity)
     }
     map->table_size = 0;
     for (uint64_t s = 0; s < map->size; s++) {
-        if (map->slot_keys[s] >= map->direct_len)
+        if (keymap_keyed(map, s) && map->slot_keys[s] >= map->direct_len)
             keymap_place(map, map->slot_keys[s], (int64_t)s);
     }
     return 0;
@@ -177,6 +184,7 @@ struct mps_keymap *mps_keymap_new(uint64_t expected_keys)
         return NULL;
     }
     map->capacity = capacity;
+    map->reserved = -1;
     return map;
 }
 
@@ -195,6 +203,8 @@ void mps_keymap_clear(struct mps_keymap *map)
     bool sparse_table = map->table_size * 16 < map->capacity;
     bool sparse_front = map->size * 16 < map->direct_len;
     for (uint64_t s = 0; s < map->size && (sparse_table || sparse_front); s++) {
+        if (!keymap_keyed(map, s))
+            continue;
         uint64_t key = map->slot_keys[s], mask = map->capacity - 1, i = mix64(key) & mask;
         if (key < map->direct_len) {
             map->direct[key] = 0;
@@ -212,6 +222,7 @@ void mps_keymap_clear(struct mps_keymap *map)
         memset(map->direct, 0, sizeof(uint32_t) * map->direct_len);
     memset(map->recent, 0, sizeof(map->recent));
     map->size = map->table_size = 0;
+    map->reserved = -1;
 }
 
 /* The next slot, for key; -1 when out of memory or past MPS_KEYMAP_MAX_SLOTS keys. */
@@ -281,7 +292,7 @@ static int keymap_cover(struct mps_keymap *map, uint64_t key)
         return -1;
     memset(more + map->direct_len, 0, sizeof(uint32_t) * (len - map->direct_len));
     for (uint64_t s = 0; s < map->size; s++) {
-        if (map->slot_keys[s] >= map->direct_len && map->slot_keys[s] < len)
+        if (keymap_keyed(map, s) && map->slot_keys[s] >= map->direct_len && map->slot_keys[s] < len)
             more[map->slot_keys[s]] = (uint32_t)(s + 1);
     }
     map->direct = more;
@@ -331,6 +342,13 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
         waiting = 0;
     }
     return (int64_t)map->size;
+}
+
+int64_t mps_keymap_reserve(struct mps_keymap *map)
+{
+    if (map->reserved < 0)
+        map->reserved = keymap_append(map, 0);
+    return map->reserved;
 }
 
 void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out)
@@ -408,3 +426,100 @@ int64_t mps_session_groups(const int64_t *slot, const int64_t *start, const int6
     return groups;
 }
 
+
+
+/* ---- UTF-8 <-> UCS4 ---------------------------------------------------------------------- */
+
+static inline int utf8_width(uint32_t c)
+{
+    return c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+}
+
+int64_t mps_utf8_offsets_ucs4(const uint32_t *src, uint64_t n, uint64_t width, int64_t *offsets)
+{
+    int64_t total = 0;
+    offsets[0] = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        const uint32_t *row = src + i * width;
+        uint64_t len = width;
+        while (len > 0 && row[len - 1] == 0)
+            len--;
+        for (uint64_t j = 0; j < len; j++) {
+            uint32_t c = row[j];
+            if (c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF))
+                return -1 - (int64_t)i;
+            total += utf8_width(c);
+        }
+        offsets[i + 1] = total;
+    }
+    return total;
+}
+
+void mps_utf8_encode_ucs4(const uint32_t *src, uint64_t n, uint64_t width, const int64_t *offsets, uint8_t *out)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        const uint32_t *row = src + i * width;
+        uint8_t *o = out + offsets[i], *end = out + offsets[i + 1];
+        for (uint64_t j = 0; o < end; j++) {
+            uint32_t c = row[j];
+            if (c < 0x80) {
+                *o++ = (uint8_t)c;
+            } else if (c < 0x800) {
+                *o++ = (uint8_t)(0xC0 | (c >> 6));
+                *o++ = (uint8_t)(0x80 | (c & 0x3F));
+            } else if (c < 0x10000) {
+                *o++ = (uint8_t)(0xE0 | (c >> 12));
+                *o++ = (uint8_t)(0x80 | ((c >> 6) & 0x3F));
+                *o++ = (uint8_t)(0x80 | (c & 0x3F));
+            } else {
+                *o++ = (uint8_t)(0xF0 | (c >> 18));
+                *o++ = (uint8_t)(0x80 | ((c >> 12) & 0x3F));
+                *o++ = (uint8_t)(0x80 | ((c >> 6) & 0x3F));
+                *o++ = (uint8_t)(0x80 | (c & 0x3F));
+            }
+        }
+    }
+}
+
+uint64_t mps_utf8_max_chars(const int64_t *offsets, const uint8_t *data, uint64_t n)
+{
+    uint64_t best = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t chars = 0;
+        for (int64_t k = offsets[i]; k < offsets[i + 1]; k++)
+            chars += (data[k] & 0xC0) != 0x80;
+        if (chars > best)
+            best = chars;
+    }
+    return best;
+}
+
+void mps_utf8_decode_ucs4(const int64_t *offsets, const uint8_t *data, uint64_t n, uint64_t width, uint32_t *out)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t *o = out + i * width;
+        int64_t k = offsets[i], end = offsets[i + 1];
+        while (k < end) {
+            uint8_t b = data[k];
+            uint32_t c;
+            int more;
+            if (b < 0x80) {
+                c = b;
+                more = 0;
+            } else if (b < 0xE0) {
+                c = b & 0x1F;
+                more = 1;
+            } else if (b < 0xF0) {
+                c = b & 0x0F;
+                more = 2;
+            } else {
+                c = b & 0x07;
+                more = 3;
+            }
+            k++;
+            for (; more > 0 && k < end; more--, k++)
+                c = (c << 6) | (data[k] & 0x3F);
+            *o++ = c;
+        }
+    }
+}

@@ -30,6 +30,19 @@ int mps_partition_order(const int64_t *partition, uint64_t n, uint32_t partition
 void mps_take_utf8(const int64_t *offsets, const uint8_t *data, const int64_t *indices, uint64_t n,
                    int64_t *out_offsets, uint8_t *out_data);
 
+/* UTF-8 from numpy's fixed-width UCS4 strings (dtype U<width>: n rows of width code points,
+ * NUL-padded). mps_utf8_offsets_ucs4 writes offsets[0..n] (offsets[0] = 0) and returns the
+ * total bytes, or -1 - i when row i holds a code point that is no Unicode scalar value (a
+ * surrogate, or above 0x10FFFF). mps_utf8_encode_ucs4 then writes the bytes. */
+int64_t mps_utf8_offsets_ucs4(const uint32_t *src, uint64_t n, uint64_t width, int64_t *offsets);
+void mps_utf8_encode_ucs4(const uint32_t *src, uint64_t n, uint64_t width, const int64_t *offsets, uint8_t *out);
+
+/* The other way: the longest string of (offsets, data) in code points (UTF-8 lead bytes), and
+ * each string decoded into a NUL-padded row of width code points of out (n * width, zeroed by
+ * the caller). The bytes must be valid UTF-8 (what every StringColumn holds). */
+uint64_t mps_utf8_max_chars(const int64_t *offsets, const uint8_t *data, uint64_t n);
+void mps_utf8_decode_ucs4(const int64_t *offsets, const uint8_t *data, uint64_t n, uint64_t width, uint32_t *out);
+
 /* In-place scatter updates of per-slot accumulators: acc[slots[i]] op= values[i]. One pass,
  * O(n) whatever the accumulator's length (bincount is O(length) per call). values NULL in
  * mps_scatter_add_i64 counts (adds 1). Slots must index inside acc. */
@@ -61,7 +74,11 @@ void mps_keymap_clear(struct mps_keymap *map);
 /* slots[i] = the slot of keys[i], inserting unseen keys. Returns the map's size after the
  * call, or -1 when out of memory or keys (the map then holds the keys inserted so far). */
 int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t n, int64_t *slots);
-/* out[s] = the key of slot s, for every slot (out holds the size mps_keymap_insert returned). */
+/* The map's one slot that no key maps to (appended at the first call; mpstream gives it to null
+ * keys); -1 when out of memory. mps_keymap_clear forgets it. */
+int64_t mps_keymap_reserve(struct mps_keymap *map);
+/* out[s] = the key of slot s, for every slot (out holds the size mps_keymap_insert returned;
+ * the reserved slot reads 0). */
 void mps_keymap_keys(const struct mps_keymap *map, uint64_t *out);
 
 #endif

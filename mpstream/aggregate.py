@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ._mps import ffi, lib
-from .batch import Batch, Column, StringColumn, _ptr
+from .batch import Batch, Column, StringColumn, _ptr, null_mask, values_of
 from .errors import AggregateError
 from .partition import hash_column
 
@@ -36,7 +36,8 @@ __all__ = ["KeyIndex", "Accumulators", "KeyedAggregate", "Combiner", "AggregateE
 FUNCTIONS = ("sum", "count", "min", "max", "mean")
 _NEEDS = {"sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",), "count": ()}
 _COUNT = "count"
-_UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum, _COUNT: np.add}  # how a part combines
+_NULLS = "nulls"  # a value column's partial: its null values per key
+_UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum, _COUNT: np.add, _NULLS: np.add}  # how a part combines
 
 
 def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str], ...]:
@@ -57,7 +58,9 @@ def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str]
 class KeyIndex:
     """Keys of one column (int, bool or str) to dense slots 0, 1, 2, ... in order of first
     appearance, through the C key map; remembers each slot's key. A column's type is fixed by
-    the first batch. Str keys are identified by their 64-bit hash (see the module doc)."""
+    the first batch. Str keys are identified by their 64-bit hash (see the module doc). The null
+    key (a nullable key column's nulls) is one key, with a slot of its own, as SQL's GROUP BY
+    groups nulls together."""
 
     def __init__(self, key: str, expected_keys: int = 1024) -> None:
         self.key = key
@@ -66,6 +69,7 @@ class KeyIndex:
         self.kind: str | None = None  # "str" or an int dtype.str, fixed by the first batch
         self._names: list[StringColumn] = []  # str keys: the string of each slot, in slot order
         self._keys: Column | None = None  # the last keys() of every slot
+        self._null: int | None = None  # the null key's slot
 
     def __len__(self) -> int:
         return self._size
@@ -76,6 +80,7 @@ class KeyIndex:
         self._size = 0
         self._names.clear()
         self._keys = None
+        self._null = None
 
     def slots(self, keys: Column) -> np.ndarray:
         """The slot of every key (int64), inserting new keys."""
@@ -86,6 +91,14 @@ class KeyIndex:
             self.kind = kind
         elif kind != self.kind:
             raise AggregateError(f"key column {self.key!r} changed type from {self.kind} to {kind}")
+        nulls = null_mask(keys)
+        if nulls is not None and nulls.any():
+            slots = np.empty(len(keys), np.int64)
+            valid = np.flatnonzero(~nulls)
+            slots[valid] = self.slots(values_of(keys).take(valid) if kind == "str" else values_of(keys)[valid])
+            slots[nulls] = self._null_slot(kind)
+            return slots
+        keys = values_of(keys)
         ids = hash_column(keys) if kind == "str" else np.ascontiguousarray(keys, np.int64).view(np.uint64)
         slots = np.empty(len(ids), np.int64)
         size = lib.mps_keymap_insert(self._map, _ptr("uint64_t[]", ids), len(ids), _ptr("int64_t[]", slots))
@@ -97,6 +110,16 @@ class KeyIndex:
             self._names.append(keys.take(new[first]))
         self._size = size
         return slots
+
+    def _null_slot(self, kind: str) -> int:
+        if self._null is None:
+            self._null = lib.mps_keymap_reserve(self._map)
+            if self._null < 0:
+                raise MemoryError(f"aggregation by {self.key!r}: out of memory for its key map")
+            self._size += 1
+            if kind == "str":
+                self._names.append(StringColumn(np.zeros(2, np.int64), np.zeros(0, np.uint8), np.ones(1, bool)))
+        return self._null
 
     def keys(self, slots: np.ndarray | None = None) -> Column:
         """The key of every slot (or of the given slots), as a column of the key's type."""
@@ -110,6 +133,10 @@ class KeyIndex:
                 lib.mps_keymap_keys(self._map, _ptr("uint64_t[]", ids))
                 keys = ids.view(np.int64).astype(np.dtype(self.kind or "<i8"))
                 keys.flags.writeable = False
+                if self._null is not None:
+                    mask = np.zeros(len(keys), bool)
+                    mask[self._null] = True
+                    keys = np.ma.MaskedArray(keys, mask=mask)
             self._keys = keys
         if slots is None:
             return keys
@@ -125,10 +152,17 @@ class Accumulators:
     brings another kind than an accumulator holds, it widens as numpy promotes (ints and floats,
     or signed and unsigned, to float64), so mixed input gives what numpy gives for the
     concatenated column. Cells never updated (count 0) hold the identity of their operation.
+
+    Nulls are skipped, as SQL does: a value column that brings nulls gets a ``{column}.nulls``
+    partial (its null values per cell), so ``count(column)`` counts the values that are not
+    null (``count(*)`` counts rows), and sum, min, max and mean over no value are null.
     """
 
     def __init__(self, items: tuple[tuple[str, str], ...], shape: tuple[int, ...]) -> None:
         self.items = items
+        self.columns_needs = {column: list(dict.fromkeys(need for c, func in items if c == column
+                                                         for need in _NEEDS[func]))
+                              for column in dict.fromkeys(c for c, _ in items if c != "*")}  # value columns
         self.partials = tuple(dict.fromkeys(f"{column}.{need}" for column, func in items for need in _NEEDS[func]))
         self.shape = shape
         self.count = np.zeros(shape, np.int64)
@@ -164,9 +198,19 @@ class Accumulators:
         self.known = True
         lib.mps_scatter_add_i64(_ptr("int64_t[]", self.count.reshape(-1)), _ptr("int64_t[]", index), ffi.NULL,
                                 len(index))
-        for partial in self.partials:
-            column, need = partial.rsplit(".", 1)
-            self._combine(partial, need, index, _values(batch, column))
+        for column, needs in self.columns_needs.items():
+            values = _column(batch, column)
+            nulls, rows = null_mask(values), index
+            values = values_of(values)
+            if nulls is not None:
+                self._array(f"{column}.{_NULLS}", np.dtype(np.int64))  # nullable from now on
+                if nulls.any():
+                    self._combine(f"{column}.{_NULLS}", "sum", index[nulls], np.ones(int(nulls.sum()), np.int64))
+                    rows, values = index[~nulls], values[~nulls]
+            if needs:
+                values = _numeric(column, values)
+                for need in needs:
+                    self._combine(f"{column}.{need}", need, rows, values)
 
     def merge(self, index: np.ndarray, partials: Mapping[str, np.ndarray]) -> None:
         """Partial rows (as :meth:`partial_columns` makes): row i goes to flat cell index[i]. A
@@ -174,9 +218,9 @@ class Accumulators:
         self.known = True
         lib.mps_scatter_add_i64(_ptr("int64_t[]", self.count.reshape(-1)), _ptr("int64_t[]", index),
                                 _ptr("int64_t[]", np.ascontiguousarray(partials[_COUNT], np.int64)), len(index))
-        for partial in self.partials:
+        for partial in self.partials + tuple(f"{column}.{_NULLS}" for column in self.columns_needs):
             if partial in partials:
-                self._combine(partial, partial.rsplit(".", 1)[1], index, partials[partial])
+                self._combine(partial, _part_op(partial), index, values_of(partials[partial]))
 
     def _combine(self, name: str, need: str, index: np.ndarray, values: np.ndarray) -> None:
         """acc[index] op= values in one C pass, widening the accumulator first if need be."""
@@ -200,7 +244,8 @@ class Accumulators:
         """Converts an accumulator to dtype; empty cells get dtype's identity (not the converted
         identity of the old dtype: int64's max is no float +inf)."""
         acc = self._acc[name].astype(dtype)
-        acc[self.count == 0] = _identity(name, acc.dtype)
+        nulls = self._acc.get(f"{name.rsplit('.', 1)[0]}.{_NULLS}", 0)
+        acc[self.count - nulls == 0] = _identity(name, acc.dtype)
         self._acc[name] = acc
         return acc
 
@@ -217,7 +262,7 @@ class Accumulators:
 
     def parts(self, where: object) -> dict[str, np.ndarray]:
         """count and every partial accumulator at ``where``: views or copies, as numpy indexes."""
-        return {_COUNT: self.count[where], **{name: self._acc[name][where] for name in self.partials if name in self._acc}}
+        return {_COUNT: self.count[where], **{name: acc[where] for name, acc in self._acc.items()}}
 
     def stack(self, rows: Sequence[int | None], buffers: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The parts of these rows of a 2-D index space, one array row each (a None row is
@@ -247,15 +292,23 @@ class Accumulators:
         own = np.array if copy else np.asarray
         cols: dict[str, np.ndarray] = {}
         for column, func in self.items:
-            if func == "count":
-                cols[_COUNT if column == "*" else f"{column}_count"] = own(counts)
+            if column == "*":
+                cols[_COUNT] = own(counts)
                 continue
-            values = parts[f"{column}.{_NEEDS[func][0]}"]
+            nulls = parts.get(f"{column}.{_NULLS}")
+            valid = counts if nulls is None else counts - nulls  # the values that are not null
+            if func == "count":
+                cols[f"{column}_count"] = own(valid) if nulls is None else valid
+                continue
+            values = parts.get(f"{column}.{_NEEDS[func][0]}")
+            if values is None:  # no value yet, only nulls
+                values = np.zeros(len(counts))
             if func == "mean":
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    cols[f"{column}_mean"] = values / counts
+                    out = values / valid
             else:
-                cols[f"{column}_{func}"] = own(values)
+                out = own(values)
+            cols[f"{column}_{func}"] = out if nulls is None else np.ma.MaskedArray(out, mask=valid == 0)
         return cols
 
 
@@ -436,16 +489,25 @@ def _key_of(batch: Batch, key: str) -> Column:
         raise AggregateError(f"key column {key!r} is not in the batch (columns: {list(batch)})") from None
 
 
-def _values(batch: Batch, column: str) -> np.ndarray:
+def _column(batch: Batch, column: str) -> Column:
     try:
-        values = batch[column]
+        return batch[column]
     except KeyError:
         raise AggregateError(f"aggregated column {column!r} is not in the batch (columns: {list(batch)})") from None
+
+
+def _numeric(column: str, values: Column) -> np.ndarray:
     if isinstance(values, StringColumn) or values.dtype.kind not in _ACCUMULATOR_DTYPE:
         dtype = "str" if isinstance(values, StringColumn) else values.dtype
         raise AggregateError(f"column {column!r} has dtype {dtype} in this batch, which cannot be summed or "
                              f"compared: aggregate int, bool or float columns (convert it in a map first)")
     return values
+
+
+def _part_op(name: str) -> str:
+    """The scatter kernel of a partial: nulls add up as sums do."""
+    op = name.rsplit(".", 1)[1]
+    return "sum" if op == _NULLS else op
 
 
 #: The accumulator dtype for values of each numpy kind.

@@ -4,14 +4,22 @@ A :class:`Batch` is an ordered set of named 1-D columns of equal length. Numeric
 numpy arrays (bool, signed/unsigned ints, float32/64, datetime64, timedelta64); text columns
 are :class:`StringColumn` (UTF-8, Arrow-style offsets + bytes).
 
+**Nulls.** A column may hold missing values: a numeric one is then a ``numpy.ma.MaskedArray``
+(its mask True where a value is null, so numpy arithmetic carries the nulls along), a string
+one a :class:`StringColumn` with a ``mask``. Such a column is *nullable* (its schema dtype
+ends in ``?``) even in a batch where no value is null. A null's value is stored as 0 (or as
+the empty string), so hashing and partitioning put every null key in one place.
+
 Frame format (one channel):
 
 * a SCHEMA record, sent before the first batch and whenever the columns change: UTF-8 JSON
-  ``{"columns": [[name, dtype], ...]}`` where dtype is numpy's ``dtype.str`` or ``"utf8"``;
+  ``{"columns": [[name, dtype], ...]}`` where dtype is numpy's ``dtype.str`` or ``"utf8"``,
+  followed by ``?`` for a nullable column;
 * a DATA record per batch: ``uint64 num_rows``, then for each buffer ``uint64 offset, uint64
   nbytes`` (offset from the payload start), then the buffers. A numeric column is one buffer;
-  a string column two (int64 offsets, uint8 bytes). Each buffer starts on a 64-byte boundary
-  of the ring, the Arrow IPC rule.
+  a string column two (int64 offsets, uint8 bytes); a nullable column has one more, its null
+  mask (one byte per row, 1 = null). Each buffer starts on a 64-byte boundary of the ring,
+  the Arrow IPC rule.
 """
 
 from __future__ import annotations
@@ -27,78 +35,112 @@ from numpy.typing import ArrayLike
 from ._mps import ffi, lib
 from .errors import BatchShapeError, LayoutError, SchemaError
 
-__all__ = ["Batch", "StringColumn", "Column", "BatchShapeError"]
+__all__ = ["Batch", "StringColumn", "Column", "BatchShapeError", "null_mask", "values_of"]
 
 BUFFER_ALIGNMENT = 64
 _STRING = "utf8"
+_NULLABLE = "?"  # a schema dtype's suffix: the column carries a null mask
 _NUMERIC_KINDS = frozenset("biufmM")
 
 
 class StringColumn:
     """A column of UTF-8 strings stored as Arrow does: ``offsets`` (int64, n+1 entries, the
-    first 0) and ``data`` (uint8). String i is ``data[offsets[i]:offsets[i+1]]``.
+    first 0) and ``data`` (uint8). String i is ``data[offsets[i]:offsets[i+1]]``. ``mask``
+    (bool, True = null) makes it nullable; a null string is stored empty.
 
     >>> col = StringColumn.from_strings(["a", "", "héllo"])
     >>> len(col), col[2], col.to_numpy().tolist()
     (3, 'héllo', ['a', '', 'héllo'])
+    >>> StringColumn.from_strings(np.array(["x", None], dtype=object)).to_numpy().tolist()
+    ['x', None]
     """
 
-    __slots__ = ("offsets", "data")
+    __slots__ = ("offsets", "data", "mask")
 
-    def __init__(self, offsets: np.ndarray, data: np.ndarray) -> None:
+    def __init__(self, offsets: np.ndarray, data: np.ndarray, mask: np.ndarray | None = None) -> None:
         if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0:
             raise LayoutError("StringColumn offsets must be 1-D int64 starting at 0")
         if data.dtype != np.uint8 or data.ndim != 1 or offsets[-1] != len(data):
             raise LayoutError("StringColumn data must be 1-D uint8 of length offsets[-1]")
+        if mask is not None and (mask.dtype != np.bool_ or mask.shape != (len(offsets) - 1,)):
+            raise LayoutError("a StringColumn mask must be bool with one value per string")
         self.offsets = offsets
         self.data = data
+        self.mask = mask
 
     @classmethod
     def from_strings(cls, values: Sequence[str] | np.ndarray) -> StringColumn:
-        """Encodes str values (a numpy ``U``/``T`` array or a sequence of str) to UTF-8."""
-        arr = np.asarray(values)
-        if arr.dtype.kind not in "UT":
-            arr = arr.astype(str)
-        n = len(arr)
-        encoded = np.char.encode(arr, "utf-8") if n else np.zeros(0, "S1")
-        width = encoded.dtype.itemsize
-        lengths = np.char.str_len(encoded).astype(np.int64) if n else np.zeros(0, np.int64)
-        offsets = np.zeros(n + 1, np.int64)
+        """Encodes str values (a numpy ``U``, ``T`` or object-of-str array, or a sequence of
+        str) to UTF-8: numpy's fixed-width strings in one C pass, others through ``str.encode``."""
+        arr = values if isinstance(values, np.ndarray) else np.asarray(values)
+        if arr.dtype.kind == "U":
+            return cls._from_ucs4(arr)
+        items = arr.tolist() if isinstance(arr, np.ndarray) else list(values)
+        mask = None
+        try:
+            text = "".join(items)
+        except TypeError:  # a None (a null) or a value that is not str
+            mask = np.fromiter((v is None for v in items), bool, len(items))
+            items = ["" if v is None else v for v in items]
+            try:
+                text = "".join(items)
+            except TypeError as exc:  # "sequence item 3: expected str instance, int found"
+                raise SchemaError(f"a string column holds a value that is neither str nor None ({exc})") from None
+        try:
+            data = text.encode()
+        except UnicodeEncodeError as exc:
+            raise SchemaError(f"a string column holds a code point UTF-8 cannot encode ({exc})") from None
+        if len(data) == len(text):  # ASCII: a string's bytes are its characters
+            lengths = np.fromiter(map(len, items), np.int64, len(items))
+        else:
+            lengths = np.fromiter((len(v.encode()) for v in items), np.int64, len(items))
+        offsets = np.zeros(len(items) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        if width == 0 or n == 0:
-            return cls(offsets, np.zeros(int(offsets[-1]), np.uint8))
-        matrix = encoded.view(np.uint8).reshape(n, width)
-        data = matrix[np.arange(width) < lengths[:, None]]
+        return cls(offsets, np.frombuffer(data, np.uint8).copy(), mask)
+
+    @classmethod
+    def _from_ucs4(cls, arr: np.ndarray) -> StringColumn:
+        arr = np.ascontiguousarray(arr)
+        n, width = len(arr), arr.dtype.itemsize // 4
+        offsets = np.empty(n + 1, np.int64)
+        codes = arr.view(np.uint32) if width else np.zeros(0, np.uint32)
+        total = lib.mps_utf8_offsets_ucs4(_ptr("uint32_t[]", codes), n, width, _ptr("int64_t[]", offsets))
+        if total < 0:
+            raise SchemaError(f"string {-1 - total} ({arr[-1 - total]!r}) holds a code point that UTF-8 cannot "
+                              f"encode (a lone surrogate)")
+        data = np.empty(total, np.uint8)
+        lib.mps_utf8_encode_ucs4(_ptr("uint32_t[]", codes), n, width, _ptr("int64_t[]", offsets),
+                                 _ptr("uint8_t[]", data))
         return cls(offsets, data)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i: int) -> str | None:
+        if self.mask is not None and self.mask[i]:
+            return None
         return bytes(self.data[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[str | None]:
         return (self[i] for i in range(len(self)))
 
     @property
     def nbytes(self) -> int:
-        return self.offsets.nbytes + self.data.nbytes
+        return self.offsets.nbytes + self.data.nbytes + (0 if self.mask is None else self.mask.nbytes)
 
     def to_numpy(self) -> np.ndarray:
-        """The strings as a numpy ``U`` array (an owned copy)."""
+        """The strings as a numpy ``U`` array (an owned copy), decoded in one C pass."""
         n = len(self)
-        lengths = np.diff(self.offsets)
-        width = int(lengths.max()) if n else 0
-        if width == 0:
-            return np.full(n, "", dtype="U1")
-        matrix = np.zeros((n, width), np.uint8)
-        rows = np.repeat(np.arange(n), lengths)
-        cols = np.arange(len(self.data)) - np.repeat(self.offsets[:-1], lengths)
-        matrix[rows, cols] = self.data
-        return np.char.decode(matrix.view(f"S{width}").ravel(), "utf-8")
+        offsets, data = np.ascontiguousarray(self.offsets), np.ascontiguousarray(self.data)
+        width = max(1, lib.mps_utf8_max_chars(_ptr("int64_t[]", offsets), _ptr("uint8_t[]", data), n))
+        out = np.zeros(n * width, np.uint32)
+        lib.mps_utf8_decode_ucs4(_ptr("int64_t[]", offsets), _ptr("uint8_t[]", data), n, width,
+                                 _ptr("uint32_t[]", out))
+        strings = out.view(f"U{width}")
+        return strings if self.mask is None else np.ma.MaskedArray(strings, mask=self.mask.copy())
 
     def copy(self) -> StringColumn:
-        return StringColumn(self.offsets.copy(), self.data.copy())
+        return StringColumn(self.offsets.copy(), self.data.copy(), None if self.mask is None else self.mask.copy())
 
     def take(self, indices: np.ndarray) -> StringColumn:
         """The strings at indices (int64), gathered into a new column."""
@@ -109,20 +151,25 @@ class StringColumn:
         lib.mps_take_utf8(_ptr("int64_t[]", self.offsets), _ptr("uint8_t[]", self.data),
                           _ptr("int64_t[]", indices), len(indices), _ptr("int64_t[]", offsets),
                           _ptr("uint8_t[]", data))
-        return StringColumn(offsets, data)
+        return StringColumn(offsets, data, None if self.mask is None else self.mask[indices])
 
     def slice(self, start: int, stop: int) -> StringColumn:
         """Rows start:stop; the bytes are a view, the offsets a rebased copy."""
         offsets = self.offsets[start : stop + 1]
-        return StringColumn(offsets - offsets[0], self.data[offsets[0] : offsets[-1]])
+        return StringColumn(offsets - offsets[0], self.data[offsets[0] : offsets[-1]],
+                            None if self.mask is None else self.mask[start:stop])
 
     @staticmethod
     def concat(columns: Sequence[StringColumn]) -> StringColumn:
+        """One after the other; nullable if any is."""
         if not columns:
             return StringColumn(np.zeros(1, np.int64), np.zeros(0, np.uint8))
         shifts = np.cumsum([0] + [len(c.data) for c in columns[:-1]])
         offsets = np.concatenate([[0]] + [c.offsets[1:] + shift for c, shift in zip(columns, shifts)])
-        return StringColumn(offsets.astype(np.int64), np.concatenate([c.data for c in columns]))
+        mask = None
+        if any(c.mask is not None for c in columns):
+            mask = np.concatenate([np.zeros(len(c), bool) if c.mask is None else c.mask for c in columns])
+        return StringColumn(offsets.astype(np.int64), np.concatenate([c.data for c in columns]), mask)
 
     def __repr__(self) -> str:
         shown = ", ".join(repr(s) for s in list(self)[:5])
@@ -130,6 +177,29 @@ class StringColumn:
 
 
 Column = Union[np.ndarray, StringColumn]
+
+
+def null_mask(col: Column) -> np.ndarray | None:
+    """True where a value is null; None for a column that is not nullable."""
+    if isinstance(col, StringColumn):
+        return col.mask
+    if isinstance(col, np.ma.MaskedArray):
+        return np.ma.getmaskarray(col)
+    return None
+
+
+def values_of(col: Column) -> Column:
+    """A column without its null mask: the values (0 or "" where null)."""
+    if isinstance(col, StringColumn):
+        return col if col.mask is None else StringColumn(col.offsets, col.data)
+    return np.ma.getdata(col) if isinstance(col, np.ma.MaskedArray) else col
+
+
+def _nullable(values: np.ndarray, mask: np.ndarray) -> np.ma.MaskedArray:
+    """A masked column whose nulls hold 0 (a fresh array when some are null)."""
+    if mask.any():
+        values = np.where(mask, np.zeros((), values.dtype), values)
+    return np.ma.MaskedArray(values, mask=mask)
 
 
 def _ptr(ctype: str, arr: np.ndarray) -> ffi.CData:
@@ -142,6 +212,16 @@ def _check_column(name: object, value: ArrayLike | StringColumn) -> Column:
         raise SchemaError(f"column names must be non-empty str, got {name!r}")
     if isinstance(value, StringColumn):
         return value
+    if isinstance(value, np.ma.MaskedArray):
+        mask = np.ma.getmaskarray(value)
+        data = np.ma.getdata(value)
+        if data.dtype.kind in "UTO":
+            strings = np.where(mask, "", data) if data.dtype.kind != "O" else np.where(mask, None, data)
+            column = _check_column(name, strings)
+            mask = mask | (null_mask(column) if null_mask(column) is not None else False)
+            return StringColumn(column.offsets, column.data, np.ascontiguousarray(mask))
+        data = _check_column(name, data)
+        return _nullable(data, np.ascontiguousarray(mask, bool))
     arr = np.asarray(value)
     if arr.ndim != 1:
         raise BatchShapeError(f"column {name!r} has shape {arr.shape}; columns must be 1-D: ravel or split it")
@@ -149,11 +229,15 @@ def _check_column(name: object, value: ArrayLike | StringColumn) -> Column:
     if kind in "UT":
         return StringColumn.from_strings(arr)
     if kind == "O":
-        raise SchemaError(
-            f"column {name!r} is an object array; mpstream carries bool, int, uint, float32/64, "
-            f"datetime64, timedelta64 and str columns: convert it first, e.g. "
-            f"np.asarray(values, dtype=str) or .astype(np.float64)"
-        )
+        try:
+            return StringColumn.from_strings(arr)
+        except SchemaError:
+            raise SchemaError(
+                f"column {name!r} is an object array of other values than str and None; mpstream carries "
+                f"bool, int, uint, float32/64, datetime64, timedelta64 and str columns: convert it first, "
+                f"e.g. np.asarray(values, dtype=str) or .astype(np.float64); for numbers with missing values, "
+                f"np.ma.masked_invalid(values) or np.ma.MaskedArray(values, mask=...)"
+            ) from None
     if kind not in _NUMERIC_KINDS or (kind == "f" and arr.dtype.itemsize not in (4, 8)):
         raise SchemaError(
             f"column {name!r} has dtype {arr.dtype}, which mpstream cannot carry; supported: bool, "
@@ -165,7 +249,12 @@ def _check_column(name: object, value: ArrayLike | StringColumn) -> Column:
 
 
 def _column_dtype(col: Column) -> str:
-    return _STRING if isinstance(col, StringColumn) else col.dtype.str
+    base = _STRING if isinstance(col, StringColumn) else col.dtype.str
+    return base + _NULLABLE if null_mask(col) is not None else base
+
+
+def _base_dtype(dtype: str) -> str:
+    return dtype[:-1] if dtype.endswith(_NULLABLE) else dtype
 
 
 class Batch(Mapping[str, Column]):
@@ -173,8 +262,9 @@ class Batch(Mapping[str, Column]):
 
     Constructing a Batch checks every column and names the offending one: object arrays and
     unsupported dtypes raise :class:`~mpstream.errors.SchemaError` (a TypeError); columns that
-    are not 1-D or differ in length raise :class:`BatchShapeError` (a ValueError). Str arrays are
-    encoded to :class:`StringColumn` once, here.
+    are not 1-D or differ in length raise :class:`BatchShapeError` (a ValueError). Str arrays
+    (and object arrays of str) are encoded to :class:`StringColumn` once, here; a masked array
+    (or None in an object array of str) makes a nullable column.
 
     >>> b = Batch({"key": np.array([3, 1]), "name": ["x", "yz"]})
     >>> b.num_rows, b.schema
@@ -252,8 +342,8 @@ class Batch(Mapping[str, Column]):
         return Batch._trusted(cols, max(0, stop - start), self._schema)
 
     def filter(self, mask: np.ndarray) -> Batch:
-        """The rows where mask (bool, one per row) is true."""
-        mask = np.asarray(mask)
+        """The rows where mask (bool, one per row) is true (a masked mask's nulls: false)."""
+        mask = np.ma.filled(mask, False)  # a null predicate is not true (SQL's WHERE)
         if mask.dtype != np.bool_ or mask.shape != (self._num_rows,):
             raise BatchShapeError(f"a filter mask must be bool with one value per row ({self._num_rows}), "
                                   f"got {mask.dtype} of shape {mask.shape}")
@@ -261,18 +351,26 @@ class Batch(Mapping[str, Column]):
 
     @staticmethod
     def concat(batches: Sequence[Batch]) -> Batch:
-        """The rows of batches one after the other; all must share one schema."""
+        """The rows of batches one after the other; all must share one schema (up to
+        nullability: a column nullable in one is nullable in the result)."""
         if not batches:
             return Batch({})
         schema = batches[0].schema
+        base = [(name, _base_dtype(dtype)) for name, dtype in schema]
         for b in batches:
-            if b.schema != schema:
+            if b.schema != schema and [(n, _base_dtype(d)) for n, d in b.schema] != base:
                 raise SchemaError(f"cannot concatenate batches of schemas {schema} and {b.schema}")
         cols: dict[str, Column] = {}
-        for name, dtype in schema:
+        for name, dtype in base:
             parts = [b[name] for b in batches]
-            cols[name] = StringColumn.concat(parts) if dtype == _STRING else np.concatenate(parts)
-        return Batch._trusted(cols, sum(b.num_rows for b in batches), schema)
+            if dtype == _STRING:
+                cols[name] = StringColumn.concat(parts)
+            elif any(isinstance(p, np.ma.MaskedArray) for p in parts):  # nullable if any part is
+                cols[name] = np.ma.MaskedArray(np.concatenate([np.ma.getdata(p) for p in parts]),
+                                               mask=np.concatenate([np.ma.getmaskarray(p) for p in parts]))
+            else:
+                cols[name] = np.concatenate(parts)
+        return Batch._trusted(cols, sum(b.num_rows for b in batches))
 
     def copy(self) -> Batch:
         """An owned deep copy: safe to keep after the record it was read from is released."""
@@ -284,7 +382,9 @@ class Batch(Mapping[str, Column]):
 
 
 def _buffers(col: Column) -> tuple[np.ndarray, ...]:
-    return (col.offsets, col.data) if isinstance(col, StringColumn) else (col,)
+    mask = null_mask(col)
+    values = (col.offsets, col.data) if isinstance(col, StringColumn) else (np.ma.getdata(col),)
+    return values if mask is None else values + (mask,)
 
 
 class Frame:
@@ -298,12 +398,13 @@ class Frame:
 
     def __init__(self, schema: tuple[tuple[str, str], ...], skew: int) -> None:
         self.schema = schema
-        self._columns = [(name, None if dtype == _STRING else np.dtype(dtype)) for name, dtype in schema]
-        nbuffers = sum(2 if dtype is None else 1 for _, dtype in self._columns)
+        self._columns = [(name, None if _base_dtype(dtype) == _STRING else np.dtype(_base_dtype(dtype)),
+                          dtype.endswith(_NULLABLE)) for name, dtype in schema]
+        nbuffers = sum((2 if dtype is None else 1) + nullable for _, dtype, nullable in self._columns)
         self._header = struct.Struct(f"<Q{2 * nbuffers}Q")
         self._skew = skew
         # Without string columns a layout depends on the row count alone: memoize it.
-        fixed_width = all(dtype is not None for _, dtype in self._columns)
+        fixed_width = all(dtype is not None for _, dtype, _ in self._columns)
         self._layouts: dict[int, tuple[int, list[int]]] | None = {} if fixed_width else None
 
     def encode_schema(self) -> bytes:
@@ -348,14 +449,18 @@ class Frame:
         num_rows = fields[0]
         columns: dict[str, Column] = {}
         f = 1
-        for name, dtype in self._columns:
+        for name, dtype, nullable in self._columns:
             if dtype is None:
                 column = StringColumn.__new__(StringColumn)  # written by Frame.write: valid
                 column.offsets = np.frombuffer(src, np.int64, num_rows + 1, index + fields[f])
                 column.data = np.frombuffer(src, np.uint8, fields[f + 3], index + fields[f + 2])
+                column.mask = np.frombuffer(src, np.bool_, num_rows, index + fields[f + 4]) if nullable else None
                 columns[name] = column
-                f += 4
+                f += 6 if nullable else 4
             else:
-                columns[name] = np.frombuffer(src, dtype, num_rows, index + fields[f])
-                f += 2
+                values = np.frombuffer(src, dtype, num_rows, index + fields[f])
+                if nullable:
+                    values = np.ma.MaskedArray(values, mask=np.frombuffer(src, np.bool_, num_rows, index + fields[f + 2]))
+                columns[name] = values
+                f += 4 if nullable else 2
         return Batch._trusted(columns, num_rows, self.schema)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ._mps import lib
-from .batch import Batch, Column, StringColumn, _ptr
+from .batch import Batch, Column, StringColumn, _ptr, values_of
 from .errors import PartitionError
 
 __all__ = ["Partitioner", "HashPartitioner", "RoundRobinPartitioner", "RangePartitioner",
@@ -133,8 +133,9 @@ class CustomPartitioner(Partitioner):
 
 
 def _key_column(batch: Batch, key: str) -> Column:
+    """A key column's values: a null key reads as 0 (or ""), so every null goes to one place."""
     try:
-        return batch[key]
+        return values_of(batch[key])
     except KeyError:
         raise PartitionError(f"key column {key!r} is not in the batch (columns: {list(batch)})") from None
 

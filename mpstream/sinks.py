@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .batch import Batch
+from .batch import Batch, StringColumn, null_mask, values_of
 from .operators import Context, Operator, Output
 
 __all__ = ["Collect", "FileSink", "TransactionalFileSink", "CallbackSink"]
@@ -56,7 +56,8 @@ class CallbackSink(Operator):
 
 class FileSink(Operator):
     """Writes ``{directory}/{name}-{instance}.csv`` (rows appended per batch, a header first,
-    even for an empty result) or ``.npz`` (columns, written at the end). The CSV sink's
+    even for an empty result; a null is an empty field) or ``.npz`` (columns, written at the
+    end; a nullable column's null mask as ``{name}.null``). The CSV sink's
     snapshot is its file's length (fsynced): a restore truncates the file back to it, so each
     row is in the file once whatever restarts happened."""
 
@@ -102,7 +103,14 @@ class FileSink(Operator):
             self._length = _durable(self._file)
             self._file.close()
         elif self.fmt == "npz" and self._kept:
-            np.savez(self.path, **Batch.concat(self._kept).to_numpy())
+            batch = Batch.concat(self._kept)
+            arrays = {}
+            for name in batch:  # a nullable column: its values (0 or "" where null) and "{name}.null"
+                column = batch[name]
+                arrays[name] = values_of(column).to_numpy() if isinstance(column, StringColumn) else values_of(column)
+                if null_mask(column) is not None:
+                    arrays[f"{name}.null"] = null_mask(column)
+            np.savez(self.path, **arrays)
         return None
 
 

@@ -111,7 +111,8 @@ class ColumnsSource(OffsetSource):
         columns = self._columns if self._load is None else self._load()
         rows = len(next(iter(columns.values()), ()))
         start, stop = _share(rows, ctx)  # this instance's rows only: encode no more than those
-        self._data = Batch({name: col.slice(start, stop) if isinstance(col, StringColumn) else np.asarray(col)[start:stop]
+        self._data = Batch({name: col.slice(start, stop) if isinstance(col, StringColumn) else
+                            (col if isinstance(col, np.ndarray) else np.asarray(col))[start:stop]  # masks kept
                             for name, col in columns.items()})
 
     def read(self, offset: int) -> Batch | None:
@@ -220,10 +221,13 @@ def _is_number(text: str) -> bool:
 
 
 def load_numpy(path: str) -> dict[str, np.ndarray]:
-    """Columns of an .npz archive (one array per column) or a structured .npy array."""
+    """Columns of an .npz archive (one array per column; ``{name}.null``, as the npz sink
+    writes it, masks column name's nulls) or a structured .npy array."""
     if path.endswith(".npz"):
         with np.load(path) as archive:
-            return {name: archive[name] for name in archive.files}
+            arrays = {name: archive[name] for name in archive.files}
+        return {name: np.ma.MaskedArray(a, mask=arrays[f"{name}.null"]) if f"{name}.null" in arrays else a
+                for name, a in arrays.items() if not (name.endswith(".null") and name[:-5] in arrays)}
     arr = np.load(path, mmap_mode="r")
     if arr.dtype.names is None:
         raise SourceError(f"{path}: a .npy source must hold a structured array (one field per column)")

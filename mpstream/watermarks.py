@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Batch, StringColumn
+from .batch import Batch, StringColumn, null_mask, values_of
 from .errors import SourceError
 
 __all__ = ["EventTime", "WatermarkGenerator", "WatermarkValve", "MIN_TIME", "MAX_TIME", "timestamps"]
@@ -67,6 +67,11 @@ def timestamps(batch: Batch, column: str, where: str) -> np.ndarray:
     except KeyError:
         raise SourceError(f"{where}: the event-time column {column!r} is not in the batch "
                           f"(columns: {list(batch)}); every record needs a timestamp") from None
+    nulls = null_mask(col)
+    if nulls is not None and nulls.any():
+        raise SourceError(f"{where}: the event-time column {column!r} is null (no timestamp) at row "
+                          f"{int(np.flatnonzero(nulls)[0])}; every record needs a timestamp")
+    col = values_of(col)
     if isinstance(col, StringColumn) or col.dtype.kind not in "iuM":
         dtype = "str" if isinstance(col, StringColumn) else col.dtype
         raise SourceError(f"{where}: the event-time column {column!r} has dtype {dtype}; it must be int64 "

@@ -184,12 +184,20 @@ def test_unsupported_dtypes_are_refused_naming_the_column(bad):
         Batch({"c": bad})
 
 
-def test_string_column_matches_python_encoding():
+@pytest.mark.parametrize("as_", [list, np.array, lambda v: np.array(v, dtype=object)], ids=["list", "U", "object"])
+def test_string_column_matches_python_encoding(as_):
     values = ["", "a", "ß", "日本語", "emoji 🎉", "x" * 300]
-    col = StringColumn.from_strings(values)
+    col = StringColumn.from_strings(as_(values))
     assert col.offsets.tolist() == np.cumsum([0] + [len(v.encode()) for v in values]).tolist()
     assert bytes(col.data) == "".join(values).encode()
     assert list(col) == values and col.to_numpy().tolist() == values
+
+
+def test_strings_that_utf8_cannot_encode_are_refused():
+    with pytest.raises(SchemaError, match="lone surrogate"):
+        StringColumn.from_strings(np.array(["ok", "\ud800"]))
+    with pytest.raises(SchemaError, match="neither str nor None"):
+        StringColumn.from_strings(["a", 3])
 
 
 CYCLE_SCRIPT = """
