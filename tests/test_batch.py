@@ -197,7 +197,7 @@ def test_strings_that_utf8_cannot_encode_are_refused():
     with pytest.raises(SchemaError, match="lone surrogate"):
         StringColumn.from_strings(np.array(["ok", "\ud800"]))
     with pytest.raises(SchemaError, match="neither str nor None"):
-        StringColumn.from_strings(["a", 3])
+        StringColumn.from_strings(np.array(["a", 3], dtype=object))
 
 
 CYCLE_SCRIPT = """
