@@ -372,6 +372,21 @@ class Batch(Mapping[str, Column]):
                 cols[name] = np.concatenate(parts)
         return Batch._trusted(cols, sum(b.num_rows for b in batches))
 
+    @classmethod
+    def from_arrow(cls, data: object) -> Batch:
+        """A batch of a ``pyarrow.Table`` or ``RecordBatch``, zero-copy where the layouts agree
+        (needs pyarrow; see :mod:`mpstream.arrow`)."""
+        from .arrow import from_arrow  # the Arrow interop lives there; it needs pyarrow
+
+        return from_arrow(data)
+
+    def to_arrow(self) -> object:
+        """The batch as a ``pyarrow.Table``, zero-copy where the layouts agree (needs pyarrow;
+        see :mod:`mpstream.arrow`)."""
+        from .arrow import to_arrow
+
+        return to_arrow(self)
+
     def copy(self) -> Batch:
         """An owned deep copy: safe to keep after the record it was read from is released."""
         return Batch._trusted({name: col.copy() for name, col in self._columns.items()}, self._num_rows, self._schema)
