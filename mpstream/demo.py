@@ -260,7 +260,7 @@ def verify_published(out_dir: str, want: dict[str, tuple[int, int, int]]) -> boo
     order: the files of earlier runs first)."""
     files = [name for name in os.listdir(out_dir) if name.endswith(".csv")]
     rows: dict[str, tuple[int, int, float, int]] = {}
-    for name in sorted(files, key=lambda n: int(n.rsplit(".", 2)[1])):
+    for name in sorted(files, key=lambda n: n.split(".")[1:3]):  # {name}-{i}.{epoch}.{part}.csv: by epoch, part
         with open(os.path.join(out_dir, name), newline="") as f:
             for r in csv.DictReader(f):
                 rows[r["domain"]] = (int(r["bytes_sum"]), int(r["bytes_max"]), float(r["kb_mean"]), int(r["count"]))

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from . import sinks, sources
+from . import files, sinks, sources
 from .aggregate import parse_spec
+from .arrow import pyarrow_or_error
 from .batch import Batch
 from .coordinator import CheckpointConfig, JobHandle, run, start
 from .errors import AggregateError, PartitionError, PlanError
@@ -87,10 +88,40 @@ class Pipeline:
         Deterministic functions make the source replayable from any offset."""
         return self.source(name, lambda: sources.GeneratorSource(fn), parallelism)
 
-    def from_csv(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
-        """A CSV file with a header row (typing rules: :func:`mpstream.sources.load_csv`)."""
-        return self.source(name, lambda: sources.ColumnsSource(None, batch_size, lambda: sources.load_csv(path)),
-                           parallelism)
+    def from_csv(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE,
+                 schema: Mapping[str, Any] | None = None, delimiter: str = ",",
+                 newlines_in_values: bool = False) -> Stream:
+        """CSV files with a header row: a file, a directory or a glob, split into byte ranges
+        over the instances (needs pyarrow; types, nulls and splitting: :mod:`mpstream.files`).
+        ``schema``: column -> type, for columns not to infer; ``newlines_in_values``: quoted
+        fields may hold line ends (ranges are then cut outside quotes)."""
+        return self._files(name, "csv", path, parallelism, batch_size, schema=schema, delimiter=delimiter,
+                           newlines_in_values=newlines_in_values)
+
+    def from_parquet(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE,
+                     columns: Sequence[str] | None = None) -> Stream:
+        """Parquet files (a file, a directory or a glob), split by row group over the instances
+        (needs pyarrow; see :mod:`mpstream.files`). ``columns``: read only these."""
+        return self._files(name, "parquet", path, parallelism, batch_size, columns=columns)
+
+    def from_json(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE,
+                  schema: Mapping[str, Any] | None = None) -> Stream:
+        """JSON-lines files (one object per line), split into byte ranges over the instances
+        (needs pyarrow; see :mod:`mpstream.files`)."""
+        return self._files(name, "json", path, parallelism, batch_size, schema=schema)
+
+    def from_arrow_ipc(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE,
+                       columns: Sequence[str] | None = None) -> Stream:
+        """Arrow IPC files (the file format, ``.arrow`` / Feather v2), split by record batch
+        over the instances, memory-mapped (needs pyarrow; see :mod:`mpstream.files`)."""
+        return self._files(name, "arrow", path, parallelism, batch_size, columns=columns)
+
+    def _files(self, name: str, fmt: str, path: str, parallelism: int, batch_size: int, **options: Any) -> Stream:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise PlanError(f"operator {name!r}: batch_size must be an int >= 1, got {batch_size!r}")
+        pyarrow_or_error(f"operator {name!r} ({fmt} files)")  # a missing extra or file: an error now, here
+        files.list_files(path)
+        return self.source(name, lambda: files.FileSource(fmt, path, batch_size, **options), parallelism)
 
     def from_numpy(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
         """An .npz archive (one array per column) or a structured .npy array."""
@@ -284,22 +315,45 @@ class Stream:
         self._then(name, sinks.Collect, parallelism, collect=True)
 
     def to_files(self, name: str, directory: str, fmt: str = "csv", *, transactional: bool = False,
+                 max_bytes: int | None = None, partition_by: str | None = None,
                  parallelism: int | None = None) -> None:
-        """One file per instance: ``{directory}/{name}-{instance}.csv`` or ``.npz``. A plain CSV
-        sink resumes its file after a restore (each row once); npz files cannot be resumed and
-        are refused in jobs with checkpoints. ``transactional=True`` (CSV): exactly-once
-        output by two-phase commit, one file per instance and checkpoint epoch, published
-        when the checkpoint that closes the epoch commits (see
+        """Files in ``directory``. Plain (``fmt`` "csv" or "npz"): one file per instance,
+        ``{name}-{instance}.csv`` or ``.npz``; a plain CSV sink resumes its file after a
+        restore (each row once), npz files cannot be resumed and are refused in jobs with
+        checkpoints. ``transactional=True`` ("csv", "parquet" or "arrow"): exactly-once output
+        by two-phase commit, files per instance and checkpoint epoch, published when the
+        checkpoint that closes the epoch commits, rolled over every ``max_bytes`` (of the rows
+        in memory), in Hive-style ``column=value`` directories with ``partition_by`` (see
         :class:`~mpstream.sinks.TransactionalFileSink`). A file sink keeps its state per
         instance, so a job resumed from a checkpoint must give it the same parallelism."""
-        if fmt not in ("csv", "npz"):
-            raise PlanError(f"operator {name!r}: file format must be 'csv' or 'npz', got {fmt!r}")
+        if fmt not in ("csv", "npz", "parquet", "arrow"):
+            raise PlanError(f"operator {name!r}: file format must be 'csv', 'npz', 'parquet' or 'arrow', got {fmt!r}")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
+            raise PlanError(f"operator {name!r}: max_bytes must be an int >= 1, got {max_bytes!r}")
+        if fmt in ("parquet", "arrow"):
+            pyarrow_or_error(f"operator {name!r} ({fmt} files)")
+            transactional = True
         if transactional:
-            if fmt != "csv":
-                raise PlanError(f"operator {name!r}: transactional file output is CSV only, got fmt={fmt!r}")
-            self._then(name, lambda: sinks.TransactionalFileSink(directory), parallelism)
+            if fmt == "npz":
+                raise PlanError(f"operator {name!r}: transactional files are CSV, Parquet or Arrow, got fmt='npz'")
+            self._then(name, lambda: sinks.TransactionalFileSink(directory, fmt, max_bytes, partition_by), parallelism)
         else:
+            if max_bytes is not None or partition_by is not None:
+                raise PlanError(f"operator {name!r}: max_bytes and partition_by are for transactional files "
+                                f"(transactional=True)")
             self._then(name, lambda: sinks.FileSink(directory, fmt), parallelism)
+
+    def to_parquet(self, name: str, directory: str, *, max_bytes: int | None = None, partition_by: str | None = None,
+                   parallelism: int | None = None) -> None:
+        """Exactly-once Parquet files (``to_files(..., "parquet")``; needs pyarrow)."""
+        self.to_files(name, directory, "parquet", max_bytes=max_bytes, partition_by=partition_by,
+                      parallelism=parallelism)
+
+    def to_arrow_ipc(self, name: str, directory: str, *, max_bytes: int | None = None,
+                     partition_by: str | None = None, parallelism: int | None = None) -> None:
+        """Exactly-once Arrow IPC files (``to_files(..., "arrow")``; needs pyarrow)."""
+        self.to_files(name, directory, "arrow", max_bytes=max_bytes, partition_by=partition_by,
+                      parallelism=parallelism)
 
     def to_callback(self, name: str, fn: Callable[[Batch], None], *, parallelism: int | None = None) -> None:
         """Calls ``fn(batch)`` in the sink's worker process."""

@@ -5,38 +5,28 @@
 * :class:`FileSink`: one CSV (resumable: its file is cut back to its checkpointed length on
   restore, then appended to, as Flink's file sink does with in-progress files) or one npz file
   per instance (written at the end; not resumable, so refused in jobs with checkpoints).
-* :class:`TransactionalFileSink`: exactly-once CSV output by two-phase commit.
+* :class:`TransactionalFileSink`: exactly-once CSV, Parquet or Arrow IPC files by two-phase
+  commit, rolled by size and by checkpoint, optionally in Hive-style partition directories.
 * :class:`CallbackSink`: a function per batch, in the sink's process.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from .batch import Batch, StringColumn, null_mask, values_of
+from .files import CsvWriter, FileWriter, new_writer
 from .operators import Context, Operator, Output
 
-__all__ = ["Collect", "FileSink", "TransactionalFileSink", "CallbackSink"]
+__all__ = ["Collect", "FileSink", "TransactionalFileSink", "CallbackSink", "SINK_FORMATS"]
 
-
-def _append_csv(file: TextIO, batch: Batch) -> None:
-    """Appends batch's rows to an open CSV file, after a header row if the file is empty."""
-    writer = csv.writer(file)
-    if file.tell() == 0:
-        writer.writerow(list(batch))
-    writer.writerows(zip(*(c.tolist() for c in batch.to_numpy().values())))
-
-
-def _durable(file: TextIO) -> int:
-    """Flushes and fsyncs file; returns its length."""
-    file.flush()
-    os.fsync(file.fileno())
-    return file.tell()
+SINK_FORMATS = {"csv": "csv", "parquet": "parquet", "arrow": "arrow"}  # format -> file extension
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # the directory of null partition values, as Hive names it
 
 
 class Collect(Operator):
@@ -72,36 +62,36 @@ class FileSink(Operator):
         os.makedirs(self.directory, exist_ok=True)
         self.path = os.path.join(self.directory, f"{ctx.name}-{ctx.instance}.{self.fmt}")
         self._kept: list[Batch] = []
-        self._file: TextIO | None = None
+        self._writer: CsvWriter | None = None
         self._length = 0  # the file's length once closed
 
     def process(self, batch: Batch) -> Output:
         if self.fmt == "npz":
             self._kept.append(batch.copy())
             return None
-        if self._file is None:  # a fresh run: the file starts empty
-            self._file = open(self.path, "w", newline="")
-        _append_csv(self._file, batch)
+        if self._writer is None:  # a fresh run: the file starts empty
+            self._writer = CsvWriter(self.path)
+        self._writer.write(batch)
         return None
 
     def __repr__(self) -> str:
         return f"FileSink({self.directory!r}, fmt={self.fmt!r}: {'appended' if self.resumable else 'written whole at the end'})"
 
     def snapshot(self) -> Any:
-        if self._file is None or self._file.closed:
+        if self._writer is None or self._writer.file.closed:
             return {"length": self._length}
-        return {"length": _durable(self._file)}
+        return {"length": self._writer.durable()}
 
     def restore(self, states: list[Any]) -> None:
         length = states[0]["length"]
         if os.path.exists(self.path):
             os.truncate(self.path, length)  # rows after the checkpoint are replayed
-        self._file = open(self.path, "a", newline="")
+        self._writer = CsvWriter(self.path, open(self.path, "a", newline=""))
 
     def close(self) -> Output:
-        if self._file is not None:
-            self._length = _durable(self._file)
-            self._file.close()
+        if self._writer is not None:
+            self._length = self._writer.durable()
+            self._writer.close()
         elif self.fmt == "npz" and self._kept:
             batch = Batch.concat(self._kept)
             arrays = {}
@@ -115,39 +105,50 @@ class FileSink(Operator):
 
 
 class TransactionalFileSink(Operator):
-    """Exactly-once CSV output by two-phase commit.
+    """Exactly-once files by two-phase commit: CSV, Parquet or Arrow IPC (``fmt``).
 
-    Rows written after barrier e (epoch e; 0 before any) go to a pending file
-    ``{directory}/.pending/{name}-{instance}.{e}.csv``. At barrier n the file is sealed
-    (fsynced) and waits for checkpoint n: once the coordinator reports n committed, it is
-    published by rename to ``{directory}/{name}-{instance}.{e:010d}.csv``. On restore, files
-    the restored checkpoint sealed are published (idempotently) and every other pending file,
-    written after it, is discarded: it will be written again. Nothing is published that a
-    restore could replay: the rows after the last barrier of a bounded job are published by
-    the job's final checkpoint. A job without checkpoints publishes everything at the end.
+    Rows written after barrier e (epoch e; 0 before any) go to pending files under
+    ``{directory}/.pending/``; a file rolls over to the next part when its rows held
+    ``max_bytes`` in memory. At barrier n the epoch's files are closed, made durable (fsync)
+    and wait for checkpoint n: once the coordinator reports n committed they are published by
+    rename to ``{directory}/[{column}={value}/]{name}-{instance}.{e:010d}.{part:04d}.{ext}``.
+    With ``partition_by``, rows go to Hive-style directories by that column's value (the
+    column itself is in the path, not in the files; a null is ``__HIVE_DEFAULT_PARTITION__``).
+    On restore, files the restored checkpoint sealed are published (idempotently) and every
+    other pending file of the instance, written after it, is discarded: it will be written
+    again. Nothing is published that a restore could replay: the rows after the last barrier
+    of a bounded job are published by the job's final checkpoint. A job without checkpoints
+    publishes everything at the end.
     """
 
     commits_on_checkpoint = True
 
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+    def __init__(self, directory: str, fmt: str = "csv", max_bytes: int | None = None,
+                 partition_by: str | None = None) -> None:
+        if fmt not in SINK_FORMATS:
+            raise ValueError(f"transactional file format must be one of {sorted(SINK_FORMATS)}, got {fmt!r}")
+        self.directory, self.fmt, self.max_bytes, self.partition_by = directory, fmt, max_bytes, partition_by
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         self.pending_dir = os.path.join(self.directory, ".pending")
         os.makedirs(self.pending_dir, exist_ok=True)
-        self.sealed: list[tuple[int, int]] = []  # (epoch, the checkpoint that sealed it)
+        self.sealed: list[tuple[int, int, list[str]]] = []  # (epoch, the checkpoint that sealed it, its files)
         self.epoch = 0
-        self._file: TextIO | None = None
+        self._writers: dict[str, FileWriter] = {}  # partition directory -> its open file
+        self._parts: dict[str, int] = {}  # partition directory -> files of this epoch so far
+        self._done: list[str] = []  # files of this epoch closed already (rolled, or at the end)
         self._stale = True  # pending files of an earlier attempt are still there
 
-    def _pending(self, epoch: int) -> str:
-        return os.path.join(self.pending_dir, f"{self.ctx.name}-{self.ctx.instance}.{epoch}.csv")
+    def _pending(self, relative: str) -> str:
+        return os.path.join(self.pending_dir, relative)
 
-    def _publish(self, epoch: int) -> None:
-        final = os.path.join(self.directory, f"{self.ctx.name}-{self.ctx.instance}.{epoch:010d}.csv")
-        if os.path.exists(self._pending(epoch)):
-            os.rename(self._pending(epoch), final)
+    def _publish(self, files: list[str]) -> None:
+        for relative in files:
+            if os.path.exists(self._pending(relative)):
+                final = os.path.join(self.directory, relative)
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.rename(self._pending(relative), final)
 
     def _discard_stale(self) -> None:
         """Removes this instance's pending files that no restored checkpoint sealed: they were
@@ -156,23 +157,60 @@ class TransactionalFileSink(Operator):
         if self._stale:
             self._stale = False
             mine = f"{self.ctx.name}-{self.ctx.instance}."
-            for entry in os.listdir(self.pending_dir):
-                if entry.startswith(mine):
-                    os.unlink(os.path.join(self.pending_dir, entry))
+            for root, _, names in os.walk(self.pending_dir):
+                for entry in names:
+                    if entry.startswith(mine):
+                        os.unlink(os.path.join(root, entry))
+
+    def _writer(self, partition: str) -> FileWriter:
+        writer = self._writers.get(partition)
+        if writer is None:
+            part = self._parts.get(partition, 0)
+            self._parts[partition] = part + 1
+            name = f"{self.ctx.name}-{self.ctx.instance}.{self.epoch:010d}.{part:04d}.{SINK_FORMATS[self.fmt]}"
+            relative = os.path.join(partition, name)
+            os.makedirs(os.path.dirname(self._pending(relative)), exist_ok=True)
+            writer = self._writers[partition] = new_writer(self.fmt, self._pending(relative))
+        return writer
+
+    def _finish(self, partition: str) -> None:
+        """Closes a partition's open file (durable) into this epoch's done files."""
+        writer = self._writers.pop(partition)
+        writer.close()
+        self._done.append(os.path.relpath(writer.path, self.pending_dir))
 
     def process(self, batch: Batch) -> Output:
-        if self._file is None:
-            self._discard_stale()
-            self._file = open(self._pending(self.epoch), "w", newline="")
-        _append_csv(self._file, batch)
+        self._discard_stale()
+        for partition, rows in self._partitions(batch):
+            writer = self._writer(partition)
+            writer.write(rows)
+            if self.max_bytes is not None and writer.size >= self.max_bytes:
+                self._finish(partition)
         return None
 
+    def _partitions(self, batch: Batch) -> list[tuple[str, Batch]]:
+        """(directory, rows) per value of the partition column (one group "" without one)."""
+        if self.partition_by is None:
+            return [("", batch)]
+        column = batch[self.partition_by]
+        nulls = null_mask(column)
+        values = values_of(column)
+        values = values.to_numpy() if isinstance(values, StringColumn) else values
+        keys = values.astype(str) if nulls is None else np.where(nulls, HIVE_NULL, values.astype(str))
+        unique, inverse = np.unique(keys, return_inverse=True)
+        rest = Batch({name: batch[name] for name in batch if name != self.partition_by})
+        out = []
+        for i, key in enumerate(unique.tolist()):
+            directory = f"{self.partition_by}={key if key == HIVE_NULL else quote(key, safe='')}"
+            out.append((directory, rest.take(np.flatnonzero(inverse == i))))
+        return out
+
     def _seal(self, checkpoint_id: int) -> None:
-        if self._file is not None:
-            _durable(self._file)
-            self._file.close()
-            self._file = None
-            self.sealed.append((self.epoch, checkpoint_id))
+        for partition in list(self._writers):
+            self._finish(partition)
+        if self._done:
+            self.sealed.append((self.epoch, checkpoint_id, self._done))
+        self._done, self._parts = [], {}
 
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
         self._discard_stale()
@@ -181,25 +219,27 @@ class TransactionalFileSink(Operator):
         return None
 
     def snapshot(self) -> Any:
-        return {"sealed": list(self.sealed), "epoch": self.epoch}
+        return {"sealed": [(e, c, list(f)) for e, c, f in self.sealed], "epoch": self.epoch}
 
     def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
-        for epoch, sealed_by in [s for s in self.sealed if s[1] <= checkpoint_id]:
-            self._publish(epoch)
-            self.sealed.remove((epoch, sealed_by))
+        for entry in [s for s in self.sealed if s[1] <= checkpoint_id]:
+            self._publish(entry[2])
+            self.sealed.remove(entry)
 
     def restore(self, states: list[Any]) -> None:
         state = states[0]
-        for epoch, _ in state["sealed"]:  # sealed by the restored (so committed) checkpoint
-            self._publish(epoch)
+        for _, _, files in state["sealed"]:  # sealed by the restored (so committed) checkpoint
+            self._publish(files)
         self.epoch = state["epoch"]
         self._discard_stale()
 
     def close(self) -> Output:
         self._discard_stale()
-        if self._file is not None:
-            _durable(self._file)
+        for partition in list(self._writers):  # no more rows: close the files; a barrier seals them
+            self._finish(partition)
         if not self.ctx.checkpointing:  # no checkpoint will commit: nothing can be replayed
             self._seal(0)
             self.notify_checkpoint_complete(0)
         return None
+
+

@@ -9,8 +9,8 @@ position in its own ``snapshot()`` (any picklable value: a file offset, a log se
 and gets it back in ``restore([position])``: replaying from there must give the same records.
 
 :class:`OffsetSource` is the easy case: batch number ``offset`` of this instance, by
-``read(offset)``; the position is the offset. The built-in in-memory, generator and file
-sources are OffsetSources.
+``read(offset)``; the position is the offset. The built-in in-memory, generator and numpy
+sources are OffsetSources; the file sources (:mod:`mpstream.files`) keep (unit, row).
 
 >>> import time
 >>> class Ticks(Source):
@@ -34,8 +34,6 @@ sources are OffsetSources.
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,7 +43,7 @@ from .batch import Batch, StringColumn
 from .errors import SourceError
 from .operators import Context, Operator, Output
 
-__all__ = ["Source", "OffsetSource", "ColumnsSource", "BatchesSource", "GeneratorSource", "load_csv", "load_numpy"]
+__all__ = ["Source", "OffsetSource", "ColumnsSource", "BatchesSource", "GeneratorSource", "load_numpy"]
 
 
 class Source(Operator):
@@ -148,77 +146,6 @@ class GeneratorSource(OffsetSource):
 
 
 # ---- files --------------------------------------------------------------------------------
-
-def load_csv(path: str) -> dict[str, np.ndarray]:
-    """Columns of a CSV file with a header row. Blank lines are skipped. A column is int64 if
-    every field is an integer, else float64 if every field is a number, else str. An empty
-    field is an empty string in a str column and an error in a number column (missing values
-    are not supported yet: fill them, or read the column as str). Ragged rows, a duplicate
-    column name and an integer beyond int64 are errors naming the file, line and column."""
-    name = os.path.basename(path)
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header: list[str] | None = None
-        lines: list[int] = []  # the file line of each data row, for error messages
-        rows: list[list[str]] = []
-        for row in reader:
-            if not row:
-                continue
-            if header is None:
-                header = row
-                seen: set[str] = set()
-                for column in header:
-                    if column in seen:
-                        raise SourceError(f"{name}, line {reader.line_num}: column {column!r} appears twice in the "
-                                          f"header; give every column its own name")
-                    seen.add(column)
-                continue
-            if len(row) != len(header):
-                fields = "1 field" if len(row) == 1 else f"{len(row)} fields"
-                raise SourceError(f"{name}, line {reader.line_num}: {fields}, the header has {len(header)}; "
-                                  f"every row needs one field per column")
-            rows.append(row)
-            lines.append(reader.line_num)
-    if header is None:
-        raise SourceError(f"{name}: empty CSV file (a header row is required)")
-    columns = list(zip(*rows)) if rows else [() for _ in header]
-    return {column: _typed(name, column, values, lines) for column, values in zip(header, columns)}
-
-
-def _typed(name: str, column: str, values: Sequence[str], lines: list[int]) -> np.ndarray:
-    """int64, else float64, else str (see load_csv)."""
-    for dtype in (np.int64, np.float64):
-        try:
-            return np.array(values, dtype=dtype)
-        except ValueError:
-            continue
-        except OverflowError:  # an integer beyond int64 (a float column goes on to float64)
-            huge = [i for i, v in enumerate(values) if _integer(v) is not None and not -2**63 <= _integer(v) < 2**63]
-            if all(_integer(v) is not None for v in values):
-                raise SourceError(f"{name}, line {lines[huge[0]]}: column {column!r} holds {values[huge[0]]}, which "
-                                  f"does not fit in int64; write it with a decimal point to read the column as "
-                                  f"float64") from None
-    if "" in values and any(_is_number(v) for v in values if v):
-        row = values.index("")
-        raise SourceError(f"{name}, line {lines[row]}: column {column!r} has an empty field, and its other fields "
-                          f"are numbers; missing values are not supported yet: fill them in")
-    return np.array(values, dtype=str)
-
-
-def _integer(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
 
 def load_numpy(path: str) -> dict[str, np.ndarray]:
     """Columns of an .npz archive (one array per column; ``{name}.null``, as the npz sink

@@ -265,8 +265,8 @@ def test_an_empty_result_keeps_its_columns_and_dtypes(tmp_path, case, salt):
     elif case == "a filter that keeps nothing":
         src = p.from_arrays("src", {"k": np.arange(10), "v": np.ones(10)}).filter("none", lambda b: b["v"] > 5)
     else:
-        (tmp_path / "in.csv").write_text("k,v\n")
-        src = p.from_csv("src", str(tmp_path / "in.csv"))
+        (tmp_path / "in.csv").write_text("k,v\n")  # no value to infer types from: given
+        src = p.from_csv("src", str(tmp_path / "in.csv"), schema={"k": "int64", "v": "float64"})
     src.map("same", lambda b: b).collect("rows")
     src.key_by("k").aggregate("agg", {"v": ["sum", "max", "mean"], "*": "count"}, parallelism=2, salt=salt).collect("out")
     result = p.run()

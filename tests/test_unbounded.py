@@ -145,7 +145,7 @@ def latest_per_key(rows):
 def published_rows(directory):
     """(k, v_sum) of every published CSV, in epoch order (the file name's epoch)."""
     rows = []
-    for name in sorted(os.listdir(directory), key=lambda n: int(n.rsplit(".", 2)[1]) if n.endswith(".csv") else -1):
+    for name in sorted(os.listdir(directory), key=lambda n: n.split(".")[1:3] if n.endswith(".csv") else []):
         if name.endswith(".csv"):
             with open(os.path.join(directory, name)) as f:
                 rows += [(int(r["k"]), int(r["v_sum"])) for r in csv.DictReader(f)]

@@ -1,0 +1,404 @@
+"""Files: sources of Parquet, CSV, JSON lines and Arrow IPC files through pyarrow (the ``arrow``
+extra), and the writers of the file sinks (CSV through Python's csv module, Parquet and Arrow
+IPC through pyarrow).
+
+A source reads one path, a directory (its files, recursively, in name order, skipping names
+that start with ``.`` or ``_``) or a glob. Its files are cut into **units**: a Parquet row
+group, an Arrow IPC record batch, a byte range of a CSV or JSON-lines file (ranges of about a
+quarter of a file's share per instance, at least 1 MiB, cut at record boundaries: a range owns
+the records that start in it). Instance i of p reads units i, i + p, i + 2p, ... of the sorted
+list, so parallelism 2 reads every byte once; each unit is read as a stream of batches, so
+memory holds a few batches whatever the file size (files are memory-mapped). The position
+(unit, rows read in it) is the source's snapshot: a restore reads the unit again from its
+start and skips those rows, so a replay gives the same records.
+
+Schemas: Parquet and IPC files carry theirs; CSV and JSON are inferred by pyarrow from the
+first MiB of the first file (int64, float64, bool, timestamp, date, else str; a column with
+no value there is str), or given with ``schema={column: type}``. A file whose schema (or CSV
+header) differs from the first file's is an error naming both files and the column; a value
+that does not fit its column's type is an error naming the file and the column, suggesting
+``schema=``. In CSV, an empty field is null (a quoted empty string ``""`` is an empty
+string); a JSON null or a missing field is null. Corrupt or truncated files are an error
+naming the file.
+"""
+
+from __future__ import annotations
+
+import csv as _csv
+import glob
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .arrow import from_arrow, pyarrow_or_error
+from .batch import Batch
+from .errors import SourceError
+from .operators import Context
+from .sources import Source
+
+__all__ = ["FileSource", "FORMATS", "list_files", "FileWriter", "CsvWriter", "ArrowWriter", "new_writer"]
+
+FORMATS = ("parquet", "csv", "json", "arrow")
+MIN_RANGE = 1 << 20  # bytes: the smallest CSV / JSON unit
+SAMPLE = 1 << 20  # bytes of the first file that CSV and JSON schemas are inferred from
+BLOCK = 1 << 20  # bytes pyarrow parses at a time
+
+
+def list_files(path: str) -> list[str]:
+    """The files of a path, a directory (recursively) or a glob, sorted; hidden and ``_``
+    files skipped. An error when there are none."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        found = [os.path.join(root, name) for root, dirs, names in os.walk(path) for name in names
+                 if not name.startswith((".", "_"))
+                 and not any(part.startswith((".", "_")) for part in os.path.relpath(root, path).split(os.sep)
+                             if part != ".")]
+    else:
+        found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    if not found:
+        raise SourceError(f"no file to read at {path!r} (a file, a directory of files, or a glob)")
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of a file that one instance reads: a row group or record batch (``index``),
+    or the bytes ``start:stop`` of a CSV or JSON file."""
+
+    path: str
+    index: int = 0
+    start: int = 0
+    stop: int = 0
+
+
+class FileSource(Source):
+    """Reads files of one format (see the module doc). ``schema`` (CSV and JSON): column ->
+    type (``"int64"``, ``"float64"``, ``"bool"``, ``"str"``, a numpy dtype or a pyarrow type)
+    for the columns not to infer; ``columns`` (Parquet and IPC): the columns to read."""
+
+    def __init__(self, fmt: str, path: str, batch_size: int, schema: Mapping[str, Any] | None = None,
+                 columns: Sequence[str] | None = None, delimiter: str = ",", newlines_in_values: bool = False) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"file format must be one of {FORMATS}, got {fmt!r}")
+        self.fmt, self.path, self.batch_size = fmt, path, batch_size
+        self.schema_hint, self.columns = schema, columns
+        self.delimiter, self.newlines_in_values = delimiter, newlines_in_values
+
+    # ---- planning: the same in every instance ----------------------------------------------
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        self.pa = pyarrow_or_error(f"source {ctx.name!r} ({self.fmt} files)")
+        import pyarrow.csv  # noqa: F401  (the readers: submodules pyarrow does not load itself)
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.json  # noqa: F401
+        self.files = list_files(self.path)
+        self.arrow_schema = self._schema()
+        units = [unit for path in self.files for unit in self._units(path)]
+        self.units = units[ctx.instance :: ctx.parallelism]
+        self.unit, self.rows = 0, 0  # the position: units done, rows read of the current one
+        self._reader: Iterator[Any] | None = None
+        self._schema_sent = False
+
+    def _schema(self) -> Any:
+        """The schema every file must have (the first file's, or inferred from it)."""
+        pa, first = self.pa, self.files[0]
+        if self.fmt == "parquet":
+            return self._parquet(first).schema_arrow
+        if self.fmt == "arrow":
+            return self._ipc(first).schema
+        hints = self._hint_types()
+        if self.fmt == "csv":
+            names = self._header(first)
+            sample = self._buffer(first, 0, self._boundary(first, SAMPLE))
+            inferred = self._guard(first, 0, lambda: self._csv_reader(sample, first, 0, hints, header=True).read_all())
+        else:
+            sample = self._buffer(first, 0, self._boundary(first, SAMPLE))
+            inferred = self._guard(first, 0, lambda: pa.json.read_json(
+                pa.BufferReader(sample), read_options=pa.json.ReadOptions(use_threads=False)))
+            names = inferred.schema.names
+        fields = []
+        for name in names:
+            typ = hints.get(name, inferred.schema.field(name).type if name in inferred.schema.names else pa.null())
+            if pa.types.is_null(typ) or pa.types.is_string(typ):
+                typ = pa.large_string()  # read straight into mpstream's layout
+            fields.append(pa.field(name, typ))
+        return pa.schema(fields)
+
+    def _hint_types(self) -> dict[str, Any]:
+        pa = self.pa
+        names = {"str": pa.large_string(), "string": pa.large_string(), "utf8": pa.large_string()}
+        out = {}
+        for column, typ in (self.schema_hint or {}).items():
+            if isinstance(typ, pa.DataType):
+                out[column] = typ
+            elif isinstance(typ, str) and typ in names:
+                out[column] = names[typ]
+            else:
+                try:
+                    out[column] = pa.from_numpy_dtype(np.dtype(typ))
+                except (TypeError, pa.ArrowNotImplementedError):
+                    raise SourceError(f"source {self.ctx.name!r}: schema type {typ!r} of column {column!r} is "
+                                      f"not one of 'int64', 'float64', 'bool', 'str', a numpy dtype or a "
+                                      f"pyarrow type") from None
+        return out
+
+    def _units(self, path: str) -> list[Unit]:
+        if self.fmt == "parquet":
+            reader = self._parquet(path)
+            self._check_schema(path, reader.schema_arrow)
+            return [Unit(path, g) for g in range(reader.num_row_groups)]
+        if self.fmt == "arrow":
+            reader = self._ipc(path)
+            self._check_schema(path, reader.schema)
+            return [Unit(path, i) for i in range(reader.num_record_batches)]
+        size = os.path.getsize(path)
+        start = 0
+        if self.fmt == "csv":
+            if self._header(path) != self.arrow_schema.names:
+                self._differs(path, self._header(path))
+            start = self._boundary(path, 0, header=True)
+        share = max(MIN_RANGE, (size - start) // max(1, 4 * self.ctx.parallelism))
+        cuts = [start] + [self._boundary(path, at) for at in range(start + share, size, share)] + [size]
+        cuts = sorted(set(cuts))
+        return [Unit(path, i, a, b) for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
+
+    def _check_schema(self, path: str, schema: Any) -> None:
+        if not schema.equals(self.arrow_schema):
+            self._differs(path, schema.names, schema)
+
+    def _differs(self, path: str, names: list[str], schema: Any = None) -> None:
+        first = self.arrow_schema
+        for i, name in enumerate(first.names):
+            if i >= len(names) or names[i] != name:
+                got = f"column {names[i]!r}" if i < len(names) else "no column"
+                raise SourceError(f"{path}: its column {i + 1} is {got}, but {self.files[0]} has {name!r} there; "
+                                  f"every file of a source needs the same columns")
+            if schema is not None and not schema.field(name).type.equals(first.field(name).type):
+                raise SourceError(f"{path}: column {name!r} is {schema.field(name).type}, but in {self.files[0]} it "
+                                  f"is {first.field(name).type}; every file of a source needs the same schema")
+        raise SourceError(f"{path}: it has {len(names)} columns, {self.files[0]} has {len(first.names)}: "
+                          f"{names[len(first.names):]} more; every file of a source needs the same columns")
+
+    # ---- file access --------------------------------------------------------------------------
+
+    def _guard(self, path: str, start: int, fn: Any) -> Any:
+        """fn(), with pyarrow's errors (a corrupt file, a value that does not fit) naming the file."""
+        pa = self.pa
+        try:
+            return fn()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            where = f" (in the bytes from offset {start})" if start else ""
+            hint = "; give the column's type with schema=" if "conversion error" in str(exc) else ""
+            raise SourceError(f"{path}{where}: {exc}{hint}") from None
+
+    def _parquet(self, path: str) -> Any:
+        import pyarrow.parquet as pq
+
+        return self._guard(path, 0, lambda: pq.ParquetFile(path, memory_map=True))
+
+    def _ipc(self, path: str) -> Any:
+        return self._guard(path, 0, lambda: self.pa.ipc.open_file(self.pa.memory_map(path)))
+
+    def _buffer(self, path: str, start: int, stop: int) -> Any:
+        """Bytes start:stop of a file, memory-mapped (no copy)."""
+        mapped = self.pa.memory_map(path)
+        mapped.seek(start)
+        return mapped.read_buffer(stop - start)
+
+    def _header(self, path: str) -> list[str]:
+        with open(path, newline="") as f:
+            line = f.readline()
+        if not line.strip():
+            raise SourceError(f"{path}: empty CSV file (a header row is required)")
+        names = next(_csv.reader([line], delimiter=self.delimiter))
+        duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if duplicate is not None:
+            raise SourceError(f"{path}, line 1: column {duplicate!r} appears twice in the header; give every column "
+                              f"its own name")
+        return names
+
+    def _boundary(self, path: str, at: int, header: bool = False) -> int:
+        """The first record start at or after byte ``at`` (the end of the header line with
+        ``header``): just past a line end. With ``newlines_in_values`` (CSV), line ends inside
+        quotes do not count (quotes are counted from the file's start)."""
+        size = os.path.getsize(path)
+        if at >= size or (at <= 0 and not header):
+            return min(max(at, 0), size)
+        data = np.memmap(path, np.uint8, "r")
+        position = 0 if header else at - 1  # a record starts right after a line end
+        quoted = int(np.count_nonzero(data[:position] == ord('"'))) % 2 if self.newlines_in_values else 0
+        while position < size:
+            block = data[position : position + BLOCK]
+            ends = np.flatnonzero(block == ord("\n"))
+            if self.newlines_in_values:
+                quotes = np.flatnonzero(block == ord('"'))
+                outside = ends[(np.searchsorted(quotes, ends) + quoted) % 2 == 0]
+                if len(outside):
+                    return position + int(outside[0]) + 1
+                quoted = (len(quotes) + quoted) % 2
+            elif len(ends):
+                return position + int(ends[0]) + 1
+            position += BLOCK
+        return size
+
+    def _csv_reader(self, buffer: Any, path: str, start: int, types: dict[str, Any], header: bool = False) -> Any:
+        """A streaming reader of CSV bytes (a range: the columns are the schema's)."""
+        csv = self.pa.csv
+        read = csv.ReadOptions(use_threads=False, block_size=BLOCK,
+                               column_names=None if header else self.arrow_schema.names)
+        parse = csv.ParseOptions(delimiter=self.delimiter, newlines_in_values=self.newlines_in_values)
+        convert = csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
+                                     quoted_strings_can_be_null=False)
+        return self._guard(path, start, lambda: csv.open_csv(self.pa.BufferReader(buffer), read_options=read,
+                                                             parse_options=parse, convert_options=convert))
+
+    def _batches(self, unit: Unit) -> Iterator[Any]:
+        """The record batches of a unit, in order."""
+        pa = self.pa
+        if self.fmt == "parquet":
+            reader = self._parquet(unit.path)
+            yield from reader.iter_batches(batch_size=self.batch_size, row_groups=[unit.index], columns=self.columns,
+                                           use_threads=False)
+        elif self.fmt == "arrow":
+            batch = self._ipc(unit.path).get_batch(unit.index)
+            yield batch if self.columns is None else batch.select(self.columns)
+        else:
+            buffer = self._buffer(unit.path, unit.start, unit.stop)
+            if self.fmt == "csv":
+                types = dict(zip(self.arrow_schema.names, self.arrow_schema.types))
+                reader = self._csv_reader(buffer, unit.path, unit.start, types)
+            else:
+                read = pa.json.ReadOptions(use_threads=False, block_size=BLOCK)
+                parse = pa.json.ParseOptions(explicit_schema=self.arrow_schema, unexpected_field_behavior="error")
+                reader = self._guard(unit.path, unit.start, lambda: pa.json.open_json(
+                    pa.BufferReader(buffer), read_options=read, parse_options=parse))
+            while True:
+                try:
+                    batch = self._guard(unit.path, unit.start, reader.read_next_batch)
+                except StopIteration:
+                    return
+                yield batch
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def has_input(self) -> bool:
+        return bool(self.units)
+
+    def poll(self) -> Batch:
+        while self.unit < len(self.units):
+            if self._reader is None:
+                self._reader = self._skip(self._batches(self.units[self.unit]), self.rows)
+            for record_batch in self._reader:
+                if record_batch.num_rows:
+                    self.rows += record_batch.num_rows
+                    self._schema_sent = True
+                    return self._convert(record_batch)
+            self.unit, self.rows, self._reader = self.unit + 1, 0, None
+        if not self._schema_sent:  # no row at all: the schema still reaches the job
+            self._schema_sent = True
+            schema = self.arrow_schema if self.columns is None else self.pa.schema(
+                [self.arrow_schema.field(c) for c in self.columns])
+            return from_arrow(schema.empty_table())
+        raise StopIteration
+
+    def _skip(self, batches: Iterator[Any], rows: int) -> Iterator[Any]:
+        """The batches after the first ``rows`` rows, cut to at most batch_size rows each."""
+        for batch in batches:
+            if rows >= batch.num_rows:
+                rows -= batch.num_rows
+                continue
+            batch, rows = batch.slice(rows), 0
+            for start in range(0, batch.num_rows, self.batch_size):
+                yield batch.slice(start, self.batch_size)
+
+    def _convert(self, record_batch: Any) -> Batch:
+        try:
+            return from_arrow(record_batch)
+        except Exception as exc:
+            raise SourceError(f"{self.units[self.unit].path}: {exc}") from None
+
+    def snapshot(self) -> Any:
+        return {"unit": self.unit, "rows": self.rows}
+
+    def restore(self, states: list[Any]) -> None:
+        self.unit, self.rows, self._reader = states[0]["unit"], states[0]["rows"], None
+
+
+# ---- writers: the files of the file sinks ----------------------------------------------------
+
+class FileWriter:
+    """One output file: :meth:`write` batches (all of one schema), :meth:`close` makes it
+    durable (fsync). ``size`` is how many bytes the batches held in memory, for rolling."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.size = path, 0
+
+    def write(self, batch: Batch) -> None:
+        self.size += batch.nbytes
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class CsvWriter(FileWriter):
+    """CSV through Python's csv module (no extra needed): a header row, then one row per
+    record; a null is an empty field."""
+
+    def __init__(self, path: str, file: Any = None) -> None:
+        super().__init__(path)
+        self.file = file if file is not None else open(path, "w", newline="")
+
+    def write(self, batch: Batch) -> None:
+        super().write(batch)
+        writer = _csv.writer(self.file)
+        if self.file.tell() == 0:
+            writer.writerow(list(batch))
+        writer.writerows(zip(*(c.tolist() for c in batch.to_numpy().values())))
+
+    def durable(self) -> int:
+        """Flushes and fsyncs; the file's length."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.durable()
+        self.file.close()
+
+
+class ArrowWriter(FileWriter):
+    """Parquet (``fmt="parquet"``) or an Arrow IPC file (``fmt="arrow"``), through pyarrow."""
+
+    def __init__(self, path: str, fmt: str) -> None:
+        super().__init__(path)
+        self.pa, self.fmt, self._writer = pyarrow_or_error(f"writing {fmt} files"), fmt, None
+
+    def write(self, batch: Batch) -> None:
+        super().write(batch)
+        table = batch.to_arrow()
+        if self._writer is None:
+            if self.fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                self._writer = pq.ParquetWriter(self.path, table.schema)
+            else:
+                import pyarrow.ipc
+
+                self._writer = pyarrow.ipc.new_file(self.path, table.schema)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with open(self.path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def new_writer(fmt: str, path: str) -> FileWriter:
+    """A writer of a sink format: "csv", "parquet" or "arrow"."""
+    return CsvWriter(path) if fmt == "csv" else ArrowWriter(path, fmt)

@@ -1,0 +1,227 @@
+"""File sources (Parquet, CSV, JSON lines, Arrow IPC): every format split over parallelism 1-3
+against pyarrow's own reading of the same files, a snapshot and restore at every kind of
+position, nulls, directories and globs, and bad files (each an error naming the file)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mpstream import OperatorError, Pipeline
+from mpstream.batch import Batch
+from mpstream.errors import SourceError
+from mpstream.operators import Context
+from mpstream.testing import Once, kill_me
+
+pa = pytest.importorskip("pyarrow", reason="file sources need pyarrow: pip install 'mpstream[arrow]'")
+import pyarrow.csv  # noqa: E402
+import pyarrow.feather  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from mpstream import files  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def small_units(monkeypatch):
+    """Units and blocks of a few KiB, so small files split into many (forked workers inherit it)."""
+    monkeypatch.setattr(files, "MIN_RANGE", 2048)
+    monkeypatch.setattr(files, "BLOCK", 1024)
+
+
+def table(rows: int, seed: int) -> "pa.Table":
+    rng = np.random.default_rng(seed)
+    keys = np.array([f"key-{i}" for i in rng.integers(0, 50, rows)], dtype=object)
+    keys[rng.random(rows) < 0.05] = None
+    ints = rng.integers(-1000, 1000, rows)
+    floats = np.round(rng.standard_normal(rows), 3)
+    return pa.table({"key": pa.array(keys, pa.string()),
+                     "n": pa.array(ints, mask=rng.random(rows) < 0.05),
+                     "x": pa.array(floats, mask=rng.random(rows) < 0.05)})
+
+
+def write(fmt: str, directory, parts: list["pa.Table"]) -> list[str]:
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i, t in enumerate(parts):
+        path = os.path.join(directory, f"part-{i}.{fmt}")
+        if fmt == "parquet":
+            pq.write_table(t, path, row_group_size=700)
+        elif fmt == "csv":
+            pa.csv.write_csv(t, path)
+        elif fmt == "json":
+            with open(path, "w") as f:
+                for row in t.to_pylist():
+                    f.write(json.dumps(row) + "\n")
+        else:
+            pa.feather.write_feather(t, path, chunksize=600, compression="uncompressed")
+        paths.append(path)
+    return paths
+
+
+def rows_of(batch_or_table) -> list[tuple]:
+    """Sorted rows as Python values (None for nulls)."""
+    if isinstance(batch_or_table, Batch):
+        batch_or_table = batch_or_table.to_arrow()
+    columns = [batch_or_table.column(n).to_pylist() for n in ("key", "n", "x")]
+    return sorted(zip(*columns), key=repr)
+
+
+SOURCES = {"parquet": Pipeline.from_parquet, "csv": Pipeline.from_csv, "json": Pipeline.from_json,
+           "arrow": Pipeline.from_arrow_ipc}
+
+
+@pytest.mark.parametrize("parallelism", [1, 2, 3])
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json", "arrow"])
+def test_each_format_split_over_instances_reads_every_row_once(tmp_path, fmt, parallelism):
+    parts = [table(3000, 1), table(1200, 2), table(10, 3)]
+    write(fmt, tmp_path / "data", parts)
+    (tmp_path / "data" / "_SUCCESS").write_text("")  # skipped, as Spark's marker files are
+    p = Pipeline()
+    SOURCES[fmt](p, "src", str(tmp_path / "data"), parallelism=parallelism, batch_size=500).collect("out")
+    result = p.run()
+    out = result["out"]
+    assert rows_of(out) == rows_of(pa.concat_tables(parts))
+    per_instance = [s.records_out for s in result.operators if s.name == "src"]
+    assert len(per_instance) == parallelism and (parallelism == 1 or min(per_instance) > 0)  # the work is split
+    assert out.schema[0] == ("key", "utf8?")
+
+
+def open_source(fmt, path, instance=0, parallelism=1, **options):
+    source = files.FileSource(fmt, str(path), 300, **options)
+    source.open(Context("src", instance, parallelism))
+    return source
+
+
+def drain(source) -> list[Batch]:
+    out = []
+    while True:
+        try:
+            out.append(source.poll().copy())
+        except StopIteration:
+            return out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json", "arrow"])
+def test_a_restore_at_any_position_replays_exactly(tmp_path, fmt):
+    write(fmt, tmp_path, [table(2500, 4), table(900, 5)])
+    whole = drain(open_source(fmt, tmp_path))
+    units = len(open_source(fmt, tmp_path).units)
+    assert units > 2  # several row groups / record batches / byte ranges
+    for stop in (1, 4, len(whole) // 2, len(whole) - 1):  # inside units and at their ends
+        first = open_source(fmt, tmp_path)
+        head = [first.poll().copy() for _ in range(stop)]
+        position = first.snapshot()
+        again = open_source(fmt, tmp_path)
+        again.restore([position])
+        assert rows_of(Batch.concat(head + drain(again))) == rows_of(Batch.concat(whole))
+
+
+def test_a_killed_job_reading_files_resumes_from_its_checkpoint_exactly(tmp_path):
+    write("csv", tmp_path / "in", [table(6000, 6), table(6000, 7)])
+    crash = Once(tmp_path, "crash")
+    from mpstream.checkpoint import CheckpointStore
+
+    store = CheckpointStore(str(tmp_path / "chk"))
+
+    def die_once_checkpointed(batch):
+        if store.complete() and crash():
+            kill_me()
+        return batch
+
+    p = Pipeline(channel_capacity=1 << 16)
+    p.from_csv("src", str(tmp_path / "in"), parallelism=2, batch_size=200).map("die", die_once_checkpointed) \
+        .collect("out")
+    with pytest.warns(UserWarning, match="restarting"):
+        out = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.01)["out"]
+    assert crash.fired and rows_of(out) == rows_of(pa.concat_tables([table(6000, 6), table(6000, 7)]))
+
+
+def test_csv_quoted_line_ends_need_newlines_in_values(tmp_path):
+    text = "k,v\n" + "".join(f'{i},"line {i}\nstill {i}"\n' for i in range(400))
+    (tmp_path / "q.csv").write_text(text)
+    p = Pipeline()
+    p.from_csv("src", str(tmp_path / "q.csv"), parallelism=3, newlines_in_values=True).collect("out")
+    out = p.run()["out"]
+    assert sorted(zip(out["k"].tolist(), out["v"])) == [(i, f"line {i}\nstill {i}") for i in range(400)]
+
+
+def test_csv_types_nulls_and_a_given_schema(tmp_path):
+    (tmp_path / "t.csv").write_text('i,f,s,b,t\n1,2.5,x,true,2026-11-24 10:00:00\n,,,,\n3,4,"",false,2026-11-24\n')
+    p = Pipeline()
+    p.from_csv("src", str(tmp_path / "t.csv")).collect("out")
+    out = p.run()["out"]
+    assert out.schema == (("i", "<i8?"), ("f", "<f8?"), ("s", "utf8?"), ("b", "|b1?"), ("t", "<M8[s]?"))
+    assert out["i"].tolist() == [1, None, 3] and list(out["s"]) == ["x", None, ""]  # "" quoted: empty, not null
+    p = Pipeline()
+    p.from_csv("src", str(tmp_path / "t.csv"), schema={"i": "float64", "s": "str", "b": "str"}).collect("out")
+    out = p.run()["out"]
+    assert out["i"].dtype == np.float64 and list(out["b"]) == ["true", None, "false"]
+
+
+def test_json_nulls_and_missing_fields(tmp_path):
+    (tmp_path / "a.json").write_text('{"k": "a", "v": 1}\n{"k": null, "v": 2}\n{"k": "c"}\n')
+    p = Pipeline()
+    p.from_json("src", str(tmp_path / "a.json")).collect("out")
+    out = p.run()["out"]
+    assert list(out["k"]) == ["a", None, "c"] and out["v"].tolist() == [1, 2, None]
+
+
+def test_a_glob_reads_the_files_it_matches(tmp_path):
+    write("parquet", tmp_path, [table(100, 8), table(50, 9)])
+    pq.write_table(table(7, 10), tmp_path / "other.parquet")
+    p = Pipeline()
+    p.from_parquet("src", str(tmp_path / "part-*.parquet"), columns=["key", "n"]).collect("out")
+    out = p.run()["out"]
+    assert out.num_rows == 150 and list(out) == ["key", "n"]
+
+
+def bad(tmp_path, fmt, **options):
+    p = Pipeline()
+    SOURCES[fmt](p, "src", str(tmp_path), **options).collect("out")
+    with pytest.raises(OperatorError) as raised:
+        p.run()
+    return str(raised.value)
+
+
+def test_files_with_other_columns_or_types_are_an_error_naming_both_files(tmp_path):
+    (tmp_path / "a.csv").write_text("k,v\n1,2\n")
+    (tmp_path / "b.csv").write_text("k,w\n1,2\n")
+    message = bad(tmp_path, "csv")
+    assert "b.csv: its column 2 is column 'w', but" in message and "a.csv has 'v' there" in message
+    pdir = tmp_path / "pq"
+    pdir.mkdir()
+    pq.write_table(pa.table({"k": [1], "v": [2]}), pdir / "a.parquet")
+    pq.write_table(pa.table({"k": [1], "v": ["two"]}), pdir / "b.parquet")
+    message = bad(pdir, "parquet")
+    assert "b.parquet: column 'v' is string, but in" in message and "a.parquet it is int64" in message
+
+
+def test_a_value_that_does_not_fit_its_inferred_type_names_the_file_and_suggests_a_schema(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "SAMPLE", 64)  # inferred from the first lines only
+    (tmp_path / "a.csv").write_text("k,v\n" + "".join(f"{i},{i}\n" for i in range(50)) + "50,1.5\n")
+    message = bad(tmp_path, "csv")
+    assert "a.csv" in message and "conversion error to int64: invalid value '1.5'" in message and "schema=" in message
+
+
+def test_ragged_rows_duplicate_headers_and_empty_files_are_errors_naming_the_file(tmp_path):
+    (tmp_path / "r.csv").write_text("k,v\n1,2\n3\n")
+    assert "r.csv: CSV parse error" in bad(tmp_path, "csv") and "Expected 2 columns, got 1: 3" in bad(tmp_path, "csv")
+    (tmp_path / "r.csv").write_text("k,v,k\n1,2,3\n")
+    assert "r.csv, line 1: column 'k' appears twice in the header" in bad(tmp_path, "csv")
+    (tmp_path / "r.csv").write_text("")
+    assert "r.csv: empty CSV file" in bad(tmp_path, "csv")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_truncated_or_corrupt_files_are_an_error_naming_the_file(tmp_path, fmt):
+    path = write(fmt, tmp_path, [table(500, 11)])[0]
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    assert os.path.basename(path) in bad(tmp_path, fmt)
+
+
+def test_a_path_with_no_file_is_an_error_at_once(tmp_path):
+    with pytest.raises(SourceError, match="no file to read at"):
+        Pipeline().from_parquet("src", str(tmp_path / "missing" / "*.parquet"))
