@@ -33,6 +33,7 @@ from .arrow import pyarrow_or_error
 from .batch import Batch
 from .coordinator import CheckpointConfig, JobHandle, run, start
 from .errors import AggregateError, PartitionError, PlanError
+from .redis_streams import RedisStreamSink, RedisStreamSource, redis_or_error
 from .operators import Aggregate, Combine, Filter, FlatMap, Map, Operator
 from .partition import CustomPartitioner, HashPartitioner, Partitioner, RangePartitioner, RoundRobinPartitioner
 from .plan import MAIN, Edge, JobGraph, Node, check_name, check_parallelism
@@ -115,6 +116,25 @@ class Pipeline:
         """Arrow IPC files (the file format, ``.arrow`` / Feather v2), split by record batch
         over the instances, memory-mapped (needs pyarrow; see :mod:`mpstream.files`)."""
         return self._files(name, "arrow", path, parallelism, batch_size, columns=columns)
+
+    def from_redis(self, name: str, url: str, streams: str | Sequence[str], *, parallelism: int = 1,
+                   batch_size: int = 10_000, until: str | None = None, schema: Mapping[str, Any] | None = None,
+                   id_column: str | None = None, retry_s: float = 30.0) -> Stream:
+        """Redis streams read by entry id, spread over the instances, replayable from the
+        checkpointed ids; unbounded, or up to each stream's last entry at the start with
+        ``until="latest"`` (needs redis-py; see :mod:`mpstream.redis_streams`).
+
+        >>> p = Pipeline()  # doctest: +SKIP
+        >>> p.from_redis("src", "redis://localhost:6379/0", ["clicks"], schema={"n": "int64"}).to_redis(
+        ...     "copy", "redis://localhost:6379/0", "clicks-copy")"""
+        redis_or_error(f"operator {name!r} (Redis streams)")
+        streams = [streams] if isinstance(streams, str) else list(streams)
+        if not streams or not all(isinstance(s, str) and s for s in streams):
+            raise PlanError(f"operator {name!r}: streams must be one or more stream names, got {streams!r}")
+        if until not in (None, "latest"):
+            raise PlanError(f"operator {name!r}: until must be None (unbounded) or 'latest', got {until!r}")
+        return self.source(name, lambda: RedisStreamSource(url, streams, batch_size, until, schema, id_column,
+                                                           retry_s=retry_s), parallelism)
 
     def _files(self, name: str, fmt: str, path: str, parallelism: int, batch_size: int, **options: Any) -> Stream:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -354,6 +374,13 @@ class Stream:
         """Exactly-once Arrow IPC files (``to_files(..., "arrow")``; needs pyarrow)."""
         self.to_files(name, directory, "arrow", max_bytes=max_bytes, partition_by=partition_by,
                       parallelism=parallelism)
+
+    def to_redis(self, name: str, url: str, stream: str, *, parallelism: int | None = None,
+                 retry_s: float = 30.0) -> None:
+        """Appends the rows to a Redis stream, exactly once with checkpoints (a transaction at
+        each checkpoint's commit; see :mod:`mpstream.redis_streams`; needs redis-py)."""
+        redis_or_error(f"operator {name!r} (Redis streams)")
+        self._then(name, lambda: RedisStreamSink(url, stream, retry_s), parallelism)
 
     def to_callback(self, name: str, fn: Callable[[Batch], None], *, parallelism: int | None = None) -> None:
         """Calls ``fn(batch)`` in the sink's worker process."""
