@@ -373,7 +373,9 @@ class _Attempt:
             code = task.process.exitcode
             how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
                    else f"exited with code {code}")
-            raise WorkerDiedError(f"operator {task.spec.head.name!r} instance {task.spec.instance} (pid "
+            chained = [op.name for op in task.spec.operators[1:]]
+            with_chained = f" (with {', '.join(map(repr, chained))} chained in its process)" if chained else ""
+            raise WorkerDiedError(f"operator {task.spec.head.name!r}{with_chained} instance {task.spec.instance} (pid "
                                   f"{task.process.pid}) {how} before finishing; the job was stopped and its "
                                   f"other workers killed")
 

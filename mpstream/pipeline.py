@@ -125,7 +125,7 @@ class Pipeline:
         ``until="latest"`` (needs redis-py; see :mod:`mpstream.redis_streams`).
 
         >>> p = Pipeline()  # doctest: +SKIP
-        >>> p.from_redis("src", "redis://localhost:6379/0", ["clicks"], schema={"n": "int64"}).to_redis(
+        >>> p.from_redis("src", "redis://localhost:6379/0", ["clicks"], schema={"n": "int64"}).to_redis(  # doctest: +SKIP
         ...     "copy", "redis://localhost:6379/0", "clicks-copy")"""
         redis_or_error(f"operator {name!r} (Redis streams)")
         streams = [streams] if isinstance(streams, str) else list(streams)
@@ -213,7 +213,7 @@ class Stream:
         return max(n.parallelism for n in self.upstreams)
 
     def _then(self, name: str, make: Callable[[], Operator], parallelism: int | None,
-              backpressure: str = "block", collect: bool = False) -> Stream:
+              backpressure: str = "block", collect: bool = False, chain: bool = False) -> Stream:
         check_name(name)
         if backpressure not in ("block", "drop"):
             raise PlanError(f"operator {name!r}: backpressure must be 'block' or 'drop', got {backpressure!r}")
@@ -227,30 +227,32 @@ class Stream:
             if partitioner is None and up.parallelism != parallelism:
                 partitioner = RoundRobinPartitioner  # no key: rebalance whole batches
             edges.append(Edge(up.name, partitioner, drop=backpressure == "drop", port=port))
-        node = self.pipeline.graph.add(Node(name, parallelism, make, edges, collect,
+        chained = (chain and len(edges) == 1 and edges[0].partitioner is None and not edges[0].drop
+                   and self.upstreams[0].parallelism == parallelism)
+        node = self.pipeline.graph.add(Node(name, parallelism, make, edges, collect, chained,
                                             partitioning=self._partitioning))
         return Stream(self.pipeline, [node])
 
     def map(self, name: str, fn: Callable[[Batch], Batch | Mapping[str, Any]], *, parallelism: int | None = None,
-            backpressure: str = "block") -> Stream:
+            backpressure: str = "block", chain: bool = True) -> Stream:
         """batch -> batch (or a mapping of columns)."""
-        return self._then(name, lambda: Map(fn), parallelism, backpressure)
+        return self._then(name, lambda: Map(fn), parallelism, backpressure, chain=chain)
 
     def filter(self, name: str, fn: Callable[[Batch], np.ndarray], *, parallelism: int | None = None,
-               backpressure: str = "block") -> Stream:
+               backpressure: str = "block", chain: bool = True) -> Stream:
         """Keeps the rows where ``fn(batch)`` (a bool mask) is true."""
-        return self._then(name, lambda: Filter(fn), parallelism, backpressure)
+        return self._then(name, lambda: Filter(fn), parallelism, backpressure, chain=chain)
 
     def flat_map(self, name: str, fn: Callable[[Batch], Iterable[Batch]], *, parallelism: int | None = None,
-                 backpressure: str = "block") -> Stream:
+                 backpressure: str = "block", chain: bool = True) -> Stream:
         """batch -> zero or more batches."""
-        return self._then(name, lambda: FlatMap(fn), parallelism, backpressure)
+        return self._then(name, lambda: FlatMap(fn), parallelism, backpressure, chain=chain)
 
     def process(self, name: str, make: Callable[[], Operator], *, parallelism: int | None = None,
-                backpressure: str = "block") -> Stream:
+                backpressure: str = "block", chain: bool = True) -> Stream:
         """A user :class:`~mpstream.operators.Operator` (a fresh ``make()`` per instance); after
         ``key_by`` a :class:`~mpstream.operators.KeyedOperator` keeps state per key group."""
-        return self._then(name, make, parallelism, backpressure)
+        return self._then(name, make, parallelism, backpressure, chain=chain)
 
     def union(self, *others: Stream) -> Stream:
         """The rows of this stream and others, read fairly by the next operator."""

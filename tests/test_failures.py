@@ -63,7 +63,8 @@ def kill_self_on_third(batch):
 def test_a_worker_killed_by_a_signal_is_reported_as_such():
     p, s = numbers()
     s.map("fragile", kill_self_on_third).collect("out")
-    with pytest.raises(WorkerDiedError, match=r"operator 'fragile' instance 0 \(pid \d+\) was killed by SIGKILL"):
+    died = r"operator 'src' \(with 'fragile' chained in its process\) instance 0 \(pid \d+\) was killed by SIGKILL"
+    with pytest.raises(WorkerDiedError, match=died):
         p.run()
 
 
@@ -78,13 +79,14 @@ HANGING_JOB = textwrap.dedent("""
 
 
 def start_hanging_job():
-    """A coordinator in a subprocess, its 6 workers running (segments already unlinked)."""
+    """A coordinator in a subprocess, its 4 workers running (segments already unlinked): "stuck"
+    runs chained in the process of "endless"."""
     coordinator = subprocess.Popen([sys.executable, "-c", HANGING_JOB], stderr=subprocess.PIPE, text=True)
     me = psutil.Process(coordinator.pid)
 
     def running():
         segments = [e for e in os.listdir(SHM) if e.startswith(f"mps.{coordinator.pid}.")]
-        return len(me.children()) == 6 and not segments
+        return len(me.children()) == 4 and not segments
 
     wait_until(running, timeout=60, what="the job's workers to attach")
     return coordinator, [c.pid for c in me.children()]

@@ -96,7 +96,8 @@ def test_a_negative_combiner_delay_is_refused_with_the_operator_named():
 
 def test_combiner_hands_on_its_rows_by_their_due_time_without_more_input(monkeypatch):
     """A map's combiner holds its rows at most its latency bound even when no more input
-    comes to trigger a flush: the source waits for that flush before its second batch."""
+    comes to trigger a flush: the source waits for that flush before its second batch (so the
+    map and its combiner get a process of their own: chain=False)."""
     flushed = multiprocessing.get_context("fork").Event()
     flush = Combiner.flush
 
@@ -114,7 +115,7 @@ def test_combiner_hands_on_its_rows_by_their_due_time_without_more_input(monkeyp
         return {"k": np.array([1, 1, 2]), "v": np.ones(3)} if offset < 2 else None
 
     p = Pipeline()
-    (p.from_generator("src", two_batches).map("m", lambda b: b).key_by("k")
+    (p.from_generator("src", two_batches).map("m", lambda b: b, chain=False).key_by("k")
       .aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=0.01).collect("out"))
     result = p.run()
     assert sums_by_key(result["out"]) == {1: (4.0, 4), 2: (2.0, 2)}
