@@ -36,3 +36,16 @@ def test_the_windows_benchmark_checks_every_row():
     want.counts[np.flatnonzero(want.counts)[7]] += 1  # numpy "says" one window has a row more
     with pytest.raises(Exception, match="1 of .* rows differ from numpy"):
         bench_windows.run_mpstream(data, "sliding_5", 0, want, check=True)
+
+
+def test_the_ingest_benchmark_checks_every_key(tmp_path):
+    pytest.importorskip("pyarrow", reason="the ingest benchmark reads files through pyarrow")
+    import ingest as bench_ingest
+
+    data = bench_ingest.generate(20_000, str(tmp_path))
+    want = bench_ingest.reference(data)
+    job = bench_ingest.engines(data)["csv mpstream"]
+    bench_ingest.timed(job, str(tmp_path), "mpstream", want)
+    want.count[3] += 1  # numpy "says" one key has a row more
+    with pytest.raises(AssertionError, match="mpstream: the result differs from numpy's"):
+        bench_ingest.timed(job, str(tmp_path), "mpstream", want)
