@@ -225,3 +225,37 @@ def test_truncated_or_corrupt_files_are_an_error_naming_the_file(tmp_path, fmt):
 def test_a_path_with_no_file_is_an_error_at_once(tmp_path):
     with pytest.raises(SourceError, match="no file to read at"):
         Pipeline().from_parquet("src", str(tmp_path / "missing" / "*.parquet"))
+
+
+ORDERS = [("ann", 2, 12.5), ("bob", 1, 9.99), ("ann", 3, 10.0), ("cy", 5, 30.25), ("bob", 4, 11.0), ("cy", 1, 2.0)]
+# price >= 10 kept; per customer: qty sum, price sum, count (by hand)
+PER_CUSTOMER = {"ann": (5, 22.5, 2), "bob": (4, 11.0, 1), "cy": (5, 30.25, 1)}
+
+
+def readme_block(heading, index=0):
+    """The index-th python code block after a README heading."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split(heading + "\n", 1)[1]
+    return section.split("```python\n")[index + 1].split("```", 1)[0]
+
+
+def write_orders(directory):
+    os.makedirs(directory / "orders")
+    for name, rows in (("a.csv", ORDERS[:3]), ("b.csv", ORDERS[3:])):
+        lines = ["customer,qty,price"] + [f"{c},{q},{p}" for c, q, p in rows]
+        (directory / "orders" / name).write_text("\n".join(lines) + "\n")
+
+
+def per_customer_files(directory):
+    table = pq.read_table(sorted(str(f) for f in directory.glob("*.parquet"))).sort_by("customer")
+    return {c: (q, p, n) for c, q, p, n in zip(*(table.column(x).to_pylist()
+                                                 for x in ("customer", "qty_sum", "price_sum", "count")))}
+
+
+def test_the_readme_ingestion_example_gives_its_result(tmp_path, monkeypatch):
+    write_orders(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    exec(readme_block("## Connectors: files, Arrow, Redis Streams"), {})
+    assert per_customer_files(tmp_path / "per_customer") == PER_CUSTOMER

@@ -192,3 +192,21 @@ def test_a_stopped_job_resumes_at_another_parallelism(server, tmp_path):
     fill(server.url, "b", 500, start=1500)
     job(2, "latest").run(checkpoint_dir=chk, resume=True)
     assert sorted(int(f[b"id"]) for _, f in client.xrange("copy")) == list(range(2000))
+
+
+def test_the_readme_ingestion_example_reads_redis_as_it_reads_files(server, tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow", reason="the example writes Parquet: pip install 'mpstream[arrow]'")
+    from test_files import ORDERS, PER_CUSTOMER, per_customer_files, readme_block, write_orders
+
+    client = redis.Redis.from_url(server.url)
+    for stream, rows in (("orders-0", ORDERS[:3]), ("orders-1", ORDERS[3:])):
+        for customer, qty, price in rows:
+            client.xadd(stream, {"customer": customer, "qty": qty, "price": price})
+    write_orders(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    heading = "## Connectors: files, Arrow, Redis Streams"
+    exec(readme_block(heading, 0), scope)
+    exec(readme_block(heading, 1).replace("redis://localhost:6379/0", server.url), scope)
+    assert per_customer_files(tmp_path / "per_customer_redis") == per_customer_files(tmp_path / "per_customer")
+    assert per_customer_files(tmp_path / "per_customer_redis") == PER_CUSTOMER
