@@ -13,8 +13,9 @@ memory holds a few batches whatever the file size (files are memory-mapped). The
 start and skips those rows, so a replay gives the same records.
 
 Schemas: Parquet and IPC files carry theirs; CSV and JSON are inferred by pyarrow from the
-first MiB of the first file (int64, float64, bool, timestamp, date, else str; a column with
-no value there is str), or given with ``schema={column: type}``. A file whose schema (or CSV
+first MiB of the first file (int64, float64, bool, timestamp, date, else str; a time of day
+such as ``12:30:00`` and a column with no value there are str), or given with
+``schema={column: type}``. A file whose schema (or CSV
 header) differs from the first file's is an error naming both files and the column; a value
 that does not fit its column's type is an error naming the file and the column, suggesting
 ``schema=``. In CSV, an empty field is null (a quoted empty string ``""`` is an empty
@@ -124,8 +125,8 @@ class FileSource(Source):
         fields = []
         for name in names:
             typ = hints.get(name, inferred.schema.field(name).type if name in inferred.schema.names else pa.null())
-            if pa.types.is_null(typ) or pa.types.is_string(typ):
-                typ = pa.large_string()  # read straight into mpstream's layout
+            if pa.types.is_null(typ) or pa.types.is_string(typ) or (name not in hints and pa.types.is_time(typ)):
+                typ = pa.large_string()  # mpstream's layout; a time of day (no date) has no numpy type: str
             fields.append(pa.field(name, typ))
         return pa.schema(fields)
 

@@ -68,11 +68,13 @@ class _Connection:
             out = fn(self.client)
         except (self.redis.ConnectionError, self.redis.TimeoutError) as exc:
             now = time.monotonic()
-            self.down_since = self.down_since or now
+            if self.down_since is None:
+                self.down_since = now  # the first wait is BACKOFF_S[0], then it doubles
+            else:
+                self.wait = min(self.wait * 2, BACKOFF_S[1])
             if now - self.down_since > self.retry_s:
                 raise SourceError(f"{self.where}: Redis at {self.url} unreachable for {self.retry_s:g} s ({exc}); "
                                   f"start it, or raise retry_s") from None
-            self.wait = min(self.wait * 2, BACKOFF_S[1])
             return None
         self.down_since, self.wait = None, BACKOFF_S[0]
         return out

@@ -159,6 +159,14 @@ def test_csv_types_nulls_and_a_given_schema(tmp_path):
     assert out["i"].dtype == np.float64 and list(out["b"]) == ["true", None, "false"]
 
 
+def test_a_time_of_day_column_is_read_as_str(tmp_path):
+    (tmp_path / "t.csv").write_text("k,at\n1,12:30:00\n2,\n")  # pyarrow infers time32: numpy has none
+    p = Pipeline()
+    p.from_csv("src", str(tmp_path / "t.csv")).collect("out")
+    out = p.run()["out"]
+    assert out.schema == (("k", "<i8"), ("at", "utf8?")) and list(out["at"]) == ["12:30:00", None]
+
+
 def test_json_nulls_and_missing_fields(tmp_path):
     (tmp_path / "a.json").write_text('{"k": "a", "v": 1}\n{"k": null, "v": 2}\n{"k": "c"}\n')
     p = Pipeline()

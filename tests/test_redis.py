@@ -22,14 +22,18 @@ pytestmark = pytest.mark.skipif(SERVER is None, reason="redis-server is not inst
                                                         ".ci/run installs it)")
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RedisServer:
     """A redis-server of this test: a free port, append-only persistence in a temp directory."""
 
     def __init__(self, directory):
         self.directory = directory
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
 
@@ -161,13 +165,22 @@ def test_a_redis_restart_under_a_running_job_loses_and_duplicates_nothing(server
 
 
 def test_an_unreachable_server_fails_the_job_naming_it(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here
+    port = free_port()  # nothing listens here
     p = Pipeline()
     p.from_redis("src", f"redis://127.0.0.1:{port}/0", "x", retry_s=0.3).collect("out")
     with pytest.raises(Exception, match=f"Redis at redis://127.0.0.1:{port}/0 unreachable for 0.3 s"):
         p.run()
+
+
+def test_a_lost_connection_is_retried_after_a_doubling_back_off():
+    from mpstream.redis_streams import _Connection
+
+    conn = _Connection(f"redis://127.0.0.1:{free_port()}/0", retry_s=60, where="source 'src'")
+    waits = []
+    for _ in range(9):
+        assert conn.call(lambda r: r.ping()) is None  # away: the caller waits conn.wait, then tries again
+        waits.append(conn.wait)
+    assert waits == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0, 1.0]
 
 
 def test_a_stopped_job_resumes_at_another_parallelism(server, tmp_path):
