@@ -88,17 +88,33 @@ class FileSource(Source):
         self.fmt, self.path, self.batch_size = fmt, path, batch_size
         self.schema_hint, self.columns = schema, columns
         self.delimiter, self.newlines_in_values = delimiter, newlines_in_values
+        self.pa: Any = None
+        self.files: list[str] = []
+        self.arrow_schema: Any = None
 
     # ---- planning: the same in every instance ----------------------------------------------
 
-    def open(self, ctx: Context) -> None:
-        super().open(ctx)
-        self.pa = pyarrow_or_error(f"source {ctx.name!r} ({self.fmt} files)")
+    def plan(self) -> FileSource:
+        """Lists the files and infers their schema once, in the caller's process before the
+        workers are forked: they inherit both, and pyarrow's readers warmed up (their first use
+        in a process costs milliseconds). A failure is left to :meth:`open` to report."""
+        self.pa = pyarrow_or_error(f"{self.fmt} files")
         import pyarrow.csv  # noqa: F401  (the readers: submodules pyarrow does not load itself)
         import pyarrow.ipc  # noqa: F401
         import pyarrow.json  # noqa: F401
         self.files = list_files(self.path)
-        self.arrow_schema = self._schema()
+        try:
+            self.arrow_schema = self._schema()
+        except SourceError:
+            self.arrow_schema = None
+        return self
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        if self.pa is None:
+            self.plan()
+        if self.arrow_schema is None:
+            self.arrow_schema = self._schema()  # raises what plan() met
         units = [unit for path in self.files for unit in self._units(path)]
         self.units = units[ctx.instance :: ctx.parallelism]
         self.unit, self.rows = 0, 0  # the position: units done, rows read of the current one

@@ -21,6 +21,7 @@ raises :class:`~mpstream.errors.PlanError` (a ValueError) or TypeError naming th
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -140,8 +141,8 @@ class Pipeline:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise PlanError(f"operator {name!r}: batch_size must be an int >= 1, got {batch_size!r}")
         pyarrow_or_error(f"operator {name!r} ({fmt} files)")  # a missing extra or file: an error now, here
-        files.list_files(path)
-        return self.source(name, lambda: files.FileSource(fmt, path, batch_size, **options), parallelism)
+        planned = files.FileSource(fmt, path, batch_size, **options).plan()  # once, here
+        return self.source(name, lambda: copy.copy(planned), parallelism)
 
     def from_numpy(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
         """An .npz archive (one array per column) or a structured .npy array."""
@@ -421,8 +422,10 @@ class KeyedStream(Stream):
 
         ``salt=n`` (n > 1) makes it two-stage, for hot keys. Each upstream instance first
         pre-aggregates its rows in a :class:`~mpstream.operators.Combine` chained to it (one
-        partial row per key, handed on when its oldest row has waited ``combiner_delay_s``
-        seconds, at every checkpoint barrier and at the end); the partial rows go to a partial
+        partial row per key, handed on at every checkpoint barrier, at the end, when it holds
+        2^20 keys and, with ``emit="updates"``, when its oldest row has waited
+        ``combiner_delay_s`` seconds: final results come at the end, so nothing is gained by
+        handing them on sooner); the partial rows go to a partial
         stage ``{name}.partial`` by key plus a salt (so one key spreads evenly over
         min(n, parallelism) instances), and its partials go by key to the final ``name``.
         Results equal the unsalted ones (float sums up to rounding: another order).
@@ -447,12 +450,13 @@ class KeyedStream(Stream):
             return self._then(name, lambda: Aggregate(key, spec, "rows", emit, update_interval), parallelism)
         graph = self.pipeline.graph
         combiners = []
+        updates = emit == "updates"
+        delay = combiner_delay_s if updates else math.inf  # final results come at the end: no need to hurry
         for up in self.upstreams:
             combine_name = f"{name}.combine" if len(self.upstreams) == 1 else f"{name}.combine.{up.name}"
             combiners.append(graph.add(Node(
-                combine_name, up.parallelism, lambda: Combine(key, spec, "rows", combiner_delay_s), [Edge(up.name)],
+                combine_name, up.parallelism, lambda: Combine(key, spec, "rows", delay), [Edge(up.name)],
                 chained=True)))
-        updates = emit == "updates"
         partial = KeyedStream(self.pipeline, combiners, lambda: HashPartitioner(key, salt), key, "salted")
         partial = partial._then(f"{name}.partial", lambda: Combine(key, spec, "partials",
                                                                    update_interval if updates else math.inf,

@@ -75,13 +75,14 @@ def sums_by_key(batch):
     return {int(k): (float(s), int(c)) for k, s, c in zip(batch["k"], batch["v_sum"], batch["count"])}
 
 
-@pytest.mark.parametrize("delay, partial_rows", [(0, 4), (3600, 3)])
-def test_combiner_latency_bound_sets_how_often_partials_go_on(delay, partial_rows):
-    """Batches [1, 1, 2] and [1, 3, 3]: with a bound of 0 s each batch's partials go on at
-    once (2 + 2 rows into the partial stage); with an hour, one flush at the end (3 rows)."""
+@pytest.mark.parametrize("emit, delay, partial_rows", [("updates", 0, 4), ("updates", 3600, 3), ("final", 0, 3)])
+def test_combiner_latency_bound_sets_how_often_partials_go_on(emit, delay, partial_rows):
+    """Batches [1, 1, 2] and [1, 3, 3]: emitting updates with a bound of 0 s, each batch's
+    partials go on at once (2 + 2 rows into the partial stage); with an hour, one flush at the
+    end (3 rows). Final results come at the end: the bound plays no part (3 rows)."""
     p = Pipeline()
     (p.from_arrays("src", {"k": np.array([1, 1, 2, 1, 3, 3]), "v": np.arange(6.0)}, batch_size=3)
-      .key_by("k").aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=delay)
+      .key_by("k").aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=delay, emit=emit)
       .collect("out"))
     result = p.run()
     assert sums_by_key(result["out"]) == {1: (4.0, 3), 2: (2.0, 1), 3: (9.0, 2)}
@@ -116,7 +117,7 @@ def test_combiner_hands_on_its_rows_by_their_due_time_without_more_input(monkeyp
 
     p = Pipeline()
     (p.from_generator("src", two_batches).map("m", lambda b: b, chain=False).key_by("k")
-      .aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=0.01).collect("out"))
+      .aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=0.01, emit="updates").collect("out"))
     result = p.run()
     assert sums_by_key(result["out"]) == {1: (4.0, 4), 2: (2.0, 2)}
     assert [s.records_in for s in result.operators if s.name == "agg.partial"] == [4]  # two flushes
