@@ -416,7 +416,7 @@ def _summary(options: DemoOptions, result: JobResult, processed: int, verified: 
     summary = {"events": processed, "seconds": round(result.seconds, 3),
                "events_per_s": round(processed / result.seconds), "verified": verified,
                "parallelism": options.parallelism, "salt": options.salt,
-               "output": None if temporary else out_dir, "operators": operators,
+               "output": None if temporary else out_dir, "operators": operators, "processes": result.processes(),
                "checkpoints": len(result.checkpoints), "kills": kills, "restarts": result.restarts,
                "recovery_seconds": [round(s, 4) for s in result.recovery_seconds]}
     if options.unbounded:
@@ -438,9 +438,12 @@ def _report(options: DemoOptions, result: JobResult, summary: dict[str, Any], be
     print(f"mpstream demo{kind}: {processed:,} events in {result.seconds:.2f} s = "
           f"{processed / result.seconds / 1e6:.2f} M events/s (parallelism {options.parallelism}, salt "
           f"{options.salt}){resumed}; output {where}")
-    print(f"{'operator':20s}{'inst':>5s}{'records in':>14s}{'records out':>14s}{'busy s':>9s}{'idle s':>9s}{'backpr. s':>10s}")
+    process_of = {name: head for head, chain in summary["processes"].items() for name in chain}
+    print(f"{'operator':20s}{'in the process of':>18s}{'inst':>5s}{'records in':>14s}{'records out':>14s}"
+          f"{'busy s':>9s}{'idle s':>9s}{'backpr. s':>10s}")
     for name, row in summary["operators"].items():
-        print(f"{name:20s}{row['instances']:>5d}{row['records_in']:>14,}{row['records_out']:>14,}"
+        head = "" if process_of.get(name, name) == name else process_of[name]
+        print(f"{name:20s}{head:>18s}{row['instances']:>5d}{row['records_in']:>14,}{row['records_out']:>14,}"
               f"{row['busy_s']:>9.2f}{row['idle_s']:>9.2f}{row['backpressured_s']:>10.2f}")
     if options.checkpointing:
         print(f"{summary['checkpoints']} checkpoints; {summary['kills']} workers killed, {summary['restarts']} restarts, "

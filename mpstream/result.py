@@ -51,6 +51,16 @@ class JobResult:
                 out.setdefault(s.name, []).append(s.position)
         return out
 
+    def processes(self) -> dict[str, list[str]]:
+        """The operators that share a process (a chain), by the name of its first operator:
+        ``{"clicks": ["clicks", "parse", "valid", "agg.combine"], "agg.partial": [...], ...}``."""
+        out: dict[str, list[str]] = {}
+        for s in self.operators:
+            chain = out.setdefault(s.task.rsplit("[", 1)[0] or s.name, [])
+            if s.name not in chain:
+                chain.append(s.name)
+        return out
+
     def __getitem__(self, sink: str) -> Batch:
         batches = self.collected[sink]
         rows = [b for b in batches if b.num_rows]

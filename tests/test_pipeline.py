@@ -277,3 +277,21 @@ def test_an_empty_result_keeps_its_columns_and_dtypes(tmp_path, case, salt):
     assert out.num_rows == 0
     assert [name for name, _ in out.schema] == ["k", "v_sum", "v_max", "v_mean", "count"]
     assert out["k"].dtype == np.int64 and out["v_mean"].dtype == np.float64 and out["count"].dtype == np.int64
+
+
+def test_chained_operators_share_a_process_unless_told_not_to():
+    """map, filter and process after a forward edge of equal parallelism run in their upstream's
+    process; chain=False, a key, another parallelism or a sink start a process of their own."""
+    p = Pipeline()
+    (p.from_arrays("src", {"k": np.arange(10), "v": np.ones(10)}, parallelism=2)
+      .map("m", lambda b: b).filter("f", lambda b: b["k"] < 8)
+      .map("own", lambda b: b, chain=False).map("after_own", lambda b: b)
+      .map("wider", lambda b: b, parallelism=3)
+      .key_by("k").aggregate("agg", {"v": "sum"}, parallelism=2).map("tail", lambda b: b)
+      .collect("out"))
+    result = p.run()
+    assert result.processes() == {"src": ["src", "m", "f"], "own": ["own", "after_own"], "wider": ["wider"],
+                                  "agg": ["agg", "tail"], "out": ["out"]}
+    assert sorted(result["out"]["k"].tolist()) == list(range(8)) and result["out"]["v_sum"].tolist() == [1.0] * 8
+    tasks = {s.task for s in result.operators}
+    assert len(tasks) == 2 + 2 + 3 + 2 + 2  # a process per task: src, own, wider, agg (with tail), out
