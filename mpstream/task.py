@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -87,12 +87,33 @@ class _OperatorRaised(Exception):
 
 def _batches(out: Output, name: str) -> list[Batch]:
     """An operator's output as batches: a Batch, a mapping of columns, or an iterable of those."""
-    items = [out] if isinstance(out, (Batch, Mapping)) else out
+    items = _items(out, name)
+    return list(iter(lambda: _next_batch(items, out, name), None))
+
+
+def _items(out: Output, name: str) -> Iterator[Any]:
+    """An iterator over an operator's output (a Batch or a mapping of columns is one item)."""
     try:
-        return [b if isinstance(b, Batch) else Batch(b) for b in items]
+        return iter([out] if isinstance(out, (Batch, Mapping)) else out)
+    except TypeError as exc:
+        raise _bad_output(out, name, exc) from exc
+
+
+def _next_batch(items: Iterator[Any], out: Output, name: str) -> Batch | None:
+    """The next batch of an operator's output (an iterator's items are made when asked for:
+    a generator's rows need not all be in memory at once), None after the last."""
+    item = next(items, None)
+    if item is None or isinstance(item, Batch):
+        return item
+    try:
+        return Batch(item)
     except (TypeError, ValueError, AttributeError) as exc:
-        raise TypeError(f"operator {name!r} returned {type(out).__name__}: return a Batch, a mapping of columns, "
-                        f"an iterable of those, or None ({exc})") from exc
+        raise _bad_output(out, name, exc) from exc
+
+
+def _bad_output(out: Output, name: str, exc: Exception) -> TypeError:
+    return TypeError(f"operator {name!r} returned {type(out).__name__}: return a Batch, a mapping of columns, "
+                     f"an iterable of those, or None ({exc})")
 
 
 class ChainedOperator:
@@ -135,7 +156,8 @@ class ChainedOperator:
         read the port, to its channels, and for a collect sink to the coordinator."""
         if out is None:
             return
-        for batch in self.call(_batches, out, self.name):
+        items = self.call(_items, out, self.name)
+        for batch in iter(lambda: self.call(_next_batch, items, out, self.name), None):
             if batch.num_rows == 0 and port in self._announced:
                 continue
             if self.task.outputs_closed:

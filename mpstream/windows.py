@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -448,7 +448,12 @@ class PaneWindows:
     def fire(self, watermark: int) -> list[Batch]:
         """Every window ending in (last watermark, watermark] with rows, on time; then the panes
         no window needs any more (last end + lateness <= watermark) go."""
-        out = []
+        return list(self.fire_each(watermark))
+
+    def fire_each(self, watermark: int) -> Iterator[Batch]:
+        """As :meth:`fire`, a window at a time: the end of the input fires every window still
+        open (size / slide of them per key), and their rows need not all be in memory at once.
+        The state is up to date once the iterator is exhausted."""
         rows = self.table.rows
         if rows and watermark > self.watermark:
             low_pane, high_pane = min(rows), max(rows)
@@ -458,14 +463,13 @@ class PaneWindows:
                 if saturating_add(start, self.size) > self.watermark:
                     batch = self._on_time(start)
                     if batch is not None:
-                        out.append(batch)
+                        yield batch
                 if start > MAX_TIME - self.slide:
                     break
                 start += self.slide
         self.watermark = max(self.watermark, watermark)
         for p in [p for p in rows if saturating_add(self.last_end(p), self.lateness) <= self.watermark]:
             self.table.drop(p)
-        return out
 
     def early(self) -> list[Batch]:
         """The changed keys of every window still open, as early panes."""
@@ -876,7 +880,8 @@ class WindowAggregate(Operator):
         return self.state.early()
 
     def on_watermark(self, watermark: int) -> Output:
-        return self.state.fire(watermark)
+        state = self.state
+        return state.fire_each(watermark) if isinstance(state, PaneWindows) else state.fire(watermark)
 
     def snapshot(self) -> Any:
         state = self.state

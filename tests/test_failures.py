@@ -41,6 +41,27 @@ def test_an_operator_that_raises_fails_the_job_naming_it():
     assert "in explode_on_third" in message  # the worker's own traceback
 
 
+def halves_then_raises(batch):
+    yield batch.slice(0, 10)
+    raise ValueError("bad second half")
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_an_operator_whose_output_generator_raises_is_named(chain):
+    """Output may be a generator (made a batch at a time): what it raises names its operator."""
+    p, s = numbers()
+    s.flat_map("split", halves_then_raises, chain=chain).collect("out")
+    with pytest.raises(OperatorError, match=r"(?s)operator 'split' instance 0 failed: ValueError: bad second half"):
+        p.run()
+
+
+def test_output_that_is_not_batches_is_an_error_naming_the_operator():
+    p, s = numbers()
+    s.flat_map("odd", lambda b: [b, 42]).collect("out")
+    with pytest.raises(OperatorError, match=r"operator 'odd' returned list: return a Batch, a mapping of columns"):
+        p.run()
+
+
 def test_a_source_that_raises_fails_the_job_naming_it():
     p = Pipeline(channel_capacity=1 << 20)
 
