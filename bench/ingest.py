@@ -128,13 +128,17 @@ def check(engine: str, got: Result, want: Result) -> None:
 
 
 def run_mpstream(fmt: str, source: str, out: str, parallelism: int) -> None:
+    ingest_job(fmt, source, out, parallelism).run()
+
+
+def ingest_job(fmt: str, source: str, out: str, parallelism: int) -> Pipeline:
     p = Pipeline()
     read = p.from_csv if fmt == "csv" else p.from_parquet
     (read("read", source, parallelism=parallelism)
      .filter("filter", lambda b: b["price"] >= MIN_PRICE)
      .key_by("key").aggregate("agg", {"qty": "sum", "price": "sum", "*": "count"}, salt=SALT, parallelism=parallelism)
      .to_parquet("write", out))
-    p.run()
+    return p
 
 
 SQL = ("SELECT key, sum(qty) AS qty_sum, sum(price) AS price_sum, count(*) AS count FROM {read} "

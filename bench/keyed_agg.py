@@ -28,6 +28,7 @@ from transport import machine_line, quick_option
 
 from mpstream import Batch, StringColumn
 from mpstream.pipeline import Pipeline
+from mpstream.result import JobResult
 
 KEYS = 100_000
 BATCH = 65_536
@@ -66,12 +67,20 @@ def run_mp_pool(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nd
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
-def run_mpstream(keys: np.ndarray, values: np.ndarray, salt: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def mpstream_job(keys: np.ndarray, values: np.ndarray, salt: int) -> Pipeline:
     p = Pipeline()
     (p.from_arrays("src", {"key": keys, "value": values}, parallelism=2, batch_size=BATCH)
       .key_by("key").aggregate("agg", {"value": "sum", "*": "count"}, parallelism=2, salt=salt)
       .collect("out"))
-    result = p.run()
+    return p
+
+
+def run_mpstream(keys: np.ndarray, values: np.ndarray, salt: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    return mpstream_sums(mpstream_job(keys, values, salt).run(), salt)
+
+
+def mpstream_sums(result: JobResult, salt: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The sums and counts per key of a job's result, and the rows into its first stage."""
     out = result["out"]
     sums, counts = np.zeros(KEYS), np.zeros(KEYS, np.int64)
     sums[out["key"]] = out["value_sum"]
@@ -123,13 +132,17 @@ def parse_urls(batch: Batch) -> dict:
     return {"host_len": np.fromiter((len(h) for h in hosts), np.int64, len(hosts))}
 
 
-def cpu_map(rows: int, parallelism: int) -> float:
+def cpu_map_job(rows: int, parallelism: int) -> Pipeline:
     urls = StringColumn.from_strings(URL_HOSTS[np.arange(rows) % len(URL_HOSTS)])
     p = Pipeline()
     (p.from_arrays("src", {"url": urls}, parallelism=parallelism, batch_size=4096)
       .map("parse", parse_urls, parallelism=parallelism)
       .to_callback("sink", lambda b: None))
-    return timed(p.run)[0]
+    return p
+
+
+def cpu_map(rows: int, parallelism: int) -> float:
+    return timed(cpu_map_job(rows, parallelism).run)[0]
 
 
 def main() -> None:

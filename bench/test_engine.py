@@ -1,11 +1,14 @@
-"""pytest-benchmark suite for the engine (run: python -m pytest bench/).
+"""pytest-benchmark suite for the engine (run: python -m pytest bench/), through mpstream's
+pytest plugin (the ``mpstream_benchmark`` fixture: a fresh pipeline per round, the job's
+figures in ``extra_info``).
 
 Each mpstream figure has its baseline in the same process: keyed aggregation against numpy's
 bincount over the same events, and the CPU-heavy map at parallelism 2 against parallelism 1.
 """
 
+import numpy as np
 import pytest
-from keyed_agg import cpu_map, events, run_mpstream, run_numpy
+from keyed_agg import cpu_map_job, events, mpstream_job, mpstream_sums, run_numpy
 
 N = 2_000_000
 
@@ -15,17 +18,22 @@ def data(request):
     return request.param, events(N, request.param)
 
 
-@pytest.mark.parametrize("impl", ["numpy", "mpstream_hash", "mpstream_salted"])
-def test_keyed_aggregation(benchmark, data, impl):
+def test_keyed_aggregation_numpy(benchmark, data):
     dist, (keys, values) = data
-    run = {"numpy": lambda: run_numpy(keys, values),
-           "mpstream_hash": lambda: run_mpstream(keys, values, 0),
-           "mpstream_salted": lambda: run_mpstream(keys, values, 8)}[impl]
-    out = benchmark.pedantic(run, rounds=3)
-    benchmark.extra_info["events_per_s"] = N / benchmark.stats.stats.min
+    out = benchmark(run_numpy, keys, values)
+    if benchmark.stats:  # None with --benchmark-disable
+        benchmark.extra_info["events_per_s"] = N / benchmark.stats.stats.min
     assert int(out[1].sum()) == N
 
 
+@pytest.mark.parametrize("salt", [0, 8], ids=["mpstream_hash", "mpstream_salted"])
+def test_keyed_aggregation_mpstream(mpstream_benchmark, data, salt):
+    dist, (keys, values) = data
+    sums, counts, _ = mpstream_sums(mpstream_benchmark(lambda: mpstream_job(keys, values, salt)), salt)
+    assert np.array_equal(counts, np.bincount(keys, minlength=len(counts)))
+
+
 @pytest.mark.parametrize("parallelism", [1, 2])
-def test_cpu_heavy_map(benchmark, parallelism):
-    benchmark.pedantic(cpu_map, args=(50_000, parallelism), rounds=3)
+def test_cpu_heavy_map(mpstream_benchmark, parallelism):
+    result = mpstream_benchmark(lambda: cpu_map_job(50_000, parallelism))
+    assert result.per_operator()["parse"]["records_in"] == 50_000

@@ -1,9 +1,10 @@
 """pytest-benchmark suite for windows (run: python -m pytest bench/): each windowed aggregation
-against the non-windowed aggregate over the same events, in the same process (see windows.py;
-every job's rows are checked against numpy once before it is timed)."""
+against the non-windowed aggregate over the same events, in the same process, through the
+``mpstream_benchmark`` fixture of mpstream's pytest plugin (see windows.py; every job's rows
+are checked against numpy once before it is timed)."""
 
 import pytest
-from windows import JOBS, KEYS, events, reference, run_mpstream
+from windows import JOBS, KEYS, check_rows, events, reference, run_mpstream, window_job
 
 N = 2_000_000
 
@@ -14,9 +15,7 @@ def data(request):
 
 
 @pytest.mark.parametrize("job", JOBS)
-def test_windowed_aggregation(benchmark, data, job):
+def test_windowed_aggregation(mpstream_benchmark, data, job):
     want = reference(data, job, KEYS)
     run_mpstream(data, job, 0, want, check=True)
-    benchmark.pedantic(run_mpstream, args=(data, job, 0, want), rounds=3)
-    benchmark.extra_info["events_per_s"] = N / benchmark.stats.stats.min
-    benchmark.extra_info["rows_out"] = want.rows
+    check_rows(mpstream_benchmark(lambda: window_job(data, job, 0, want)), job, want)

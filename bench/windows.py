@@ -41,6 +41,7 @@ from transport import machine_line, quick_option
 from mpstream.batch import Batch
 from mpstream.operators import Operator
 from mpstream.pipeline import Pipeline
+from mpstream.result import JobResult
 from mpstream.windows import Session, Sliding, Tumbling
 
 KEYS = 100_000
@@ -147,6 +148,22 @@ class CheckedSink(Blackhole):
 def run_mpstream(data: dict[str, np.ndarray], job: str, salt: int, want: Expected, check: bool = False) -> float:
     """Seconds the job ran, its rows going to a :class:`Blackhole` (or, with ``check``, to a
     :class:`CheckedSink`); either way they must be as many as numpy's."""
+    p = window_job(data, job, salt, want, check)
+    start = time.perf_counter()
+    result = p.run()
+    seconds = time.perf_counter() - start
+    check_rows(result, job, want)
+    return seconds
+
+
+def check_rows(result: JobResult, job: str, want: Expected) -> None:
+    rows = result.per_operator()["sink"]["rows"]
+    assert rows == want.rows, f"{job}: {rows:,} rows, numpy has {want.rows:,}"
+
+
+def window_job(data: dict[str, np.ndarray], job: str, salt: int, want: Expected, check: bool = False) -> Pipeline:
+    """The job: two sources, the windows (or the aggregate) of ``job``, a :class:`Blackhole`
+    (a :class:`CheckedSink` with ``check``)."""
     n = len(data["ts"])
 
     def chunk(instance: int, offset: int) -> dict[str, np.ndarray] | None:
@@ -162,12 +179,7 @@ def run_mpstream(data: dict[str, np.ndarray], job: str, salt: int, want: Expecte
     else:
         out = keyed.window(assigner(job)).aggregate("agg", spec, parallelism=2, salt=salt)
     out.process("sink", (lambda: CheckedSink(want, job)) if check else Blackhole)
-    start = time.perf_counter()
-    result = p.run()
-    seconds = time.perf_counter() - start
-    rows = result.per_operator()["sink"]["rows"]
-    assert rows == want.rows, f"{job}: {rows:,} rows, numpy has {want.rows:,}"
-    return seconds
+    return p
 
 
 def reference(data: dict[str, np.ndarray], job: str, keys: int) -> Expected:
