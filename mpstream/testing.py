@@ -210,7 +210,17 @@ class RandomKiller:
 # ---- leaks ------------------------------------------------------------------------------------
 
 def _segments() -> set[str]:
-    return {e for e in os.listdir(SHM_DIR) if e.startswith(SEGMENT_PREFIX)}
+    """mpstream's segments, except those of another running job: a segment is named after the
+    pid of the coordinator that made it, and one of a live process outside this process tree
+    (another user's job beside a test suite) is not this process's to answer for."""
+    me = psutil.Process()
+    ours = {me.pid, *(p.pid for p in me.children(recursive=True))}
+
+    def foreign(entry: str) -> bool:
+        pid = entry[len(SEGMENT_PREFIX):].split(".", 1)[0]
+        return pid.isdigit() and int(pid) not in ours and psutil.pid_exists(int(pid))
+
+    return {e for e in os.listdir(SHM_DIR) if e.startswith(SEGMENT_PREFIX) and not foreign(e)}
 
 
 def _temp_dirs() -> set[str]:

@@ -185,3 +185,21 @@ def test_drop_policy_sheds_load_and_counts_every_dropped_record():
     stats = result.per_operator()
     assert result.dropped["metrics"] > 0  # counted where the drop happens: at the writer
     assert stats["slow"]["records_in"] + result.dropped["metrics"] == 2000 * 1000
+
+
+def test_the_leak_check_ignores_segments_of_another_live_job_but_not_orphans():
+    """A segment is named after its coordinator's pid: one of a live process outside this
+    process tree (pid 1 here) is another job's; one of a dead process is an orphan."""
+    from mpstream import testing
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    foreign, orphan = f"{SHM}/mps.1.leaktest.x", f"{SHM}/mps.{dead.pid}.leaktest.x"
+    before = testing._segments()
+    try:
+        for path in (foreign, orphan):
+            open(path, "w").close()
+        assert testing.leaks(before, wait_s=0).segments == [os.path.basename(orphan)]
+    finally:
+        for path in (foreign, orphan):
+            os.remove(path)
