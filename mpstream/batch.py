@@ -391,9 +391,28 @@ class Batch(Mapping[str, Column]):
         """An owned deep copy: safe to keep after the record it was read from is released."""
         return Batch._trusted({name: col.copy() for name, col in self._columns.items()}, self._num_rows, self._schema)
 
+    def read_only(self) -> Batch:
+        """Read-only views of the columns (no copy): what an operator gets, through a ring or
+        chained, so changing its input in place is an error, not a change others see."""
+        return Batch._trusted({name: _read_only(col) for name, col in self._columns.items()}, self._num_rows,
+                              self._schema)
+
     def __repr__(self) -> str:
         cols = ", ".join(f"{name}: {dtype}" for name, dtype in self.schema)
         return f"Batch({self._num_rows} rows; {cols})"
+
+
+def _view(array: np.ndarray) -> np.ndarray:
+    view = array.view(np.ndarray)
+    view.flags.writeable = False
+    return view
+
+
+def _read_only(col: Column) -> Column:
+    if isinstance(col, StringColumn):
+        return StringColumn(_view(col.offsets), _view(col.data), None if col.mask is None else _view(col.mask))
+    mask = null_mask(col)
+    return _view(col) if mask is None else np.ma.MaskedArray(_view(np.ma.getdata(col)), mask=_view(mask), copy=False)
 
 
 def _buffers(col: Column) -> tuple[np.ndarray, ...]:

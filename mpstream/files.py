@@ -1,12 +1,13 @@
 """Files: sources of Parquet, CSV, JSON lines and Arrow IPC files through pyarrow (the ``arrow``
-extra), and the writers of the file sinks (CSV through Python's csv module, Parquet and Arrow
-IPC through pyarrow).
+extra), and the writers of the file sinks (CSV by mpstream itself, Parquet and Arrow IPC
+through pyarrow).
 
 A source reads one path, a directory (its files, recursively, in name order, skipping names
 that start with ``.`` or ``_``) or a glob. Its files are cut into **units**: a Parquet row
 group, an Arrow IPC record batch, a byte range of a CSV or JSON-lines file (ranges of about a
-quarter of a file's share per instance, at least 1 MiB, cut at record boundaries: a range owns
-the records that start in it). Instance i of p reads units i, i + p, i + 2p, ... of the sorted
+quarter of a file's share per instance, at least 1 MiB, cut at line ends: a range owns the
+records that start in it). A CSV file with ``newlines_in_values`` is one unit: only a parse
+from its start knows which line ends are inside quotes. Instance i of p reads units i, i + p, i + 2p, ... of the sorted
 list, so parallelism 2 reads every byte once; each unit is read as a stream of batches, so
 memory holds a few batches whatever the file size (files are memory-mapped). The position
 (unit, rows read in it) is the source's snapshot: a restore reads the unit again from its
@@ -103,18 +104,27 @@ class FileSource(Source):
         import pyarrow.ipc  # noqa: F401
         import pyarrow.json  # noqa: F401
         self.files = list_files(self.path)
+        self._planned = self._signature(self.files)
         try:
             self.arrow_schema = self._schema()
         except SourceError:
             self.arrow_schema = None
         return self
 
+    def _signature(self, files: list[str]) -> tuple[Any, ...]:
+        """What the planned schema stands on: the files, and the first one's size and time."""
+        stat = os.stat(files[0])
+        return tuple(files), stat.st_size, stat.st_mtime_ns
+
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         if self.pa is None:
             self.plan()
+        files = list_files(self.path)  # again: a job (or a run of it) may start long after its plan
+        if self._signature(files) != self._planned:
+            self.files, self.arrow_schema = files, None
         if self.arrow_schema is None:
-            self.arrow_schema = self._schema()  # raises what plan() met
+            self.arrow_schema = self._schema()  # raises what plan() met, if anything
         units = [unit for path in self.files for unit in self._units(path)]
         self.units = units[ctx.instance :: ctx.parallelism]
         self.unit, self.rows = 0, 0  # the position: units done, rows read of the current one
@@ -129,10 +139,11 @@ class FileSource(Source):
         if self.fmt == "arrow":
             return self._ipc(first).schema
         hints = self._hint_types()
-        if self.fmt == "csv":
+        if self.fmt == "csv":  # pyarrow's streaming reader infers from its first block, cut by its own parser
             names = self._header(first)
-            sample = self._buffer(first, 0, self._boundary(first, SAMPLE))
-            inferred = self._guard(first, 0, lambda: self._csv_reader(sample, first, 0, hints, header=True).read_all())
+            whole = self._buffer(first, 0, os.path.getsize(first))
+            inferred = self._guard(first, 0, lambda: self._csv_reader(whole, first, 0, hints, header=True,
+                                                                      block=SAMPLE))
         else:
             sample = self._buffer(first, 0, self._boundary(first, SAMPLE))
             inferred = self._guard(first, 0, lambda: pa.json.read_json(
@@ -159,7 +170,7 @@ class FileSource(Source):
                 try:
                     out[column] = pa.from_numpy_dtype(np.dtype(typ))
                 except (TypeError, pa.ArrowNotImplementedError):
-                    raise SourceError(f"source {self.ctx.name!r}: schema type {typ!r} of column {column!r} is "
+                    raise SourceError(f"schema type {typ!r} of column {column!r} is "
                                       f"not one of 'int64', 'float64', 'bool', 'str', a numpy dtype or a "
                                       f"pyarrow type") from None
         return out
@@ -180,6 +191,8 @@ class FileSource(Source):
                 self._differs(path, self._header(path))
             start = self._boundary(path, 0, header=True)
         share = max(MIN_RANGE, (size - start) // max(1, 4 * self.ctx.parallelism))
+        if self.fmt == "csv" and self.newlines_in_values:  # one unit: see _boundary
+            share = size
         cuts = [start] + [self._boundary(path, at) for at in range(start + share, size, share)] + [size]
         cuts = sorted(set(cuts))
         return [Unit(path, i, a, b) for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
@@ -228,7 +241,7 @@ class FileSource(Source):
         return mapped.read_buffer(stop - start)
 
     def _header(self, path: str) -> list[str]:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a byte order mark is not the first name
             line = f.readline()
         if not line.strip():
             raise SourceError(f"{path}: empty CSV file (a header row is required)")
@@ -241,32 +254,25 @@ class FileSource(Source):
 
     def _boundary(self, path: str, at: int, header: bool = False) -> int:
         """The first record start at or after byte ``at`` (the end of the header line with
-        ``header``): just past a line end. With ``newlines_in_values`` (CSV), line ends inside
-        quotes do not count (quotes are counted from the file's start)."""
+        ``header``): just past a line end. (Not for CSV with ``newlines_in_values``, whose
+        files are not cut: only a parse from the start knows which line ends are in quotes.)"""
         size = os.path.getsize(path)
         if at >= size or (at <= 0 and not header):
             return min(max(at, 0), size)
         data = np.memmap(path, np.uint8, "r")
         position = 0 if header else at - 1  # a record starts right after a line end
-        quoted = int(np.count_nonzero(data[:position] == ord('"'))) % 2 if self.newlines_in_values else 0
         while position < size:
-            block = data[position : position + BLOCK]
-            ends = np.flatnonzero(block == ord("\n"))
-            if self.newlines_in_values:
-                quotes = np.flatnonzero(block == ord('"'))
-                outside = ends[(np.searchsorted(quotes, ends) + quoted) % 2 == 0]
-                if len(outside):
-                    return position + int(outside[0]) + 1
-                quoted = (len(quotes) + quoted) % 2
-            elif len(ends):
+            ends = np.flatnonzero(data[position : position + BLOCK] == ord("\n"))
+            if len(ends):
                 return position + int(ends[0]) + 1
             position += BLOCK
         return size
 
-    def _csv_reader(self, buffer: Any, path: str, start: int, types: dict[str, Any], header: bool = False) -> Any:
+    def _csv_reader(self, buffer: Any, path: str, start: int, types: dict[str, Any], header: bool = False,
+                    block: int = BLOCK) -> Any:
         """A streaming reader of CSV bytes (a range: the columns are the schema's)."""
         csv = self.pa.csv
-        read = csv.ReadOptions(use_threads=False, block_size=BLOCK,
+        read = csv.ReadOptions(use_threads=False, block_size=block,
                                column_names=None if header else self.arrow_schema.names)
         parse = csv.ParseOptions(delimiter=self.delimiter, newlines_in_values=self.newlines_in_values)
         convert = csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
@@ -363,8 +369,10 @@ class FileWriter:
 
 
 class CsvWriter(FileWriter):
-    """CSV through Python's csv module (no extra needed): a header row, then one row per
-    record; a null is an empty field."""
+    """CSV (RFC 4180, no extra needed): a header row, then one row per record. A null is an
+    empty field and an empty string is ``""``, so the CSV sources read back what was written;
+    a field with a comma, a quote or a line end is quoted (quotes doubled). Python's csv module
+    cannot tell the two apart before Python 3.12 (``QUOTE_NOTNULL``)."""
 
     def __init__(self, path: str, file: Any = None) -> None:
         super().__init__(path)
@@ -372,10 +380,10 @@ class CsvWriter(FileWriter):
 
     def write(self, batch: Batch) -> None:
         super().write(batch)
-        writer = _csv.writer(self.file)
         if self.file.tell() == 0:
-            writer.writerow(list(batch))
-        writer.writerows(zip(*(c.tolist() for c in batch.to_numpy().values())))
+            self.file.write(",".join(map(_csv_text, batch)) + "\r\n")
+        columns = [_csv_column(c.tolist()) for c in batch.to_numpy().values()]
+        self.file.write("".join(",".join(row) + "\r\n" for row in zip(*columns)))
 
     def durable(self) -> int:
         """Flushes and fsyncs; the file's length."""
@@ -386,6 +394,19 @@ class CsvWriter(FileWriter):
     def close(self) -> None:
         self.durable()
         self.file.close()
+
+
+def _csv_text(text: str) -> str:
+    if not text or '"' in text or "," in text or "\n" in text or "\r" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _csv_column(values: list[Any]) -> list[str]:
+    """A column's CSV fields: None (null) empty, strings quoted as needed, others as str()."""
+    if any(isinstance(v, str) for v in values):
+        return ["" if v is None else _csv_text(v) for v in values]
+    return ["" if v is None else str(v) for v in values]
 
 
 class ArrowWriter(FileWriter):

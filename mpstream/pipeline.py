@@ -452,10 +452,10 @@ class KeyedStream(Stream):
         combiners = []
         updates = emit == "updates"
         delay = combiner_delay_s if updates else math.inf  # final results come at the end: no need to hurry
-        for up in self.upstreams:
+        for up, port in zip(self.upstreams, self.ports):  # a side output's rows (port), not the main ones
             combine_name = f"{name}.combine" if len(self.upstreams) == 1 else f"{name}.combine.{up.name}"
             combiners.append(graph.add(Node(
-                combine_name, up.parallelism, lambda: Combine(key, spec, "rows", delay), [Edge(up.name)],
+                combine_name, up.parallelism, lambda: Combine(key, spec, "rows", delay), [Edge(up.name, port=port)],
                 chained=True)))
         partial = KeyedStream(self.pipeline, combiners, lambda: HashPartitioner(key, salt), key, "salted")
         partial = partial._then(f"{name}.partial", lambda: Combine(key, spec, "partials",

@@ -11,14 +11,19 @@ that was its last when the job started (kept in the snapshot, so a restore ends 
 place). A lost connection is retried with back-off for ``retry_s`` seconds, then the job fails
 with an error naming the server.
 
-Entries become rows: one column per field (str, or the type ``schema`` gives), null where an
-entry lacks the field; ``id_column`` adds each entry's id.
+Entries become rows: one column per field (str, or the type ``schema`` gives; bools read
+true/false/1/0), null where an entry lacks the field (or, for a typed field, has it empty);
+``id_column`` adds each entry's id. The columns are fixed by the first entries read (the
+fields of ``schema`` in its order, then the others by name) and kept in the checkpoint; a
+field that comes later is an error asking to declare it in ``schema``.
 
 **Sink.** Exactly-once by a transaction at checkpoint commit: the rows of an epoch (between
 two barriers) are kept, in memory and in the checkpoint, and when the checkpoint that closes
 the epoch commits they are appended (``XADD``, ids chosen by Redis) in one ``MULTI``/``EXEC``
-that also sets a marker key, ``mpstream:{stream}:{sink}:{instance}``, to the epoch. After a
-restore, an epoch whose marker is already there is not written again. So entries appear once,
+that also sets a marker key, ``mpstream:{stream}:{sink}:{instance}``, to ``{run}:{epoch}`` (a
+run: an id the sink instance draws when the job starts, kept in its checkpoints). After a
+restore, an epoch that the marker says its run wrote is not written again; a new run of the
+job (not resumed) writes everything. So entries appear once,
 one checkpoint interval after they were made. (Ids derived from the position would need every
 instance to write strictly increasing ids into one stream: they cannot.) Without checkpoints,
 each batch is appended as it comes.
@@ -27,7 +32,9 @@ each batch is appended as it comes.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -111,6 +118,7 @@ class RedisStreamSource(Source):
         if self.until == "latest":
             self.end = {s: self._last_id(s) for s in self.mine}
         self.due = 0.0
+        self.columns: list[str] | None = None  # fixed by the first entries read
 
     def _last_id(self, stream: str) -> str:
         last = self.conn.call_until_done(lambda r: r.xrevrange(stream, count=1) or [(b"0-0", {})])
@@ -148,38 +156,50 @@ class RedisStreamSource(Source):
         return self.due or None
 
     def _rows(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> Batch:
-        names = list(dict.fromkeys(k.decode() for _, fields in entries for k in fields))
-        for name in self.schema:
-            if name not in names:
-                names.append(name)
+        fields = {k.decode() for _, entry in entries for k in entry}
+        if self.columns is None:  # fixed by the first entries: the schema's fields, then the others by name
+            self.columns = list(self.schema) + sorted(fields - set(self.schema))
+        unknown = sorted(fields - set(self.columns))
+        if unknown:
+            raise SourceError(f"source {self.ctx.name!r}: Redis entries bring field {unknown[0]!r}, which the first "
+                              f"entries did not have (the columns are {self.columns}); declare every field with "
+                              f"schema=, e.g. schema={{{unknown[0]!r}: 'str'}}")
         columns: dict[str, Any] = {}
-        for name in names:
+        for name in self.columns:
             key = name.encode()
-            raw = [fields.get(key) for _, fields in entries]
-            missing = np.fromiter((v is None for v in raw), bool, len(raw))
-            text = [b"" if v is None else v for v in raw]
-            columns[name] = self._typed(name, text, missing)
+            columns[name] = self._typed(name, [entry.get(key) for _, entry in entries])
         if self.id_column is not None:
             columns[self.id_column] = np.array([entry_id for entry_id, _ in entries])
         return Batch(columns)
 
-    def _typed(self, name: str, raw: list[bytes], missing: np.ndarray) -> Any:
+    def _typed(self, name: str, raw: list[bytes | None]) -> Any:
+        """A field's values as its column: str (a missing field is null), or the schema's type
+        (an empty value is null too, as in CSV)."""
         typ = self.schema.get(name, "str")
         if typ in ("str", "string", "utf8"):
-            column = StringColumn.from_strings([v.decode() for v in raw])
+            missing = np.fromiter((v is None for v in raw), bool, len(raw))
+            column = StringColumn.from_strings(["" if v is None else v.decode() for v in raw])
             return StringColumn(column.offsets, column.data, missing) if missing.any() else column
+        missing = np.fromiter((not v for v in raw), bool, len(raw))
+        text = [v if v else b"0" for v in raw]
+        dtype = np.dtype(typ)
         try:
-            values = np.array([v if v else b"0" for v in raw]).astype(np.dtype(typ))
-        except (ValueError, TypeError) as exc:
+            if dtype == np.bool_:
+                words = {b"true": True, b"1": True, b"false": False, b"0": False}
+                values = np.array([words[v.lower()] for v in text], bool)
+            else:
+                values = np.array(text).astype(dtype)
+        except (ValueError, TypeError, KeyError) as exc:
             raise SourceError(f"source {self.ctx.name!r}: field {name!r} of a Redis entry does not read as {typ} "
-                              f"({exc}); fix the schema= given") from None
+                              f"({exc!r}); fix the schema= given") from None
         return np.ma.MaskedArray(values, mask=missing) if missing.any() else values
 
     def snapshot(self) -> Any:
-        return {"position": dict(self.position), "end": self.end}
+        return {"position": dict(self.position), "end": self.end, "columns": self.columns}
 
     def restore(self, states: list[Any]) -> None:
         for state in states:  # after a rescale, this instance's streams may come from several
+            self.columns = self.columns or state["columns"]
             self.position.update({s: p for s, p in state["position"].items() if s in self.position})
             if state["end"] is not None and self.end is not None:
                 self.end.update({s: e for s, e in state["end"].items() if s in self.position})
@@ -206,9 +226,10 @@ class RedisStreamSink(Operator):
         super().open(ctx)
         self.conn = _Connection(self.url, self.retry_s, f"sink {ctx.name!r}")
         self.marker = f"mpstream:{self.stream}:{ctx.name}:{ctx.instance}"
+        self.run = uuid.uuid4().hex  # epochs count again in every run: the marker names its run
         self.epoch = 0
         self.rows: list[Batch] = []  # this epoch's
-        self.sealed: list[tuple[int, int, list[Batch]]] = []  # (epoch, the checkpoint that sealed it, rows)
+        self.sealed: list[SealedEpoch] = []
 
     def process(self, batch: Batch) -> Output:
         if not self.ctx.checkpointing:
@@ -217,21 +238,25 @@ class RedisStreamSink(Operator):
             self.rows.append(batch.copy())
         return None
 
-    def _append(self, batches: list[Batch], epoch: int | None, marker: str | None = None) -> None:
-        """One transaction: the rows, and the epoch's marker (skipped when it is there already)."""
+    def _append(self, batches: list[Batch], epoch: int | None, marker: str | None = None,
+                run: str | None = None) -> None:
+        """One transaction: the rows, and the marker "{run}:{epoch}" (skipped when the marker
+        says this run wrote this epoch already)."""
         entries = [entry for b in batches for entry in _entries(b)]
-        marker = marker or self.marker
+        marker, run = marker or self.marker, run or self.run
 
         def write(client: Any) -> bool:
             if epoch is not None:
                 done = client.get(marker)
-                if done is not None and int(done) >= epoch:
-                    return True  # written before a restore
+                if done is not None:
+                    done_run, done_epoch = done.decode().rsplit(":", 1)
+                    if done_run == run and int(done_epoch) >= epoch:
+                        return True  # written before a restore
             with client.pipeline(transaction=True) as tx:
                 for fields in entries:
                     tx.xadd(self.stream, fields)
                 if epoch is not None:
-                    tx.set(marker, epoch)
+                    tx.set(marker, f"{run}:{epoch}")
                 tx.execute()
             return True
 
@@ -239,27 +264,36 @@ class RedisStreamSink(Operator):
 
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
         if self.rows:
-            self.sealed.append((self.epoch, checkpoint_id, self.rows))
+            self.sealed.append(SealedEpoch(self.epoch, checkpoint_id, self.rows))
         self.rows, self.epoch = [], checkpoint_id
         return None
 
     def snapshot(self) -> Any:
-        return {"sealed": list(self.sealed), "epoch": self.epoch, "marker": self.marker}
+        return {"sealed": list(self.sealed), "epoch": self.epoch, "marker": self.marker, "run": self.run}
 
     def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
-        for entry in [s for s in self.sealed if s[1] <= checkpoint_id]:
-            self._append(entry[2], entry[0] + 1)  # marker: epochs written, counted from 1
-            self.sealed.remove(entry)
+        for sealed in [s for s in self.sealed if s.checkpoint <= checkpoint_id]:
+            self._append(sealed.rows, sealed.epoch + 1)  # marker: epochs written, counted from 1
+            self.sealed.remove(sealed)
 
     def restore(self, states: list[Any]) -> None:
         for state in states:  # after a rescale, every old instance's: written by instance 0
             if not self.ctx.rescaled or self.ctx.instance == 0:
-                for epoch, _, rows in state["sealed"]:  # committed: written unless the marker says so
-                    self._append(rows, epoch + 1, state["marker"])
+                for sealed in state["sealed"]:  # committed: written unless its run's marker says so
+                    self._append(sealed.rows, sealed.epoch + 1, state["marker"], state["run"])
             self.epoch = max(self.epoch, state["epoch"])
 
     def close(self) -> Output:
         return None
+
+
+@dataclass
+class SealedEpoch:
+    """The rows of one epoch of a sink instance, sealed by a checkpoint: written when it commits."""
+
+    epoch: int
+    checkpoint: int
+    rows: list[Batch]
 
 
 def _entries(batch: Batch) -> list[dict[str, Any]]:

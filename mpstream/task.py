@@ -85,12 +85,6 @@ class _OperatorRaised(Exception):
         self.name, self.instance = name, instance
 
 
-def _batches(out: Output, name: str) -> list[Batch]:
-    """An operator's output as batches: a Batch, a mapping of columns, or an iterable of those."""
-    items = _items(out, name)
-    return list(iter(lambda: _next_batch(items, out, name), None))
-
-
 def _items(out: Output, name: str) -> Iterator[Any]:
     """An iterator over an operator's output (a Batch or a mapping of columns is one item)."""
     try:
@@ -99,12 +93,15 @@ def _items(out: Output, name: str) -> Iterator[Any]:
         raise _bad_output(out, name, exc) from exc
 
 
+_END = object()  # the end of an operator's output (None is an item: an error)
+
+
 def _next_batch(items: Iterator[Any], out: Output, name: str) -> Batch | None:
     """The next batch of an operator's output (an iterator's items are made when asked for:
     a generator's rows need not all be in memory at once), None after the last."""
-    item = next(items, None)
-    if item is None or isinstance(item, Batch):
-        return item
+    item = next(items, _END)
+    if item is _END or isinstance(item, Batch):
+        return None if item is _END else item
     try:
         return Batch(item)
     except (TypeError, ValueError, AttributeError) as exc:
@@ -146,6 +143,12 @@ class ChainedOperator:
         except Exception as exc:
             raise _OperatorRaised(self.name, self.instance) from exc
 
+    def batches(self, out: Output) -> Iterator[Batch]:
+        """This operator's output (a Batch, a mapping of columns, or an iterable of those) as
+        batches, each made when asked for; what its code raises meanwhile names it."""
+        items = self.call(_items, out, self.name)
+        return iter(lambda: self.call(_next_batch, items, out, self.name), None)
+
     def process(self, batch: Batch) -> None:
         self.stats.records_in += batch.num_rows
         self.stats.batches_in += 1
@@ -156,8 +159,7 @@ class ChainedOperator:
         read the port, to its channels, and for a collect sink to the coordinator."""
         if out is None:
             return
-        items = self.call(_items, out, self.name)
-        for batch in iter(lambda: self.call(_next_batch, items, out, self.name), None):
+        for batch in self.batches(out):
             if batch.num_rows == 0 and port in self._announced:
                 continue
             if self.task.outputs_closed:
@@ -170,8 +172,8 @@ class ChainedOperator:
             if self.collect:
                 self.task.send(msg.Collected(self.name, batch, self.task.epoch))  # pickling copies it off the ring
             for successor, wanted in self.next:
-                if wanted == port:
-                    successor.process(batch)
+                if wanted == port:  # read-only, as through a ring: its input is not its own
+                    successor.process(batch.read_only())
             for output in self.outputs:
                 if output.port == port:
                     output.write(batch)
@@ -467,16 +469,17 @@ class Task:
                 if isinstance(raised.__cause__, StopIteration):
                     break
                 raise
-            batches = [] if out is None else head.call(_batches, out, head.name)
-            for batch in batches:
+            produced = False
+            for batch in () if out is None else head.batches(out):  # a generator's: made as they go on
                 head.stats.records_in += batch.num_rows
                 head.stats.batches_in += 1
-            if batches:
                 if generator is not None and generator.idle:
                     self._watermarks_after([])  # active again before its rows
-                head.emit(batches)
+                head.emit(batch)
                 if generator is not None:
-                    self._watermarks_after(batches)
+                    self._watermarks_after([batch])
+                produced = True
+            if produced:
                 backoff = 0.001
                 if time.monotonic() - reported > PROGRESS_INTERVAL_S:
                     self.send(msg.Progress(head.stats.records_in))

@@ -203,3 +203,10 @@ def test_the_leak_check_ignores_segments_of_another_live_job_but_not_orphans():
     finally:
         for path in (foreign, orphan):
             os.remove(path)
+
+
+def test_a_none_among_an_operators_output_is_an_error_not_the_end():
+    p, s = numbers()
+    s.flat_map("split", lambda b: [b.slice(0, 5), None, b.slice(5, 10)]).collect("out")
+    with pytest.raises(OperatorError, match="operator 'split' returned list: return a Batch"):
+        p.run()

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from mpstream import StringColumn
 from mpstream.aggregate import Combiner
 from mpstream.operators import Operator
+from mpstream.errors import OperatorError
 from mpstream.pipeline import Pipeline
+from mpstream.sources import Source
 
 WORDS = np.array(["", "a", "ß", "hot.example.com", "x.org", "日本"])
 FAST = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -295,3 +297,44 @@ def test_chained_operators_share_a_process_unless_told_not_to():
     assert sorted(result["out"]["k"].tolist()) == list(range(8)) and result["out"]["v_sum"].tolist() == [1.0] * 8
     tasks = {s.task for s in result.operators}
     assert len(tasks) == 2 + 2 + 3 + 2 + 2  # a process per task: src, own, wider, agg (with tail), out
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_an_operator_changing_its_input_in_place_fails_chained_or_not(chain):
+    """Input is read-only, through a ring or chained: a map that doubles its input in place
+    fails, and the other reader of the same output (collect) sees the source's rows."""
+    def double_in_place(batch):
+        batch["x"][:] *= 2
+        return batch
+
+    p = Pipeline()
+    src = p.from_arrays("src", {"x": np.arange(10)})
+    src.map("double", double_in_place, chain=chain).collect("doubled")
+    src.collect("raw")
+    with pytest.raises(OperatorError, match="operator 'double' instance 0 failed: ValueError: .*read-only"):
+        p.run()
+
+
+def test_a_source_generators_batches_are_sent_as_they_are_made():
+    """A source whose poll yields the same buffer refilled: each batch goes on before the next
+    is made (as an operator's output does)."""
+    class Refilling(Source):
+        def open(self, ctx):
+            super().open(ctx)
+            self.done = False
+
+        def poll(self):
+            if self.done:
+                raise StopIteration
+            self.done = True
+            return self.refill()
+
+        def refill(self):
+            buffer = np.zeros(5, np.int64)
+            for i in range(3):
+                buffer[:] = np.arange(5) + 5 * i
+                yield {"x": buffer}
+
+    p = Pipeline()
+    p.source("src", Refilling).collect("out")
+    assert sorted(p.run()["out"]["x"].tolist()) == list(range(15))

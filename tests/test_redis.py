@@ -12,7 +12,7 @@ import pytest
 
 from conftest import wait_until
 
-from mpstream import Pipeline
+from mpstream import OperatorError, Pipeline
 from mpstream.checkpoint import CheckpointStore
 from mpstream.testing import Once, kill_me
 
@@ -223,3 +223,40 @@ def test_the_readme_ingestion_example_reads_redis_as_it_reads_files(server, tmp_
     exec(readme_block(heading, 1).replace("redis://localhost:6379/0", server.url), scope)
     assert per_customer_files(tmp_path / "per_customer_redis") == per_customer_files(tmp_path / "per_customer")
     assert per_customer_files(tmp_path / "per_customer_redis") == PER_CUSTOMER
+
+
+def test_a_second_run_of_the_same_job_writes_its_rows_too(server, tmp_path):
+    """Epochs count again in every run: the marker of the first run must not make the second
+    (fresh, not resumed) skip its epochs, with the same checkpoint directory or another."""
+    client = redis.Redis.from_url(server.url)
+    for run, chk in enumerate([tmp_path / "a", tmp_path / "a", tmp_path / "b"]):
+        p = Pipeline()
+        p.from_generator("src", lambda i, offset: {"id": np.arange(100) + 100 * offset} if offset < 10 else None) \
+            .to_redis("sink", server.url, "out")
+        p.run(checkpoint_dir=str(chk), checkpoint_interval=0.01)
+        assert client.xlen("out") == 1000 * (run + 1)
+
+
+def test_typed_fields_read_as_their_type_and_an_empty_one_is_null(server):
+    client = redis.Redis.from_url(server.url)
+    for flag, n in (("True", "1"), ("false", ""), ("0", "3"), ("1", "4")):
+        client.xadd("typed", {"flag": flag, "n": n})
+    p = Pipeline()
+    p.from_redis("src", server.url, "typed", until="latest", schema={"flag": "bool", "n": "int64"}).collect("out")
+    out = p.run()["out"]
+    assert out["flag"].tolist() == [True, False, False, True] and out["n"].tolist() == [1, None, 3, 4]
+
+
+def test_a_field_the_first_entries_did_not_have_is_an_error_asking_to_declare_it(server):
+    client = redis.Redis.from_url(server.url)
+    client.xadd("drift", {"a": "1"})
+    client.xadd("drift", {"a": "2", "b": "x"})
+    p = Pipeline()
+    p.from_redis("src", server.url, "drift", until="latest", batch_size=1).collect("out")
+    with pytest.raises(OperatorError, match=r"Redis entries bring field 'b', which the first entries did not have .*"
+                                            r"declare every field with schema="):
+        p.run()
+    q = Pipeline()
+    q.from_redis("src", server.url, "drift", until="latest", batch_size=1, schema={"b": "str"}).collect("out")
+    out = q.run()["out"]
+    assert [name for name, _ in out.schema] == ["b", "a"] and list(out["b"]) == [None, "x"]

@@ -459,3 +459,18 @@ def test_the_readme_event_time_example_gives_its_table():
     assert got == [(1, 0, 60000, 30, 2, "on_time"), (2, 60000, 120000, 30, 1, "on_time"),
                    (1, 60000, 120000, 60, 1, "late"), (1, 120000, 180000, 40, 1, "on_time")]
     assert late["user"].tolist() == [2] and late["ts"].tolist() == [2000]
+
+
+@pytest.mark.parametrize("salt", [0, 2])
+def test_a_salted_aggregate_of_the_late_side_output_counts_the_late_rows(salt):
+    """Rows at 200, 300 and 400 come after the watermark passed their window's end (1000):
+    late rows of key 1: one, of key 2: two (by hand). Salted, the combiner reads the side
+    output too, not the windows."""
+    p = Pipeline()
+    src = p.from_arrays("src", {"k": np.array([1, 1, 2, 1, 2, 2]), "ts": np.array([100, 5000, 200, 300, 9000, 400])},
+                        batch_size=1).with_event_time("ts")
+    windows = src.key_by("k").window(Tumbling(1000)).aggregate("win", {"*": "count"})
+    windows.collect("windows")
+    windows.late.key_by("k").aggregate("late_count", {"*": "count"}, salt=salt).collect("late_counts")
+    counts = p.run()["late_counts"]
+    assert sorted(zip(counts["k"].tolist(), counts["count"].tolist())) == [(1, 1), (2, 2)]
