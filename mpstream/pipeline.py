@@ -333,13 +333,16 @@ class Stream:
 
     # ---- sinks --------------------------------------------------------------------------------
 
-    def collect(self, name: str, *, parallelism: int | None = None) -> None:
+    # A sink after a forward edge of equal parallelism runs chained in its upstream's process
+    # (as a map does); chain=False gives it a process of its own.
+
+    def collect(self, name: str, *, parallelism: int | None = None, chain: bool = True) -> None:
         """Returns every batch to the caller: ``pipeline.run()[name]`` is their concatenation."""
-        self._then(name, sinks.Collect, parallelism, collect=True)
+        self._then(name, sinks.Collect, parallelism, collect=True, chain=chain)
 
     def to_files(self, name: str, directory: str, fmt: str = "csv", *, transactional: bool = False,
                  max_bytes: int | None = None, partition_by: str | None = None,
-                 parallelism: int | None = None) -> None:
+                 parallelism: int | None = None, chain: bool = True) -> None:
         """Files in ``directory``. Plain (``fmt`` "csv" or "npz"): one file per instance,
         ``{name}-{instance}.csv`` or ``.npz``; a plain CSV sink resumes its file after a
         restore (each row once), npz files cannot be resumed and are refused in jobs with
@@ -359,35 +362,37 @@ class Stream:
         if transactional:
             if fmt == "npz":
                 raise PlanError(f"operator {name!r}: transactional files are CSV, Parquet or Arrow, got fmt='npz'")
-            self._then(name, lambda: sinks.TransactionalFileSink(directory, fmt, max_bytes, partition_by), parallelism)
+            self._then(name, lambda: sinks.TransactionalFileSink(directory, fmt, max_bytes, partition_by), parallelism,
+                       chain=chain)
         else:
             if max_bytes is not None or partition_by is not None:
                 raise PlanError(f"operator {name!r}: max_bytes and partition_by are for transactional files "
                                 f"(transactional=True)")
-            self._then(name, lambda: sinks.FileSink(directory, fmt), parallelism)
+            self._then(name, lambda: sinks.FileSink(directory, fmt), parallelism, chain=chain)
 
     def to_parquet(self, name: str, directory: str, *, max_bytes: int | None = None, partition_by: str | None = None,
-                   parallelism: int | None = None) -> None:
+                   parallelism: int | None = None, chain: bool = True) -> None:
         """Exactly-once Parquet files (``to_files(..., "parquet")``; needs pyarrow)."""
         self.to_files(name, directory, "parquet", max_bytes=max_bytes, partition_by=partition_by,
-                      parallelism=parallelism)
+                      parallelism=parallelism, chain=chain)
 
     def to_arrow_ipc(self, name: str, directory: str, *, max_bytes: int | None = None,
-                     partition_by: str | None = None, parallelism: int | None = None) -> None:
+                     partition_by: str | None = None, parallelism: int | None = None, chain: bool = True) -> None:
         """Exactly-once Arrow IPC files (``to_files(..., "arrow")``; needs pyarrow)."""
         self.to_files(name, directory, "arrow", max_bytes=max_bytes, partition_by=partition_by,
-                      parallelism=parallelism)
+                      parallelism=parallelism, chain=chain)
 
     def to_redis(self, name: str, url: str, stream: str, *, parallelism: int | None = None,
-                 retry_s: float = 30.0) -> None:
+                 retry_s: float = 30.0, chain: bool = True) -> None:
         """Appends the rows to a Redis stream, exactly once with checkpoints (a transaction at
         each checkpoint's commit; see :mod:`mpstream.redis_streams`; needs redis-py)."""
         redis_or_error(f"operator {name!r} (Redis streams)")
-        self._then(name, lambda: RedisStreamSink(url, stream, retry_s), parallelism)
+        self._then(name, lambda: RedisStreamSink(url, stream, retry_s), parallelism, chain=chain)
 
-    def to_callback(self, name: str, fn: Callable[[Batch], None], *, parallelism: int | None = None) -> None:
+    def to_callback(self, name: str, fn: Callable[[Batch], None], *, parallelism: int | None = None,
+                    chain: bool = True) -> None:
         """Calls ``fn(batch)`` in the sink's worker process."""
-        self._then(name, lambda: sinks.CallbackSink(fn), parallelism)
+        self._then(name, lambda: sinks.CallbackSink(fn), parallelism, chain=chain)
 
 
 class KeyedStream(Stream):

@@ -84,7 +84,8 @@ def kill_self_on_third(batch):
 def test_a_worker_killed_by_a_signal_is_reported_as_such():
     p, s = numbers()
     s.map("fragile", kill_self_on_third).collect("out")
-    died = r"operator 'src' \(with 'fragile' chained in its process\) instance 0 \(pid \d+\) was killed by SIGKILL"
+    died = (r"operator 'src' \(with 'fragile', 'out' chained in its process\) instance 0 \(pid \d+\) "
+            r"was killed by SIGKILL")
     with pytest.raises(WorkerDiedError, match=died):
         p.run()
 
@@ -100,14 +101,14 @@ HANGING_JOB = textwrap.dedent("""
 
 
 def start_hanging_job():
-    """A coordinator in a subprocess, its 4 workers running (segments already unlinked): "stuck"
-    runs chained in the process of "endless"."""
+    """A coordinator in a subprocess, its 2 workers running (segments already unlinked): "stuck"
+    and "out" run chained in the process of "endless"."""
     coordinator = subprocess.Popen([sys.executable, "-c", HANGING_JOB], stderr=subprocess.PIPE, text=True)
     me = psutil.Process(coordinator.pid)
 
     def running():
         segments = [e for e in os.listdir(SHM) if e.startswith(f"mps.{coordinator.pid}.")]
-        return len(me.children()) == 4 and not segments
+        return len(me.children()) == 2 and not segments
 
     wait_until(running, timeout=60, what="the job's workers to attach")
     return coordinator, [c.pid for c in me.children()]
@@ -144,7 +145,7 @@ def test_memory_stays_flat_when_the_consumer_is_100x_slower():
     p = Pipeline(channel_capacity=1 << 22)
     block = np.arange(1 << 17, dtype=np.float64)  # 1 MiB
     (p.from_generator("fast", lambda i, offset: None if offset >= 300 else {"v": block})
-      .to_callback("slow", slow))
+      .to_callback("slow", slow, chain=False))  # a process of its own: backpressure across a ring
     samples: dict[int, list[int]] = {}
     running = threading.Event()
     running.set()

@@ -282,8 +282,8 @@ def test_an_empty_result_keeps_its_columns_and_dtypes(tmp_path, case, salt):
 
 
 def test_chained_operators_share_a_process_unless_told_not_to():
-    """map, filter and process after a forward edge of equal parallelism run in their upstream's
-    process; chain=False, a key, another parallelism or a sink start a process of their own."""
+    """map, filter, process and sinks after a forward edge of equal parallelism run in their
+    upstream's process; chain=False, a key or another parallelism start a process of their own."""
     p = Pipeline()
     (p.from_arrays("src", {"k": np.arange(10), "v": np.ones(10)}, parallelism=2)
       .map("m", lambda b: b).filter("f", lambda b: b["k"] < 8)
@@ -293,10 +293,10 @@ def test_chained_operators_share_a_process_unless_told_not_to():
       .collect("out"))
     result = p.run()
     assert result.processes() == {"src": ["src", "m", "f"], "own": ["own", "after_own"], "wider": ["wider"],
-                                  "agg": ["agg", "tail"], "out": ["out"]}
+                                  "agg": ["agg", "tail", "out"]}
     assert sorted(result["out"]["k"].tolist()) == list(range(8)) and result["out"]["v_sum"].tolist() == [1.0] * 8
     tasks = {s.task for s in result.operators}
-    assert len(tasks) == 2 + 2 + 3 + 2 + 2  # a process per task: src, own, wider, agg (with tail), out
+    assert len(tasks) == 2 + 2 + 3 + 2  # a process per task: src, own, wider, agg (with tail and out)
 
 
 @pytest.mark.parametrize("chain", [True, False])
