@@ -15,7 +15,8 @@ start and skips those rows, so a replay gives the same records.
 
 Schemas: Parquet and IPC files carry theirs; CSV and JSON are inferred by pyarrow from the
 first MiB of the first file (int64, float64, bool, timestamp, date, else str; a time of day
-such as ``12:30:00`` and a column with no value there are str), or given with
+such as ``12:30:00`` and a column with no value there are str; integers beyond int64 are an
+error, not floats), or given with
 ``schema={column: type}``. A file whose schema (or CSV
 header) differs from the first file's is an error naming both files and the column; a value
 that does not fit its column's type is an error naming the file and the column, suggesting
@@ -144,6 +145,7 @@ class FileSource(Source):
             whole = self._buffer(first, 0, os.path.getsize(first))
             inferred = self._guard(first, 0, lambda: self._csv_reader(whole, first, 0, hints, header=True,
                                                                       block=SAMPLE))
+            self._check_integers(first, whole, inferred.schema, hints)
         else:
             sample = self._buffer(first, 0, self._boundary(first, SAMPLE))
             inferred = self._guard(first, 0, lambda: pa.json.read_json(
@@ -156,6 +158,24 @@ class FileSource(Source):
                 typ = pa.large_string()  # mpstream's layout; a time of day (no date) has no numpy type: str
             fields.append(pa.field(name, typ))
         return pa.schema(fields)
+
+    def _check_integers(self, path: str, whole: Any, schema: Any, hints: dict[str, Any]) -> None:
+        """pyarrow infers float64 for a column of integers beyond int64: an error, not a silent
+        loss of digits (a column of floats written without a point or exponent is one too)."""
+        pa = self.pa
+        floats = [f.name for f in schema if pa.types.is_floating(f.type) and f.name not in hints]
+        if not floats:
+            return
+        import pyarrow.compute as pc
+
+        text = self._csv_reader(whole, path, 0, {**hints, **dict.fromkeys(floats, pa.string())}, header=True,
+                                block=SAMPLE).read_next_batch()
+        for name in floats:
+            values = pc.drop_null(text.column(name))
+            if len(values) and pc.all(pc.match_substring_regex(values, r"^\s*[-+]?\d+\s*$")).as_py():
+                raise SourceError(f"{path}: column {name!r} holds integers beyond int64 (e.g. "
+                                  f"{values[0].as_py()!r}); give its type with schema=, e.g. "
+                                  f"schema={{{name!r}: 'float64'}} or 'str'")
 
     def _hint_types(self) -> dict[str, Any]:
         pa = self.pa

@@ -326,3 +326,26 @@ def test_csv_sinks_keep_empty_strings_apart_from_nulls(tmp_path, transactional):
     out = q.run()["out"]
     order = np.argsort(out["id"])
     assert [out["s"][i] for i in order] == ["a", "", None, 'say "hi", then\nleave']
+
+
+def test_integers_beyond_int64_are_an_error_not_floats(tmp_path):
+    (tmp_path / "big.csv").write_text("id,n\n1,3\n2,99999999999999999999\n")
+    p = Pipeline()
+    p.from_csv("src", str(tmp_path / "big.csv")).collect("out")
+    with pytest.raises(OperatorError, match=r"big.csv: column 'n' holds integers beyond int64 .*schema=\{'n': "):
+        p.run()
+    q = Pipeline()
+    q.from_csv("src", str(tmp_path / "big.csv"), schema={"n": "str"}).collect("out")
+    assert list(q.run()["out"]["n"]) == ["3", "99999999999999999999"]
+    (tmp_path / "f.csv").write_text("id,x\n1,2.5\n2,3\n")  # floats stay floats
+    r = Pipeline()
+    r.from_csv("src", str(tmp_path / "f.csv")).collect("out")
+    assert r.run()["out"]["x"].tolist() == [2.5, 3.0]
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    (tmp_path / "b.csv").write_text("id,v\n1,a\n\n2,b\n\n")
+    p = Pipeline()
+    p.from_csv("src", str(tmp_path / "b.csv")).collect("out")
+    out = p.run()["out"]
+    assert out["id"].tolist() == [1, 2] and list(out["v"]) == ["a", "b"]
