@@ -87,13 +87,13 @@ class StringColumn:
             except TypeError as exc:  # "sequence item 3: expected str instance, int found"
                 raise SchemaError(f"a string column holds a value that is neither str nor None ({exc})") from None
         try:
-            data = text.encode()
+            if text.isascii():  # a string's bytes are its characters: one encode of the whole
+                data, lengths = text.encode(), np.fromiter(map(len, items), np.int64, len(items))
+            else:  # each string encoded once, for its length, then joined
+                encoded = [v.encode() for v in items]
+                data, lengths = b"".join(encoded), np.fromiter(map(len, encoded), np.int64, len(items))
         except UnicodeEncodeError as exc:
             raise SchemaError(f"a string column holds a code point UTF-8 cannot encode ({exc})") from None
-        if len(data) == len(text):  # ASCII: a string's bytes are its characters
-            lengths = np.fromiter(map(len, items), np.int64, len(items))
-        else:
-            lengths = np.fromiter((len(v.encode()) for v in items), np.int64, len(items))
         offsets = np.zeros(len(items) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return cls(offsets, np.frombuffer(data, np.uint8).copy(), mask)
@@ -186,6 +186,11 @@ def null_mask(col: Column) -> np.ndarray | None:
     if isinstance(col, np.ma.MaskedArray):
         return np.ma.getmaskarray(col)
     return None
+
+
+def column_numpy(col: Column) -> np.ndarray:
+    """A column as a numpy array: strings decoded to a ``U`` array (a masked one keeps nulls)."""
+    return col.to_numpy() if isinstance(col, StringColumn) else col
 
 
 def values_of(col: Column) -> Column:
@@ -327,7 +332,7 @@ class Batch(Mapping[str, Column]):
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """The columns as numpy arrays, string columns decoded to ``U`` arrays (copies)."""
-        return {name: col.to_numpy() if isinstance(col, StringColumn) else col for name, col in self._columns.items()}
+        return {name: column_numpy(col) for name, col in self._columns.items()}
 
     def take(self, indices: np.ndarray) -> Batch:
         """The rows at indices, gathered into a new (owned) batch."""

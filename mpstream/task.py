@@ -171,9 +171,11 @@ class ChainedOperator:
                 self.stats.batches_out += 1
             if self.collect:
                 self.task.send(msg.Collected(self.name, batch, self.task.epoch))  # pickling copies it off the ring
-            for successor, wanted in self.next:
-                if wanted == port:  # read-only, as through a ring: its input is not its own
-                    successor.process(batch.read_only())
+            chained = [successor for successor, wanted in self.next if wanted == port]
+            if chained:
+                view = batch.read_only()  # as through a ring: a successor's input is not its own
+                for successor in chained:
+                    successor.process(view)
             for output in self.outputs:
                 if output.port == port:
                     output.write(batch)
@@ -436,7 +438,8 @@ class Task:
         if generator.idle:
             generator.idle = False
             self.head.status(False)
-        blocked = self._blocked_s()
+        # the time blocked on credit only matters to an idle timeout (reading it is a C call per output)
+        blocked = self._blocked_s() if generator.spec.idle_timeout is not None else 0.0
         for batch in batches:
             watermark = generator.on_batch(batch, blocked)
             if watermark is not None:
