@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Batch, Column, StringColumn, null_mask, values_of
+from .batch import Batch, Column, StringColumn, _nullable, null_mask, values_of
 from .errors import SchemaError
 
 __all__ = ["from_arrow", "to_arrow", "pyarrow_or_error"]
@@ -59,7 +59,6 @@ def from_arrow(data: Any) -> Batch:
 
 
 def _array(name: str, arr: Any) -> Column:
-    import pyarrow as pa
     import pyarrow.types as t
 
     if t.is_dictionary(arr.type):
@@ -92,7 +91,7 @@ def _array(name: str, arr: Any) -> Column:
         values = np.frombuffer(buffers[1], dtype, n, offset * dtype.itemsize)
     if nulls is None:
         return values
-    return np.ma.MaskedArray(np.where(nulls, np.zeros((), values.dtype), values), mask=nulls)
+    return _nullable(values, nulls)
 
 
 def _numpy_dtype(name: str, typ: Any) -> np.dtype:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Batch, StringColumn, null_mask, values_of
+from .batch import Batch, StringColumn, column_numpy, null_mask, values_of
 from .errors import SourceError
 from .operators import Context, Operator, Output
 from .sources import Source
@@ -177,9 +177,7 @@ class RedisStreamSource(Source):
         (an empty value is null too, as in CSV)."""
         typ = self.schema.get(name, "str")
         if typ in ("str", "string", "utf8"):
-            missing = np.fromiter((v is None for v in raw), bool, len(raw))
-            column = StringColumn.from_strings(["" if v is None else v.decode() for v in raw])
-            return StringColumn(column.offsets, column.data, missing) if missing.any() else column
+            return StringColumn.from_strings([None if v is None else v.decode() for v in raw])  # None: null
         missing = np.fromiter((not v for v in raw), bool, len(raw))
         text = [v if v else b"0" for v in raw]
         dtype = np.dtype(typ)
@@ -302,8 +300,7 @@ def _entries(batch: Batch) -> list[dict[str, Any]]:
     for name in batch:
         column = batch[name]
         nulls = null_mask(column)
-        values = values_of(column)
-        values = values.to_numpy() if isinstance(values, StringColumn) else values
+        values = column_numpy(values_of(column))
         columns.append((name, values.astype(str).tolist(), None if nulls is None else nulls.tolist()))
     return [{name: values[i] for name, values, nulls in columns if nulls is None or not nulls[i]}
             for i in range(batch.num_rows)]

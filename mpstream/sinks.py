@@ -19,9 +19,10 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .batch import Batch, StringColumn, null_mask, values_of
+from .batch import Batch, column_numpy, null_mask, values_of
 from .files import CsvWriter, FileWriter, new_writer
 from .operators import Context, Operator, Output
+from .partition import split
 
 __all__ = ["Collect", "FileSink", "TransactionalFileSink", "CallbackSink", "SINK_FORMATS"]
 
@@ -97,7 +98,7 @@ class FileSink(Operator):
             arrays = {}
             for name in batch:  # a nullable column: its values (0 or "" where null) and "{name}.null"
                 column = batch[name]
-                arrays[name] = values_of(column).to_numpy() if isinstance(column, StringColumn) else values_of(column)
+                arrays[name] = column_numpy(values_of(column))
                 if null_mask(column) is not None:
                     arrays[f"{name}.null"] = null_mask(column)
             np.savez(self.path, **arrays)
@@ -194,16 +195,15 @@ class TransactionalFileSink(Operator):
             return [("", batch)]
         column = batch[self.partition_by]
         nulls = null_mask(column)
-        values = values_of(column)
-        values = values.to_numpy() if isinstance(values, StringColumn) else values
-        keys = values.astype(str) if nulls is None else np.where(nulls, HIVE_NULL, values.astype(str))
-        unique, inverse = np.unique(keys, return_inverse=True)
+        values = column_numpy(values_of(column))
+        unique, inverse = np.unique(values, return_inverse=True)  # the values of null rows too: unused
+        names = [quote(key, safe="") for key in unique.astype(str).tolist()]
+        if nulls is not None and nulls.any():
+            inverse = np.where(nulls, len(names), inverse)
+            names.append(HIVE_NULL)
         rest = Batch({name: batch[name] for name in batch if name != self.partition_by})
-        out = []
-        for i, key in enumerate(unique.tolist()):
-            directory = f"{self.partition_by}={key if key == HIVE_NULL else quote(key, safe='')}"
-            out.append((directory, rest.take(np.flatnonzero(inverse == i))))
-        return out
+        parts = split(rest, inverse, len(names))  # one counting sort, not a pass per value
+        return [(f"{self.partition_by}={name}", part) for name, part in zip(names, parts) if part is not None]
 
     def _seal(self, checkpoint_id: int) -> None:
         for partition in list(self._writers):

@@ -41,7 +41,7 @@ import numpy as np
 
 from ._mps import lib
 from .aggregate import Accumulators, KeyIndex, combine_parts, fold_parts, parse_spec, scan_parts
-from .batch import Batch, Column, StringColumn, _ptr
+from .batch import Batch, Column, StringColumn, _ptr, column_numpy
 from .errors import PlanError, WindowError
 from .operators import Context, Operator, Output, own_rows
 from .timers import Timer
@@ -966,12 +966,10 @@ class WindowProcess(Operator):
             return []
         rows = Batch.concat(self.rows)
         ts = self._ts(rows)
-        keys = rows[self.key]
-        key_values = keys.to_numpy() if isinstance(keys, StringColumn) else keys
+        key_values = column_numpy(rows[self.key])
         out = []
         for windows in fired:
-            wkeys = windows[self.key]
-            wkeys = wkeys.to_numpy() if isinstance(wkeys, StringColumn) else wkeys
+            wkeys = column_numpy(windows[self.key])
             for i, (k, start, end, pane) in enumerate(zip(wkeys.tolist(), windows[START].view(np.int64).tolist(),
                                                           windows[END].view(np.int64).tolist(),
                                                           windows[PANE].to_numpy().tolist())):
@@ -991,8 +989,7 @@ class WindowProcess(Operator):
                 if self.assigner.kind == "count":
                     drop = np.flatnonzero(mine)
                     rows = rows.filter(~np.isin(np.arange(rows.num_rows), drop))
-                    ts, keys = self._ts(rows), rows[self.key]
-                    key_values = keys.to_numpy() if isinstance(keys, StringColumn) else keys
+                    ts, key_values = self._ts(rows), column_numpy(rows[self.key])
         if self.assigner.kind == "count":
             self.rows = [rows] if rows.num_rows else []
         return out
