@@ -93,41 +93,43 @@ class FileSource(Source):
         self.pa: Any = None
         self.files: list[str] = []
         self.arrow_schema: Any = None
+        self._all_units: list[Unit] | None = None  # of every instance, in reading order
 
     # ---- planning: the same in every instance ----------------------------------------------
 
-    def plan(self) -> FileSource:
-        """Lists the files and infers their schema once, in the caller's process before the
-        workers are forked: they inherit both, and pyarrow's readers warmed up (their first use
-        in a process costs milliseconds). A failure is left to :meth:`open` to report."""
+    def plan(self, parallelism: int = 1) -> FileSource:
+        """Lists the files, infers their schema and cuts them into units for ``parallelism``
+        instances once, in the caller's process before the workers are forked: they inherit
+        all of it, and pyarrow's readers warmed up (their first use in a process costs
+        milliseconds). A failure is left to :meth:`open` to report."""
         self.pa = pyarrow_or_error(f"{self.fmt} files")
         import pyarrow.csv  # noqa: F401  (the readers: submodules pyarrow does not load itself)
         import pyarrow.ipc  # noqa: F401
         import pyarrow.json  # noqa: F401
         self.files = list_files(self.path)
-        self._planned = self._signature(self.files)
+        self._planned = (self._signature(self.files), parallelism)
         try:
             self.arrow_schema = self._schema()
+            self._all_units = [unit for path in self.files for unit in self._units(path, parallelism)]
         except SourceError:
-            self.arrow_schema = None
+            self._all_units = None
         return self
 
-    def _signature(self, files: list[str]) -> tuple[Any, ...]:
-        """What the planned schema stands on: the files, and the first one's size and time."""
-        stat = os.stat(files[0])
-        return tuple(files), stat.st_size, stat.st_mtime_ns
+    @staticmethod
+    def _signature(files: list[str]) -> tuple[Any, ...]:
+        """What a plan stands on: the files, their sizes and times."""
+        return tuple((path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files)
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         if self.pa is None:
-            self.plan()
+            self.plan(ctx.parallelism)
         files = list_files(self.path)  # again: a job (or a run of it) may start long after its plan
-        if self._signature(files) != self._planned:
-            self.files, self.arrow_schema = files, None
-        if self.arrow_schema is None:
-            self.arrow_schema = self._schema()  # raises what plan() met, if anything
-        units = [unit for path in self.files for unit in self._units(path)]
-        self.units = units[ctx.instance :: ctx.parallelism]
+        if self._all_units is None or (self._signature(files), ctx.parallelism) != self._planned:
+            self.files = files  # planned again, here: raises what plan() met, if anything
+            self.arrow_schema = self._schema()
+            self._all_units = [unit for path in self.files for unit in self._units(path, ctx.parallelism)]
+        self.units = self._all_units[ctx.instance :: ctx.parallelism]
         self.unit, self.rows = 0, 0  # the position: units done, rows read of the current one
         self._reader: Iterator[Any] | None = None
         self._schema_sent = False
@@ -195,7 +197,7 @@ class FileSource(Source):
                                       f"pyarrow type") from None
         return out
 
-    def _units(self, path: str) -> list[Unit]:
+    def _units(self, path: str, parallelism: int) -> list[Unit]:
         if self.fmt == "parquet":
             reader = self._parquet(path)
             self._check_schema(path, reader.schema_arrow)
@@ -210,7 +212,7 @@ class FileSource(Source):
             if self._header(path) != self.arrow_schema.names:
                 self._differs(path, self._header(path))
             start = self._boundary(path, 0, header=True)
-        share = max(MIN_RANGE, (size - start) // max(1, 4 * self.ctx.parallelism))
+        share = max(MIN_RANGE, (size - start) // max(1, 4 * parallelism))
         if self.fmt == "csv" and self.newlines_in_values:  # one unit: see _boundary
             share = size
         cuts = [start] + [self._boundary(path, at) for at in range(start + share, size, share)] + [size]
@@ -336,11 +338,10 @@ class FileSource(Source):
         while self.unit < len(self.units):
             if self._reader is None:
                 self._reader = self._skip(self._batches(self.units[self.unit]), self.rows)
-            for record_batch in self._reader:
-                if record_batch.num_rows:
-                    self.rows += record_batch.num_rows
-                    self._schema_sent = True
-                    return self._convert(record_batch)
+            for record_batch in self._reader:  # never empty (see _skip)
+                self.rows += record_batch.num_rows
+                self._schema_sent = True
+                return self._convert(record_batch)
             self.unit, self.rows, self._reader = self.unit + 1, 0, None
         if not self._schema_sent:  # no row at all: the schema still reaches the job
             self._schema_sent = True
