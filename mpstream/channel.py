@@ -58,6 +58,7 @@ __all__ = [
     "SHM_DIR",
     "Doorbells",
     "Doorbell",
+    "WaitClock",
 ]
 
 SHM_DIR = "/dev/shm"
@@ -207,31 +208,100 @@ class Channel:
         return f"Channel({self.label!r}, capacity={self.capacity}, name={self.name!r})"
 
 
-def _blocking(call: Any, timeout: float | None) -> int:
+class WaitClock:
+    """The time a process waits on channels (and on anything else it parks on), by reason,
+    kept in four int64 words where another process can read them while it waits: the reason
+    of the wait going on now (0: none), when it began (``time.monotonic_ns()``), and the
+    nanoseconds waited so far for input and for credit. The words are its own, or a slot of
+    a job's counters board (:mod:`mpstream.counters`). Only the slow path of a wait, the one
+    that parks, touches them.
+
+    >>> clock = WaitClock()
+    >>> with clock.waiting(WaitClock.INPUT):
+    ...     clock.waiting_now
+    1
+    >>> clock.waiting_now, clock.seconds(WaitClock.INPUT) > 0
+    (0, True)
+    """
+
+    INPUT, CREDIT = 1, 2  # waiting for something to read; waiting for space to write (backpressure)
+    __slots__ = ("words",)
+
+    def __init__(self, words: memoryview | None = None) -> None:
+        self.words = memoryview(bytearray(32)).cast("q") if words is None else words
+
+    def begin(self, reason: int) -> None:
+        words = self.words
+        words[1] = time.monotonic_ns()
+        words[0] = reason
+
+    def end(self) -> None:
+        words = self.words
+        reason = words[0]
+        if reason:
+            words[1 + reason] += time.monotonic_ns() - words[1]
+            words[0] = 0
+
+    def waiting(self, reason: int) -> _Waiting:
+        """A context manager: a wait for reason."""
+        return _Waiting(self, reason)
+
+    @property
+    def waiting_now(self) -> int:
+        return self.words[0]
+
+    def seconds(self, reason: int) -> float:
+        """Seconds waited for reason, the wait going on included."""
+        words = self.words
+        ongoing = time.monotonic_ns() - words[1] if words[0] == reason else 0
+        return (words[1 + reason] + ongoing) / 1e9
+
+
+class _Waiting:
+    __slots__ = ("clock", "reason")
+
+    def __init__(self, clock: WaitClock, reason: int) -> None:
+        self.clock, self.reason = clock, reason
+
+    def __enter__(self) -> None:
+        self.clock.begin(self.reason)
+
+    def __exit__(self, *exc: object) -> None:
+        self.clock.end()
+
+
+def _blocking(call: Any, timeout: float | None, clock: WaitClock, reason: int) -> int:
     """Calls call(slice_ns) until it stops timing out; the C side parks on a futex. Slices
-    are short so Python runs signal handlers (Ctrl-C) between them."""
+    are short so Python runs signal handlers (Ctrl-C) between them. The wait goes on clock."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        slice_ns = _SLICE_NS
-        if deadline is not None:
-            slice_ns = min(_SLICE_NS, int((deadline - time.monotonic()) * 1e9))
-            if slice_ns <= 0:  # the caller polled once already
-                return lib.MPS_RING_TIMEOUT
-        rc = call(slice_ns)
-        if rc == lib.MPS_RING_INTERRUPTED:
-            continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
-        if rc != lib.MPS_RING_TIMEOUT or (deadline is not None and time.monotonic() >= deadline):
-            return rc  # a record, a rung doorbell, the timeout, or an error
+    clock.begin(reason)
+    try:
+        while True:
+            slice_ns = _SLICE_NS
+            if deadline is not None:
+                slice_ns = min(_SLICE_NS, int((deadline - time.monotonic()) * 1e9))
+                if slice_ns <= 0:  # the caller polled once already
+                    return lib.MPS_RING_TIMEOUT
+            rc = call(slice_ns)
+            if rc == lib.MPS_RING_INTERRUPTED:
+                continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
+            if rc != lib.MPS_RING_TIMEOUT or (deadline is not None and time.monotonic() >= deadline):
+                return rc  # a record, a rung doorbell, the timeout, or an error
+    finally:
+        clock.end()
 
 
 class _Endpoint:
-    """One attached side of a channel: the mapping, the C handle, and the blocking loop."""
+    """One attached side of a channel: the mapping, the C handle, and the blocking loop.
+    Its waits go on ``clock`` (its own, unless a task shares its own with every endpoint)."""
 
     _side: int
     _role: str
 
-    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS) -> None:
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS,
+                 clock: WaitClock | None = None) -> None:
         self.name = name
+        self.clock = WaitClock() if clock is None else clock
         self._mapping = _Mapping.open(name)
         out = ffi.new("struct mps_ring **")
         rc = lib.mps_ring_attach(self._mapping.segment, self._side, spin_ns, nap_ns, out)
@@ -294,8 +364,9 @@ class ChannelWriter(_Endpoint):
     _side = lib.MPS_RING_PRODUCER
     _role = "writer"
 
-    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS) -> None:
-        super().__init__(name, spin_ns, nap_ns)
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS,
+                 clock: WaitClock | None = None) -> None:
+        super().__init__(name, spin_ns, nap_ns, clock)
         self._out = memoryview(self._mapping.buffer)
         self._base = ffi.cast("uint8_t *", self._mapping.base)
         self._offset = ffi.new("uint64_t *")
@@ -311,7 +382,8 @@ class ChannelWriter(_Endpoint):
         if rc == _OK:
             return self._data_index + offset[0]
         if rc == _FULL:
-            rc = _blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset), timeout)
+            rc = _blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset), timeout, self.clock,
+                           WaitClock.CREDIT)
         if rc == lib.MPS_RING_TOO_LARGE:
             raise RecordTooLargeError(
                 f"channel {self.name!r}: a {length}-byte record exceeds the limit of "
@@ -423,8 +495,9 @@ class ChannelReader(_Endpoint):
     _side = lib.MPS_RING_CONSUMER
     _role = "reader"
 
-    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS) -> None:
-        super().__init__(name, spin_ns, nap_ns)
+    def __init__(self, name: str, spin_ns: int = DEFAULT_SPIN_NS, nap_ns: int = DEFAULT_NAP_NS,
+                 clock: WaitClock | None = None) -> None:
+        super().__init__(name, spin_ns, nap_ns, clock)
         self._in = memoryview(self._mapping.buffer).toreadonly()
         self._peeked = ffi.new("struct mps_record *")
         self._frame: Frame | None = None
@@ -439,11 +512,19 @@ class ChannelReader(_Endpoint):
         while True:
             rc = lib.mps_ring_try_peek(ring, rec)
             if rc == _EMPTY:
-                rc = _blocking(lambda ns: lib.mps_ring_peek(ring, ns, rec), timeout)
+                rc = _blocking(lambda ns: lib.mps_ring_peek(ring, ns, rec), timeout, self.clock, WaitClock.INPUT)
             if rc != _OK:
                 self._raise_for(rc, timeout)
             if self._accept(rec):
                 return record
+
+    def fill(self) -> float:
+        """The share of the ring taken by records written and not yet released (0 to 1; 0
+        once this reader is closed)."""
+        if self._ring is None:
+            return 0.0
+        s = self.stats()
+        return (s["tail_position"] - s["head_position"]) / self._capacity
 
     def _accept(self, rec: Any) -> bool:
         """Takes the peeked record rec into self's Record; False (and released) for SCHEMA."""
@@ -507,10 +588,11 @@ class InputGate:
     [1, 2]
     """
 
-    def __init__(self, readers: list[ChannelReader]) -> None:
+    def __init__(self, readers: list[ChannelReader], clock: WaitClock | None = None) -> None:
         if not 0 < len(readers) < lib.MPS_RING_MAX_WAIT_SET:  # one futex of the wait set is a doorbell's
             raise ValueError(f"an InputGate takes 1 to {lib.MPS_RING_MAX_WAIT_SET - 1} channels, got {len(readers)}")
         self.readers = list(readers)
+        self.clock = WaitClock() if clock is None else clock  # where its waits go
         self.live = list(range(len(readers)))  # channels that have not delivered END_OF_STREAM
         self.blocked: set[int] = set()  # channels not read until unblock_all (barrier alignment)
         self._readable: list[int] = []
@@ -572,10 +654,12 @@ class InputGate:
             rc = lib.mps_ring_peek_any(rings, count, nxt, 0, rec)
             if rc == _EMPTY:
                 if doorbell is None:
-                    rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout)
+                    rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout,
+                                   self.clock, WaitClock.INPUT)
                 else:
                     word, seen = doorbell.word, doorbell.seen
-                    rc = _blocking(lambda ns: lib.mps_ring_peek_any_or(rings, count, nxt, ns, rec, word, seen), timeout)
+                    rc = _blocking(lambda ns: lib.mps_ring_peek_any_or(rings, count, nxt, ns, rec, word, seen),
+                                   timeout, self.clock, WaitClock.INPUT)
                 if rc == lib.MPS_RING_TIMEOUT or rc == lib.MPS_RING_RUNG:
                     return None
             channel = self._readable[nxt[0]]

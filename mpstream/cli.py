@@ -57,7 +57,33 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--event-time", action="store_true",
                       help="timestamps out of order (plus late stragglers): per-domain 1-minute tumbling windows "
                            "with allowed lateness and a late side output, verified against the same rules in numpy")
+    demo.add_argument("--metrics-port", type=_integer(0), default=None,
+                      help="serve the job's counters to Prometheus at http://127.0.0.1:P/metrics (the metrics extra)")
+    top = commands.add_parser("top", help="watch the mpstream jobs running on this machine")
+    top.add_argument("--once", action="store_true", help="print one view and exit")
+    top.add_argument("--json", action="store_true", help="print one view as JSON (a list of jobs) and exit")
+    top.add_argument("--instances", action="store_true", help="show every operator instance")
+    top.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes (default 1)")
+    plot = commands.add_parser("plot", help="draw a run's throughput and busy/idle/backpressured time (the plot extra)")
+    plot.add_argument("input", help="`mpstream demo --json` output, or a file from JobResult.save_timeline()")
+    plot.add_argument("-o", "--output", default="run.png", help="the image to write (default run.png)")
+    plot.add_argument("--title", default="mpstream run", help="the chart's title")
     args = parser.parse_args(argv)
+    if args.command == "top":
+        from .top import main as top_main
+
+        return top_main(args.once, args.json, args.instances, args.interval)
+    if args.command == "plot":
+        from .errors import PlanError
+        from .plot import load_timeline, plot as draw
+
+        try:
+            draw(load_timeline(args.input), args.output, args.title)
+        except (OSError, ValueError, PlanError) as exc:
+            print(f"mpstream plot: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.output}")
+        return 0
     if args.event_time and args.unbounded:
         parser.error("--event-time runs a bounded job: leave out --unbounded")
     if args.resume and not args.checkpoint_dir:

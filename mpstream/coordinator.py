@@ -5,11 +5,15 @@ An **attempt** creates a channel for every (producing task, consuming task) pair
 tasks, and unlinks every segment as soon as all tasks have attached, so nothing is left in
 /dev/shm whatever happens next; tasks die with the coordinator (``PR_SET_PDEATHSIG``). It then
 sleeps on the tasks' control pipes, their process sentinels and a wake-up pipe (stop and
-checkpoint requests), with a timeout set by the next checkpoint or progress report: it uses no
-CPU while it waits. Collected batches, acknowledgements and statistics arrive on the pipes;
+checkpoint requests), with a timeout set by the next checkpoint or sample of the counters
+(four times a second): it uses next to no CPU while it waits. Collected batches, acknowledgements and statistics arrive on the pipes;
 so do failures. On a failure it SIGKILLs the remaining tasks and raises an error naming the
 operator and instance: :class:`OperatorError` with the worker's traceback for an exception,
 :class:`WorkerDiedError` for a process that died (a signal, or an exit without a report).
+
+A **job** owns a counters board (:mod:`mpstream.counters`) that its tasks write and
+``mpstream top``, the metrics endpoint (``metrics_port``), progress bars and the job's
+timeline read; it is removed when the job ends.
 
 A **job** runs attempts: with checkpoints, a failed attempt is followed by another restored
 from the newest valid checkpoint (up to ``restarts`` times); collect sinks keep only what
@@ -35,15 +39,18 @@ from .batch import Batch
 from .channel import Channel, Doorbells, sweep_stale_segments
 from .checkpoint import CheckpointStore, restore_from
 from .checkpoint_coordinator import CheckpointCoordinator
+from .counters import FAILED, FINISHED, Board
 from .errors import CheckpointError, OperatorError, PlanError, WorkerDiedError
 from .metrics import InstanceStats
 from .plan import JobGraph, TaskSpec
+from .progress import ProgressBars
+from .prometheus import MetricsServer
 from .result import JobResult
 from .task import TaskConfig, task_main
+from .timeline import SAMPLE_INTERVAL_S, Timeline
 
 __all__ = ["CheckpointConfig", "Job", "JobHandle", "run", "start"]
 
-PROGRESS_INTERVAL_S = 0.25
 #: Held back while the coordinator forks: CPython runs at-fork callbacks (logging registers
 #: some) in which an exception, KeyboardInterrupt included, is printed and dropped. Blocked,
 #: a Ctrl-C during the forks is delivered right after them instead of being lost.
@@ -74,14 +81,24 @@ class _Cancelled(Exception):
     """JobHandle.cancel(): stop at once, killing every task."""
 
 
-class Job:
-    """One run of a job graph: its attempts and their results (see the module doc)."""
+Progress = bool | Callable[[dict[str, Any]], None] | None
 
-    def __init__(self, graph: JobGraph, progress: Callable[[dict[str, Any]], None] | None = None,
-                 checkpoints: CheckpointConfig | None = None) -> None:
+
+class Job:
+    """One run of a job graph: its attempts and their results (see the module doc).
+    ``progress``: True draws progress bars (:mod:`mpstream.progress`), a function is called
+    with ``{"rows": rows the sources produced, "seconds": since the start}`` four times a
+    second. ``metrics_port``: serve the counters to Prometheus (:mod:`mpstream.prometheus`)."""
+
+    def __init__(self, graph: JobGraph, progress: Progress = None, checkpoints: CheckpointConfig | None = None,
+                 metrics_port: int | None = None) -> None:
         if not graph.nodes:
             raise PlanError("the pipeline has no operators")
-        self.graph, self.progress, self.config = graph, progress, checkpoints
+        if metrics_port is not None and (not isinstance(metrics_port, int) or not 0 <= metrics_port < 65536):
+            raise PlanError(f"metrics_port must be a TCP port (0 to 65535), got {metrics_port!r}")
+        self.graph, self.config, self.metrics_port = graph, checkpoints, metrics_port
+        self.progress = progress if callable(progress) else None
+        self.bars = progress is True
         self.store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
         self._rescalable: dict[str, bool] = {}
         if checkpoints is not None:
@@ -101,6 +118,22 @@ class Job:
         self.attempt: _Attempt | None = None  # the one running
         self.stop_mode: str | None = None  # "stop" or "drain", asked once: it holds for every attempt after
         self.started = time.monotonic()
+        self.board: Board | None = None
+        self.metrics: MetricsServer | None = None
+        self.timeline = Timeline([n.name for n in graph.nodes], self.started, time.time())
+        self.checkpoints_done = 0  # in every attempt
+
+    def sample(self, last: bool = False) -> None:
+        """Reads the counters board (at the start, four times a second, and at the end): the
+        timeline, progress bars and the progress function get it."""
+        job = self.board.snapshot()
+        self.timeline.add(job, last)
+        if self._bars is not None:
+            self._bars.update(job)
+        if self.progress is not None:
+            sources = {n.name for n in self.graph.nodes if n.is_source}
+            self.progress({"rows": sum(op.records_in for op in job.operators if op.name in sources),
+                           "seconds": time.monotonic() - self.started})
 
     def request(self, what: str) -> None:
         """Asks the running job for "stop" (with a checkpoint), "drain", "checkpoint" or
@@ -134,6 +167,29 @@ class Job:
                          node.partitioning)
 
     def run(self) -> JobResult:
+        self.board = Board.create(self.graph.name, [t.name for t in self.tasks],
+                                  [(op.node.name, op.instance, i) for i, t in enumerate(self.tasks) for op in t.operators])
+        server = self._bars = None
+        state = FAILED
+        self.sample()
+        try:
+            if self.metrics_port is not None:
+                server = self.metrics = MetricsServer(self.metrics_port, self.board.snapshot)
+            if self.bars:
+                self._bars = ProgressBars({n.name: n.make().total_rows() for n in self.graph.nodes if n.is_source})
+            result = self._run()
+            state = FINISHED
+            return result
+        finally:
+            self.board.set(state=state)
+            self.sample(last=True)
+            if self._bars is not None:
+                self._bars.close()
+            if server is not None:
+                server.close()
+            self.board.close()
+
+    def _run(self) -> JobResult:
         config = self.config
         restore = None
         if config is not None and config.resume:
@@ -168,6 +224,7 @@ class Job:
                 result = self.attempt.run()
                 result.recovery_seconds, result.running_at = recoveries, running_at
                 result.restored_from, result.started_at = restored_from, started_at
+                result.recording = self.timeline
                 return result
             except (WorkerDiedError, OperatorError) as exc:
                 if config is None or len(failed_at) >= config.restarts:
@@ -175,6 +232,7 @@ class Job:
                 if len(failed_at) > len(recoveries):  # the restarted attempt failed before running
                     recoveries.append(time.monotonic() - failed_at[-1])
                 failed_at.append(time.monotonic())
+                self.board.set(restarts=len(failed_at), restarted_at=time.time_ns())
                 warnings.warn(f"restarting the job from its last checkpoint after: {exc}", stacklevel=3)
                 time.sleep(config.restart_backoff * 2 ** (len(failed_at) - 1))  # backoff, not synchronisation
                 restore = self._restore_point(first)
@@ -210,7 +268,6 @@ class _Attempt:
         self.not_ready = len(job.tasks)
         self.commits = False  # a task runs a two-phase-commit operator
         self.finished: dict[str, tuple[InstanceStats, ...]] = {}
-        self.produced: dict[str, int] = {}
         self.channels: dict[str, Channel] = {}
         self.doorbells: Doorbells | None = None
         self.slots: dict[str, int] = {}  # task -> its doorbell
@@ -228,7 +285,8 @@ class _Attempt:
         try:
             self.doorbells = Doorbells("doorbells", len(job.tasks))
             config = TaskConfig(None if job.config is None else job.config.directory,
-                                job.config is None or job.config.exactly_once, self.restore, self.doorbells.name)
+                                job.config is None or job.config.exactly_once, self.restore, self.doorbells.name,
+                                job.board.path)
             for label in job.graph.channels():
                 self.channels[label] = Channel(label, job.graph.channel_capacity)
             names = {label: chan.name for label, chan in self.channels.items()}
@@ -274,7 +332,7 @@ class _Attempt:
         job = self.job
         open_conns = dict(self.by_conn)
         sentinels = dict(self.by_sentinel)
-        next_progress = time.monotonic() + PROGRESS_INTERVAL_S
+        next_sample = time.monotonic() + SAMPLE_INTERVAL_S
         while len(self.finished) < len(self.by_name):
             self._requests()
             if self.checkpoints is not None:
@@ -283,7 +341,7 @@ class _Attempt:
                     self.stopped = True
                     for name in reversed(list(self.by_name)):  # downstream first: it stops reading first
                         self._send(name, msg.Finish())
-            deadline = next_progress if job.progress is not None else float("inf")
+            deadline = next_sample
             if self.checkpoints is not None:
                 deadline = min(deadline, self.checkpoints.deadline)
             timeout = None if deadline == float("inf") else min(max(0.0, deadline - time.monotonic()), 3600.0)
@@ -294,11 +352,9 @@ class _Attempt:
             for obj in ready:
                 if obj in sentinels:
                     self._exited(sentinels.pop(obj), open_conns)
-            if job.progress is not None and time.monotonic() >= next_progress:
-                job.progress({"rows": sum(self.produced.values()), "seconds": time.monotonic() - job.started})
-                next_progress = time.monotonic() + PROGRESS_INTERVAL_S
-        if job.progress is not None:
-            job.progress({"rows": sum(self.produced.values()), "seconds": time.monotonic() - job.started})
+            if time.monotonic() >= next_sample:
+                job.sample()
+                next_sample = time.monotonic() + SAMPLE_INTERVAL_S
         return self._result()
 
     def _requests(self) -> None:
@@ -345,12 +401,17 @@ class _Attempt:
         checkpoints = self.checkpoints
         if isinstance(message, msg.Collected):
             self.job.kept[message.sink].append((message.epoch, message.batch))
-        elif isinstance(message, msg.Progress):
-            self.produced[name] = message.rows
-        elif isinstance(message, msg.AcknowledgeCheckpoint):
-            checkpoints.on_acknowledge(name, message)
-        elif isinstance(message, msg.DeclineCheckpoint):
-            checkpoints.on_decline(name, message)
+        elif isinstance(message, (msg.AcknowledgeCheckpoint, msg.DeclineCheckpoint)):
+            completed = len(checkpoints.completed)
+            if isinstance(message, msg.AcknowledgeCheckpoint):
+                checkpoints.on_acknowledge(name, message)
+            else:
+                checkpoints.on_decline(name, message)
+            if len(checkpoints.completed) > completed:
+                last = checkpoints.completed[-1]
+                self.job.checkpoints_done += 1
+                self.job.board.set(checkpoints=self.job.checkpoints_done, checkpoint_id=last["id"],
+                                   checkpoint_at=time.time_ns(), checkpoint_ns=int(last["duration_s"] * 1e9))
         elif isinstance(message, msg.TaskDrained):
             if checkpoints is not None:
                 checkpoints.on_drained(name)
@@ -402,12 +463,12 @@ class _Attempt:
 
 # ---- running a job --------------------------------------------------------------------------
 
-def run(graph: JobGraph, progress: Callable[[dict[str, Any]], None] | None = None,
-        checkpoints: CheckpointConfig | None = None) -> JobResult:
+def run(graph: JobGraph, progress: Progress = None, checkpoints: CheckpointConfig | None = None,
+        metrics_port: int | None = None) -> JobResult:
     """Runs the job in the calling thread until it ends (or is stopped) and returns its result.
     In the main thread, SIGTERM stops it with a checkpoint (see :meth:`JobHandle.stop`) and
     SIGUSR1 asks for a checkpoint now; Ctrl-C (KeyboardInterrupt) kills it at once."""
-    job = Job(graph, progress, checkpoints)
+    job = Job(graph, progress, checkpoints, metrics_port)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         # installed before any task exists: SIGUSR1's default action would end the coordinator
@@ -434,9 +495,9 @@ class JobHandle:
     0
     """
 
-    def __init__(self, graph: JobGraph, progress: Callable[[dict[str, Any]], None] | None,
-                 checkpoints: CheckpointConfig | None) -> None:
-        self._job = Job(graph, progress, checkpoints)
+    def __init__(self, graph: JobGraph, progress: Progress, checkpoints: CheckpointConfig | None,
+                 metrics_port: int | None = None) -> None:
+        self._job = Job(graph, progress, checkpoints, metrics_port)
         self._result: JobResult | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="mpstream-coordinator", daemon=True)
@@ -462,6 +523,13 @@ class JobHandle:
         """The pid of every task (by name, e.g. ``"agg[0]"``) of the attempt running now."""
         attempt = self._job.attempt
         return {} if attempt is None else {name: task.process.pid for name, task in list(attempt.by_name.items())}
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the job serves its metrics (``metrics_port``; 0 picks a free port), once it
+        started; None without."""
+        server = self._job.metrics
+        return None if server is None else f"http://127.0.0.1:{server.port}/metrics"
 
     def checkpoint(self) -> None:
         """Asks for a checkpoint now (as SIGUSR1 does)."""
@@ -493,7 +561,7 @@ class JobHandle:
         return self._result
 
 
-def start(graph: JobGraph, progress: Callable[[dict[str, Any]], None] | None = None,
-          checkpoints: CheckpointConfig | None = None) -> JobHandle:
+def start(graph: JobGraph, progress: Progress = None, checkpoints: CheckpointConfig | None = None,
+          metrics_port: int | None = None) -> JobHandle:
     """Starts the job in a background thread and returns its :class:`JobHandle`."""
-    return JobHandle(graph, progress, checkpoints)
+    return JobHandle(graph, progress, checkpoints, metrics_port)

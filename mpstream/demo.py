@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -93,6 +92,7 @@ class DemoOptions:
     unbounded: bool = False
     rate: int | None = None
     event_time: bool = False
+    metrics_port: int | None = None
 
     @property
     def checkpointing(self) -> bool:
@@ -162,6 +162,9 @@ class ClickSource(OffsetSource):
     def __init__(self, stream: ClickStream, rate: int | None = None) -> None:
         self.stream, self.rate = stream, rate
 
+    def total_rows(self) -> int | None:
+        return self.stream.events
+
     def open(self, ctx: Any) -> None:
         super().open(ctx)
         self.due = time.time()
@@ -195,7 +198,7 @@ def parse_timed(batch: Batch) -> dict[str, Any]:
 
 
 def build(stream: ClickStream, options: DemoOptions, out_dir: str) -> Pipeline:
-    p = Pipeline()
+    p = Pipeline(name="demo")
     clicks = p.source("clicks", lambda: ClickSource(stream, options.rate), options.parallelism)
     if options.event_time:
         windows = (clicks.with_event_time("ts", max_out_of_orderness=DISORDER_MS)
@@ -348,22 +351,6 @@ def verify_windows(result: Batch, late: Batch, want: WindowReference) -> bool:
     return True
 
 
-class ProgressBar:
-    def __init__(self, total: int | None) -> None:
-        self.total = total
-
-    def __call__(self, info: dict[str, Any]) -> None:
-        rate = info["rows"] / max(info["seconds"], 1e-9)
-        if self.total is None:
-            sys.stderr.write(f"\r{info['rows']:>14,} events {rate / 1e6:8.3f} M/s (SIGTERM: stop with a checkpoint)")
-        else:
-            done, width = min(info["rows"], self.total), 30
-            filled = int(width * done / max(1, self.total))
-            sys.stderr.write(f"\r[{'#' * filled}{' ' * (width - filled)}] {done:>12,} / {self.total:,} events "
-                             f"{rate / 1e6:6.2f} M/s")
-        sys.stderr.flush()
-
-
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Runs the demo job and prints its summary; the CSV output goes to ``options.out`` (a
     temporary directory, removed at the end, when None)."""
@@ -379,17 +366,14 @@ def _run_demo(options: DemoOptions, out_dir: str, temporary: bool) -> dict[str, 
     stream = ClickStream(None if options.unbounded else options.events, options.parallelism, batch_size,
                          event_time=options.event_time)
     pipeline = build(stream, options, out_dir)
-    bar = ProgressBar(None if options.unbounded else options.events) if sys.stderr.isatty() and not options.json else None
-    run_options: dict[str, Any] = {}
+    run_options: dict[str, Any] = {"progress": not options.json, "metrics_port": options.metrics_port}
     if options.checkpointing:
-        run_options = {"checkpoint_dir": options.checkpoint_dir or os.path.join(out_dir, "checkpoints"),
+        run_options |= {"checkpoint_dir": options.checkpoint_dir or os.path.join(out_dir, "checkpoints"),
                        "restarts": options.kill_workers + 3, "restart_backoff": 0.01, "resume": options.resume,
                        "checkpoint_interval": options.checkpoint_interval or (1.0 if options.unbounded else 0.2)}
     with warnings.catch_warnings(), RandomKiller(options.kill_workers) as killer:
         warnings.simplefilter("ignore")  # restarts are reported in the summary
-        result = pipeline.run(progress=bar, **run_options)
-    if bar:
-        sys.stderr.write("\n")
+        result = pipeline.run(**run_options)
     started = [p["offset"] for p in result.started_at.get("clicks", [])]  # a resumed run starts there
     before = stream.events_before(started)
     check_started = time.perf_counter()
@@ -418,7 +402,8 @@ def _summary(options: DemoOptions, result: JobResult, processed: int, verified: 
                "parallelism": options.parallelism, "salt": options.salt,
                "output": None if temporary else out_dir, "operators": operators, "processes": result.processes(),
                "checkpoints": len(result.checkpoints), "kills": kills, "restarts": result.restarts,
-               "recovery_seconds": [round(s, 4) for s in result.recovery_seconds]}
+               "recovery_seconds": [round(s, 4) for s in result.recovery_seconds],
+               "timeline": result.recording.to_json()}
     if options.unbounded:
         summary["stopped_at"] = [p["offset"] for p in result.stopped_at["clicks"]]
         summary["final_checkpoint"] = result.final_checkpoint

@@ -3,7 +3,7 @@
 Each is a small frozen dataclass, pickled by ``multiprocessing.connection``. A task's pipe
 identifies the task, so messages carry no task id.
 
-Task -> coordinator: :class:`TaskReady`, :class:`Collected`, :class:`Progress`,
+Task -> coordinator: :class:`TaskReady`, :class:`Collected`,
 :class:`AcknowledgeCheckpoint`, :class:`DeclineCheckpoint`, :class:`TaskDrained`,
 :class:`TaskFinished`, :class:`TaskFailed`.
 
@@ -20,7 +20,7 @@ from .checkpoint import StateFile
 from .metrics import InstanceStats
 
 __all__ = [
-    "TaskReady", "Collected", "Progress", "AcknowledgeCheckpoint", "DeclineCheckpoint", "TaskDrained",
+    "TaskReady", "Collected", "AcknowledgeCheckpoint", "DeclineCheckpoint", "TaskDrained",
     "TaskFinished", "TaskFailed", "TriggerCheckpoint", "CheckpointCommitted", "EndInput", "Finish",
 ]
 
@@ -43,13 +43,6 @@ class Collected:
     sink: str
     batch: Batch
     epoch: int
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Rows a source task has produced so far in this attempt."""
-
-    rows: int
 
 
 @dataclass(frozen=True)

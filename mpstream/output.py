@@ -10,7 +10,7 @@ written only to channels that have carried nothing yet: it tells the consumer th
 from __future__ import annotations
 
 from .batch import Batch
-from .channel import ChannelWriter
+from .channel import ChannelWriter, WaitClock
 from .errors import ChannelTimeoutError, RecordTooLargeError
 from .partition import Partitioner, split
 from .plan import OutputSpec
@@ -21,14 +21,13 @@ __all__ = ["OutputWriter"]
 class OutputWriter:
     """Writes one output edge of an operator instance (see the module doc)."""
 
-    def __init__(self, spec: OutputSpec, names: dict[str, str], nap_ns: int = 0) -> None:
-        self.writers = [ChannelWriter(names[label], nap_ns=nap_ns) for label in spec.channels]
+    def __init__(self, spec: OutputSpec, names: dict[str, str], nap_ns: int = 0, clock: WaitClock | None = None) -> None:
+        self.writers = [ChannelWriter(names[label], nap_ns=nap_ns, clock=clock) for label in spec.channels]
         self.partitioner: Partitioner | None = None if spec.partitioner is None else spec.partitioner()
         self.drop = spec.drop
         self.port = spec.port
         self.bytes_out = 0
         self.dropped = 0
-        self._waited_s: float | None = None  # backpressured time, kept when the writers close
         self._silent = set(range(len(self.writers)))  # channels that carried nothing yet
 
     def write(self, batch: Batch) -> None:
@@ -76,14 +75,7 @@ class OutputWriter:
         for writer in self.writers:
             writer.write_status(idle)
 
-    def backpressured_s(self) -> float:
-        """Seconds spent waiting for credit on this edge's channels."""
-        if self._waited_s is not None:
-            return self._waited_s
-        return sum(w.stats()["wait_ns"] for w in self.writers) / 1e9
-
     def close(self) -> None:
         """END_OF_STREAM on every channel, after everything written."""
-        self._waited_s = self.backpressured_s()
         for writer in self.writers:
             writer.close()

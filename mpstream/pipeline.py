@@ -52,10 +52,11 @@ class Pipeline:
     ``start()`` runs it in the background and returns a handle to stop it.
 
     channel_capacity is the ring size of every channel (bytes, a power of two): a batch may
-    take up to half of it (4 MiB: batches up to 2 MiB, e.g. 64K rows of four 8-byte columns)."""
+    take up to half of it (4 MiB: batches up to 2 MiB, e.g. 64K rows of four 8-byte columns).
+    ``name`` is what ``mpstream top`` and the metrics call the job."""
 
-    def __init__(self, channel_capacity: int = 1 << 22) -> None:
-        self.graph = JobGraph(channel_capacity)
+    def __init__(self, channel_capacity: int = 1 << 22, name: str = "job") -> None:
+        self.graph = JobGraph(channel_capacity, name)
 
     @property
     def nodes(self) -> list[Node]:
@@ -165,14 +166,16 @@ class Pipeline:
         return CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
                                 restarts, restart_backoff, resume, exactly_once)
 
-    def run(self, *, progress: Callable[[dict[str, Any]], None] | None = None,
+    def run(self, *, progress: bool | Callable[[dict[str, Any]], None] | None = None,
             checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
             checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
             restarts: int = 3, restart_backoff: float = 0.1, resume: bool | str = False,
-            exactly_once: bool = True) -> JobResult:
+            exactly_once: bool = True, metrics_port: int | None = None) -> JobResult:
         """Runs the job until its sources end (or it is stopped: SIGTERM) and returns its
-        result. ``progress(info)`` is called four times a second with the rows the sources
-        produced so far. With a ``checkpoint_dir``, aligned checkpoints are taken every
+        result. ``progress=True`` shows a progress bar per source on a terminal (tqdm, the
+        ``progress`` extra); a function ``progress(info)`` is called four times a second with
+        the rows the sources produced so far. ``metrics_port``: serve the job's counters to
+        Prometheus on 127.0.0.1 (the ``metrics`` extra; :mod:`mpstream.prometheus`). With a ``checkpoint_dir``, aligned checkpoints are taken every
         ``checkpoint_interval`` s (and on SIGUSR1), a failed worker makes the job restart
         from the last one (up to ``restarts`` times), and a bounded job ends with a final
         checkpoint; ``resume=True`` starts from the directory's newest valid checkpoint (an
@@ -181,19 +184,19 @@ class Pipeline:
         records twice (at-least-once). See :mod:`mpstream.coordinator`."""
         config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
                                restarts, restart_backoff, resume, exactly_once)
-        return run(self.graph, progress, config)
+        return run(self.graph, progress, config, metrics_port)
 
-    def start(self, *, progress: Callable[[dict[str, Any]], None] | None = None,
+    def start(self, *, progress: bool | Callable[[dict[str, Any]], None] | None = None,
               checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
               checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
               restarts: int = 3, restart_backoff: float = 0.1, resume: bool | str = False,
-              exactly_once: bool = True) -> JobHandle:
+              exactly_once: bool = True, metrics_port: int | None = None) -> JobHandle:
         """As :meth:`run`, but in a background thread: returns a
         :class:`~mpstream.coordinator.JobHandle` (``stop()``, ``wait()``). ``run()`` is
         ``start().wait()`` in the calling thread."""
         config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
                                restarts, restart_backoff, resume, exactly_once)
-        return start(self.graph, progress, config)
+        return start(self.graph, progress, config, metrics_port)
 
 
 class Stream:

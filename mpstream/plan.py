@@ -148,9 +148,10 @@ def channel_label(producer: str, producer_instance: int, consumer: str, consumer
 class JobGraph:
     """Nodes in the order they were added (every edge points to an earlier node)."""
 
-    def __init__(self, channel_capacity: int = 1 << 22) -> None:
+    def __init__(self, channel_capacity: int = 1 << 22, name: str = "job") -> None:
         self.nodes: list[Node] = []
         self.channel_capacity = channel_capacity
+        self.name = name  # what mpstream top and the metrics call the job
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

@@ -7,6 +7,7 @@ from typing import Any
 
 from .batch import Batch
 from .metrics import InstanceStats
+from .timeline import Timeline
 
 __all__ = ["JobResult"]
 
@@ -37,6 +38,7 @@ class JobResult:
     started_at: dict[str, list[Any]] = field(default_factory=dict)  # source -> each instance's position then
     stopped: bool = False
     final_checkpoint: int | None = None
+    recording: Timeline | None = field(default=None, repr=False)  # the counters sampled while it ran
 
     @property
     def restarts(self) -> int:
@@ -60,6 +62,16 @@ class JobResult:
             if s.name not in chain:
                 chain.append(s.name)
         return out
+
+    def timeline(self) -> Batch:
+        """The job's counters over time (:mod:`mpstream.timeline`): per sample (about four a
+        second) and operator, records per second in and out and the busy / idle /
+        backpressured shares of its processes. ``save_timeline`` keeps it for ``mpstream plot``."""
+        return self.recording.batch()
+
+    def save_timeline(self, path: str) -> None:
+        """Writes the timeline with its checkpoints and restarts as JSON (``mpstream plot`` input)."""
+        self.recording.save(path)
 
     def __getitem__(self, sink: str) -> Batch:
         batches = self.collected[sink]

@@ -60,6 +60,11 @@ class Source(Operator):
         lets the task choose (it backs off from 1 ms to 50 ms while nothing comes)."""
         return None
 
+    def total_rows(self) -> int | None:
+        """The rows all instances of this source produce together, if it knows them before it
+        starts (``run(progress=True)`` then shows a total); None (the default) when not."""
+        return None
+
     def has_input(self) -> bool:
         """False when this instance has nothing to read at all (no partition assigned to it):
         with event time it is then idle from the start, holding no watermark back."""
@@ -104,6 +109,9 @@ class ColumnsSource(OffsetSource):
                  load: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self._columns, self._load, self.batch_size = columns, load, batch_size
 
+    def total_rows(self) -> int | None:
+        return None if self._columns is None else len(next(iter(self._columns.values()), ()))
+
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         columns = self._columns if self._load is None else self._load()
@@ -125,6 +133,9 @@ class BatchesSource(OffsetSource):
 
     def __init__(self, batches: Sequence[Batch]) -> None:
         self.batches = batches
+
+    def total_rows(self) -> int | None:
+        return sum(b.num_rows for b in self.batches)
 
     def read(self, offset: int) -> Batch | None:
         index = self.ctx.instance + offset * self.ctx.parallelism

@@ -40,8 +40,9 @@ from typing import Any
 from . import messages as msg
 from .barrier import AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler
 from .batch import Batch
-from .channel import ChannelReader, Doorbells, InputGate, RecordKind
+from .channel import ChannelReader, Doorbells, InputGate, RecordKind, WaitClock
 from .checkpoint import CheckpointStore, OperatorSnapshot, restore_from
+from .counters import Board
 from .errors import ChannelClosedError, CheckpointError, PeerDiedError
 from .metrics import InstanceStats
 from .operators import Context, Output, own_key_groups
@@ -53,7 +54,8 @@ from .watermarks import MAX_TIME, MIN_TIME, WatermarkGenerator, WatermarkValve
 
 __all__ = ["TaskConfig", "Task", "task_main"]
 
-PROGRESS_INTERVAL_S = 0.25
+#: How often a task writes its operators' counters to the job's board (mpstream.counters).
+PUBLISH_INTERVAL_S = 0.25
 #: A parked task wakes this often to check that the processes it reads and writes live; the
 #: coordinator notices a dead one at once (its sentinel) and stops the others anyway.
 TASK_NAP_NS = 1_000_000_000
@@ -68,13 +70,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 @dataclass(frozen=True)
 class TaskConfig:
     """How the job runs this attempt: its checkpoint directory (None: no checkpoints), whether
-    barriers align (exactly-once), the checkpoint to restore from (None: a fresh start), and
-    the doorbells segment the coordinator rings after it sends a task a message."""
+    barriers align (exactly-once), the checkpoint to restore from (None: a fresh start), the
+    doorbells segment the coordinator rings after it sends a task a message, and the job's
+    counters board."""
 
     checkpoint_dir: str | None = None
     exactly_once: bool = True
     restore_from: int | None = None
     doorbells: str = ""
+    counters: str = ""
 
 
 class _OperatorRaised(Exception):
@@ -127,7 +131,7 @@ class ChainedOperator:
         self.collect = node.collect
         self.partitioning = node.partitioning
         self.spec_event_time = node.event_time
-        self.outputs = [OutputWriter(o, names, TASK_NAP_NS) for o in spec.outputs]
+        self.outputs = [OutputWriter(o, names, TASK_NAP_NS, task.clock) for o in spec.outputs]
         self.next: list[tuple[ChainedOperator, str]] = []  # chained successors and the port they read
         self.finished = False  # close() ran (in this attempt or before the restored checkpoint)
         self.watermark = MIN_TIME  # this operator's event time
@@ -215,6 +219,10 @@ class Task:
                  config: TaskConfig) -> None:
         self.spec, self.conn, self.config = spec, conn, config
         self.doorbell = Doorbells.open(config.doorbells).slot(slot)  # rung with every message sent
+        board = Board.open(config.counters)
+        self.counters = board.task(slot, [i for i, op in enumerate(board.meta["operators"]) if op[2] == slot])
+        self.clock = self.counters.clock  # every wait of this process: for input, credit or a message
+        self._publish_at = 0.0  # time.time() at which the counters go to the board next
         self.checkpointing = config.checkpoint_dir is not None
         self.store = CheckpointStore(config.checkpoint_dir) if self.checkpointing else None
         self.epoch = config.restore_from or 0  # the last barrier this task passed
@@ -230,14 +238,13 @@ class Task:
         for op, op_spec in zip(self.operators, spec.operators):
             op.next = [(by_name[name], port) for name, port in op_spec.chained]
         self.head = self.operators[0]
-        readers = [ChannelReader(names[label], nap_ns=TASK_NAP_NS) for label in spec.inputs]
-        self.gate = InputGate(readers) if readers else None
+        readers = [ChannelReader(names[label], nap_ns=TASK_NAP_NS, clock=self.clock) for label in spec.inputs]
+        self.gate = InputGate(readers, self.clock) if readers else None
         handler = AlignedBarrierHandler if config.exactly_once else AtLeastOnceBarrierHandler
         self.barriers: BarrierHandler | None = handler(self.gate) if self.gate else None
         self.valve = WatermarkValve(len(readers)) if readers else None
         event_time = self.head.spec_event_time
         self.generator = None if event_time is None else WatermarkGenerator(event_time, f"source {self.head.name!r}")
-        self.idle_s = 0.0
         self._control_poll = select.poll()  # reused: Connection.poll() builds a selector each call
         self._control_poll.register(conn.fileno(), select.POLLIN)
 
@@ -252,9 +259,8 @@ class Task:
         task calls it only when its doorbell rang (a load, not a system call)."""
         self.doorbell.answer()
         if timeout > 0:
-            waited = time.perf_counter()
-            ready = self._control_poll.poll(min(timeout, 3600.0) * 1000.0)
-            self.idle_s += time.perf_counter() - waited
+            with self.clock.waiting(WaitClock.INPUT):
+                ready = self._control_poll.poll(min(timeout, 3600.0) * 1000.0)
         else:
             ready = self._control_poll.poll(0)
         while ready:
@@ -284,12 +290,26 @@ class Task:
         """A processing-time timer was registered for ``at``."""
         self._next_timer = min(self._next_timer, at)
 
-    def _fire_timers(self) -> None:
-        """Fires the processing-time timers due by now, if any."""
-        if time.time() < self._next_timer:
-            return
-        self._next_timer = float("inf")
+    def _tick(self) -> None:
+        """Between two records or polls: fires the processing-time timers due by now, and
+        writes the counters to the board when that is due."""
         now = time.time()
+        if now >= self._publish_at:
+            self._publish_at = now + PUBLISH_INTERVAL_S
+            self._publish()
+        if now >= self._next_timer:
+            self._fire_timers(now)
+
+    def _publish(self) -> None:
+        for op in self.operators:
+            op.stats.bytes_out = sum(o.bytes_out for o in op.outputs)
+            op.stats.dropped = sum(o.dropped for o in op.outputs)
+            op.stats.watermark = None if op.watermark == MIN_TIME else op.watermark
+        fill = max((reader.fill() for reader in self.gate.readers), default=0.0) if self.gate else 0.0
+        self.counters.publish([op.stats for op in self.operators], fill)
+
+    def _fire_timers(self, now: float) -> None:
+        self._next_timer = float("inf")
         for op in self.operators:
             op.fire_timers(now)
         self._next_timer = min([self._next_timer] + [t for op in self.operators
@@ -397,14 +417,11 @@ class Task:
         if self._writer is not None:
             self._writer.shutdown(wait=True)  # acks before the statistics
         head = self.head.stats
-        head.idle_s = self.idle_s
-        head.backpressured_s = sum(o.backpressured_s() for op in self.operators for o in op.outputs)
+        head.idle_s = self.clock.seconds(WaitClock.INPUT)
+        head.backpressured_s = self.clock.seconds(WaitClock.CREDIT)
         head.busy_s = max(0.0, time.perf_counter() - started - head.idle_s - head.backpressured_s)
         head.cpu_s = time.process_time() - cpu
-        for op in self.operators:
-            op.stats.bytes_out = sum(o.bytes_out for o in op.outputs)
-            op.stats.dropped = sum(o.dropped for o in op.outputs)
-            op.stats.watermark = None if op.watermark == MIN_TIME else op.watermark
+        self._publish()
         self.send(msg.TaskFinished(tuple(op.stats for op in self.operators)))
 
     def _end_input(self) -> None:
@@ -427,10 +444,6 @@ class Task:
         while self.checkpointing and not self.finishing:  # triggers of the final checkpoint(s)
             self._control(timeout=1.0)
 
-    def _blocked_s(self) -> float:
-        """Seconds this task's outputs waited for credit (a backpressured source is not idle)."""
-        return sum(o.backpressured_s() for op in self.operators for o in op.outputs)
-
     def _watermarks_after(self, batches: list[Batch]) -> None:
         """A source's watermark after the batches it produced (and its status back to active
         first, if it had gone idle)."""
@@ -439,7 +452,7 @@ class Task:
             generator.idle = False
             self.head.status(False)
         # the time blocked on credit only matters to an idle timeout (reading it is a C call per output)
-        blocked = self._blocked_s() if generator.spec.idle_timeout is not None else 0.0
+        blocked = self.clock.seconds(WaitClock.CREDIT) if generator.spec.idle_timeout is not None else 0.0
         for batch in batches:
             watermark = generator.on_batch(batch, blocked)
             if watermark is not None:
@@ -447,19 +460,19 @@ class Task:
 
     def _run_source(self) -> None:
         head, source = self.head, self.head.op
-        backoff, reported = 0.001, time.monotonic()
+        backoff = 0.001
         generator = self.generator
         probe_at = float("inf") if generator is None else time.monotonic() + generator.spec.interval
         if generator is not None and not head.call(source.has_input):
             generator.idle = True  # nothing to read: it holds no watermark back
             head.status(True)
         while not (self.finishing or self.ended):
-            self._fire_timers()
+            self._tick()
             if self.doorbell.rung:  # between two polls: a barrier goes after a whole batch
                 self._control()
             if time.monotonic() >= probe_at:
                 probe_at = time.monotonic() + generator.spec.interval
-                if generator.probe(self._blocked_s()):
+                if generator.probe(self.clock.seconds(WaitClock.CREDIT)):
                     head.status(True)
             if self.stopped:  # a stop's barrier went out: nothing more, until Finish
                 self._control(timeout=1.0)
@@ -484,9 +497,6 @@ class Task:
                 produced = True
             if produced:
                 backoff = 0.001
-                if time.monotonic() - reported > PROGRESS_INTERVAL_S:
-                    self.send(msg.Progress(head.stats.records_in))
-                    reported = time.monotonic()
                 continue
             now = time.time()
             awake = head.call(source.next_awake)
@@ -494,7 +504,6 @@ class Task:
                        now + max(0.0, probe_at - time.monotonic()))
             backoff = min(2 * backoff, MAX_SOURCE_BACKOFF_S)
             self._control(timeout=wake - now)  # a trigger or a stop wakes it at once
-        self.send(msg.Progress(head.stats.records_in))
 
     def _run_operator(self) -> None:
         gate, barriers, head = self.gate, self.barriers, self.head
@@ -505,15 +514,13 @@ class Task:
                 self._checkpoint(checkpoint_id, time.perf_counter() - barriers.started)
             if ended:
                 return
-            self._fire_timers()
+            self._tick()
             if self.doorbell.rung:
                 self._control()
                 if self.finishing:
                     return
-            waited = time.perf_counter()
             got = gate.wait(None if self._next_timer == float("inf") else max(0.0, self._next_timer - time.time()),
                             self.doorbell)  # input, a message or the next timer: whichever comes first
-            self.idle_s += time.perf_counter() - waited
             if got is None:
                 continue
             channel, record = got
