@@ -21,6 +21,13 @@ def _integer(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _port(text: str) -> int:
+    value = _integer(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535, got {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--event-time", action="store_true",
                       help="timestamps out of order (plus late stragglers): per-domain 1-minute tumbling windows "
                            "with allowed lateness and a late side output, verified against the same rules in numpy")
-    demo.add_argument("--metrics-port", type=_integer(0), default=None,
+    demo.add_argument("--metrics-port", type=_port, default=None,
                       help="serve the job's counters to Prometheus at http://127.0.0.1:P/metrics (the metrics extra)")
     top = commands.add_parser("top", help="watch the mpstream jobs running on this machine")
     top.add_argument("--once", action="store_true", help="print one view and exit")

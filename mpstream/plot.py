@@ -1,5 +1,5 @@
 """``mpstream plot run.json -o run.png``: a picture of a run from its timeline
-(:mod:`mpstream.timeline`): records per second per operator on top, then per operator the
+(:mod:`mpstream.timeline`): records per second per operator on top (log scale), then per operator the
 shares of its processes' time busy, idle and backpressured; checkpoints are marked with grey
 lines, restarts with red ones. The input is ``mpstream demo --json`` output or a file written by
 ``JobResult.save_timeline``. Drawn by matplotlib (``pip install 'mpstream[plot]'``)."""
@@ -47,12 +47,14 @@ def plot(timeline: dict[str, Any], out: str, title: str = "mpstream run") -> Non
     fig, axes = plt.subplots(len(names) + 1, 1, sharex=True, figsize=(10, 2.6 + 1.3 * len(names)),
                              gridspec_kw={"height_ratios": [3] + [1] * len(names)}, squeeze=False)
     axes = axes[:, 0]
-    for name in names:
-        rows = columns["operator"] == name
-        axes[0].plot(columns["seconds"][rows], columns["records_in_per_s"][rows] / 1e6, label=name)
-    axes[0].set_ylabel("M records/s in")
+    for i, name in enumerate(names):  # chained operators run at one rate: dashes tell them apart
+        rows = (columns["operator"] == name) & (columns["records_in_per_s"] > 0)
+        axes[0].plot(columns["seconds"][rows], columns["records_in_per_s"][rows], label=name,
+                     linestyle=("-", "--", ":", "-.")[i % 4], linewidth=1.4)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("records/s in")
     axes[0].set_title(title)
-    axes[0].legend(loc="upper right", fontsize="small", ncol=2)
+    axes[0].legend(loc="lower left", fontsize="small", ncol=4)
     for ax, name in zip(axes[1:], names):
         rows = columns["operator"] == name
         ax.stackplot(columns["seconds"][rows], columns["busy"][rows], columns["idle"][rows],

@@ -109,7 +109,8 @@ def render(view: list[dict[str, Any]], instances: bool = False) -> str:
         for op in job["operators"]:
             rows = [op] + (op.get("per_instance", []) if instances else [])
             for row in rows:
-                label = op["operator"] if row is op else f"  [{row['instance']}] {row['waiting'] or ''}"
+                label = op["operator"] if row is op else \
+                    f"  [{row['instance']}] " + (f"waiting: {row['waiting']}" if row["waiting"] else "")
                 lag = "" if row["watermark_lag_s"] is None else f"{row['watermark_lag_s']:.2f}"
                 lines.append(f"{label[:22]:<22} {row['instances']:>4} {_rate(row['records_in_per_s']):>9} "
                              f"{_rate(row['records_out_per_s']):>9} {row['busy']:>5.0%} {row['idle']:>5.0%} "

@@ -27,6 +27,9 @@ def test_demo_verifies_and_reports_json(tmp_path):
         with open(tmp_path / name) as f:
             rows += list(csv.DictReader(f))
     assert len(rows) == 1000 and sum(int(r["count"]) for r in rows) == ops["valid"]["records_out"]
+    timeline = summary["timeline"]["columns"]  # what mpstream plot draws
+    clicks = [n for op, n in zip(timeline["operator"], timeline["records_in"]) if op == "clicks"]
+    assert clicks[-1] == 300_000 and clicks == sorted(clicks)
 
 
 def test_demo_survives_killed_workers_and_still_verifies(tmp_path):
@@ -80,6 +83,7 @@ def demo(*args, timeout=300, **kwargs):
     (["--parallelism", "0"], "--parallelism: must be an integer >= 1"),
     (["--salt", "-1"], "--salt: must be an integer >= 0"),
     (["--event-time", "--unbounded"], "--event-time runs a bounded job"),
+    (["--metrics-port", "70000"], "--metrics-port: must be a TCP port"),
 ])
 def test_demo_refuses_bad_values_with_a_usage_error(args, message):
     out = demo(*args)
@@ -188,3 +192,37 @@ def test_an_unbounded_demo_stops_on_sigterm_verifies_and_resumes(tmp_path):
     assert all(b > a for a, b in zip(first["stopped_at"], second["stopped_at"]))
     assert second["events"] == (sum(second["stopped_at"]) - sum(first["stopped_at"])) * 4000
     assert not os.listdir(tmp_path / "out" / ".pending")
+
+
+def test_an_unbounded_demo_serves_its_metrics_while_it_runs():
+    import socket
+    import urllib.request
+
+    from conftest import wait_until
+
+    with socket.socket() as probe:  # a port free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mpstream.cli", "demo", "--unbounded", "--rate", "50000",
+                             "--batch-size", "5000", "--metrics-port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scraped = {}
+
+    def clicks_counted():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return False
+        scraped["text"] = text
+        return 'mpstream_records_in_total{instance="0",operator="clicks"}' in text and \
+            'mpstream_records_in_total{instance="0",operator="clicks"} 0.0' not in text
+
+    try:
+        wait_until(clicks_counted, timeout=120, what="the demo's metrics to count clicks")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "VERIFIED" in stdout, stderr
+    for operator in ("clicks", "parse", "valid", "per_domain.combine", "per_domain.partial", "per_domain", "csv"):
+        assert f'operator="{operator}"' in scraped["text"]
