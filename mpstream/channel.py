@@ -210,11 +210,15 @@ class Channel:
 
 class WaitClock:
     """The time a process waits on channels (and on anything else it parks on), by reason,
-    kept in four int64 words where another process can read them while it waits: the reason
-    of the wait going on now (0: none), when it began (``time.monotonic_ns()``), and the
-    nanoseconds waited so far for input and for credit. The words are its own, or a slot of
-    a job's counters board (:mod:`mpstream.counters`). Only the slow path of a wait, the one
-    that parks, touches them.
+    kept in five int64 words where another process can read them while it waits: a sequence
+    number, the reason of the wait going on now (0: none), when it began
+    (``time.monotonic_ns()``), and the nanoseconds waited so far for input and for credit. The
+    words are its own, or a slot of a job's counters board (:mod:`mpstream.counters`). Only
+    the slow path of a wait, the one that parks, touches them.
+
+    The sequence number is odd while the words change (a seqlock): a reader in another
+    process takes the words when it reads the same even number before and after them, so it
+    never sees a wait both ended and going on.
 
     >>> clock = WaitClock()
     >>> with clock.waiting(WaitClock.INPUT):
@@ -225,22 +229,29 @@ class WaitClock:
     """
 
     INPUT, CREDIT = 1, 2  # waiting for something to read; waiting for space to write (backpressure)
+    WORDS = 5
     __slots__ = ("words",)
 
     def __init__(self, words: memoryview | None = None) -> None:
-        self.words = memoryview(bytearray(32)).cast("q") if words is None else words
+        self.words = memoryview(bytearray(8 * self.WORDS)).cast("q") if words is None else words
 
     def begin(self, reason: int) -> None:
+        """A wait for reason begins now."""
         words = self.words
-        words[1] = time.monotonic_ns()
-        words[0] = reason
+        words[0] += 1
+        words[2] = time.monotonic_ns()
+        words[1] = reason
+        words[0] += 1
 
     def end(self) -> None:
+        """The wait going on (if any) ends now: its time goes to its reason's total."""
         words = self.words
-        reason = words[0]
+        reason = words[1]
         if reason:
-            words[1 + reason] += time.monotonic_ns() - words[1]
-            words[0] = 0
+            words[0] += 1
+            words[2 + reason] += time.monotonic_ns() - words[2]
+            words[1] = 0
+            words[0] += 1
 
     def waiting(self, reason: int) -> _Waiting:
         """A context manager: a wait for reason."""
@@ -248,13 +259,14 @@ class WaitClock:
 
     @property
     def waiting_now(self) -> int:
-        return self.words[0]
+        """The reason of the wait going on, 0 when none is."""
+        return self.words[1]
 
     def seconds(self, reason: int) -> float:
-        """Seconds waited for reason, the wait going on included."""
+        """Seconds waited for reason, the wait going on included (in the process that waits)."""
         words = self.words
-        ongoing = time.monotonic_ns() - words[1] if words[0] == reason else 0
-        return (words[1 + reason] + ongoing) / 1e9
+        ongoing = time.monotonic_ns() - words[2] if words[1] == reason else 0
+        return (words[2 + reason] + ongoing) / 1e9
 
 
 class _Waiting:

@@ -22,6 +22,7 @@ preceded that checkpoint, so results are exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -120,14 +121,16 @@ class Job:
         self.started = time.monotonic()
         self.board: Board | None = None
         self.metrics: MetricsServer | None = None
-        self.timeline = Timeline([n.name for n in graph.nodes], self.started, time.time())
+        self.timeline = Timeline([n.name for n in graph.nodes], self.started)
         self.checkpoints_done = 0  # in every attempt
 
-    def sample(self, last: bool = False) -> None:
+    def sample(self, final: bool = False, callbacks: bool = True) -> None:
         """Reads the counters board (at the start, four times a second, and at the end): the
-        timeline, progress bars and the progress function get it."""
+        timeline gets it, and with ``callbacks`` progress bars and the progress function."""
         job = self.board.snapshot()
-        self.timeline.add(job, last)
+        self.timeline.add(job, final)
+        if not callbacks:
+            return
         if self._bars is not None:
             self._bars.update(job)
         if self.progress is not None:
@@ -169,25 +172,25 @@ class Job:
     def run(self) -> JobResult:
         self.board = Board.create(self.graph.name, [t.name for t in self.tasks],
                                   [(op.node.name, op.instance, i) for i, t in enumerate(self.tasks) for op in t.operators])
-        server = self._bars = None
-        state = FAILED
-        self.sample()
-        try:
+        self._bars = None
+        with contextlib.ExitStack() as closing:  # each closed whatever the others do
+            closing.callback(self.board.close)
             if self.metrics_port is not None:
-                server = self.metrics = MetricsServer(self.metrics_port, self.board.snapshot)
+                self.metrics = MetricsServer(self.metrics_port, self.board.snapshot)
+                closing.callback(self.metrics.close)
             if self.bars:
                 self._bars = ProgressBars({n.name: n.make().total_rows() for n in self.graph.nodes if n.is_source})
-            result = self._run()
-            state = FINISHED
+                closing.callback(self._bars.close)
+            try:
+                self.sample()
+                result = self._run()
+            except BaseException:
+                self.board.set(state=FAILED)
+                self.sample(final=True, callbacks=False)  # a progress function may be what failed
+                raise
+            self.board.set(state=FINISHED)
+            self.sample(final=True)
             return result
-        finally:
-            self.board.set(state=state)
-            self.sample(last=True)
-            if self._bars is not None:
-                self._bars.close()
-            if server is not None:
-                server.close()
-            self.board.close()
 
     def _run(self) -> JobResult:
         config = self.config
@@ -233,6 +236,7 @@ class Job:
                     recoveries.append(time.monotonic() - failed_at[-1])
                 failed_at.append(time.monotonic())
                 self.board.set(restarts=len(failed_at), restarted_at=time.time_ns())
+                self.timeline.restarts.append(round(time.monotonic() - self.started, 3))
                 warnings.warn(f"restarting the job from its last checkpoint after: {exc}", stacklevel=3)
                 time.sleep(config.restart_backoff * 2 ** (len(failed_at) - 1))  # backoff, not synchronisation
                 restore = self._restore_point(first)
@@ -304,6 +308,7 @@ class _Attempt:
                     task.process.kill()
                 task.process.join()
                 task.conn.close()
+                self.job.board.end_task(self.slots[task.spec.name])
             self._unlink()
 
     def _unlink(self) -> None:
@@ -412,6 +417,7 @@ class _Attempt:
                 self.job.checkpoints_done += 1
                 self.job.board.set(checkpoints=self.job.checkpoints_done, checkpoint_id=last["id"],
                                    checkpoint_at=time.time_ns(), checkpoint_ns=int(last["duration_s"] * 1e9))
+                self.job.timeline.checkpoints.append(round(time.monotonic() - self.job.started, 3))
         elif isinstance(message, msg.TaskDrained):
             if checkpoints is not None:
                 checkpoints.on_drained(name)
@@ -429,6 +435,7 @@ class _Attempt:
 
     def _exited(self, task: _TaskProcess, open_conns: dict) -> None:
         task.process.join()
+        self.job.board.end_task(self.slots[task.spec.name])
         self._drain(task.conn, open_conns)
         if task.spec.name not in self.finished:
             code = task.process.exitcode

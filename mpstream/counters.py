@@ -13,14 +13,16 @@ Layout: little-endian int64 words::
     header   magic, layout version, coordinator pid, started (unix ns), tasks, operators,
              state, restarts, last restart (unix ns), checkpoints completed, last checkpoint
              id, its completion (unix ns), its duration (ns), metadata offset, metadata length
-    tasks    per task (process): the WaitClock's 4 words (waiting for, since, input ns,
-             credit ns), pid, started (monotonic ns), input fill (parts per million)
+    tasks    per task (process): the WaitClock's 5 words (sequence, waiting for, since,
+             input ns, credit ns), pid, started (monotonic ns), input fill (parts per
+             million), ended (monotonic ns; 0 while it runs)
     ops      per operator instance: records in, records out, batches in, batches out,
              bytes out, dropped, late records, watermark
     metadata JSON: the job's name, its tasks, and each operator instance's name, instance
              and task
 
-Times that are ``monotonic`` are ``time.monotonic_ns()``: one clock for every process.
+Times that are ``monotonic`` are ``time.monotonic_ns()``: one clock for every process. A task
+that starts again (a restart) sets its words afresh: readers tell attempts apart by its start.
 
 >>> board = Board.create("example", ["src[0]"], [("src", 0, 0)])
 >>> task = board.task(0, [0])
@@ -40,6 +42,7 @@ import itertools
 import json
 import mmap
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,13 +58,14 @@ __all__ = ["Board", "TaskCounters", "JobCounters", "OperatorCounters", "Rates", 
 MAGIC = 0x44524F4253504D  # "MPSBORD" little-endian
 VERSION = 1
 SUFFIX = ".counters"
-HEADER_WORDS, TASK_WORDS, OP_WORDS = 16, 8, 8
+HEADER_WORDS, TASK_WORDS, OP_WORDS = 16, 16, 8
 RUNNING, FINISHED, FAILED = 1, 2, 3
 STATES = {RUNNING: "running", FINISHED: "finished", FAILED: "failed"}
 NO_WATERMARK = -(2 ** 63)
 (_MAGIC, _VERSION, _PID, _STARTED, _TASKS, _OPS, _STATE, _RESTARTS, _RESTARTED_AT, _CHECKPOINTS,
  _CHECKPOINT_ID, _CHECKPOINT_AT, _CHECKPOINT_NS, _META_AT, _META_LENGTH) = range(15)
-_PID_W, _STARTED_W, _FILL_W = 4, 5, 6  # task words after the WaitClock's four
+_CLOCK = WaitClock.WORDS
+_PID_W, _STARTED_W, _FILL_W, _ENDED_W = _CLOCK, _CLOCK + 1, _CLOCK + 2, _CLOCK + 3  # after the WaitClock's words
 _labels = itertools.count()
 
 
@@ -88,6 +92,7 @@ class OperatorCounters:
     backpressured_s: float
     waiting: str  # what its task waits for now: "", "input" or "credit"
     input_fill: float  # the fullest input ring of its task, 0 to 1
+    started: float = 0.0  # when its task's attempt started (time.monotonic()): a restart changes it
 
 
 @dataclass
@@ -107,6 +112,7 @@ class JobCounters:
     operators: list[OperatorCounters] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The job's own fields (not its operators) as JSON values."""
         return {"job": self.name, "pid": self.pid, "started": self.started, "state": self.state,
                 "restarts": self.restarts, "checkpoints": self.checkpoints,
                 "last_checkpoint": self.last_checkpoint, "board": self.path}
@@ -126,18 +132,18 @@ class Rates:
 
 
 def rates(before: JobCounters, after: JobCounters) -> list[Rates]:
-    """Per operator instance of ``after``: its rates since ``before`` (a counter that went
-    back, after a restart, counts from zero)."""
+    """Per operator instance of ``after``: its rates since ``before`` (an instance that
+    started again since, after a restart, counts from zero)."""
     seconds = max(after.taken - before.taken, 1e-9)
     earlier = {(o.name, o.instance): o for o in before.operators}
     out = []
     for op in after.operators:
         prev = earlier.get((op.name, op.instance))
+        if prev is not None and prev.started != op.started:
+            prev = None
 
         def delta(field_name: str, prev: OperatorCounters | None = prev, op: OperatorCounters = op) -> float:
-            now = getattr(op, field_name)
-            then = 0 if prev is None else getattr(prev, field_name)
-            return now - then if now >= then else now
+            return getattr(op, field_name) - (0 if prev is None else getattr(prev, field_name))
 
         times = [max(0.0, delta(f)) for f in ("busy_s", "idle_s", "backpressured_s")]
         total = sum(times) or 1.0
@@ -151,17 +157,20 @@ class TaskCounters:
 
     def __init__(self, board: Board, task: int, operators: list[int]) -> None:
         words = board.task_words(task)
+        words[_STARTED_W] = 0  # readers skip the task while its words are set afresh
         for i in range(TASK_WORDS):  # this attempt starts from zero
-            words[i] = 0
+            if i != _STARTED_W:
+                words[i] = 0
         words[_PID_W] = os.getpid()
-        words[_STARTED_W] = time.monotonic_ns()
-        self.clock = WaitClock(words[:4])
+        self.clock = WaitClock(words[:_CLOCK])
+        board._views.append(self.clock.words)
         self._words = words
         self._ops = [board.op_words(i) for i in operators]
         for op in self._ops:
             for i in range(OP_WORDS):
                 op[i] = 0
             op[7] = NO_WATERMARK
+        words[_STARTED_W] = time.monotonic_ns()
         self.board = board  # keeps the mapping alive
 
     def publish(self, stats: list[InstanceStats], fill: float) -> None:
@@ -174,6 +183,10 @@ class TaskCounters:
             words[7] = NO_WATERMARK if s.watermark is None else s.watermark
         self._words[_FILL_W] = int(fill * 1e6)
 
+    def end(self) -> None:
+        """The task ends: its time stops here."""
+        self._words[_ENDED_W] = time.monotonic_ns()
+
 
 class Board:
     """A job's counters board (see the module doc): ``Board.create`` in the coordinator
@@ -182,6 +195,11 @@ class Board:
     def __init__(self, path: str, buffer: mmap.mmap, fd: int | None = None, writable: bool = True) -> None:
         self.path, self._mmap, self._fd = path, buffer, fd
         self.words = memoryview(buffer).cast("q") if writable else None
+        self._views: list[memoryview] = []  # handed out: released at close
+        self._reading = memoryview(buffer).cast("q")  # read-only where the mapping is
+        self._clocks: dict[int, tuple[list[int], int]] = {}  # each task's last consistent clock words, taken
+        self._lock = threading.Lock()  # snapshot (a metrics scrape's thread) against close
+        self._last: JobCounters | None = None
         header = np.frombuffer(buffer, np.int64, HEADER_WORDS)
         if header[_MAGIC] != MAGIC or header[_VERSION] != VERSION:
             raise ValueError(f"{path} is not an mpstream counters board of layout version {VERSION}")
@@ -244,16 +262,29 @@ class Board:
             return None
         return board.snapshot()
 
+    def _view(self, start: int, length: int) -> memoryview:
+        view = self.words[start : start + length]
+        self._views.append(view)
+        return view
+
     def task_words(self, task: int) -> memoryview:
-        start = HEADER_WORDS + TASK_WORDS * task
-        return self.words[start : start + TASK_WORDS]
+        """The words of task number ``task`` (see the module doc)."""
+        return self._view(HEADER_WORDS + TASK_WORDS * task, TASK_WORDS)
 
     def op_words(self, op: int) -> memoryview:
-        start = HEADER_WORDS + TASK_WORDS * self.tasks + OP_WORDS * op
-        return self.words[start : start + OP_WORDS]
+        """The words of operator instance number ``op`` (in the order of the metadata)."""
+        return self._view(HEADER_WORDS + TASK_WORDS * self.tasks + OP_WORDS * op, OP_WORDS)
 
     def task(self, task: int, operators: list[int]) -> TaskCounters:
+        """The slots a task writes: its own and its operators' (numbers in the metadata)."""
         return TaskCounters(self, task, operators)
+
+    def end_task(self, task: int) -> None:
+        """The coordinator saw the task's process end (killed, or exited): its time stops."""
+        words = self.words
+        at = HEADER_WORDS + TASK_WORDS * task
+        if words[at + _STARTED_W] and not words[at + _ENDED_W]:
+            words[at + _ENDED_W] = time.monotonic_ns()
 
     # ---- the coordinator's fields ----------------------------------------------------------
 
@@ -268,33 +299,65 @@ class Board:
 
     def close(self) -> None:
         """Closes the creator's file and mapping: readers no longer find the board (other
-        processes' mappings stay valid; the memory goes with the last)."""
-        if self._fd is not None:
+        processes' mappings stay valid; the memory goes with the last). A snapshot asked
+        for after is the last one taken."""
+        with self._lock:
+            if self._fd is None:
+                return
             os.close(self._fd)
             self._fd = None
-            self.words.release()
-            try:
-                self._mmap.close()  # and the descriptor mmap keeps of its own
-            except BufferError:  # a TaskCounters of this process still writes to it
-                pass
+            for view in self._views + [self.words, self._reading]:
+                if view is not None:
+                    view.release()
+            self._mmap.close()  # and the descriptor mmap keeps of its own
 
     # ---- reading ---------------------------------------------------------------------------
 
     def snapshot(self) -> JobCounters:
+        """A copy of the board now, as :class:`JobCounters`."""
+        with self._lock:
+            if self._mmap.closed:
+                return self._last
+            self._last = self._snapshot()
+            return self._last
+
+    def _copy(self) -> tuple[np.ndarray, int, list[int]]:
+        """The board's words, each task's WaitClock consistent (read under its seqlock), and
+        the time before they were read: what a wait went on for after it is counted only when
+        the wait ended, so no later copy shows less waited. Per task, the time its clock
+        words stand for: a task whose words changed all the while is shown as last seen."""
         taken = time.monotonic_ns()
-        words = np.frombuffer(self._mmap, np.int64, HEADER_WORDS + TASK_WORDS * self.tasks
-                              + OP_WORDS * self.ops).copy()
+        count = HEADER_WORDS + TASK_WORDS * self.tasks + OP_WORDS * self.ops
+        words = np.frombuffer(self._mmap, np.int64, count).copy()
+        reading = self._reading
+        times = []
+        for task in range(self.tasks):
+            at = HEADER_WORDS + TASK_WORDS * task
+            for _ in range(100):  # a wait's words change in well under a microsecond
+                sequence = reading[at]
+                clock = reading[at : at + _CLOCK].tolist()
+                if not sequence & 1 and reading[at] == sequence == clock[0]:
+                    self._clocks[task] = clock, taken
+                    break
+            else:  # changing all the while: as last seen (a reader never sees time go back)
+                clock, _ = self._clocks.get(task, ([0] * _CLOCK, taken))
+            words[at : at + _CLOCK] = clock
+            times.append(self._clocks.get(task, (clock, taken))[1])
+        return words, taken, times
+
+    def _snapshot(self) -> JobCounters:
+        words, taken, times_at = self._copy()
         header = words[:HEADER_WORDS]
         tasks = words[HEADER_WORDS : HEADER_WORDS + TASK_WORDS * self.tasks].reshape(self.tasks, TASK_WORDS)
         ops = words[HEADER_WORDS + TASK_WORDS * self.tasks :].reshape(self.ops, OP_WORDS)
-        times = [_task_times(row, taken) for row in tasks]
+        times = [_task_times(row, at) for row, at in zip(tasks, times_at)]
         operators = []
         for (name, instance, task), row in zip(self.meta["operators"], ops):
             busy, idle, credit, waiting = times[task]
             operators.append(OperatorCounters(
                 name, instance, self.meta["tasks"][task], int(tasks[task][_PID_W]), *(int(v) for v in row[:7]),
                 None if row[7] == NO_WATERMARK else int(row[7]), busy, idle, credit, waiting,
-                tasks[task][_FILL_W] / 1e6))
+                tasks[task][_FILL_W] / 1e6, tasks[task][_STARTED_W] / 1e9))
         checkpoint = None if not header[_CHECKPOINTS] else {
             "id": int(header[_CHECKPOINT_ID]), "at": header[_CHECKPOINT_AT] / 1e9,
             "duration_s": header[_CHECKPOINT_NS] / 1e9}
@@ -305,16 +368,20 @@ class Board:
 
 
 def _task_times(row: np.ndarray, now: int) -> tuple[float, float, float, str]:
-    """(busy, idle, backpressured) seconds of a task so far, and what it waits for now."""
+    """(busy, idle, backpressured) seconds of a task so far (until it ended), and what it
+    waits for now."""
     if not row[_STARTED_W]:  # not started (yet) in this attempt
         return 0.0, 0.0, 0.0, ""
-    waiting, since = int(row[0]), int(row[1])
-    waited = [int(row[2]), int(row[3])]
+    if row[_ENDED_W]:
+        now = min(now, int(row[_ENDED_W]))
+    waiting, since = int(row[1]), int(row[2])
+    waited = [int(row[3]), int(row[4])]
     if waiting in (WaitClock.INPUT, WaitClock.CREDIT):
         waited[waiting - 1] += max(0, now - since)
     idle, credit = waited[0] / 1e9, waited[1] / 1e9
     busy = max(0.0, (now - int(row[_STARTED_W])) / 1e9 - idle - credit)
-    return busy, idle, credit, {WaitClock.INPUT: "input", WaitClock.CREDIT: "credit"}.get(waiting, "")
+    ended = bool(row[_ENDED_W])
+    return busy, idle, credit, "" if ended else {WaitClock.INPUT: "input", WaitClock.CREDIT: "credit"}.get(waiting, "")
 
 
 def find_boards() -> list[str]:

@@ -223,6 +223,7 @@ class Task:
         self.counters = board.task(slot, [i for i, op in enumerate(board.meta["operators"]) if op[2] == slot])
         self.clock = self.counters.clock  # every wait of this process: for input, credit or a message
         self._publish_at = 0.0  # time.time() at which the counters go to the board next
+        self._published = (0, 0)  # the head's records in and out then
         self.checkpointing = config.checkpoint_dir is not None
         self.store = CheckpointStore(config.checkpoint_dir) if self.checkpointing else None
         self.epoch = config.restore_from or 0  # the last barrier this task passed
@@ -300,7 +301,18 @@ class Task:
         if now >= self._next_timer:
             self._fire_timers(now)
 
+    def _wake_at(self) -> float:
+        """The time.time() by which a parked task wakes: its next timer, and, while its counts
+        changed since they went to the board, its next publish (a burst then a quiet input
+        is on the board within a publish interval, not when the next record comes)."""
+        head = self.head.stats
+        if (head.records_in, head.records_out) != self._published:
+            return min(self._next_timer, self._publish_at)
+        return self._next_timer
+
     def _publish(self) -> None:
+        head = self.head.stats
+        self._published = (head.records_in, head.records_out)
         for op in self.operators:
             op.stats.bytes_out = sum(o.bytes_out for o in op.outputs)
             op.stats.dropped = sum(o.dropped for o in op.outputs)
@@ -422,6 +434,7 @@ class Task:
         head.busy_s = max(0.0, time.perf_counter() - started - head.idle_s - head.backpressured_s)
         head.cpu_s = time.process_time() - cpu
         self._publish()
+        self.counters.end()
         self.send(msg.TaskFinished(tuple(op.stats for op in self.operators)))
 
     def _end_input(self) -> None:
@@ -500,7 +513,7 @@ class Task:
                 continue
             now = time.time()
             awake = head.call(source.next_awake)
-            wake = min(now + backoff if awake is None else awake, self._next_timer,
+            wake = min(now + backoff if awake is None else awake, self._wake_at(),
                        now + max(0.0, probe_at - time.monotonic()))
             backoff = min(2 * backoff, MAX_SOURCE_BACKOFF_S)
             self._control(timeout=wake - now)  # a trigger or a stop wakes it at once
@@ -519,7 +532,8 @@ class Task:
                 self._control()
                 if self.finishing:
                     return
-            got = gate.wait(None if self._next_timer == float("inf") else max(0.0, self._next_timer - time.time()),
+            wake = self._wake_at()
+            got = gate.wait(None if wake == float("inf") else max(0.0, wake - time.time()),
                             self.doorbell)  # input, a message or the next timer: whichever comes first
             if got is None:
                 continue

@@ -2,8 +2,9 @@
 memory, with its checkpoints and restarts marked.
 
 The coordinator adds a :class:`~mpstream.counters.JobCounters` snapshot every
-:data:`SAMPLE_INTERVAL_S`; counters that went back (a restarted task counts from zero again)
-are carried on, as Prometheus does for a counter reset. At :data:`MAX_SAMPLES` every other
+:data:`SAMPLE_INTERVAL_S`, and the time of every checkpoint and restart as it happens. A task
+that starts again after a restart counts from zero: what its earlier attempt had counted is
+carried on (as Prometheus does for a counter reset), so replayed records count again. At :data:`MAX_SAMPLES` every other
 sample is dropped and the interval doubles: a long job keeps its whole run at a coarser step.
 ``JobResult.timeline()`` gives the samples as columns, one row per sample and operator;
 ``mpstream plot`` draws them.
@@ -40,41 +41,42 @@ COLUMNS = ("seconds", "operator", "records_in", "records_out", "records_in_per_s
 
 
 class Timeline:
-    """Samples of one job (see the module doc). ``started`` is the ``time.monotonic()`` and
-    ``started_unix`` the ``time.time()`` at which the job started."""
+    """Samples of one job (see the module doc). ``started`` is the ``time.monotonic()`` at
+    which the job started; ``checkpoints`` and ``restarts`` the seconds since then at which
+    each checkpoint completed and each restart began."""
 
-    def __init__(self, operators: list[str], started: float, started_unix: float) -> None:
+    def __init__(self, operators: list[str], started: float) -> None:
         self.operators = list(dict.fromkeys(operators))  # names, in the job's order
-        self.started, self.started_unix = started, started_unix
+        self.started = started
         self.interval = SAMPLE_INTERVAL_S
         self.seconds: list[float] = []
         self.values: list[np.ndarray] = []  # per sample: operators x _FIELDS, summed over instances
         self.instances = np.zeros(len(self.operators))
         self.checkpoints: list[float] = []  # seconds at which each checkpoint completed
         self.restarts: list[float] = []
-        self._raw: dict[tuple[str, int], np.ndarray] = {}  # each instance's last counters
-        self._carried: dict[tuple[str, int], np.ndarray] = {}  # what they counted before a reset
-        self._seen_checkpoints = 0
-        self._seen_restarts = 0
+        self._raw: dict[tuple[str, int], tuple[float, np.ndarray]] = {}  # instance -> its attempt, counters
+        self._carried: dict[tuple[str, int], np.ndarray] = {}  # what its earlier attempts counted
 
-    def add(self, job: JobCounters, last: bool = False) -> None:
+    def add(self, job: JobCounters, final: bool = False) -> None:
         """Adds a snapshot (skipped if it comes sooner than the interval after the one before,
-        unless it is the ``last``)."""
+        unless it is the ``final`` one)."""
         at = job.taken - self.started
-        if self.seconds and at - self.seconds[-1] < self.interval * 0.9 and not last:
+        if self.seconds and at - self.seconds[-1] < self.interval * 0.9 and not final:
             return
-        self._marks(job)
         index = {name: i for i, name in enumerate(self.operators)}
         values = np.zeros((len(self.operators), len(_FIELDS)))
         instances = np.zeros(len(self.operators))
         for op in job.operators:
             key = (op.name, op.instance)
-            raw = np.array([getattr(op, f) for f in _FIELDS], dtype=np.float64)
-            last = self._raw.get(key)
+            before = self._raw.get(key)
             carried = self._carried.setdefault(key, np.zeros(len(_FIELDS)))
-            if last is not None:
-                carried += np.where(raw < last, last, 0.0)  # a reset: what it had counted stays
-            self._raw[key] = raw
+            if not op.started:  # not running (yet), or setting its words afresh: as it was
+                raw = np.zeros(len(_FIELDS)) if before is None else before[1]
+            else:
+                raw = np.array([getattr(op, f) for f in _FIELDS], dtype=np.float64)
+                if before is not None and before[0] != op.started:  # a new attempt: what the last counted stays
+                    carried += before[1]
+                self._raw[key] = (op.started, raw)
             values[index[op.name]] += carried + raw
             instances[index[op.name]] += 1
         self.instances = instances
@@ -83,14 +85,6 @@ class Timeline:
         if len(self.seconds) > MAX_SAMPLES:
             self.seconds, self.values = self.seconds[::2], self.values[::2]
             self.interval *= 2
-
-    def _marks(self, job: JobCounters) -> None:
-        if job.checkpoints > self._seen_checkpoints and job.last_checkpoint is not None:
-            self._seen_checkpoints = job.checkpoints
-            self.checkpoints.append(round(job.last_checkpoint["at"] - self.started_unix, 3))
-        if job.restarts > self._seen_restarts and job.restarted_at is not None:
-            self._seen_restarts = job.restarts
-            self.restarts.append(round(job.restarted_at - self.started_unix, 3))
 
     def columns(self) -> dict[str, np.ndarray]:
         """One row per sample after the first and operator: the seconds since the job started,
@@ -112,6 +106,7 @@ class Timeline:
         return {name: np.array(values, dtype=types.get(name, np.float64)) for name, values in out.items()}
 
     def batch(self) -> Batch:
+        """:meth:`columns` as a Batch."""
         return Batch(self.columns())
 
     def to_json(self) -> dict[str, Any]:
@@ -121,5 +116,6 @@ class Timeline:
                 "checkpoints": self.checkpoints, "restarts": self.restarts}
 
     def save(self, path: str) -> None:
+        """Writes ``{"timeline": to_json()}`` to path."""
         with open(path, "w") as f:
             json.dump({"timeline": self.to_json()}, f)

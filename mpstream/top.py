@@ -28,7 +28,12 @@ def collect(interval: float, earlier: dict[str, JobCounters] | None = None,
         earlier = {path: job for path in find_boards() if (job := Board.read(path)) is not None}
         time.sleep(interval)  # the span the rates are measured over
     now = {path: job for path in find_boards() if (job := Board.read(path)) is not None}
-    jobs = [(job, rates(earlier.get(path, _empty(job)), job)) for path, job in now.items()]
+    jobs = []
+    for path, job in now.items():
+        before = earlier.get(path)
+        if before is None or before.started != job.started:  # new, or a descriptor number used again
+            before = _empty(job)
+        jobs.append((job, rates(before, job)))
     return jobs, now
 
 
@@ -141,6 +146,7 @@ def _live(screen: Any, interval: float, instances: bool) -> None:
 
 
 def main(once: bool, as_json: bool, instances: bool, interval: float) -> int:
+    """``mpstream top``: one view printed (``once``, ``as_json``), else a live one until ``q``."""
     if once or as_json:
         jobs, _ = collect(interval)
         view = to_json(jobs, instances)

@@ -84,28 +84,26 @@ def test_the_board_holds_exactly_what_the_job_reports_at_the_end():
     assert result.per_operator()["odd"]["records_out"] == 50_000
 
 
-def test_timeline_rates_are_the_differences_of_its_counts():
-    job = started(endless())
-    job.stop(drain=True)
-    timeline = job.wait(60).timeline()
-    seconds, operator = timeline["seconds"], timeline["operator"].to_numpy()
-    rows = np.flatnonzero(operator == "double")
-    assert len(rows) >= 2
-    counts, rates = timeline["records_in"][rows], timeline["records_in_per_s"][rows]
-    expected = np.diff(counts) / np.diff(seconds[rows])
-    np.testing.assert_allclose(rates[1:], expected, rtol=1e-9)
-    shares = timeline["busy"] + timeline["idle"] + timeline["backpressured"]
-    assert np.all((np.abs(shares - 1) < 1e-9) | (shares == 0))
+def counted(records: int, busy_s: float, started: float, idle_s: float = 0.0):
+    from mpstream.counters import OperatorCounters
+
+    return OperatorCounters("op", 0, "op[0]", 1, records, records, 0, 0, 0, 0, 0, None, busy_s, idle_s, 0.0, "", 0.0,
+                            started)
+
+
+def sampled(taken: float, op):
+    from mpstream.counters import JobCounters
+
+    return JobCounters("j", "", 1, 0.0, taken, "running", 0, None, 0, None, [op])
 
 
 def test_timeline_keeps_memory_bounded_and_its_whole_span():
-    from mpstream.counters import JobCounters, OperatorCounters
     from mpstream.timeline import MAX_SAMPLES
 
-    timeline = Timeline(["op"], 0.0, 0.0)
+    timeline = Timeline(["op"], 0.0)
     for i in range(3 * MAX_SAMPLES):
-        op = OperatorCounters("op", 0, "op[0]", 1, i * 10, i * 10, i, i, 0, 0, 0, None, i * 0.25, 0.0, 0.0, "", 0.0)
-        timeline.add(JobCounters("j", "", 1, 0.0, i * 0.25, "running", 0, None, 0, None, [op]))
+        op = counted(i * 10, i * 0.25, started=1.0)
+        timeline.add(sampled(i * 0.25, op))
     assert len(timeline.seconds) <= MAX_SAMPLES
     columns = timeline.columns()
     assert columns["seconds"][-1] >= (3 * MAX_SAMPLES - 1) * 0.25 - timeline.interval
@@ -230,3 +228,140 @@ def test_progress_true_draws_nothing_off_a_terminal(capfd):
 
 def test_top_render_without_jobs_says_so():
     assert top.render([]) == "no mpstream job is running (that this user can see)"
+
+
+def test_a_new_attempt_carries_on_what_the_last_counted_even_past_its_total():
+    """Attempt 1 counted 6,000 records; attempt 2 (another start) is at 200,000 by the next
+    sample: 206,000 in all, though no counter went back."""
+    timeline = Timeline(["op"], 0.0)
+    timeline.add(sampled(0.0, counted(0, 0.0, started=0.0)))  # not started yet
+    timeline.add(sampled(0.25, counted(3_000, 0.2, started=1.0)))
+    timeline.add(sampled(0.5, counted(6_000, 0.4, started=1.0)))
+    timeline.add(sampled(0.75, counted(0, 0.0, started=0.0)))  # setting its words afresh
+    timeline.add(sampled(1.0, counted(200_000, 0.3, started=2.0)))
+    columns = timeline.columns()
+    assert columns["records_in"].tolist() == [3_000, 6_000, 6_000, 206_000]
+    assert columns["records_in_per_s"].tolist() == [12_000, 12_000, 0, 800_000]
+
+
+class Quiet:
+    """A source that gives two batches, then nothing for an hour (until stopped)."""
+
+    def __init__(self):
+        from mpstream.sources import Source
+
+        class Burst(Source):
+            def open(self, ctx):
+                super().open(ctx)
+                self.sent = 0
+
+            def poll(self):
+                if self.sent < 2:
+                    self.sent += 1
+                    return {"x": np.arange(500)}
+                return None
+
+            def next_awake(self):
+                import time
+                return time.time() + 3600
+
+            def snapshot(self):
+                return self.sent
+
+            def restore(self, states):
+                self.sent = states[0]
+
+        self.make = Burst
+
+
+def test_a_burst_then_quiet_input_is_on_the_board_without_more_records():
+    from conftest import wait_until
+    from mpstream.counters import Board
+
+    p = Pipeline()
+    p.source("burst", Quiet().make).map("after", lambda b: b, chain=False).collect("out")
+    job = p.start()
+    try:
+        def counted():
+            boards = [b for b in (Board.read(path) for path in mine()) if b is not None]
+            ops = {o.name: o for b in boards for o in b.operators}
+            return ops.get("after") is not None and ops["after"].records_in == 1000 \
+                and ops["after"].waiting == "input"
+
+        wait_until(counted, timeout=30, what="the 1,000 records of the burst on the board")
+    finally:
+        job.stop(drain=True)
+        job.wait(60)
+
+
+def test_a_task_that_ended_is_neither_busy_nor_idle_after():
+    import time
+
+    def slow(batch):
+        time.sleep(0.05)  # the work of a slow operator, not a synchronisation
+        return batch
+
+    p = Pipeline()
+    p.from_arrays("fast", {"x": np.arange(10_000)}, batch_size=1000).map("slow", slow, chain=False).collect("out")
+    result = p.run()
+    timeline = result.timeline()
+    fast = timeline["operator"].to_numpy() == "fast"
+    times = timeline["busy"][fast] + timeline["idle"][fast] + timeline["backpressured"][fast]
+    assert times[-1] == 0  # the source ended long before the last sample: no time of it counts
+    busy_s = result.recording.values[-1][result.recording.operators.index("fast"), 2]
+    assert busy_s == pytest.approx(result.per_operator()["fast"]["busy_s"], abs=0.05)
+    assert result.per_operator()["slow"]["busy_s"] >= 0.45
+
+
+def test_a_readers_copy_of_a_wait_clock_never_goes_back_while_it_changes():
+    """A writer process begins and ends waits as fast as it can; every snapshot's idle time is
+    at least the one before (the seqlock: a wait is never seen both ended and going on)."""
+    from mpstream.channel import WaitClock
+    from mpstream.counters import Board
+
+    board = Board.create("clock", ["t[0]"], [("t", 0, 0)])
+    try:
+        counters = board.task(0, [0])
+        pid = os.fork()
+        if pid == 0:  # the writer
+            clock = counters.clock
+            try:
+                for _ in range(200_000):
+                    clock.begin(WaitClock.INPUT)
+                    clock.end()
+            finally:
+                os._exit(0)
+        seen = []
+        while True:
+            done = os.waitpid(pid, os.WNOHANG)[0] == pid
+            seen.append(board.snapshot().operators[0].idle_s)
+            if done:
+                break
+        assert len(seen) > 10 and all(b >= a for a, b in zip(seen, seen[1:]))
+    finally:
+        board.close()
+
+
+def test_a_progress_function_that_raises_leaves_no_board_and_no_server():
+    p = Pipeline()
+    p.from_arrays("src", {"x": np.arange(10)}).collect("out")
+    before = threading.active_count()
+    with pytest.raises(ZeroDivisionError):
+        p.run(progress=lambda info: 1 / 0, metrics_port=0)
+    assert mine() == []
+    assert threading.active_count() == before  # the metrics server's thread is gone
+
+
+def test_every_checkpoint_is_marked_on_the_timeline(tmp_path):
+    import time
+
+    def slow(batch):
+        time.sleep(0.01)  # work, so that several checkpoints complete
+        return batch
+
+    p = Pipeline()
+    p.from_arrays("src", {"x": np.arange(50_000)}, batch_size=500).map("slow", slow).collect("out")
+    result = p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=0.05)
+    assert len(result.checkpoints) >= 5
+    assert len(result.recording.checkpoints) == len(result.checkpoints)
+    assert result.recording.checkpoints == sorted(result.recording.checkpoints)
