@@ -1,10 +1,19 @@
-"""Keyed aggregation benchmark: sum and count per key of 20M events (int64 key, float64 value)
-in 64K-row batches, keys uniform over 100K or hot (90% on one key), all in one run for:
+"""Keyed aggregation benchmark: sum and count per key of 20M events (float64 value) in 64K-row
+batches, keys uniform over 100K or hot (90% on one key), as int64 (DIST ``uniform``, ``hot``)
+and as domain-like strings (``str_uniform``, ``str_hot``: "site-123.example.com"), all in one
+run for:
 
-    numpy            one process, np.bincount per batch into running totals
-    mp_pool          multiprocessing.Pool(2): partial bincounts per chunk, merged at the end
+    numpy            one process, np.bincount per batch into running totals (string keys:
+                     np.unique's inverse, then bincount)
+    mp_pool          multiprocessing.Pool(2): partial bincounts per chunk (int keys)
     mpstream_hash    source(2) -> key_by(key) -> aggregate(parallelism 2)
     mpstream_salted  source(2) -> key_by(key) -> aggregate(parallelism 2, salt 8): two-stage
+    duckdb           SELECT key, sum(value), count(*) ... GROUP BY key, 2 threads (if installed)
+    polars           group_by(key).agg(sum, len), 2 threads (if installed)
+
+Every contender starts from its own native form of the same data, built before the clock
+starts: numpy arrays, an mpstream Batch (strings as a StringColumn), an Arrow table for
+DuckDB (zero-copy from the StringColumn: Arrow's large_string), a polars DataFrame.
 
 plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2. "partitions"
 lists the rows each first-stage instance received: events for hash, partial rows (one per
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
 import time
 from urllib.parse import urlsplit
@@ -30,7 +40,10 @@ from mpstream import Batch, StringColumn
 from mpstream.pipeline import Pipeline
 from mpstream.result import JobResult
 
+os.environ.setdefault("POLARS_MAX_THREADS", "2")  # read when polars is imported
+
 KEYS = 100_000
+DISTS = ("uniform", "hot", "str_uniform", "str_hot")
 BATCH = 65_536
 SALT = 8
 CTX = multiprocessing.get_context("fork")
@@ -38,11 +51,32 @@ _DATA: dict[str, np.ndarray] = {}  # the events, inherited by forked Pool worker
 
 
 def events(n: int, dist: str, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Key codes (0 to KEYS - 1) and values; the string keys of a ``str_`` DIST are the codes'
+    :func:`domains`."""
     rng = np.random.default_rng(seed)
     keys = rng.integers(0, KEYS, n)
-    if dist == "hot":
+    if dist.endswith("hot"):
         keys[rng.random(n) < 0.9] = 42
     return keys, rng.standard_normal(n)
+
+
+DOMAINS = np.array([f"site-{i}.example.com" for i in range(KEYS)])
+
+
+def code_of(domains: np.ndarray) -> np.ndarray:
+    """The key codes of domain strings (the inverse of DOMAINS)."""
+    return np.array([int(d[5:-12]) for d in domains.tolist()], dtype=np.int64)
+
+
+def run_numpy_strings(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's way to group by a string: np.unique's inverse per batch, then bincount."""
+    sums, counts = np.zeros(KEYS), np.zeros(KEYS, np.int64)
+    for lo in range(0, len(keys), BATCH):
+        uniq, inverse = np.unique(keys[lo : lo + BATCH], return_inverse=True)
+        codes = code_of(uniq)
+        sums[codes] += np.bincount(inverse, weights=values[lo : lo + BATCH], minlength=len(uniq))
+        counts[codes] += np.bincount(inverse, minlength=len(uniq))
+    return sums, counts
 
 
 def run_numpy(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,12 +116,57 @@ def run_mpstream(keys: np.ndarray, values: np.ndarray, salt: int) -> tuple[np.nd
 def mpstream_sums(result: JobResult, salt: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The sums and counts per key of a job's result, and the rows into its first stage."""
     out = result["out"]
+    key = out["key"]
+    codes = key if isinstance(key, np.ndarray) else code_of(key.to_numpy())
     sums, counts = np.zeros(KEYS), np.zeros(KEYS, np.int64)
-    sums[out["key"]] = out["value_sum"]
-    counts[out["key"]] = out["count"]
+    sums[codes] = out["value_sum"]
+    counts[codes] = out["count"]
     first_stage = "agg.partial" if salt else "agg"
     partitions = [s.records_in for s in result.operators if s.name == first_stage]
     return sums, counts, partitions
+
+
+def contenders(keys: StringColumn | np.ndarray, values: np.ndarray) -> dict:
+    """DuckDB and polars over their native form of the data (those installed)."""
+    impls = {}
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return impls
+    table = Batch({"key": keys, "value": values}).to_arrow()
+    try:
+        import duckdb
+
+        con = duckdb.connect(config={"threads": 2})
+        con.register("events", table)
+
+        def run_duckdb():
+            out = con.execute("SELECT key, sum(value) AS s, count(*) AS c FROM events GROUP BY key").fetchnumpy()
+            return out["key"], out["s"], out["c"]
+
+        impls["duckdb"] = run_duckdb
+    except ImportError:
+        pass
+    try:
+        import polars as pl
+
+        frame = pl.from_arrow(table)
+
+        def run_polars():
+            out = frame.group_by("key").agg(pl.col("value").sum().alias("s"), pl.len().alias("c"))
+            return out["key"].to_numpy(), out["s"].to_numpy(), out["c"].to_numpy()
+
+        impls["polars"] = run_polars
+    except ImportError:
+        pass
+    return {impl: lambda fn=fn: _by_code(*fn()) for impl, fn in impls.items()}
+
+
+def _by_code(key: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    codes = key.astype(np.int64) if key.dtype.kind in "iu" else code_of(np.asarray(key, dtype=str))
+    out_sums, out_counts = np.zeros(KEYS), np.zeros(KEYS, np.int64)
+    out_sums[codes], out_counts[codes] = sums, counts
+    return out_sums, out_counts
 
 
 def timed(fn, *args):
@@ -99,15 +178,18 @@ def timed(fn, *args):
 def keyed_agg(n: int, repeats: int) -> tuple[dict, dict]:
     results: dict[str, dict[str, dict]] = {}
     partitions: dict[str, dict[str, list[int]]] = {}
-    for dist in ("uniform", "hot"):
-        keys, values = events(n, dist)
-        want_sums, want_counts = run_numpy(keys, values)
-        impls = {
-            "numpy": lambda: run_numpy(keys, values),
-            "mp_pool": lambda: run_mp_pool(keys, values),
-            "mpstream_hash": lambda: run_mpstream(keys, values, 0),
-            "mpstream_salted": lambda: run_mpstream(keys, values, SALT),
-        }
+    for dist in DISTS:
+        codes, values = events(n, dist)
+        want_sums, want_counts = run_numpy(codes, values)
+        if dist.startswith("str_"):
+            names = DOMAINS[codes]  # numpy's native form of the keys
+            keys = StringColumn.from_strings(names)  # mpstream's (and Arrow's large_string)
+            impls = {"numpy": lambda: run_numpy_strings(names, values)}
+        else:
+            keys = codes
+            impls = {"numpy": lambda: run_numpy(codes, values), "mp_pool": lambda: run_mp_pool(codes, values)}
+        impls |= {"mpstream_hash": lambda: run_mpstream(keys, values, 0),
+                  "mpstream_salted": lambda: run_mpstream(keys, values, SALT), **contenders(keys, values)}
         best = dict.fromkeys(impls, float("inf"))
         partitions[dist] = {}
         for _ in range(repeats):  # round by round: a slow spell of the host hits every impl
@@ -157,15 +239,22 @@ def main() -> None:
     scaling = cpu[1] / cpu[2]
     print(f"machine: {machine_line()}")
     print(f"{n:,} events, {KEYS:,} keys, batches of {BATCH:,}, salt {SALT}")
-    print(f"{'impl':18s}{'uniform M ev/s':>16s}{'hot M ev/s':>14s}{'hot / numpy':>13s}")
-    for impl in results["uniform"]:
-        u, h = results["uniform"][impl]["events_per_s"], results["hot"][impl]["events_per_s"]
-        print(f"{impl:18s}{u / 1e6:16.2f}{h / 1e6:14.2f}{h / results['hot']['numpy']['events_per_s']:13.2f}")
+    print("M events/s (- where an impl did not run)")
+    print(f"{'impl':18s}" + "".join(f"{d:>13s}" for d in DISTS) + f"{'hot / numpy':>13s}")
+    for impl in dict.fromkeys(i for d in DISTS for i in results[d]):
+        rates = [results[d].get(impl, {}).get("events_per_s") for d in DISTS]
+        cells = "".join(f"{r / 1e6:13.2f}" if r else f"{'-':>13s}" for r in rates)
+        hot = results["hot"].get(impl, {}).get("events_per_s")
+        print(f"{impl:18s}{cells}" + (f"{hot / results['hot']['numpy']['events_per_s']:13.2f}" if hot else ""))
     for dist in partitions:
         for impl, counts in partitions[dist].items():
             print(f"rows into each first-stage partition, {dist:7s} {impl:16s}: {counts}")
     ratio = {d: results[d]["mpstream_salted"]["events_per_s"] / results[d]["numpy"]["events_per_s"] for d in results}
     print(f"salted/numpy: hot {ratio['hot']:.2f}, uniform {ratio['uniform']:.2f} (hot/uniform {ratio['hot'] / ratio['uniform']:.2f})")
+    for dist in ("str_uniform", "str_hot"):
+        if "duckdb" in results[dist]:
+            best = max(results[dist][i]["events_per_s"] for i in ("mpstream_hash", "mpstream_salted"))
+            print(f"string keys, {dist}: best mpstream / duckdb {best / results[dist]['duckdb']['events_per_s']:.2f}")
     print(f"CPU-heavy map ({rows:,} URLs): parallelism 1 {cpu[1]:.2f} s, 2 {cpu[2]:.2f} s: {scaling:.2f}x")
     print(json.dumps({"bench": "keyed_agg", "machine": machine_line(), "events": n, "results": results,
                       "partitions": partitions, "cpu_map": {"seconds_p1": round(cpu[1], 3),

@@ -22,15 +22,55 @@ void mps_hash_int64(const int64_t *keys, uint64_t n, uint64_t *out)
         out[i] = mix64((uint64_t)keys[i]);
 }
 
+static inline uint64_t load64(const uint8_t *p)
+{
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return w;
+}
+
+static inline uint64_t load32(const uint8_t *p)
+{
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return w;
+}
+
+/* The 128-bit product of a and b, its halves xored: wyhash's mixing step. */
+static inline uint64_t fold_multiply(uint64_t a, uint64_t b)
+{
+    unsigned __int128 r = (unsigned __int128)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
+
+static const uint64_t WY0 = 0x2d358dccaa6c78a5ULL, WY1 = 0x8bb84b93962eacc9ULL;
+
 void mps_hash_utf8(const int64_t *offsets, const uint8_t *data, uint64_t n, uint64_t *out)
 {
+    const uint64_t seed0 = fold_multiply(WY0, WY1);
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t h = 0xcbf29ce484222325ULL;
-        for (int64_t j = offsets[i]; j < offsets[i + 1]; j++) {
-            h ^= data[j];
-            h *= 0x100000001b3ULL;
+        const uint8_t *p = data + offsets[i];
+        uint64_t len = (uint64_t)(offsets[i + 1] - offsets[i]), seed = seed0, a, b;
+        if (len <= 16) {
+            if (len >= 4) {
+                uint64_t step = (len >> 3) << 2;
+                a = (load32(p) << 32) | load32(p + step);
+                b = (load32(p + len - 4) << 32) | load32(p + len - 4 - step);
+            } else if (len > 0) {
+                a = ((uint64_t)p[0] << 16) | ((uint64_t)p[len >> 1] << 8) | p[len - 1];
+                b = 0;
+            } else {
+                a = b = 0;
+            }
+        } else {
+            uint64_t left = len;
+            for (; left > 16; left -= 16, p += 16)
+                seed = fold_multiply(load64(p) ^ WY1, load64(p + 8) ^ seed);
+            a = load64(p + left - 16);
+            b = load64(p + left - 8);
         }
-        out[i] = mix64(h);
+        unsigned __int128 r = (unsigned __int128)(a ^ WY1) * (b ^ seed);
+        out[i] = fold_multiply((uint64_t)r ^ WY0 ^ len, (uint64_t)(r >> 64) ^ WY1);
     }
 }
 

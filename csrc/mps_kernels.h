@@ -13,7 +13,8 @@
 /* out[i] = a 64-bit mix (splitmix64's finalizer) of keys[i]. */
 void mps_hash_int64(const int64_t *keys, uint64_t n, uint64_t *out);
 
-/* out[i] = 64-bit FNV-1a of string i (data[offsets[i]:offsets[i+1]]), then mixed. */
+/* out[i] = a 64-bit hash of string i (data[offsets[i]:offsets[i+1]]): wyhash's construction (Wang
+ * Yi's, public domain: 128-bit multiplies with their halves folded), 16 bytes a step. */
 void mps_hash_utf8(const int64_t *offsets, const uint8_t *data, uint64_t n, uint64_t *out);
 
 /* out[i] = hashes[i] mapped uniformly onto [0, partitions) (multiply-shift, no modulo bias). */

@@ -49,3 +49,21 @@ def test_the_ingest_benchmark_checks_every_key(tmp_path):
     want.count[3] += 1  # numpy "says" one key has a row more
     with pytest.raises(AssertionError, match="mpstream: the result differs from numpy's"):
         bench_ingest.timed(job, str(tmp_path), "mpstream", want)
+
+
+def test_the_keyed_agg_benchmark_checks_string_keys_and_its_contenders_against_numpy(monkeypatch):
+    import keyed_agg as bench_keyed
+
+    results, _ = bench_keyed.keyed_agg(30_000, repeats=1)  # every impl is checked against numpy inside
+    assert set(results) == {"uniform", "hot", "str_uniform", "str_hot"}
+    assert {"numpy", "mpstream_hash", "mpstream_salted"} <= set(results["str_hot"])
+    wrong = bench_keyed.run_numpy_strings
+
+    def off_by_one(keys, values):
+        sums, counts = wrong(keys, values)
+        counts[7] += 1
+        return sums, counts
+
+    monkeypatch.setattr(bench_keyed, "run_numpy", lambda keys, values: off_by_one(bench_keyed.DOMAINS[keys], values))
+    with pytest.raises(AssertionError, match="wrong result"):
+        bench_keyed.keyed_agg(30_000, repeats=1)

@@ -75,6 +75,37 @@ def test_hashes_are_stable_across_processes_and_known_values():
     assert strs[0] != strs[1] != strs[2] and len(set(ints)) == 4
 
 
+def test_string_hashes_do_not_collide_on_structured_keys_and_spread_evenly():
+    """String keys are identified by their hash: structured sets (numbered domains, numbers,
+    every short ASCII string, zero-padded ids, long repetitive paths, two bytes changed of one
+    string) must not collide, and must spread over partitions."""
+    import itertools
+    import string
+
+    rng = np.random.default_rng(0)
+    base = list("user-0000000000-session-abcdefghij")
+    changed = set()
+    while len(changed) < 100_000:
+        word = base.copy()
+        for at in rng.integers(0, len(word), 2):
+            word[at] = chr(rng.integers(33, 127))
+        changed.add("".join(word))
+    sets = {
+        "domains": [f"site-{i}.example.com" for i in range(1_000_000)],
+        "numbers": [str(i) for i in range(300_000)],
+        "short": ["".join(t) for n in (1, 2, 3) for t in itertools.product(string.ascii_letters, repeat=n)],
+        "padded": [f"{i:012d}" for i in range(200_000)] + ["x" * k for k in range(300)],
+        "paths": [f"{i}" * 7 + "/a/b/c/" * 5 for i in range(100_000)],
+        "changed": sorted(changed),
+    }
+    for name, words in sets.items():
+        hashes = hash_column(StringColumn.from_strings(np.array(words)))
+        assert len(np.unique(hashes)) == len(words), f"{name}: {len(words) - len(np.unique(hashes))} collisions"
+        counts = np.bincount(HashPartitioner("k").assign(Batch({"k": StringColumn.from_strings(np.array(words))}), 7),
+                             minlength=7)
+        assert counts.min() > 0.9 * counts.max(), f"{name}: {counts}"
+
+
 def test_int_widths_hash_like_int64():
     a = hash_column(np.array([1, 2, 3], np.int8))
     b = hash_column(np.array([1, 2, 3], np.int64))
