@@ -369,7 +369,9 @@ class _Attempt:
             os.read(job._wake_r, 4096)
         except BlockingIOError:
             pass
-        requests, job._requests = set(job._requests), set()
+        requests = set()
+        while job._requests:  # pop by pop: a signal handler may add one between any two bytecodes
+            requests.add(job._requests.pop())
         if "cancel" in requests:
             raise _Cancelled()
         checkpoints = self.checkpoints
