@@ -63,9 +63,12 @@ def events(n: int, dist: str, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 DOMAINS = np.array([f"site-{i}.example.com" for i in range(KEYS)])
 
 
+_BY_NAME = np.argsort(DOMAINS)
+
+
 def code_of(domains: np.ndarray) -> np.ndarray:
-    """The key codes of domain strings (the inverse of DOMAINS)."""
-    return np.array([int(d[5:-12]) for d in domains.tolist()], dtype=np.int64)
+    """The key codes of domain strings (the inverse of DOMAINS), vectorised."""
+    return _BY_NAME[np.searchsorted(DOMAINS[_BY_NAME], np.asarray(domains, dtype=DOMAINS.dtype))]
 
 
 def run_numpy_strings(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,10 @@ and the mean is computed once, at the end, from the total sum and count.
 
 Str keys are identified by a 64-bit hash of their UTF-8 bytes (two distinct strings sharing a
 hash would be merged; with n keys the chance is about n^2 / 2^65, 3e-8 for a million keys).
+That figure holds for keys nobody chose to collide: the hash has a fixed, public seed (it must
+place keys in the same key groups in every process and run), so keys crafted against it can
+be made to collide. Aggregate keys an adversary controls (raw URLs, user-supplied ids) by an
+id of your own, or hash them with a keyed hash first.
 
 >>> import numpy as np
 >>> from mpstream.batch import Batch

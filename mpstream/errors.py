@@ -57,6 +57,11 @@ class CheckpointError(MpstreamError):
     """A checkpoint could not be written, or none can be restored."""
 
 
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint of another format version: never skipped as damaged (a resume would start
+    over without it); restore it with the mpstream version that wrote it."""
+
+
 # ---- channels ------------------------------------------------------------------------------
 
 class ChannelError(MpstreamError):

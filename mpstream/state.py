@@ -11,6 +11,7 @@ snapshot can be split by group and restored at another parallelism (Flink's key 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,8 +50,9 @@ class KeyedState:
         return ((k, v) for values in self._by_group.values() for k, v in values.items())
 
     def snapshot(self) -> dict[int, dict[Any, Any]]:
-        """{key group: {key: value}} (a copy of the dictionaries, values shared)."""
-        return {group: dict(values) for group, values in self._by_group.items() if values}
+        """{key group: {key: value}}, a deep copy: values the operator goes on changing in
+        place (a numpy array, a list) stay as they were at the barrier in the checkpoint."""
+        return {group: copy.deepcopy(values) for group, values in self._by_group.items() if values}
 
     def restore(self, snapshots: Iterable[dict[int, dict[Any, Any]] | None], own_only: bool = False) -> None:
         """Takes this instance's key groups out of snapshots of any number of instances; with

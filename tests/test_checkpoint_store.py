@@ -8,6 +8,7 @@ import pytest
 from conftest import run_on_small_tmpfs
 
 from mpstream.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointStore
+from mpstream.errors import CheckpointFormatError
 
 
 def write(store, n, value):
@@ -64,7 +65,25 @@ def test_another_format_version_is_refused_with_advice(tmp_path):
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(CheckpointError, match="restore it with the version that wrote it"):
         store.metadata(1)
-    assert store.latest_valid()[0] is None
+    with pytest.raises(CheckpointFormatError):  # not skipped as damaged: a resume would start over
+        store.latest_valid()
+
+
+def test_a_resume_over_a_checkpoint_of_another_format_stops_and_keeps_it(tmp_path):
+    from mpstream import Pipeline
+
+    store = CheckpointStore(str(tmp_path))
+    write(store, 1, 1)
+    meta_path = os.path.join(store.directory(1), "_metadata")
+    meta = json.load(open(meta_path))
+    meta["format"] = FORMAT_VERSION - 1
+    json.dump(meta, open(meta_path, "w"))
+    p = Pipeline()
+    p.from_arrays("op", {"x": np.arange(10)}).collect("out")
+    for resume in (True, "if-present"):
+        with pytest.raises(CheckpointFormatError, match=f"has format {FORMAT_VERSION - 1}"):
+            p.run(checkpoint_dir=str(tmp_path), resume=resume)
+    assert store.complete() == [1] and os.path.exists(meta_path)
 
 
 FULL_DISK_SCRIPT = """
@@ -108,3 +127,37 @@ def test_arrays_are_written_out_of_band_and_come_back_equal_and_writable(tmp_pat
         assert back[name].dtype == state[name].dtype and back[name].flags.writeable
     back["sums"][0] = 1.0  # a restored operator may update its state in place
     assert back["masked"].mask.tolist() == [False, True, False] and back["n"] == 7
+
+
+def test_restored_arrays_start_on_a_cache_line():
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mpstream-test-") as directory:
+        store = CheckpointStore(directory)
+        state = {"a": np.arange(3, dtype=np.int8), "b": np.arange(5, dtype=np.int64), "c": np.ones(7)}
+        store.commit(1, {"op-0": store.write_state(1, "op", 0, state)}, {"duration_s": 0.1})
+        back = store.read_state(1, "op", 0)
+        for name, array in back.items():
+            assert array.ctypes.data % 64 == 0, name
+            np.testing.assert_array_equal(array, state[name])
+
+
+def test_a_state_that_changes_while_it_is_written_still_matches_its_checksum(tmp_path, monkeypatch):
+    """An operator's snapshot may share an array it goes on updating (KeyedState shares
+    values): the file holds the bytes that were checksummed, whatever they are."""
+    import zlib
+
+    store = CheckpointStore(str(tmp_path))
+    shared = np.zeros(1 << 19)  # 4 MiB: four chunks
+    crc32 = zlib.crc32
+
+    def crc_then_change(data, value=0):
+        out = crc32(data, value)
+        shared[:] += 1  # the task changes it between the checksum and the write
+        return out
+
+    monkeypatch.setattr(zlib, "crc32", crc_then_change)
+    entry = store.write_state(1, "op", 0, {"shared": shared})
+    monkeypatch.setattr(zlib, "crc32", crc32)
+    store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
+    assert store.read_state(1, "op", 0)["shared"].shape == shared.shape  # checks out

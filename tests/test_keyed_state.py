@@ -72,3 +72,17 @@ def test_from_batches_and_round_robin_key_by():
     p = Pipeline(channel_capacity=1 << 20)
     p.from_batches("src", batches, parallelism=2).key_by("k", "round_robin").map("m", lambda b: b, parallelism=3).collect("out")
     assert sorted(p.run()["out"]["k"].tolist()) == list(range(60))
+
+
+def test_a_snapshot_keeps_values_as_they_were_when_it_was_taken():
+    from mpstream.state import KeyedState
+
+    state = KeyedState(range(128))
+    state["a.com"] = np.zeros(3)
+    state["b.org"] = [1]
+    snapshot = state.snapshot()
+    state["a.com"][:] = 7  # changed in place after the barrier
+    state["b.org"].append(2)
+    restored = KeyedState(range(128))
+    restored.restore([snapshot])
+    assert restored["a.com"].tolist() == [0, 0, 0] and restored["b.org"] == [1]

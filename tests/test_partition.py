@@ -73,6 +73,8 @@ def test_hashes_are_stable_across_processes_and_known_values():
     ints, strs = json.loads(a)
     assert ints[0] == 0  # splitmix64's finalizer maps 0 to 0
     assert strs[0] != strs[1] != strs[2] and len(set(ints)) == 4
+    # pinned: another hash moves string keys' key groups, so it needs a new checkpoint format
+    assert strs == [10602188539874428322, 12460635889546412024, 11720650599212889579]
 
 
 def test_string_hashes_do_not_collide_on_structured_keys_and_spread_evenly():
