@@ -71,11 +71,11 @@ class StringColumn:
     @classmethod
     def from_strings(cls, values: Sequence[str] | np.ndarray) -> StringColumn:
         """Encodes str values (a numpy ``U``, ``T`` or object-of-str array, or a sequence of
-        str) to UTF-8: numpy's fixed-width strings in one C pass, others through ``str.encode``."""
-        arr = values if isinstance(values, np.ndarray) else np.asarray(values)
-        if arr.dtype.kind == "U":
-            return cls._from_ucs4(arr)
-        items = arr.tolist() if isinstance(arr, np.ndarray) else list(values)
+        str) to UTF-8: numpy's fixed-width strings in one C pass, others through ``str.encode``
+        (a sequence never goes through numpy's ``U``, which drops trailing NUL characters)."""
+        if isinstance(values, np.ndarray) and values.dtype.kind == "U":
+            return cls._from_ucs4(values)
+        items = values.tolist() if isinstance(values, np.ndarray) else list(values)
         mask = None
         try:
             text = "".join(items)
@@ -231,8 +231,8 @@ def _check_column(name: object, value: ArrayLike | StringColumn) -> Column:
     if arr.ndim != 1:
         raise BatchShapeError(f"column {name!r} has shape {arr.shape}; columns must be 1-D: ravel or split it")
     kind = arr.dtype.kind
-    if kind in "UT":
-        return StringColumn.from_strings(arr)
+    if kind in "UT":  # a sequence as it is: numpy's U dropped its strings' trailing NULs
+        return StringColumn.from_strings(arr if isinstance(value, np.ndarray) else value)
     if kind == "O":
         try:
             return StringColumn.from_strings(arr)

@@ -222,3 +222,13 @@ def test_endpoints_in_reference_cycles_are_collected_safely():
 
     out = subprocess.run([sys.executable, "-c", CYCLE_SCRIPT], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout.strip()) == (0, "survived"), out.stderr
+
+
+def test_strings_from_a_sequence_keep_trailing_nul_characters():
+    """numpy's U dtype drops trailing NULs: a list must not go through it, or 'a\\x00' and 'a'
+    would become one key."""
+    col = StringColumn.from_strings(["a\x00", "a", "ß\x00\x00", None])
+    assert [col[i] for i in range(3)] == ["a\x00", "a", "ß\x00\x00"]
+    assert col.offsets.tolist() == [0, 2, 3, 7, 7]
+    batch = Batch({"k": ["a\x00", "a"]})
+    assert [batch["k"][i] for i in range(2)] == ["a\x00", "a"]
