@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from .errors import PlanError
+
 
 def _integer(minimum: int) -> Callable[[str], int]:
     """An argparse type: an int of at least minimum (argparse names the option on error)."""
@@ -81,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return top_main(args.once, args.json, args.instances, args.interval)
     if args.command == "plot":
-        from .errors import PlanError
         from .plot import load_timeline, plot as draw
 
         try:
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import DemoOptions, run_demo
 
         summary = run_demo(DemoOptions(**options))
+    except PlanError as exc:  # e.g. --metrics-port without prometheus-client, or a port in use
+        print(f"mpstream demo: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("mpstream: interrupted; every worker was stopped", file=sys.stderr)
         return 130

@@ -434,8 +434,11 @@ def _report(options: DemoOptions, result: JobResult, summary: dict[str, Any], be
         print(f"{summary['checkpoints']} checkpoints; {summary['kills']} workers killed, {summary['restarts']} restarts, "
               f"recovery s: {summary['recovery_seconds']}")
     if options.unbounded:
+        how = ("resume with --resume and the same options" if options.out and options.checkpoint_dir else
+               "its checkpoints and output were temporary and are gone: pass --out DIR --checkpoint-dir CHK to be "
+               "able to resume")
         print(f"sources stopped at offsets {summary['stopped_at']}; final checkpoint {summary['final_checkpoint']} "
-              f"(resume with --resume and the same options)")
+              f"({how})")
     if options.event_time:
         print(f"{summary['windows']:,} window rows ({summary['late_fired']:,} late firings); "
               f"{summary['late_side_output']:,} clicks too late for their window went to the late side output")

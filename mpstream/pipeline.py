@@ -53,7 +53,7 @@ class Pipeline:
 
     channel_capacity is the ring size of every channel (bytes, a power of two): a batch may
     take up to half of it (4 MiB: batches up to 2 MiB, e.g. 64K rows of four 8-byte columns).
-    ``name`` is what ``mpstream top`` and the metrics call the job."""
+    ``name`` is what ``mpstream top`` calls the job."""
 
     def __init__(self, channel_capacity: int = 1 << 22, name: str = "job") -> None:
         self.graph = JobGraph(channel_capacity, name)

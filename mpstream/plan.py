@@ -151,7 +151,7 @@ class JobGraph:
     def __init__(self, channel_capacity: int = 1 << 22, name: str = "job") -> None:
         self.nodes: list[Node] = []
         self.channel_capacity = channel_capacity
-        self.name = name  # what mpstream top and the metrics call the job
+        self.name = name  # what mpstream top calls the job
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

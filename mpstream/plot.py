@@ -36,7 +36,7 @@ def plot(timeline: dict[str, Any], out: str, title: str = "mpstream run") -> Non
     try:
         import matplotlib
     except ImportError:
-        raise PlanError("mpstream plot needs matplotlib: pip install 'mpstream[plot]'") from None
+        raise PlanError("drawing a timeline needs matplotlib: pip install 'mpstream[plot]'") from None
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
 
@@ -50,7 +50,8 @@ def plot(timeline: dict[str, Any], out: str, title: str = "mpstream run") -> Non
     for i, name in enumerate(names):  # chained operators run at one rate: dashes tell them apart
         rows = (columns["operator"] == name) & (columns["records_in_per_s"] > 0)
         axes[0].plot(columns["seconds"][rows], columns["records_in_per_s"][rows], label=name,
-                     linestyle=("-", "--", ":", "-.")[i % 4], linewidth=1.4)
+                     linestyle=("-", "--", ":", "-.")[i % 4], linewidth=1.4,
+                     marker="o" if rows.sum() < 10 else None)  # a short run: a few points, not a line
     axes[0].set_yscale("log")
     axes[0].set_ylabel("records/s in")
     axes[0].set_title(title)

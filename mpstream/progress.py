@@ -4,6 +4,7 @@ only on a terminal. The coordinator updates them from the job's counters board."
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any
@@ -24,11 +25,15 @@ class ProgressBars:
             from tqdm import tqdm
         except ImportError:
             warnings.warn("progress=True draws its bars with tqdm, which is not installed: "
-                          "pip install 'mpstream[progress]'; the job runs without them", stacklevel=4)
+                          "pip install 'mpstream[progress]'; the job runs without them", stacklevel=5)
             return
+        try:  # a terminal that reports no width (some ptys): tqdm would draw nothing
+            width = {"dynamic_ncols": True} if os.get_terminal_size(sys.stderr.fileno()).columns else {"ncols": 80}
+        except (OSError, ValueError):
+            width = {"ncols": 80}
         for position, (name, total) in enumerate(sources.items()):
             self.bars[name] = tqdm(total=total, desc=name, unit=" rows", unit_scale=True, position=position,
-                                   dynamic_ncols=True, leave=True, file=sys.stderr)
+                                   leave=True, file=sys.stderr, **width)
 
     def update(self, job: JobCounters) -> None:
         rows: dict[str, int] = {}

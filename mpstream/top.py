@@ -97,13 +97,20 @@ def _rate(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _count(value: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return str(value) if value < 100_000 else f"{value / 1e3:.0f}k"
+
+
 def render(view: list[dict[str, Any]], instances: bool = False) -> str:
     """The view (:func:`to_json`) as text, a table per job."""
     if not view:
         return "no mpstream job is running (that this user can see)"
     lines = []
-    header = (f"{'operator':<22} {'inst':>4} {'in/s':>9} {'out/s':>9} {'busy':>5} {'idle':>5} {'bp':>5} "
-              f"{'fill':>5} {'dropped':>8} {'late':>7} {'wm lag s':>9}")
+    header = (f"{'operator':<18} {'inst':>4} {'in/s':>7} {'out/s':>7} {'busy':>4} {'idle':>4} {'bp':>4} "
+              f"{'fill':>4} {'drop':>6} {'late':>5} {'lag s':>5}")  # fits 80 columns
     for job in view:
         last = job["last_checkpoint"]
         checkpoint = ("no checkpoint yet" if last is None else
@@ -115,12 +122,12 @@ def render(view: list[dict[str, Any]], instances: bool = False) -> str:
             rows = [op] + (op.get("per_instance", []) if instances else [])
             for row in rows:
                 label = op["operator"] if row is op else \
-                    f"  [{row['instance']}] " + (f"waiting: {row['waiting']}" if row["waiting"] else "")
-                lag = "" if row["watermark_lag_s"] is None else f"{row['watermark_lag_s']:.2f}"
-                lines.append(f"{label[:22]:<22} {row['instances']:>4} {_rate(row['records_in_per_s']):>9} "
-                             f"{_rate(row['records_out_per_s']):>9} {row['busy']:>5.0%} {row['idle']:>5.0%} "
-                             f"{row['backpressured']:>5.0%} {row['input_fill']:>5.0%} {row['dropped']:>8} "
-                             f"{row['late']:>7} {lag:>9}")
+                    f"  [{row['instance']}] " + (f"waits {row['waiting']}" if row["waiting"] else "")
+                lag = "" if row["watermark_lag_s"] is None else f"{row['watermark_lag_s']:.1f}"
+                lines.append(f"{label[:18]:<18} {row['instances']:>4} {_rate(row['records_in_per_s']):>7} "
+                             f"{_rate(row['records_out_per_s']):>7} {row['busy']:>4.0%} {row['idle']:>4.0%} "
+                             f"{row['backpressured']:>4.0%} {row['input_fill']:>4.0%} {_count(row['dropped']):>6} "
+                             f"{_count(row['late']):>5} {lag:>5}")
         lines.append("")
     return "\n".join(lines)
 
@@ -137,12 +144,13 @@ def _live(screen: Any, interval: float, instances: bool) -> None:
         for y, line in enumerate(lines[:height]):
             screen.addnstr(y, 0, line, width - 1)
         screen.refresh()
-        key = screen.getch()
+        key = screen.getch()  # up to the interval; a key comes sooner
         if key in (ord("q"), 27):
             return
         if key == ord("i"):
             instances = not instances
-        jobs, earlier = collect(interval, earlier)
+        if key == -1:  # the interval passed: rates over it (a key redraws the last view, not a shorter span)
+            jobs, earlier = collect(interval, earlier)
 
 
 def main(once: bool, as_json: bool, instances: bool, interval: float) -> int:

@@ -226,3 +226,13 @@ def test_an_unbounded_demo_serves_its_metrics_while_it_runs():
     assert proc.returncode == 0 and "VERIFIED" in stdout, stderr
     for operator in ("clicks", "parse", "valid", "per_domain.combine", "per_domain.partial", "per_domain", "csv"):
         assert f'operator="{operator}"' in scraped["text"]
+
+
+def test_demo_with_its_metrics_port_taken_says_so_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = demo("--events", "1000", "--metrics-port", str(taken.getsockname()[1]))
+    assert out.returncode == 2 and "cannot serve metrics" in out.stderr and "Traceback" not in out.stderr
