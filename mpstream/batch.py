@@ -116,7 +116,11 @@ class StringColumn:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i: int) -> str | None:
+    def __getitem__(self, i: int | slice) -> str | None | StringColumn:
+        """String i (None for a null), or a StringColumn of the rows of a slice."""
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            return self.slice(start, max(start, stop)) if step == 1 else self.take(np.arange(start, stop, step))
         if self.mask is not None and self.mask[i]:
             return None
         return bytes(self.data[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
@@ -129,9 +133,15 @@ class StringColumn:
         return self.offsets.nbytes + self.data.nbytes + (0 if self.mask is None else self.mask.nbytes)
 
     def to_numpy(self) -> np.ndarray:
-        """The strings as a numpy ``U`` array (an owned copy), decoded in one C pass."""
+        """The strings as a numpy ``U`` array (an owned copy), decoded in one C pass; as an
+        object array of str when a string ends with a NUL character, which ``U`` would drop."""
         n = len(self)
         offsets, data = np.ascontiguousarray(self.offsets), np.ascontiguousarray(self.data)
+        ends = offsets[1:][np.diff(offsets) > 0] - 1
+        if len(ends) and not data[ends].all():  # a string's last byte is 0
+            strings = np.empty(n, object)
+            strings[:] = [bytes(data[offsets[i] : offsets[i + 1]]).decode("utf-8") for i in range(n)]
+            return strings if self.mask is None else np.ma.MaskedArray(strings, mask=self.mask.copy())
         width = max(1, lib.mps_utf8_max_chars(_ptr("int64_t[]", offsets), _ptr("uint8_t[]", data), n))
         out = np.zeros(n * width, np.uint32)
         lib.mps_utf8_decode_ucs4(_ptr("int64_t[]", offsets), _ptr("uint8_t[]", data), n, width,

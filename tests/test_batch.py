@@ -232,3 +232,11 @@ def test_strings_from_a_sequence_keep_trailing_nul_characters():
     assert col.offsets.tolist() == [0, 2, 3, 7, 7]
     batch = Batch({"k": ["a\x00", "a"]})
     assert [batch["k"][i] for i in range(2)] == ["a\x00", "a"]
+    back = col.to_numpy()  # numpy's U would drop them: an object array then
+    assert back.dtype == object and back.tolist() == ["a\x00", "a", "ß\x00\x00", None]
+    assert StringColumn.from_strings(["x", "y"]).to_numpy().dtype.kind == "U"
+
+
+def test_a_string_column_slices_like_a_sequence():
+    col = StringColumn.from_strings(["a", "bb", None, "dddd"])
+    assert list(col[1:3]) == ["bb", None] and list(col[::2]) == ["a", None] and list(col[5:]) == []
