@@ -434,9 +434,12 @@ def _report(options: DemoOptions, result: JobResult, summary: dict[str, Any], be
         print(f"{summary['checkpoints']} checkpoints; {summary['kills']} workers killed, {summary['restarts']} restarts, "
               f"recovery s: {summary['recovery_seconds']}")
     if options.unbounded:
-        how = ("resume with --resume and the same options" if options.out and options.checkpoint_dir else
-               "its checkpoints and output were temporary and are gone: pass --out DIR --checkpoint-dir CHK to be "
-               "able to resume")
+        if not options.out:
+            how = "its output was temporary and is gone: pass --out DIR --checkpoint-dir CHK to be able to resume"
+        elif options.checkpoint_dir:
+            how = "resume with --resume and the same options"
+        else:
+            how = f"resume with --resume --checkpoint-dir {os.path.join(options.out, 'checkpoints')} and the same options"
         print(f"sources stopped at offsets {summary['stopped_at']}; final checkpoint {summary['final_checkpoint']} "
               f"({how})")
     if options.event_time:
