@@ -98,7 +98,8 @@ def segment_name(label: str) -> str:
     return f"/{SEGMENT_PREFIX}{os.getpid()}.{_RUN_TOKEN}.{safe}"
 
 
-def _creator_pid(entry: str) -> int | None:
+def creator_pid(entry: str) -> int | None:
+    """The pid of the process that created the segment named entry (None: not mpstream's)."""
     match = re.match(re.escape(SEGMENT_PREFIX) + r"(\d+)\.", entry)
     return int(match.group(1)) if match else None
 
@@ -117,7 +118,7 @@ def sweep_stale_segments() -> list[str]:
     """
     swept = []
     for entry in sorted(os.listdir(SHM_DIR)):
-        pid = _creator_pid(entry)
+        pid = creator_pid(entry)
         if pid is not None and not _alive(pid):
             if lib.mps_segment_unlink(f"/{entry}".encode()) == 0:
                 swept.append(entry)
@@ -286,8 +287,7 @@ def _blocking(call: Any, timeout: float | None, clock: WaitClock, reason: int) -
     """Calls call(slice_ns) until it stops timing out; the C side parks on a futex. Slices
     are short so Python runs signal handlers (Ctrl-C) between them. The wait goes on clock."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    clock.begin(reason)
-    try:
+    with clock.waiting(reason):
         while True:
             slice_ns = _SLICE_NS
             if deadline is not None:
@@ -299,8 +299,6 @@ def _blocking(call: Any, timeout: float | None, clock: WaitClock, reason: int) -
                 continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
             if rc != lib.MPS_RING_TIMEOUT or (deadline is not None and time.monotonic() >= deadline):
                 return rc  # a record, a rung doorbell, the timeout, or an error
-    finally:
-        clock.end()
 
 
 class _Endpoint:

@@ -99,7 +99,8 @@ class Job:
             raise PlanError(f"metrics_port must be a TCP port (0 to 65535), got {metrics_port!r}")
         self.graph, self.config, self.metrics_port = graph, checkpoints, metrics_port
         self.progress = progress if callable(progress) else None
-        self.bars = progress is True
+        self.want_bars = progress is True
+        self.bars: ProgressBars | None = None
         self.store = CheckpointStore(checkpoints.directory, checkpoints.retain) if checkpoints else None
         self._rescalable: dict[str, bool] = {}
         if checkpoints is not None:
@@ -122,7 +123,6 @@ class Job:
         self.board: Board | None = None
         self.metrics: MetricsServer | None = None
         self.timeline = Timeline([n.name for n in graph.nodes], self.started)
-        self.checkpoints_done = 0  # in every attempt
 
     def sample(self, final: bool = False, callbacks: bool = True) -> None:
         """Reads the counters board (at the start, four times a second, and at the end): the
@@ -131,8 +131,8 @@ class Job:
         self.timeline.add(job, final)
         if not callbacks:
             return
-        if self._bars is not None:
-            self._bars.update(job)
+        if self.bars is not None:
+            self.bars.update(job)
         if self.progress is not None:
             sources = {n.name for n in self.graph.nodes if n.is_source}
             self.progress({"rows": sum(op.records_in for op in job.operators if op.name in sources),
@@ -172,15 +172,14 @@ class Job:
     def run(self) -> JobResult:
         self.board = Board.create(self.graph.name, [t.name for t in self.tasks],
                                   [(op.node.name, op.instance, i) for i, t in enumerate(self.tasks) for op in t.operators])
-        self._bars = None
         with contextlib.ExitStack() as closing:  # each closed whatever the others do
             closing.callback(self.board.close)
             if self.metrics_port is not None:
                 self.metrics = MetricsServer(self.metrics_port, self.board.snapshot)
                 closing.callback(self.metrics.close)
-            if self.bars:
-                self._bars = ProgressBars({n.name: n.make().total_rows() for n in self.graph.nodes if n.is_source})
-                closing.callback(self._bars.close)
+            if self.want_bars:
+                self.bars = ProgressBars({n.name: n.make().total_rows() for n in self.graph.nodes if n.is_source})
+                closing.callback(self.bars.close)
             try:
                 self.sample()
                 result = self._run()
@@ -415,11 +414,10 @@ class _Attempt:
             else:
                 checkpoints.on_decline(name, message)
             if len(checkpoints.completed) > completed:
-                last = checkpoints.completed[-1]
-                self.job.checkpoints_done += 1
-                self.job.board.set(checkpoints=self.job.checkpoints_done, checkpoint_id=last["id"],
-                                   checkpoint_at=time.time_ns(), checkpoint_ns=int(last["duration_s"] * 1e9))
-                self.job.timeline.checkpoints.append(round(time.monotonic() - self.job.started, 3))
+                last, marks = checkpoints.completed[-1], self.job.timeline.checkpoints  # of every attempt
+                marks.append(round(time.monotonic() - self.job.started, 3))
+                self.job.board.set(checkpoints=len(marks), checkpoint_id=last["id"], checkpoint_at=time.time_ns(),
+                                   checkpoint_ns=int(last["duration_s"] * 1e9))
         elif isinstance(message, msg.TaskDrained):
             if checkpoints is not None:
                 checkpoints.on_drained(name)

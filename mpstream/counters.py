@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .channel import SHM_DIR, WaitClock, _creator_pid, segment_name
+from .channel import SHM_DIR, WaitClock, creator_pid, segment_name
 from .errors import SharedMemoryFullError
 from .metrics import InstanceStats
 
@@ -157,10 +157,9 @@ class TaskCounters:
 
     def __init__(self, board: Board, task: int, operators: list[int]) -> None:
         words = board.task_words(task)
-        words[_STARTED_W] = 0  # readers skip the task while its words are set afresh
+        words[_STARTED_W] = 0  # first: readers skip the task while its words are set afresh
         for i in range(TASK_WORDS):  # this attempt starts from zero
-            if i != _STARTED_W:
-                words[i] = 0
+            words[i] = 0
         words[_PID_W] = os.getpid()
         self.clock = WaitClock(words[:_CLOCK])
         board._views.append(self.clock.words)
@@ -339,10 +338,10 @@ class Board:
                 if not sequence & 1 and reading[at] == sequence == clock[0]:
                     self._clocks[task] = clock, taken
                     break
-            else:  # changing all the while: as last seen (a reader never sees time go back)
-                clock, _ = self._clocks.get(task, ([0] * _CLOCK, taken))
+            # changing all the while: as last seen (a reader never sees time go back)
+            clock, when = self._clocks.get(task, ([0] * _CLOCK, taken))
             words[at : at + _CLOCK] = clock
-            times.append(self._clocks.get(task, (clock, taken))[1])
+            times.append(when)
         return words, taken, times
 
     def _snapshot(self) -> JobCounters:
@@ -401,6 +400,6 @@ def find_boards() -> list[str]:
             except OSError:
                 continue
             entry = os.path.basename(target).removesuffix(" (deleted)")
-            if target.startswith(SHM_DIR + "/") and entry.endswith(SUFFIX) and _creator_pid(entry) == pid:
+            if target.startswith(SHM_DIR + "/") and entry.endswith(SUFFIX) and creator_pid(entry) == pid:
                 found.setdefault((pid, target), f"{fds}/{fd}")  # mmap holds a descriptor of its own
     return list(found.values())

@@ -118,7 +118,7 @@ class FileSource(Source):
     @staticmethod
     def _signature(files: list[str]) -> tuple[Any, ...]:
         """What a plan stands on: the files, their sizes and times."""
-        return tuple((path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files)
+        return tuple((path, (stat := os.stat(path)).st_size, stat.st_mtime_ns) for path in files)
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)

@@ -223,7 +223,7 @@ class Task:
         self.counters = board.task(slot, [i for i, op in enumerate(board.meta["operators"]) if op[2] == slot])
         self.clock = self.counters.clock  # every wait of this process: for input, credit or a message
         self._publish_at = 0.0  # time.time() at which the counters go to the board next
-        self._published = (0, 0)  # the head's records in and out then
+        self._published = 0  # the head's records in then (a source's: the rows it polled)
         self.checkpointing = config.checkpoint_dir is not None
         self.store = CheckpointStore(config.checkpoint_dir) if self.checkpointing else None
         self.epoch = config.restore_from or 0  # the last barrier this task passed
@@ -305,14 +305,12 @@ class Task:
         """The time.time() by which a parked task wakes: its next timer, and, while its counts
         changed since they went to the board, its next publish (a burst then a quiet input
         is on the board within a publish interval, not when the next record comes)."""
-        head = self.head.stats
-        if (head.records_in, head.records_out) != self._published:
+        if self.head.stats.records_in != self._published:
             return min(self._next_timer, self._publish_at)
         return self._next_timer
 
     def _publish(self) -> None:
-        head = self.head.stats
-        self._published = (head.records_in, head.records_out)
+        self._published = self.head.stats.records_in
         for op in self.operators:
             op.stats.bytes_out = sum(o.bytes_out for o in op.outputs)
             op.stats.dropped = sum(o.dropped for o in op.outputs)
@@ -457,19 +455,20 @@ class Task:
         while self.checkpointing and not self.finishing:  # triggers of the final checkpoint(s)
             self._control(timeout=1.0)
 
-    def _watermarks_after(self, batches: list[Batch]) -> None:
-        """A source's watermark after the batches it produced (and its status back to active
-        first, if it had gone idle)."""
+    def _watermark_after(self, batch: Batch | None) -> None:
+        """A source's watermark after a batch it produced (its status back to active first, if
+        it had gone idle; None: only that)."""
         generator = self.generator
         if generator.idle:
             generator.idle = False
             self.head.status(False)
-        # the time blocked on credit only matters to an idle timeout (reading it is a C call per output)
+        if batch is None:
+            return
+        # the time blocked on credit matters only to an idle timeout
         blocked = self.clock.seconds(WaitClock.CREDIT) if generator.spec.idle_timeout is not None else 0.0
-        for batch in batches:
-            watermark = generator.on_batch(batch, blocked)
-            if watermark is not None:
-                self.head.advance(watermark)
+        watermark = generator.on_batch(batch, blocked)
+        if watermark is not None:
+            self.head.advance(watermark)
 
     def _run_source(self) -> None:
         head, source = self.head, self.head.op
@@ -503,10 +502,10 @@ class Task:
                 head.stats.records_in += batch.num_rows
                 head.stats.batches_in += 1
                 if generator is not None and generator.idle:
-                    self._watermarks_after([])  # active again before its rows
+                    self._watermark_after(None)  # active again before its rows
                 head.emit(batch)
                 if generator is not None:
-                    self._watermarks_after([batch])
+                    self._watermark_after(batch)
                 produced = True
             if produced:
                 backoff = 0.001

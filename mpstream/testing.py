@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Union
 import psutil
 
 from .batch import Batch
-from .channel import SEGMENT_PREFIX, SHM_DIR
+from .channel import SEGMENT_PREFIX, SHM_DIR, creator_pid
 from .operators import Output
 from .sources import Source
 
@@ -217,8 +217,8 @@ def _segments() -> set[str]:
     ours = {me.pid, *(p.pid for p in me.children(recursive=True))}
 
     def foreign(entry: str) -> bool:
-        pid = entry[len(SEGMENT_PREFIX):].split(".", 1)[0]
-        return pid.isdigit() and int(pid) not in ours and psutil.pid_exists(int(pid))
+        pid = creator_pid(entry)
+        return pid is not None and pid not in ours and psutil.pid_exists(pid)
 
     return {e for e in os.listdir(SHM_DIR) if e.startswith(SEGMENT_PREFIX) and not foreign(e)}
 

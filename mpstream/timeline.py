@@ -51,7 +51,6 @@ class Timeline:
         self.interval = SAMPLE_INTERVAL_S
         self.seconds: list[float] = []
         self.values: list[np.ndarray] = []  # per sample: operators x _FIELDS, summed over instances
-        self.instances = np.zeros(len(self.operators))
         self.checkpoints: list[float] = []  # seconds at which each checkpoint completed
         self.restarts: list[float] = []
         self._raw: dict[tuple[str, int], tuple[float, np.ndarray]] = {}  # instance -> its attempt, counters
@@ -65,7 +64,6 @@ class Timeline:
             return
         index = {name: i for i, name in enumerate(self.operators)}
         values = np.zeros((len(self.operators), len(_FIELDS)))
-        instances = np.zeros(len(self.operators))
         for op in job.operators:
             key = (op.name, op.instance)
             before = self._raw.get(key)
@@ -78,8 +76,6 @@ class Timeline:
                     carried += before[1]
                 self._raw[key] = (op.started, raw)
             values[index[op.name]] += carried + raw
-            instances[index[op.name]] += 1
-        self.instances = instances
         self.seconds.append(at)
         self.values.append(values)
         if len(self.seconds) > MAX_SAMPLES:
