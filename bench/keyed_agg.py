@@ -15,7 +15,8 @@ Every contender starts from its own native form of the same data, built before t
 starts: numpy arrays, an mpstream Batch (strings as a StringColumn), an Arrow table for
 DuckDB (zero-copy from the StringColumn: Arrow's large_string), a polars DataFrame.
 
-plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2. "partitions"
+plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2, and the cost
+per row of hashing string keys and of the whole key lookup, in one process. "partitions"
 lists the rows each first-stage instance received: events for hash, partial rows (one per
 key and combiner flush in each upstream instance) for salted.
 
@@ -172,6 +173,23 @@ def _by_code(key: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> tuple[np.
     return out_sums, out_counts
 
 
+def string_key_costs(n: int = 4_000_000) -> dict[str, float]:
+    """Nanoseconds per row, one process, str_hot keys in 64K-row batches (best of 3): hashing
+    a string key, and the whole key lookup (hash, key map insert, each new key's string)."""
+    from mpstream.aggregate import KeyIndex
+    from mpstream.partition import hash_column
+
+    codes, _ = events(n, "str_hot")
+    keys = StringColumn.from_strings(DOMAINS[codes])
+    batches = [keys.slice(lo, lo + BATCH) for lo in range(0, n, BATCH)]
+    costs = {"hash": float("inf"), "key_index": float("inf")}
+    for _ in range(3):
+        costs["hash"] = min(costs["hash"], timed(lambda: [hash_column(b) for b in batches])[0])
+        index = KeyIndex("key")
+        costs["key_index"] = min(costs["key_index"], timed(lambda: [index.slots(b) for b in batches])[0])
+    return {what: round(seconds / n * 1e9, 2) for what, seconds in costs.items()}
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     out = fn(*args)
@@ -240,6 +258,7 @@ def main() -> None:
         for p in cpu:
             cpu[p] = min(cpu[p], cpu_map(rows, p))
     scaling = cpu[1] / cpu[2]
+    string_ns = string_key_costs(n // 5)
     print(f"machine: {machine_line()}")
     print(f"{n:,} events, {KEYS:,} keys, batches of {BATCH:,}, salt {SALT}")
     print("M events/s (- where an impl did not run)")
@@ -258,9 +277,11 @@ def main() -> None:
         if "duckdb" in results[dist]:
             best = max(results[dist][i]["events_per_s"] for i in ("mpstream_hash", "mpstream_salted"))
             print(f"string keys, {dist}: best mpstream / duckdb {best / results[dist]['duckdb']['events_per_s']:.2f}")
+    print(f"string keys, one process, ns per row: hash {string_ns['hash']:.2f}, "
+          f"key lookup (hash, key map, new keys' strings) {string_ns['key_index']:.2f}")
     print(f"CPU-heavy map ({rows:,} URLs): parallelism 1 {cpu[1]:.2f} s, 2 {cpu[2]:.2f} s: {scaling:.2f}x")
     print(json.dumps({"bench": "keyed_agg", "machine": machine_line(), "events": n, "results": results,
-                      "partitions": partitions, "cpu_map": {"seconds_p1": round(cpu[1], 3),
+                      "partitions": partitions, "string_key_ns": string_ns, "cpu_map": {"seconds_p1": round(cpu[1], 3),
                                                             "seconds_p2": round(cpu[2], 3), "speedup": round(scaling, 3)}}))
 
 
