@@ -137,16 +137,26 @@ def test_a_restart_is_marked_and_counts_go_on_from_where_they_were(tmp_path):
 def test_metrics_endpoint_serves_the_counters_in_prometheus_text_format():
     from prometheus_client.parser import text_string_to_metric_families
 
+    from conftest import wait_until
+
+    def scrape():
+        with urllib.request.urlopen(job.metrics_url, timeout=30) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        records = {(s.labels["operator"], s.labels["instance"]): s.value
+                   for s in families["mpstream_records_in"].samples if s.name == "mpstream_records_in_total"}
+        return families, records
+
+    def every_source_instance_counted():  # each task publishes on its own 0.25 s schedule
+        records = scrape()[1]
+        return all(records.get((op, str(i)), 0) > 0 for op in ("numbers", "double") for i in (0, 1))
+
     job = started(endless(), metrics_port=0)
     try:
-        with urllib.request.urlopen(job.metrics_url, timeout=30) as response:
-            text = response.read().decode()
+        wait_until(every_source_instance_counted, timeout=30, what="every source instance's counts scraped")
+        families, records = scrape()
     finally:
         job.stop(drain=True)
         job.wait(60)
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    records = {(s.labels["operator"], s.labels["instance"]): s.value for s in families["mpstream_records_in"].samples
-               if s.name == "mpstream_records_in_total"}
     assert set(records) == {(op, str(i)) for op in ("numbers", "double", "total", "out") for i in (0, 1)}
     assert records[("numbers", "0")] > 0 and records[("double", "1")] > 0
     busy = [s.value for s in families["mpstream_busy_seconds"].samples if s.name == "mpstream_busy_seconds_total"]
