@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Union
 
 import numpy as np
+import numpy.ma  # noqa: F401  (nullable columns; numpy loads it lazily, and a worker would pay ~15 ms for it)
 from numpy.typing import ArrayLike
 
 from ._mps import ffi, lib
