@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv as _csv
 import glob
+import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ class FileSource(Source):
         import pyarrow.compute as pc
 
         text = self._csv_reader(whole, path, 0, {**hints, **dict.fromkeys(floats, pa.string())}, header=True,
-                                block=SAMPLE).read_next_batch()
+                                block=SAMPLE, columns=floats).read_next_batch()
         for name in floats:
             values = pc.drop_null(text.column(name))
             if len(values) and pc.all(pc.match_substring_regex(values, r"^\s*[-+]?\d+\s*$")).as_py():
@@ -281,24 +282,20 @@ class FileSource(Source):
         size = os.path.getsize(path)
         if at >= size or (at <= 0 and not header):
             return min(max(at, 0), size)
-        data = np.memmap(path, np.uint8, "r")
-        position = 0 if header else at - 1  # a record starts right after a line end
-        while position < size:
-            ends = np.flatnonzero(data[position : position + BLOCK] == ord("\n"))
-            if len(ends):
-                return position + int(ends[0]) + 1
-            position += BLOCK
-        return size
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            end = data.find(b"\n", 0 if header else at - 1)  # a record starts right after a line end
+        return size if end < 0 else end + 1
 
     def _csv_reader(self, buffer: Any, path: str, start: int, types: dict[str, Any], header: bool = False,
-                    block: int = BLOCK) -> Any:
-        """A streaming reader of CSV bytes (a range: the columns are the schema's)."""
+                    block: int = BLOCK, columns: list[str] | None = None) -> Any:
+        """A streaming reader of CSV bytes (a range: the columns are the schema's), of every
+        column or of ``columns``."""
         csv = self.pa.csv
         read = csv.ReadOptions(use_threads=False, block_size=block,
                                column_names=None if header else self.arrow_schema.names)
         parse = csv.ParseOptions(delimiter=self.delimiter, newlines_in_values=self.newlines_in_values)
         convert = csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
-                                     quoted_strings_can_be_null=False)
+                                     quoted_strings_can_be_null=False, include_columns=columns or [])
         return self._guard(path, start, lambda: csv.open_csv(self.pa.BufferReader(buffer), read_options=read,
                                                              parse_options=parse, convert_options=convert))
 
