@@ -17,8 +17,8 @@ DuckDB (zero-copy from the StringColumn: Arrow's large_string), a polars DataFra
 
 plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2, and the cost
 per row of hashing string keys and of the whole key lookup, in one process. "partitions"
-lists the rows each first-stage instance received: events for hash, partial rows (one per
-key and combiner flush in each upstream instance) for salted.
+lists the rows each instance of the keyed stage received: events for hash, partial rows (one
+per key and combiner flush in each upstream instance) for salted.
 
     python bench/keyed_agg.py [--quick]      # --quick: 4M events, under 60 s
 
@@ -114,19 +114,18 @@ def mpstream_job(keys: np.ndarray, values: np.ndarray, salt: int) -> Pipeline:
 
 
 def run_mpstream(keys: np.ndarray, values: np.ndarray, salt: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    return mpstream_sums(mpstream_job(keys, values, salt).run(), salt)
+    return mpstream_sums(mpstream_job(keys, values, salt).run())
 
 
-def mpstream_sums(result: JobResult, salt: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """The sums and counts per key of a job's result, and the rows into its first stage."""
+def mpstream_sums(result: JobResult) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The sums and counts per key of a job's result, and the rows into its keyed stage."""
     out = result["out"]
     key = out["key"]
     codes = key if isinstance(key, np.ndarray) else code_of(key.to_numpy())
     sums, counts = np.zeros(KEYS), np.zeros(KEYS, np.int64)
     sums[codes] = out["value_sum"]
     counts[codes] = out["count"]
-    first_stage = "agg.partial" if salt else "agg"
-    partitions = [s.records_in for s in result.operators if s.name == first_stage]
+    partitions = [s.records_in for s in result.operators if s.name == "agg"]
     return sums, counts, partitions
 
 
@@ -270,7 +269,7 @@ def main() -> None:
         print(f"{impl:18s}{cells}" + (f"{hot / results['hot']['numpy']['events_per_s']:13.2f}" if hot else ""))
     for dist in partitions:
         for impl, counts in partitions[dist].items():
-            print(f"rows into each first-stage partition, {dist:7s} {impl:16s}: {counts}")
+            print(f"rows into each keyed-stage instance, {dist:7s} {impl:16s}: {counts}")
     ratio = {d: results[d]["mpstream_salted"]["events_per_s"] / results[d]["numpy"]["events_per_s"] for d in results}
     print(f"salted/numpy: hot {ratio['hot']:.2f}, uniform {ratio['uniform']:.2f} (hot/uniform {ratio['hot'] / ratio['uniform']:.2f})")
     for dist in ("str_uniform", "str_hot"):

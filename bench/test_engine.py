@@ -29,7 +29,7 @@ def test_keyed_aggregation_numpy(benchmark, data):
 @pytest.mark.parametrize("salt", [0, 8], ids=["mpstream_hash", "mpstream_salted"])
 def test_keyed_aggregation_mpstream(mpstream_benchmark, data, salt):
     dist, (keys, values) = data
-    sums, counts, _ = mpstream_sums(mpstream_benchmark(lambda: mpstream_job(keys, values, salt)), salt)
+    sums, counts, _ = mpstream_sums(mpstream_benchmark(lambda: mpstream_job(keys, values, salt)))
     assert np.array_equal(counts, np.bincount(keys, minlength=len(counts)))
 
 

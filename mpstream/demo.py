@@ -3,7 +3,7 @@
     source "clicks" (synthetic; ~90% of events on one domain)
       -> map "parse"   (derives kilobytes from the raw bytes)
       -> filter "valid" (drops server errors and bot traffic)
-      -> aggregate "per_domain" by domain, salted two-stage (combine, partial, then final)
+      -> aggregate "per_domain" by domain, two-stage (a combine chained to each source, then final)
       -> file sink "csv" (one CSV per instance; transactional with checkpoints) and collect
          sink "check"
 

@@ -237,23 +237,21 @@ class Aggregate(Operator):
 
 
 class Combine(Operator):
-    """Pre-aggregates rows (or merges partials) into one partial row per key and hands the
-    partials on (Flink's local aggregation): when its oldest held row has waited
-    ``max_delay_s`` (a processing-time timer), when it holds ``max_keys`` keys, before every
-    checkpoint barrier when ``flush_at_barrier`` (its state is then empty at every checkpoint),
-    and at the end. Without ``flush_at_barrier`` it keeps what it holds in its snapshot."""
+    """Pre-aggregates rows into one partial row per key and hands the partials on (Flink's
+    local aggregation): when its oldest held row has waited ``max_delay_s`` (a
+    processing-time timer), when it holds ``max_keys`` keys, before every checkpoint barrier
+    (its state is then empty at every checkpoint) and at the end."""
 
     rescalable = True
 
-    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], inputs: str = "rows",
-                 max_delay_s: float = 0.1, max_keys: int = 1 << 20, flush_at_barrier: bool = True) -> None:
-        self.key, self.spec, self.inputs = key, spec, inputs
-        self.max_delay_s, self.max_keys, self.flush_at_barrier = max_delay_s, max_keys, flush_at_barrier
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], max_delay_s: float = 0.1,
+                 max_keys: int = 1 << 20) -> None:
+        self.key, self.spec = key, spec
+        self.max_delay_s, self.max_keys = max_delay_s, max_keys
 
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         self.combiner = Combiner(self.key, self.spec, self.max_delay_s, self.max_keys)
-        self._add = self.combiner.add_partials if self.inputs == "partials" else self.combiner.add
         self._timer: Timer | None = None
         self._emitted = False
 
@@ -273,7 +271,7 @@ class Combine(Operator):
         return out
 
     def process(self, batch: Batch) -> Output:
-        out = self._add(batch)
+        out = self.combiner.add(batch)
         self._emitted |= out is not None
         self._arm()
         return out
@@ -283,7 +281,7 @@ class Combine(Operator):
         return self._flush()
 
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
-        return self._flush() if self.flush_at_barrier else None
+        return self._flush()
 
     def snapshot(self) -> Any:
         return self.combiner.held()

@@ -428,15 +428,17 @@ class KeyedStream(Stream):
         before every checkpoint barrier: an upsert stream (the newest row per key is its
         result so far).
 
-        ``salt=n`` (n > 1) makes it two-stage, for hot keys. Each upstream instance first
-        pre-aggregates its rows in a :class:`~mpstream.operators.Combine` chained to it (one
-        partial row per key, handed on at every checkpoint barrier, at the end, when it holds
-        2^20 keys and, with ``emit="updates"``, when its oldest row has waited
-        ``combiner_delay_s`` seconds: final results come at the end, so nothing is gained by
-        handing them on sooner); the partial rows go to a partial
-        stage ``{name}.partial`` by key plus a salt (so one key spreads evenly over
-        min(n, parallelism) instances), and its partials go by key to the final ``name``.
-        Results equal the unsalted ones (float sums up to rounding: another order).
+        ``salt=n`` (n > 1) makes it two-stage, for hot keys (Flink's local-global aggregation).
+        Each upstream instance first pre-aggregates its rows in a
+        :class:`~mpstream.operators.Combine` chained to it, ``{name}.combine`` (one partial row
+        per key, handed on at every checkpoint barrier, at the end, when it holds 2^20 keys
+        and, with ``emit="updates"``, when its oldest row has waited ``combiner_delay_s``
+        seconds: final results come at the end, so nothing is gained by handing them on
+        sooner); the partial rows go by key to the final ``name``. A key then reaches the final
+        stage at most once per flush of each upstream instance, so a hot key is no hotter
+        there than any other: every n > 1 does the same (no further salting spreads a key
+        that is already folded). Results equal the unsalted ones (float sums up to rounding:
+        another order).
         """
         key = self.key
         try:
@@ -458,18 +460,13 @@ class KeyedStream(Stream):
             return self._then(name, lambda: Aggregate(key, spec, "rows", emit, update_interval), parallelism)
         graph = self.pipeline.graph
         combiners = []
-        updates = emit == "updates"
-        delay = combiner_delay_s if updates else math.inf  # final results come at the end: no need to hurry
+        delay = combiner_delay_s if emit == "updates" else math.inf  # final results come at the end: no need to hurry
         for up, port in zip(self.upstreams, self.ports):  # a side output's rows (port), not the main ones
             combine_name = f"{name}.combine" if len(self.upstreams) == 1 else f"{name}.combine.{up.name}"
             combiners.append(graph.add(Node(
-                combine_name, up.parallelism, lambda: Combine(key, spec, "rows", delay), [Edge(up.name, port=port)],
+                combine_name, up.parallelism, lambda: Combine(key, spec, delay), [Edge(up.name, port=port)],
                 chained=True)))
-        partial = KeyedStream(self.pipeline, combiners, lambda: HashPartitioner(key, salt), key, "salted")
-        partial = partial._then(f"{name}.partial", lambda: Combine(key, spec, "partials",
-                                                                   update_interval if updates else math.inf,
-                                                                   flush_at_barrier=updates), parallelism)
-        final = KeyedStream(self.pipeline, partial.upstreams, lambda: HashPartitioner(key), key, "hash")
+        final = KeyedStream(self.pipeline, combiners, lambda: HashPartitioner(key), key, "hash")
         return final._then(name, lambda: Aggregate(key, spec, "partials", emit, update_interval), parallelism)
 
 

@@ -20,7 +20,7 @@ def test_demo_verifies_and_reports_json(tmp_path):
     assert summary["events_per_s"] > 0 and summary["seconds"] > 0
     ops = summary["operators"]
     assert ops["clicks"]["records_out"] == 300_000
-    assert ops["per_domain.partial"]["instances"] == 2 and ops["per_domain"]["records_out"] == 1000
+    assert ops["per_domain"]["instances"] == 2 and ops["per_domain"]["records_out"] == 1000
     assert "VERIFIED" in out.stdout
     rows = []
     for name in os.listdir(tmp_path):
@@ -136,7 +136,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-m", "mpstream.cli", "demo", "--events", "2000000000", "--out",
                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: len(psutil.Process(proc.pid).children()) >= 6, timeout=60, what="the demo's workers")
+    wait_until(lambda: len(psutil.Process(proc.pid).children()) >= 4, timeout=60, what="the demo's 4 workers")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -172,7 +172,7 @@ def stop_unbounded_demo(*args):
     proc = subprocess.Popen([sys.executable, "-m", "mpstream.cli", "demo", "--unbounded", *args, "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: (store.complete() or [0])[-1] >= first + 3, timeout=120, what="three new checkpoints")
-    assert len(psutil.Process(proc.pid).children()) == 6  # a process per task: 3 tasks (chains) of 2 instances
+    assert len(psutil.Process(proc.pid).children()) == 4  # a process per task: 2 tasks (chains) of 2 instances
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
@@ -224,7 +224,7 @@ def test_an_unbounded_demo_serves_its_metrics_while_it_runs():
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "VERIFIED" in stdout, stderr
-    for operator in ("clicks", "parse", "valid", "per_domain.combine", "per_domain.partial", "per_domain", "csv"):
+    for operator in ("clicks", "parse", "valid", "per_domain.combine", "per_domain", "csv"):
         assert f'operator="{operator}"' in scraped["text"]
 
 

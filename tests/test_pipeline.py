@@ -80,7 +80,7 @@ def sums_by_key(batch):
 @pytest.mark.parametrize("emit, delay, partial_rows", [("updates", 0, 4), ("updates", 3600, 3), ("final", 0, 3)])
 def test_combiner_latency_bound_sets_how_often_partials_go_on(emit, delay, partial_rows):
     """Batches [1, 1, 2] and [1, 3, 3]: emitting updates with a bound of 0 s, each batch's
-    partials go on at once (2 + 2 rows into the partial stage); with an hour, one flush at the
+    partials go on at once (2 + 2 rows into the final stage); with an hour, one flush at the
     end (3 rows). Final results come at the end: the bound plays no part (3 rows)."""
     p = Pipeline()
     (p.from_arrays("src", {"k": np.array([1, 1, 2, 1, 3, 3]), "v": np.arange(6.0)}, batch_size=3)
@@ -88,7 +88,7 @@ def test_combiner_latency_bound_sets_how_often_partials_go_on(emit, delay, parti
       .collect("out"))
     result = p.run()
     assert sums_by_key(result["out"]) == {1: (4.0, 3), 2: (2.0, 1), 3: (9.0, 2)}
-    assert [s.records_in for s in result.operators if s.name == "agg.partial"] == [partial_rows]
+    assert [s.records_in for s in result.operators if s.name == "agg"] == [partial_rows]
 
 
 def test_a_negative_combiner_delay_is_refused_with_the_operator_named():
@@ -122,7 +122,7 @@ def test_combiner_hands_on_its_rows_by_their_due_time_without_more_input(monkeyp
       .aggregate("agg", {"v": "sum", "*": "count"}, salt=2, combiner_delay_s=0.01, emit="updates").collect("out"))
     result = p.run()
     assert sums_by_key(result["out"]) == {1: (4.0, 4), 2: (2.0, 2)}
-    assert [s.records_in for s in result.operators if s.name == "agg.partial"] == [4]  # two flushes
+    assert [s.records_in for s in result.operators if s.name == "agg"] == [4]  # two flushes
 
 
 class TagInstance(Operator):
