@@ -171,14 +171,24 @@ class FileSource(Source):
             return
         import pyarrow.compute as pc
 
-        text = self._csv_reader(whole, path, 0, {**hints, **dict.fromkeys(floats, pa.string())}, header=True,
-                                block=SAMPLE, columns=floats).read_next_batch()
-        for name in floats:
-            values = pc.drop_null(text.column(name))
-            if len(values) and pc.all(pc.match_substring_regex(values, r"^\s*[-+]?\d+\s*$")).as_py():
-                raise SourceError(f"{path}: column {name!r} holds integers beyond int64 (e.g. "
-                                  f"{values[0].as_py()!r}); give its type with schema=, e.g. "
-                                  f"schema={{{name!r}: 'float64'}} or 'str'")
+        for block in (SAMPLE // 16, SAMPLE):  # a value with a point or an exponent early on settles a column
+            try:
+                text = self._csv_reader(whole, path, 0, {**hints, **dict.fromkeys(floats, pa.string())}, header=True,
+                                        block=block, columns=floats).read_next_batch()
+            except (SourceError, pa.ArrowInvalid):
+                if block == SAMPLE:
+                    raise
+                continue  # a row longer than the small block: the whole sample decides
+            values = {name: pc.drop_null(text.column(name)) for name in floats}
+            floats = [name for name in floats
+                      if pc.all(pc.match_substring_regex(values[name], r"^\s*[-+]?\d+\s*$")).as_py() is not False]
+            if not floats:
+                return
+        name = next((name for name in floats if len(values[name])), None)
+        if name is not None:
+            raise SourceError(f"{path}: column {name!r} holds integers beyond int64 (e.g. "
+                              f"{values[name][0].as_py()!r}); give its type with schema=, e.g. "
+                              f"schema={{{name!r}: 'float64'}} or 'str'")
 
     def _hint_types(self) -> dict[str, Any]:
         pa = self.pa

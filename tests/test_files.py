@@ -343,6 +343,23 @@ def test_integers_beyond_int64_are_an_error_not_floats(tmp_path):
     assert r.run()["out"]["x"].tolist() == [2.5, 3.0]
 
 
+
+def test_the_big_integer_check_reads_past_a_first_run_of_integers(tmp_path):
+    """The check settles a column on its first 64 KiB when a value there has a point; a column
+    of integers there is decided by the whole sample (1 MiB): a float later keeps it float, an
+    integer beyond int64 later is the error."""
+    ints = "".join(f"{i},{i}\n" for i in range(20_000))  # about 200 KiB of integers first
+    (tmp_path / "late_float.csv").write_text("id,x\n" + ints + "20000,2.5\n")
+    p = Pipeline()
+    p.from_csv("src", str(tmp_path / "late_float.csv")).collect("out")
+    x = p.run()["out"]["x"]
+    assert x.dtype == np.float64 and x[-1] == 2.5 and x[:20_000].tolist() == list(map(float, range(20_000)))
+    (tmp_path / "late_big.csv").write_text("id,n\n" + ints + "20000,99999999999999999999\n")
+    q = Pipeline()
+    q.from_csv("src", str(tmp_path / "late_big.csv")).collect("out")
+    with pytest.raises(OperatorError, match=r"late_big.csv: column 'n' holds integers beyond int64"):
+        q.run()
+
 def test_blank_lines_are_skipped(tmp_path):
     (tmp_path / "b.csv").write_text("id,v\n1,a\n\n2,b\n\n")
     p = Pipeline()
