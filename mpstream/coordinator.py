@@ -23,6 +23,7 @@ preceded that checkpoint, so results are exactly once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import signal
@@ -253,6 +254,9 @@ def _widen(*conns: Connection) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 
 
+_RUNS = itertools.count(1)  # the id of each attempt started in this process (Context.run)
+
+
 @dataclass
 class _TaskProcess:
     spec: TaskSpec
@@ -289,7 +293,7 @@ class _Attempt:
             self.doorbells = Doorbells("doorbells", len(job.tasks))
             config = TaskConfig(None if job.config is None else job.config.directory,
                                 job.config is None or job.config.exactly_once, self.restore, self.doorbells.name,
-                                job.board.path)
+                                job.board.path, next(_RUNS))
             for label in job.graph.channels():
                 self.channels[label] = Channel(label, job.graph.channel_capacity)
             names = {label: chan.name for label, chan in self.channels.items()}

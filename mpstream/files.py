@@ -4,14 +4,17 @@ through pyarrow).
 
 A source reads one path, a directory (its files, recursively, in name order, skipping names
 that start with ``.`` or ``_``) or a glob. Its files are cut into **units**: a Parquet row
-group, an Arrow IPC record batch, a byte range of a CSV or JSON-lines file (ranges of about a
-quarter of a file's share per instance, at least 1 MiB, cut at line ends: a range owns the
-records that start in it). A CSV file with ``newlines_in_values`` is one unit: only a parse
-from its start knows which line ends are inside quotes. Instance i of p reads units i, i + p, i + 2p, ... of the sorted
-list, so parallelism 2 reads every byte once; each unit is read as a stream of batches, so
-memory holds a few batches whatever the file size (files are memory-mapped). The position
-(unit, rows read in it) is the source's snapshot: a restore reads the unit again from its
-start and skips those rows, so a replay gives the same records.
+group, an Arrow IPC record batch, a byte range of a CSV or JSON-lines file (about ``UNIT``
+bytes, cut at line ends: a range owns the records that start in it). A CSV file with
+``newlines_in_values`` is one unit: only a parse from its start knows which line ends are
+inside quotes. The instances share the units as Flink's file source shares its splits: each
+takes the next unit of the list when it finished its last one (an atomic counter in memory
+the coordinator maps before it forks them), so a slower instance reads fewer units and all
+end together; every byte is read once. Each unit is read as a stream of batches, so memory
+holds a few batches whatever the file size (files are memory-mapped). The position is the
+units done and the unit in hand with the rows read of it; a restore takes the positions of
+every instance (at any parallelism): the units in hand go on from their row, then the units
+nobody had taken, so a replay gives the same records.
 
 Schemas: Parquet and IPC files carry theirs; CSV and JSON are inferred by pyarrow from the
 first MiB of the first file (int64, float64, bool, timestamp, date, else str; a time of day
@@ -37,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ._mps import ffi, lib
 from .arrow import from_arrow, pyarrow_or_error
 from .batch import Batch
 from .errors import SourceError
@@ -46,7 +50,7 @@ from .sources import Source
 __all__ = ["FileSource", "FORMATS", "list_files", "FileWriter", "CsvWriter", "ArrowWriter", "new_writer"]
 
 FORMATS = ("parquet", "csv", "json", "arrow")
-MIN_RANGE = 1 << 20  # bytes: the smallest CSV / JSON unit
+UNIT = 2 << 20  # bytes: a CSV / JSON unit (a slower instance is at most one unit late at the end)
 SAMPLE = 1 << 20  # bytes of the first file that CSV and JSON schemas are inferred from
 BLOCK = 1 << 20  # bytes pyarrow parses at a time
 
@@ -84,6 +88,9 @@ class FileSource(Source):
     type (``"int64"``, ``"float64"``, ``"bool"``, ``"str"``, a numpy dtype or a pyarrow type)
     for the columns not to infer; ``columns`` (Parquet and IPC): the columns to read."""
 
+    rescalable = True  # its instances share the units: any parallelism takes them over
+    restores_all = True
+
     def __init__(self, fmt: str, path: str, batch_size: int, schema: Mapping[str, Any] | None = None,
                  columns: Sequence[str] | None = None, delimiter: str = ",", newlines_in_values: bool = False) -> None:
         if fmt not in FORMATS:
@@ -98,20 +105,22 @@ class FileSource(Source):
 
     # ---- planning: the same in every instance ----------------------------------------------
 
-    def plan(self, parallelism: int = 1) -> FileSource:
-        """Lists the files, infers their schema and cuts them into units for ``parallelism``
-        instances once, in the caller's process before the workers are forked: they inherit
-        all of it, and pyarrow's readers warmed up (their first use in a process costs
-        milliseconds). A failure is left to :meth:`open` to report."""
+    def plan(self) -> FileSource:
+        """Lists the files, infers their schema and cuts them into units once, in the caller's
+        process before the workers are forked: they inherit all of it, pyarrow's readers warmed
+        up (their first use in a process costs milliseconds) and the counter they take units
+        with. A failure is left to :meth:`open` to report."""
         self.pa = pyarrow_or_error(f"{self.fmt} files")
         import pyarrow.csv  # noqa: F401  (the readers: submodules pyarrow does not load itself)
         import pyarrow.ipc  # noqa: F401
         import pyarrow.json  # noqa: F401
         self.files = list_files(self.path)
-        self._planned = (self._signature(self.files), parallelism)
+        self._planned = self._signature(self.files)
+        self._planner = os.getpid()
+        self._taken = mmap.mmap(-1, 8)  # shared with the processes forked from here
         try:
             self.arrow_schema = self._schema()
-            self._all_units = [unit for path in self.files for unit in self._units(path, parallelism)]
+            self._all_units = [unit for path in self.files for unit in self._units(path)]
         except SourceError:
             self._all_units = None
         return self
@@ -124,14 +133,20 @@ class FileSource(Source):
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         if self.pa is None:
-            self.plan(ctx.parallelism)
+            self.plan()
         files = list_files(self.path)  # again: a job (or a run of it) may start long after its plan
-        if self._all_units is None or (self._signature(files), ctx.parallelism) != self._planned:
+        if self._all_units is None or self._signature(files) != self._planned:
             self.files = files  # planned again, here: raises what plan() met, if anything
             self.arrow_schema = self._schema()
-            self._all_units = [unit for path in self.files for unit in self._units(path, ctx.parallelism)]
-        self.units = self._all_units[ctx.instance :: ctx.parallelism]
-        self.unit, self.rows = 0, 0  # the position: units done, rows read of the current one
+            self._all_units = [unit for path in self.files for unit in self._units(path)]
+        # planned in the coordinator: the instances share its counter; planned here (a source
+        # made in its worker), each takes units i, i + p, i + 2p, ... of the list
+        self._counter = None if self._planner == os.getpid() else ffi.cast("uint64_t *", ffi.from_buffer(self._taken))
+        self._claims = 0  # units this instance took from the list (without a shared counter)
+        self.pending = [(i, 0) for i in range(len(self._all_units))]  # (unit, rows to skip) to take, in order
+        self.done: set[int] = set()  # units read to their end
+        self.unit: int | None = None  # the unit in hand
+        self.rows = 0  # rows read of it
         self._reader: Iterator[Any] | None = None
         self._schema_sent = False
 
@@ -208,7 +223,7 @@ class FileSource(Source):
                                       f"pyarrow type") from None
         return out
 
-    def _units(self, path: str, parallelism: int) -> list[Unit]:
+    def _units(self, path: str) -> list[Unit]:
         if self.fmt == "parquet":
             reader = self._parquet(path)
             self._check_schema(path, reader.schema_arrow)
@@ -223,9 +238,7 @@ class FileSource(Source):
             if self._header(path) != self.arrow_schema.names:
                 self._differs(path, self._header(path))
             start = self._boundary(path, 0, header=True)
-        share = max(MIN_RANGE, (size - start) // max(1, 4 * parallelism))
-        if self.fmt == "csv" and self.newlines_in_values:  # one unit: see _boundary
-            share = size
+        share = size if self.fmt == "csv" and self.newlines_in_values else UNIT  # one unit: see _boundary
         cuts = [start] + [self._boundary(path, at) for at in range(start + share, size, share)] + [size]
         cuts = sorted(set(cuts))
         return [Unit(path, i, a, b) for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
@@ -339,17 +352,30 @@ class FileSource(Source):
     # ---- reading ------------------------------------------------------------------------------
 
     def has_input(self) -> bool:
-        return bool(self.units)
+        return len(self.pending) > (0 if self._counter is not None else self.ctx.instance)
+
+    def _take(self) -> bool:
+        """Takes the next unit to read (False: none is left)."""
+        if self._counter is not None:
+            index = lib.mps_claim_next(self._counter, self.ctx.run & 0xFFFFFFFF)
+        else:
+            index = self.ctx.instance + self._claims * self.ctx.parallelism
+            self._claims += 1
+        if index >= len(self.pending):
+            return False
+        self.unit, self.rows = self.pending[index]
+        return True
 
     def poll(self) -> Batch:
-        while self.unit < len(self.units):
+        while self.unit is not None or self._take():
             if self._reader is None:
-                self._reader = self._skip(self._batches(self.units[self.unit]), self.rows)
+                self._reader = self._skip(self._batches(self._all_units[self.unit]), self.rows)
             for record_batch in self._reader:  # never empty (see _skip)
                 self.rows += record_batch.num_rows
                 self._schema_sent = True
                 return self._convert(record_batch)
-            self.unit, self.rows, self._reader = self.unit + 1, 0, None
+            self.done.add(self.unit)
+            self.unit, self.rows, self._reader = None, 0, None
         if not self._schema_sent:  # no row at all: the schema still reaches the job
             self._schema_sent = True
             schema = self.arrow_schema if self.columns is None else self.pa.schema(
@@ -371,13 +397,18 @@ class FileSource(Source):
         try:
             return from_arrow(record_batch)
         except Exception as exc:
-            raise SourceError(f"{self.units[self.unit].path}: {exc}") from None
+            raise SourceError(f"{self._all_units[self.unit].path}: {exc}") from None
 
     def snapshot(self) -> Any:
-        return {"unit": self.unit, "rows": self.rows}
+        return {"done": sorted(self.done), "unit": self.unit, "rows": self.rows}
 
     def restore(self, states: list[Any]) -> None:
-        self.unit, self.rows, self._reader = states[0]["unit"], states[0]["rows"], None
+        """The positions of every instance (see the module doc)."""
+        self.done = {unit for state in states for unit in state["done"]}
+        in_hand = sorted((s["unit"], s["rows"]) for s in states if s["unit"] is not None)
+        taken = self.done | {unit for unit, _ in in_hand}
+        self.pending = in_hand + [(i, 0) for i in range(len(self._all_units)) if i not in taken]
+        self.unit, self.rows, self._reader, self._claims = None, 0, None, 0
 
 
 # ---- writers: the files of the file sinks ----------------------------------------------------

@@ -73,7 +73,9 @@ class Context:
     than the main one, and ``ports`` says which of its ports something reads; ``counters``
     are added to the instance's statistics (e.g. ``late_records_dropped``). During ``restore``,
     ``rescaled`` is true when the states are those of every old instance (the parallelism
-    changed): keep only your key groups' part (:func:`own_rows`); else it is your own state."""
+    changed): keep only your key groups' part (:func:`own_rows`); else it is your own state.
+    ``run`` tells attempts apart: every start of the job (a restart too) has its own id, the
+    same in all of its tasks (a source's instances that share work count claims per run)."""
 
     name: str
     instance: int
@@ -84,6 +86,7 @@ class Context:
     ports: frozenset[str] = frozenset()
     counters: dict[str, int] = field(default_factory=dict)
     rescaled: bool = False
+    run: int = 0
 
 
 class Operator:
@@ -91,6 +94,9 @@ class Operator:
 
     #: restore() takes the states of every instance of the checkpoint and keeps its key groups.
     rescalable: ClassVar[bool] = False
+    #: restore() takes the states of every instance at an unchanged parallelism too (instances
+    #: that share one pool of work, as a file source's: each needs what all of them had done).
+    restores_all: ClassVar[bool] = False
     #: False: the operator cannot be restored after a failure; jobs with checkpoints refuse it.
     resumable: bool = True
     #: True: it publishes output in notify_checkpoint_complete (two-phase commit), so a job's

@@ -71,14 +71,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 class TaskConfig:
     """How the job runs this attempt: its checkpoint directory (None: no checkpoints), whether
     barriers align (exactly-once), the checkpoint to restore from (None: a fresh start), the
-    doorbells segment the coordinator rings after it sends a task a message, and the job's
-    counters board."""
+    doorbells segment the coordinator rings after it sends a task a message, the job's
+    counters board, and the attempt's id (:attr:`~mpstream.operators.Context.run`)."""
 
     checkpoint_dir: str | None = None
     exactly_once: bool = True
     restore_from: int | None = None
     doorbells: str = ""
     counters: str = ""
+    run: int = 0
 
 
 class _OperatorRaised(Exception):
@@ -126,7 +127,8 @@ class ChainedOperator:
         self.name, self.instance, self.task = node.name, spec.instance, task
         self.timers = TimerService(task.wake_at)
         self.ctx = Context(node.name, spec.instance, node.parallelism, self.timers, task.checkpointing,
-                           side_output=lambda port, out: self.emit(out, port), ports=spec.ports)
+                           side_output=lambda port, out: self.emit(out, port), ports=spec.ports,
+                           run=task.config.run)
         self.stats = InstanceStats(node.name, spec.instance, task.spec.name, counters=self.ctx.counters)
         self.collect = node.collect
         self.partitioning = node.partitioning
@@ -374,7 +376,10 @@ class Task:
             own = [store.read_state(checkpoint_id, op.name, op.instance)] if which is None else None
             snaps = own or [store.read_state(checkpoint_id, op.name, i) for i in which]
             op.ctx.rescaled = own is None
-            if own is not None or op.op.rescalable:
+            if op.op.restores_all and own is not None:
+                op.call(op.op.restore, [store.read_state(checkpoint_id, op.name, i).operator
+                                        for i in range(store.instances(checkpoint_id, op.name))])
+            elif own is not None or op.op.rescalable:
                 op.call(op.op.restore, [s.operator for s in snaps])
             mine = own_key_groups(op.ctx)
             op.timers.restore([t for i, s in enumerate(snaps) for t in s.timers

@@ -11,7 +11,7 @@ import pytest
 from mpstream import OperatorError, Pipeline
 from mpstream.batch import Batch, StringColumn
 from mpstream.errors import SourceError
-from mpstream.operators import Context
+from mpstream.operators import Context, Operator
 from mpstream.testing import Once, kill_me
 
 pa = pytest.importorskip("pyarrow", reason="file sources need pyarrow: pip install 'mpstream[arrow]'")
@@ -25,7 +25,7 @@ from mpstream import files  # noqa: E402
 @pytest.fixture(autouse=True)
 def small_units(monkeypatch):
     """Units and blocks of a few KiB, so small files split into many (forked workers inherit it)."""
-    monkeypatch.setattr(files, "MIN_RANGE", 2048)
+    monkeypatch.setattr(files, "UNIT", 2048)
     monkeypatch.setattr(files, "BLOCK", 1024)
 
 
@@ -82,8 +82,9 @@ def test_each_format_split_over_instances_reads_every_row_once(tmp_path, fmt, pa
     result = p.run()
     out = result["out"]
     assert rows_of(out) == rows_of(pa.concat_tables(parts))
-    per_instance = [s.records_out for s in result.operators if s.name == "src"]
-    assert len(per_instance) == parallelism and (parallelism == 1 or min(per_instance) > 0)  # the work is split
+    done = [unit for s in result.operators if s.name == "src" for unit in s.position["done"]]
+    units = len(open_source(fmt, tmp_path / "data").pending)
+    assert sorted(done) == list(range(units)) and units > parallelism  # each unit read by one instance
     assert out.schema[0] == ("key", "utf8?")
 
 
@@ -106,7 +107,7 @@ def drain(source) -> list[Batch]:
 def test_a_restore_at_any_position_replays_exactly(tmp_path, fmt):
     write(fmt, tmp_path, [table(2500, 4), table(900, 5)])
     whole = drain(open_source(fmt, tmp_path))
-    units = len(open_source(fmt, tmp_path).units)
+    units = len(open_source(fmt, tmp_path).pending)
     assert units > 2  # several row groups / record batches / byte ranges
     for stop in (1, 4, len(whole) // 2, len(whole) - 1):  # inside units and at their ends
         first = open_source(fmt, tmp_path)
@@ -117,25 +118,98 @@ def test_a_restore_at_any_position_replays_exactly(tmp_path, fmt):
         assert rows_of(Batch.concat(head + drain(again))) == rows_of(Batch.concat(whole))
 
 
-def test_a_killed_job_reading_files_resumes_from_its_checkpoint_exactly(tmp_path):
-    write("csv", tmp_path / "in", [table(6000, 6), table(6000, 7)])
-    crash = Once(tmp_path, "crash")
+def die_once_units_are_checkpointed(tmp_path, chk: str):
+    """A map that SIGKILLs its worker once, when the newest complete checkpoint has units
+    done by every instance of "src" (so a restore has to share out what the others did)."""
     from mpstream.checkpoint import CheckpointStore
 
-    store = CheckpointStore(str(tmp_path / "chk"))
+    store, crash, checked = CheckpointStore(chk), Once(tmp_path, "crash"), set()
 
-    def die_once_checkpointed(batch):
-        if store.complete() and crash():
-            kill_me()
+    def die(batch):
+        newest = (store.complete() or [None])[-1]
+        if newest is not None and newest not in checked:
+            checked.add(newest)
+            states = [store.read_state(newest, "src", i).operator for i in range(store.instances(newest, "src"))]
+            if all(s["done"] for s in states) and crash():
+                kill_me()
         return batch
 
-    p = Pipeline(channel_capacity=1 << 16)
-    p.from_csv("src", str(tmp_path / "in"), parallelism=2, batch_size=200).map("die", die_once_checkpointed) \
-        .collect("out")
-    with pytest.warns(UserWarning, match="restarting"):
-        out = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.01)["out"]
-    assert crash.fired and rows_of(out) == rows_of(pa.concat_tables([table(6000, 6), table(6000, 7)]))
+    return die, crash
 
+
+def test_a_killed_job_reading_files_resumes_from_its_checkpoint_exactly(tmp_path):
+    parts = [table(30000, 6), table(30000, 7)]
+    write("csv", tmp_path / "in", parts)
+    chk = str(tmp_path / "chk")
+    die, crash = die_once_units_are_checkpointed(tmp_path, chk)
+    p = Pipeline(channel_capacity=1 << 16)
+    p.from_csv("src", str(tmp_path / "in"), parallelism=2, batch_size=50).map("die", die).collect("out")
+    with pytest.warns(UserWarning, match="restarting"):
+        out = p.run(checkpoint_dir=chk, checkpoint_interval=0.01)["out"]
+    assert crash.fired and rows_of(out) == rows_of(pa.concat_tables(parts))
+
+
+
+class TagInstance(Operator):
+    def process(self, batch):
+        return {**batch, "instance": np.full(batch.num_rows, self.ctx.instance)}
+
+
+def test_a_slow_instance_reads_fewer_units(tmp_path):
+    """The instances take units as they finish the last (a shared counter): while instance 0
+    holds its first batch, instance 1 reads every other unit. Units i, i + p, ... per
+    instance would leave half of them to instance 0 and wait out the timeout."""
+    import multiprocessing
+
+    from conftest import wait_until
+
+    write("parquet", tmp_path / "in", [table(2100, 8)])  # 3 row groups of 700: 3 units, a batch each
+    read_by_one = multiprocessing.get_context("fork").Value("i", 0)  # rows instance 1's map passed
+
+    def hold_first_batch_of_instance_0(batch):
+        if batch["instance"][0] == 1:
+            with read_by_one.get_lock():
+                read_by_one.value += batch.num_rows
+        elif read_by_one.value < 1400:  # its only batch: the other two units are instance 1's
+            wait_until(lambda: read_by_one.value == 1400, timeout=60, what="instance 1 to read two units")
+        return batch
+
+    p = Pipeline()
+    (p.from_parquet("src", str(tmp_path / "in"), parallelism=2, batch_size=1000)
+      .process("tag", TagInstance).map("hold", hold_first_batch_of_instance_0).collect("out"))
+    result = p.run()
+    done = {s.instance: s.position["done"] for s in result.operators if s.name == "src"}
+    assert sorted(done[0] + done[1]) == [0, 1, 2] and len(done[0]) == 1 and len(done[1]) == 2
+    assert result["out"].num_rows == 2100
+
+
+def test_a_file_source_checkpointed_at_parallelism_2_resumes_at_3(tmp_path):
+    """Every instance's position goes to every instance on restore: the units in hand go on
+    from their rows and the untaken ones are shared anew, at any parallelism; sums by key over
+    the two runs equal numpy's over the files."""
+    parts = [table(30000, 9), table(20000, 10)]
+    write("csv", tmp_path / "in", parts)
+    chk = str(tmp_path / "chk")
+    die, crash = die_once_units_are_checkpointed(tmp_path, chk)
+
+    def job(parallelism, fn):
+        p = Pipeline(channel_capacity=1 << 16)
+        (p.from_csv("src", str(tmp_path / "in"), parallelism=parallelism, batch_size=50).map("die", fn)
+          .key_by("key").aggregate("agg", {"n": "sum", "*": "count"}, parallelism=1).collect("out"))
+        return p
+
+    with pytest.raises(Exception, match="killed by SIGKILL"):
+        job(2, die).run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=0)
+    assert crash.fired
+    out = job(3, lambda b: b).run(checkpoint_dir=chk, resume=True)["out"]
+    whole = pa.concat_tables(parts)
+    want: dict = {}
+    for k, n in zip(whole.column("key").to_pylist(), whole.column("n").to_pylist()):
+        total, count = want.get(k, (0, 0))
+        want[k] = (total + (n or 0), count + 1)
+    got = {k: (int(n), int(c)) for k, n, c in zip(out["key"].to_numpy().tolist(), out["n_sum"].tolist(),
+                                                  out["count"].tolist())}
+    assert got == want
 
 def test_csv_quoted_line_ends_need_newlines_in_values(tmp_path):
     text = "k,v\n" + "".join(f'{i},"line {i}\nstill {i}"\n' for i in range(400))
