@@ -242,24 +242,3 @@ def test_parquet_and_arrow_sinks_write_nulls_and_every_type(tmp_path):
     back = pa.ipc.open_file(str(tmp_path / "ipc" / ipc)).read_all()
     assert back.column("k").to_pylist() == ["a", None, "c"] and back.column("n").to_pylist() == [1, None, 3]
     assert back.column("t").null_count == 1
-
-
-def test_parquet_columns_of_distinct_values_fall_back_from_dictionaries_early(tmp_path):
-    """An aggregate's output holds one row per key: a dictionary of its keys only grows the
-    file. Past 64 KiB of dictionary a column is written plain; a column of few values stays
-    dictionary-encoded."""
-    pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
-    keys = np.array([f"user-{i:07d}" for i in range(50_000)])
-    p = Pipeline()
-    p.from_arrays("src", {"key": keys, "group": np.arange(50_000) % 10}).to_parquet("pq", str(tmp_path))
-    p.run()
-    (name,) = [n for n in os.listdir(tmp_path) if n.endswith(".parquet")]
-    meta = pq.ParquetFile(tmp_path / name).metadata.row_group(0)
-    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
-    dictionary = {name: c.data_page_offset - c.dictionary_page_offset for name, c in columns.items()}
-    assert dictionary["key"] < 70 << 10  # then plain (with pyarrow's default of 1 MiB: 240 KiB here)
-    assert dictionary["group"] < 1 << 10 and columns["group"].total_compressed_size < 2 << 10  # 10 values
-    back = pq.read_table(tmp_path / name)
-    assert back.column("key").to_pylist() == keys.tolist()
