@@ -406,15 +406,9 @@ void mps_doorbell_ring(uint32_t *doorbell)
     syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
 }
 
-int64_t mps_claim_next(uint64_t *word, uint32_t run)
+uint64_t mps_counter_next(uint64_t *word)
 {
-    uint64_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-    for (;;) {
-        uint64_t index = (old >> 32) == run ? (old & 0xffffffffu) : 0;
-        uint64_t next = ((uint64_t)run << 32) | (index + 1);
-        if (__atomic_compare_exchange_n(word, &old, next, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            return (int64_t)index;
-    }
+    return __atomic_fetch_add(word, 1, __ATOMIC_ACQ_REL);
 }
 
 /* Sleeps until a futex word of the set (or the doorbell) changes, the (absolute, monotonic)

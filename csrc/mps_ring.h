@@ -179,12 +179,9 @@ int mps_ring_peek_any_or(struct mps_ring **rings, uint32_t count, uint32_t *inde
                          struct mps_record *record, uint32_t *doorbell, uint32_t seen);
 /* Bumps a doorbell word and wakes whoever sleeps on it. */
 void mps_doorbell_ring(uint32_t *doorbell);
-/* Claims the next index of a counter that the processes of one run share (a 64-bit word in
- * shared memory): the word holds the run's tag (high 32 bits) and the next index (low 32); a
- * word left by another run counts as this run's 0. Lock-free (a compare-and-swap retried only
- * while another process claims at the same moment), so a process killed mid-claim blocks no
- * one. */
-int64_t mps_claim_next(uint64_t *word, uint32_t run);
+/* Returns a counter's value and adds one, atomically: a 64-bit word in memory that processes
+ * share hands each of them different numbers 0, 1, 2, ... */
+uint64_t mps_counter_next(uint64_t *word);
 
 uint8_t *mps_ring_data(struct mps_ring *ring);
 void mps_ring_get_stats(struct mps_ring *ring, struct mps_ring_stats *stats);

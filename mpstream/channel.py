@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import enum
 import errno
+import mmap
 import os
 import re
 import secrets
 import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -58,6 +60,7 @@ __all__ = [
     "SHM_DIR",
     "Doorbells",
     "Doorbell",
+    "SharedCounters",
     "WaitClock",
 ]
 
@@ -752,6 +755,31 @@ class Doorbells:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SharedCounters:
+    """Named counters in memory that the processes forked after it was made share (an
+    anonymous shared mapping: no name in /dev/shm, nothing to clean up): :meth:`next` hands out
+    0, 1, 2, ... across all of them, each number once. The coordinator makes one per attempt of
+    a job, a counter per operator (:attr:`~mpstream.operators.Context.claim`).
+
+    >>> import os
+    >>> shared = SharedCounters(["src"])
+    >>> pid = os.fork()
+    >>> if pid == 0:
+    ...     shared.next("src"); os._exit(0)
+    >>> _ = os.waitpid(pid, 0)
+    >>> shared.next("src"), shared.next("src")
+    (1, 2)
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._index = {name: i for i, name in enumerate(names)}
+        self._memory = mmap.mmap(-1, 8 * max(1, len(self._index)))  # MAP_SHARED | MAP_ANONYMOUS
+        self._words = ffi.cast("uint64_t *", ffi.from_buffer(self._memory))
+
+    def next(self, name: str) -> int:
+        return lib.mps_counter_next(self._words + self._index[name])
 
 
 class Doorbell:

@@ -43,7 +43,9 @@ __all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot"
 #: state of format 2 would sit on the wrong instances. And numpy arrays are written out of band,
 #: straight from their memory: pickling copied all of a state while holding the GIL, which
 #: stalled the task for tens of milliseconds per checkpoint at 90 MB.
-FORMAT_VERSION = 3
+#: 4: a file source's position holds the units done and in hand (its instances share units),
+#: and aggregate(salt=n) has no ".partial" stage: format 3's would be read wrong or dropped.
+FORMAT_VERSION = 4
 _MAGIC = b"MPSSTATE"
 _HEADER = struct.Struct("<8sIIQ")
 _LENGTH = struct.Struct("<Q")
@@ -247,6 +249,10 @@ class CheckpointStore:
         except Exception as exc:  # noqa: BLE001 - checksummed: another code version's classes, or a bug
             raise CheckpointError(f"checkpoint {checkpoint_id}: the state of operator {operator!r} instance "
                                   f"{instance} cannot be read: {exc}") from exc
+
+    def operators(self, checkpoint_id: int) -> set[str]:
+        """The operators the checkpoint holds states of."""
+        return {key.rsplit("-", 1)[0] for key in self.metadata(checkpoint_id)["states"]}
 
     def instances(self, checkpoint_id: int, operator: str) -> int:
         """How many instances of operator the checkpoint holds states of (its parallelism then)."""

@@ -23,7 +23,6 @@ preceded that checkpoint, so results are exactly once.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import multiprocessing
 import os
 import signal
@@ -38,7 +37,7 @@ from typing import Any
 
 from . import messages as msg
 from .batch import Batch
-from .channel import Channel, Doorbells, sweep_stale_segments
+from .channel import Channel, Doorbells, SharedCounters, sweep_stale_segments
 from .checkpoint import CheckpointStore, restore_from
 from .checkpoint_coordinator import CheckpointCoordinator
 from .counters import FAILED, FINISHED, Board
@@ -165,7 +164,13 @@ class Job:
 
     def _check_restorable(self, checkpoint_id: int) -> None:
         """Every operator can be restored from the checkpoint at its parallelism now (else a
-        CheckpointError saying why and what to do, before anything starts)."""
+        CheckpointError saying why and what to do, before anything starts), and the job has
+        every operator the checkpoint holds state of: a state left out would be lost silently."""
+        unknown = sorted(self.store.operators(checkpoint_id) - {node.name for node in self.graph.nodes})
+        if unknown:
+            raise CheckpointError(f"checkpoint {checkpoint_id} holds the state of operators this job does not have: "
+                                  f"{', '.join(map(repr, unknown))} (removed or renamed); resume it with the job "
+                                  f"that wrote it, or start without resume")
         for node in self.graph.nodes:
             restore_from(self.store, checkpoint_id, node.name, node.parallelism, self._rescalable[node.name],
                          node.partitioning)
@@ -254,9 +259,6 @@ def _widen(*conns: Connection) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 
 
-_RUNS = itertools.count(1)  # the id of each attempt started in this process (Context.run)
-
-
 @dataclass
 class _TaskProcess:
     spec: TaskSpec
@@ -293,7 +295,7 @@ class _Attempt:
             self.doorbells = Doorbells("doorbells", len(job.tasks))
             config = TaskConfig(None if job.config is None else job.config.directory,
                                 job.config is None or job.config.exactly_once, self.restore, self.doorbells.name,
-                                job.board.path, next(_RUNS))
+                                job.board.path, SharedCounters([node.name for node in job.graph.nodes]))
             for label in job.graph.channels():
                 self.channels[label] = Channel(label, job.graph.channel_capacity)
             names = {label: chan.name for label, chan in self.channels.items()}

@@ -8,13 +8,17 @@ group, an Arrow IPC record batch, a byte range of a CSV or JSON-lines file (abou
 bytes, cut at line ends: a range owns the records that start in it). A CSV file with
 ``newlines_in_values`` is one unit: only a parse from its start knows which line ends are
 inside quotes. The instances share the units as Flink's file source shares its splits: each
-takes the next unit of the list when it finished its last one (an atomic counter in memory
-the coordinator maps before it forks them), so a slower instance reads fewer units and all
-end together; every byte is read once. Each unit is read as a stream of batches, so memory
-holds a few batches whatever the file size (files are memory-mapped). The position is the
-units done and the unit in hand with the rows read of it; a restore takes the positions of
-every instance (at any parallelism): the units in hand go on from their row, then the units
-nobody had taken, so a replay gives the same records.
+takes the next unit of the list when it finished its last (:attr:`Context.claim
+<mpstream.operators.Context.claim>`: a counter in memory that the coordinator maps for every
+attempt before it forks the workers), so a slower instance reads fewer units and all end
+together; every byte is read once. Each unit is read as a stream of batches, so memory holds
+a few batches whatever the file size (files are memory-mapped). The position is the units
+done, the unit in hand with the rows read of it, and the units (with their rows) the instance
+goes on with after a restore; a restore gives every instance the positions of all (at any
+parallelism): at the same parallelism each goes on with its own unit in hand and queue, at
+another those are dealt out anew; then the units nobody had taken are shared again, so a
+replay gives the same records. A position names its plan (the files' paths, sizes and times,
+and their units): files changed since the checkpoint are an error, not a wrong replay.
 
 Schemas: Parquet and IPC files carry theirs; CSV and JSON are inferred by pyarrow from the
 first MiB of the first file (int64, float64, bool, timestamp, date, else str; a time of day
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import csv as _csv
 import glob
+import hashlib
 import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,7 +45,6 @@ from typing import Any
 
 import numpy as np
 
-from ._mps import ffi, lib
 from .arrow import from_arrow, pyarrow_or_error
 from .batch import Batch
 from .errors import SourceError
@@ -107,17 +111,15 @@ class FileSource(Source):
 
     def plan(self) -> FileSource:
         """Lists the files, infers their schema and cuts them into units once, in the caller's
-        process before the workers are forked: they inherit all of it, pyarrow's readers warmed
-        up (their first use in a process costs milliseconds) and the counter they take units
-        with. A failure is left to :meth:`open` to report."""
+        process before the workers are forked: they inherit all of it, and pyarrow's readers
+        warmed up (their first use in a process costs milliseconds). A failure is left to
+        :meth:`open` to report."""
         self.pa = pyarrow_or_error(f"{self.fmt} files")
         import pyarrow.csv  # noqa: F401  (the readers: submodules pyarrow does not load itself)
         import pyarrow.ipc  # noqa: F401
         import pyarrow.json  # noqa: F401
         self.files = list_files(self.path)
         self._planned = self._signature(self.files)
-        self._planner = os.getpid()
-        self._taken = mmap.mmap(-1, 8)  # shared with the processes forked from here
         try:
             self.arrow_schema = self._schema()
             self._all_units = [unit for path in self.files for unit in self._units(path)]
@@ -139,11 +141,8 @@ class FileSource(Source):
             self.files = files  # planned again, here: raises what plan() met, if anything
             self.arrow_schema = self._schema()
             self._all_units = [unit for path in self.files for unit in self._units(path)]
-        # planned in the coordinator: the instances share its counter; planned here (a source
-        # made in its worker), each takes units i, i + p, i + 2p, ... of the list
-        self._counter = None if self._planner == os.getpid() else ffi.cast("uint64_t *", ffi.from_buffer(self._taken))
-        self._claims = 0  # units this instance took from the list (without a shared counter)
-        self.pending = [(i, 0) for i in range(len(self._all_units))]  # (unit, rows to skip) to take, in order
+        self.pool = list(range(len(self._all_units)))  # units to take with ctx.claim(), in order
+        self.queue: list[tuple[int, int]] = []  # (unit, rows read) this instance goes on with first
         self.done: set[int] = set()  # units read to their end
         self.unit: int | None = None  # the unit in hand
         self.rows = 0  # rows read of it
@@ -352,18 +351,18 @@ class FileSource(Source):
     # ---- reading ------------------------------------------------------------------------------
 
     def has_input(self) -> bool:
-        return len(self.pending) > (0 if self._counter is not None else self.ctx.instance)
+        return bool(self.queue or self.pool)
 
     def _take(self) -> bool:
-        """Takes the next unit to read (False: none is left)."""
-        if self._counter is not None:
-            index = lib.mps_claim_next(self._counter, self.ctx.run & 0xFFFFFFFF)
-        else:
-            index = self.ctx.instance + self._claims * self.ctx.parallelism
-            self._claims += 1
-        if index >= len(self.pending):
+        """Takes the next unit to read: its own (after a restore) first, then the next of the
+        pool that no other instance took (False: none is left)."""
+        if self.queue:
+            self.unit, self.rows = self.queue.pop(0)
+            return True
+        index = self.ctx.claim()
+        if index >= len(self.pool):
             return False
-        self.unit, self.rows = self.pending[index]
+        self.unit, self.rows = self.pool[index], 0
         return True
 
     def poll(self) -> Batch:
@@ -399,16 +398,36 @@ class FileSource(Source):
         except Exception as exc:
             raise SourceError(f"{self._all_units[self.unit].path}: {exc}") from None
 
+    def _plan_id(self) -> str:
+        """What a position stands on: the files (paths, sizes, times) and their units."""
+        return hashlib.sha256(repr((self._planned, self._all_units)).encode()).hexdigest()[:16]
+
     def snapshot(self) -> Any:
-        return {"done": sorted(self.done), "unit": self.unit, "rows": self.rows}
+        return {"plan": self._plan_id(), "done": sorted(self.done), "unit": self.unit, "rows": self.rows,
+                "queue": list(self.queue)}
 
     def restore(self, states: list[Any]) -> None:
-        """The positions of every instance (see the module doc)."""
+        """The positions of every instance (see the module doc): at the same parallelism an
+        instance goes on with its own unit in hand and queue; at another, the units in hand and
+        queued of all are dealt out anew (i, i + p, ...). Units nobody had taken form the pool."""
+        plan = self._plan_id()
+        for state in states:
+            if state.get("plan") != plan:
+                raise SourceError(f"the files of this source changed since the checkpoint (paths, sizes, "
+                                  f"modification times or units differ: {self.path}); resume with the files "
+                                  f"it read, or start without resume")
+        held = [(s["unit"], s["rows"]) for s in states if s["unit"] is not None]
+        held += [tuple(entry) for s in states for entry in s["queue"]]
+        if self.ctx.rescaled:
+            self.queue = sorted(held)[self.ctx.instance :: self.ctx.parallelism]
+        else:
+            own = states[self.ctx.instance]
+            self.queue = ([(own["unit"], own["rows"])] if own["unit"] is not None else []) + \
+                [tuple(entry) for entry in own["queue"]]
         self.done = {unit for state in states for unit in state["done"]}
-        in_hand = sorted((s["unit"], s["rows"]) for s in states if s["unit"] is not None)
-        taken = self.done | {unit for unit, _ in in_hand}
-        self.pending = in_hand + [(i, 0) for i in range(len(self._all_units)) if i not in taken]
-        self.unit, self.rows, self._reader, self._claims = None, 0, None, 0
+        taken = self.done | {unit for unit, _ in held}
+        self.pool = [unit for unit in range(len(self._all_units)) if unit not in taken]
+        self.unit, self.rows, self._reader = None, 0, None
 
 
 # ---- writers: the files of the file sinks ----------------------------------------------------

@@ -22,7 +22,9 @@ return them (or slices of them) freely, they are copied downstream; ``copy()`` w
 parallelism it is the instance's own state. At another one, an operator that declares
 ``rescalable = True`` gets the states of every old instance (``ctx.rescaled`` is then true) and
 keeps what belongs to its key groups; any other cannot change its parallelism on restore
-(unless its states are all None).
+(unless its states are all None). ``restores_all = True`` gives it the states of every
+instance at an unchanged parallelism too, in instance order (a file source's instances share
+one list of units: each needs to know what all of them had done).
 ``resumable = False`` declares an operator that cannot be restored at all (a job with
 checkpoints refuses it up front); ``commits_on_checkpoint = True`` one that publishes output
 when a checkpoint commits (the job's final checkpoint must then succeed before it ends).
@@ -42,6 +44,7 @@ when a checkpoint commits (the job's final checkpoint must then succeed before i
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -74,8 +77,10 @@ class Context:
     are added to the instance's statistics (e.g. ``late_records_dropped``). During ``restore``,
     ``rescaled`` is true when the states are those of every old instance (the parallelism
     changed): keep only your key groups' part (:func:`own_rows`); else it is your own state.
-    ``run`` tells attempts apart: every start of the job (a restart too) has its own id, the
-    same in all of its tasks (a source's instances that share work count claims per run)."""
+    ``claim()`` returns 0, 1, 2, ... across all instances of the operator together, each number
+    once, counting from 0 at every start of the job (a restart too): instances that take work
+    from one list take it with it, as a file source's take units. Outside a job, it counts for
+    this instance alone."""
 
     name: str
     instance: int
@@ -86,7 +91,7 @@ class Context:
     ports: frozenset[str] = frozenset()
     counters: dict[str, int] = field(default_factory=dict)
     rescaled: bool = False
-    run: int = 0
+    claim: Callable[[], int] = field(default_factory=lambda: itertools.count().__next__, compare=False, repr=False)
 
 
 class Operator:
@@ -250,7 +255,7 @@ class Combine(Operator):
 
     rescalable = True
 
-    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], max_delay_s: float = 0.1,
+    def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], *, max_delay_s: float = 0.1,
                  max_keys: int = 1 << 20) -> None:
         self.key, self.spec = key, spec
         self.max_delay_s, self.max_keys = max_delay_s, max_keys

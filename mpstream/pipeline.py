@@ -464,7 +464,7 @@ class KeyedStream(Stream):
         for up, port in zip(self.upstreams, self.ports):  # a side output's rows (port), not the main ones
             combine_name = f"{name}.combine" if len(self.upstreams) == 1 else f"{name}.combine.{up.name}"
             combiners.append(graph.add(Node(
-                combine_name, up.parallelism, lambda: Combine(key, spec, delay), [Edge(up.name, port=port)],
+                combine_name, up.parallelism, lambda: Combine(key, spec, max_delay_s=delay), [Edge(up.name, port=port)],
                 chained=True)))
         final = KeyedStream(self.pipeline, combiners, lambda: HashPartitioner(key), key, "hash")
         return final._then(name, lambda: Aggregate(key, spec, "partials", emit, update_interval), parallelism)

@@ -55,7 +55,7 @@ class JobResult:
 
     def processes(self) -> dict[str, list[str]]:
         """The operators that share a process (a chain), by the name of its first operator:
-        ``{"clicks": ["clicks", "parse", "valid", "agg.combine"], "agg.partial": [...], ...}``."""
+        ``{"clicks": ["clicks", "parse", "valid", "agg.combine"], "agg": ["agg", "csv"]}``."""
         out: dict[str, list[str]] = {}
         for s in self.operators:
             chain = out.setdefault(s.task.rsplit("[", 1)[0] or s.name, [])

@@ -10,7 +10,9 @@ and gets it back in ``restore([position])``: replaying from there must give the 
 
 :class:`OffsetSource` is the easy case: batch number ``offset`` of this instance, by
 ``read(offset)``; the position is the offset. The built-in in-memory, generator and numpy
-sources are OffsetSources; the file sources (:mod:`mpstream.files`) keep (unit, row).
+sources are OffsetSources; the file sources (:mod:`mpstream.files`) keep the units they read
+and the unit in hand with its rows, and restore from the positions of all their instances
+(``restores_all``).
 
 >>> import time
 >>> class Ticks(Source):

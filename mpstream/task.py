@@ -25,6 +25,7 @@ only for the in-memory copy.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import select
 import signal
@@ -40,7 +41,7 @@ from typing import Any
 from . import messages as msg
 from .barrier import AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler
 from .batch import Batch
-from .channel import ChannelReader, Doorbells, InputGate, RecordKind, WaitClock
+from .channel import ChannelReader, Doorbells, InputGate, RecordKind, SharedCounters, WaitClock
 from .checkpoint import CheckpointStore, OperatorSnapshot, restore_from
 from .counters import Board
 from .errors import ChannelClosedError, CheckpointError, PeerDiedError
@@ -72,14 +73,14 @@ class TaskConfig:
     """How the job runs this attempt: its checkpoint directory (None: no checkpoints), whether
     barriers align (exactly-once), the checkpoint to restore from (None: a fresh start), the
     doorbells segment the coordinator rings after it sends a task a message, the job's
-    counters board, and the attempt's id (:attr:`~mpstream.operators.Context.run`)."""
+    counters board, and the attempt's shared counters (:attr:`~mpstream.operators.Context.claim`)."""
 
     checkpoint_dir: str | None = None
     exactly_once: bool = True
     restore_from: int | None = None
     doorbells: str = ""
     counters: str = ""
-    run: int = 0
+    shared: SharedCounters | None = None
 
 
 class _OperatorRaised(Exception):
@@ -128,7 +129,7 @@ class ChainedOperator:
         self.timers = TimerService(task.wake_at)
         self.ctx = Context(node.name, spec.instance, node.parallelism, self.timers, task.checkpointing,
                            side_output=lambda port, out: self.emit(out, port), ports=spec.ports,
-                           run=task.config.run)
+                           claim=functools.partial(task.config.shared.next, node.name))
         self.stats = InstanceStats(node.name, spec.instance, task.spec.name, counters=self.ctx.counters)
         self.collect = node.collect
         self.partitioning = node.partitioning
@@ -367,9 +368,10 @@ class Task:
 
     def _restore(self, checkpoint_id: int) -> None:
         """Puts back every operator's state of the checkpoint (:func:`~mpstream.checkpoint.restore_from`):
-        its own at an unchanged parallelism; else, for a rescalable operator, the states of every
-        old instance to pick its key groups from, with the timers of its key groups and (from the
-        old instance of its own index, if any) its unkeyed ones."""
+        its own at an unchanged parallelism (every instance's, in instance order, for an operator
+        that ``restores_all``); else, for a rescalable operator, the states of every old instance
+        to pick its key groups from, with the timers of its key groups and (from the old instance
+        of its own index, if any) its unkeyed ones."""
         store = self.store
         for op in self.operators:
             which = restore_from(store, checkpoint_id, op.name, op.ctx.parallelism, op.op.rescalable, op.partitioning)
@@ -377,7 +379,8 @@ class Task:
             snaps = own or [store.read_state(checkpoint_id, op.name, i) for i in which]
             op.ctx.rescaled = own is None
             if op.op.restores_all and own is not None:
-                op.call(op.op.restore, [store.read_state(checkpoint_id, op.name, i).operator
+                op.call(op.op.restore, [own[0].operator if i == op.instance else
+                                        store.read_state(checkpoint_id, op.name, i).operator
                                         for i in range(store.instances(checkpoint_id, op.name))])
             elif own is not None or op.op.rescalable:
                 op.call(op.op.restore, [s.operator for s in snaps])

@@ -11,7 +11,7 @@ import pytest
 from mpstream import OperatorError, Pipeline
 from mpstream.batch import Batch, StringColumn
 from mpstream.errors import SourceError
-from mpstream.operators import Context, Operator
+from mpstream.operators import Context
 from mpstream.testing import Once, kill_me
 
 pa = pytest.importorskip("pyarrow", reason="file sources need pyarrow: pip install 'mpstream[arrow]'")
@@ -83,7 +83,7 @@ def test_each_format_split_over_instances_reads_every_row_once(tmp_path, fmt, pa
     out = result["out"]
     assert rows_of(out) == rows_of(pa.concat_tables(parts))
     done = [unit for s in result.operators if s.name == "src" for unit in s.position["done"]]
-    units = len(open_source(fmt, tmp_path / "data").pending)
+    units = len(open_source(fmt, tmp_path / "data").pool)
     assert sorted(done) == list(range(units)) and units > parallelism  # each unit read by one instance
     assert out.schema[0] == ("key", "utf8?")
 
@@ -107,7 +107,7 @@ def drain(source) -> list[Batch]:
 def test_a_restore_at_any_position_replays_exactly(tmp_path, fmt):
     write(fmt, tmp_path, [table(2500, 4), table(900, 5)])
     whole = drain(open_source(fmt, tmp_path))
-    units = len(open_source(fmt, tmp_path).pending)
+    units = len(open_source(fmt, tmp_path).pool)
     assert units > 2  # several row groups / record batches / byte ranges
     for stop in (1, 4, len(whole) // 2, len(whole) - 1):  # inside units and at their ends
         first = open_source(fmt, tmp_path)
@@ -149,38 +149,87 @@ def test_a_killed_job_reading_files_resumes_from_its_checkpoint_exactly(tmp_path
     assert crash.fired and rows_of(out) == rows_of(pa.concat_tables(parts))
 
 
-
-class TagInstance(Operator):
-    def process(self, batch):
-        return {**batch, "instance": np.full(batch.num_rows, self.ctx.instance)}
-
-
 def test_a_slow_instance_reads_fewer_units(tmp_path):
-    """The instances take units as they finish the last (a shared counter): while instance 0
-    holds its first batch, instance 1 reads every other unit. Units i, i + p, ... per
-    instance would leave half of them to instance 0 and wait out the timeout."""
+    """The instances take units as they finish the last (a shared counter): the instance that
+    took unit 0 (the first taken) holds its batch until the other two units went through the
+    other instance. Units i, i + p, ... per instance would leave unit 2 to the held one, and
+    the wait would time out."""
     import multiprocessing
 
     from conftest import wait_until
 
-    write("parquet", tmp_path / "in", [table(2100, 8)])  # 3 row groups of 700: 3 units, a batch each
-    read_by_one = multiprocessing.get_context("fork").Value("i", 0)  # rows instance 1's map passed
+    parts = [table(700, 20 + g).append_column("g", pa.array(np.full(700, g))) for g in range(3)]
+    pq.write_table(pa.concat_tables(parts), tmp_path / "in.parquet", row_group_size=700)  # 3 units
+    others = multiprocessing.get_context("fork").Value("i", 0)  # rows of units 1 and 2 passed
 
-    def hold_first_batch_of_instance_0(batch):
-        if batch["instance"][0] == 1:
-            with read_by_one.get_lock():
-                read_by_one.value += batch.num_rows
-        elif read_by_one.value < 1400:  # its only batch: the other two units are instance 1's
-            wait_until(lambda: read_by_one.value == 1400, timeout=60, what="instance 1 to read two units")
+    def hold_unit_0(batch):
+        if batch.num_rows and batch["g"][0] == 0:
+            wait_until(lambda: others.value == 1400, timeout=60, what="the other instance to read units 1 and 2")
+        elif batch.num_rows:
+            with others.get_lock():
+                others.value += batch.num_rows
         return batch
 
     p = Pipeline()
-    (p.from_parquet("src", str(tmp_path / "in"), parallelism=2, batch_size=1000)
-      .process("tag", TagInstance).map("hold", hold_first_batch_of_instance_0).collect("out"))
+    p.from_parquet("src", str(tmp_path / "in.parquet"), parallelism=2, batch_size=1000).map("hold", hold_unit_0) \
+        .collect("out")
     result = p.run()
-    done = {s.instance: s.position["done"] for s in result.operators if s.name == "src"}
-    assert sorted(done[0] + done[1]) == [0, 1, 2] and len(done[0]) == 1 and len(done[1]) == 2
-    assert result["out"].num_rows == 2100
+    done = sorted(s.position["done"] for s in result.operators if s.name == "src")
+    assert done == [[0], [1, 2]] and result["out"].num_rows == 2100
+
+
+def test_a_unit_half_read_before_a_restore_survives_a_second_restore(tmp_path):
+    """A restore hands the unit in hand back to its instance, which keeps it in its position
+    until it read it: a checkpoint taken before it polled again still holds it."""
+    write("csv", tmp_path, [table(2500, 4)])
+    whole = drain(open_source("csv", tmp_path))
+    first = open_source("csv", tmp_path)
+    head = [first.poll().copy() for _ in range(3)]
+    assert first.snapshot()["unit"] is not None and first.snapshot()["rows"] > 0  # inside a unit
+    once = open_source("csv", tmp_path)
+    once.restore([first.snapshot()])
+    twice = open_source("csv", tmp_path)
+    twice.restore([once.snapshot()])  # taken before `once` read anything
+    assert rows_of(Batch.concat(head + drain(twice))) == rows_of(Batch.concat(whole))
+
+
+def test_positions_of_two_instances_restore_into_three(tmp_path):
+    """Two instances sharing one counter read a while; their positions go to three new ones
+    (rescaled): the units in hand are dealt out, the rest shared; every row comes once."""
+    import itertools
+
+    write("json", tmp_path, [table(2000, 11), table(900, 12)])
+    whole = drain(open_source("json", tmp_path))
+
+    def instances(parallelism):
+        claim = itertools.count().__next__
+        out = []
+        for i in range(parallelism):
+            source = files.FileSource("json", str(tmp_path), 300)
+            source.open(Context("src", i, parallelism, claim=claim))
+            out.append(source)
+        return out
+
+    a, b = instances(2)
+    head = [a.poll().copy() for _ in range(3)] + [b.poll().copy() for _ in range(5)]
+    states = [a.snapshot(), b.snapshot()]
+    rest = []
+    for source in instances(3):
+        source.ctx.rescaled = True
+        source.restore(states)
+        rest += drain(source)
+    assert rows_of(Batch.concat(head + rest)) == rows_of(Batch.concat(whole))
+
+
+def test_a_position_of_other_files_is_refused(tmp_path):
+    write("csv", tmp_path, [table(500, 13)])
+    first = open_source("csv", tmp_path)
+    first.poll()
+    position = first.snapshot()
+    write("csv", tmp_path, [table(600, 14)])  # the file changed since
+    again = open_source("csv", tmp_path)
+    with pytest.raises(SourceError, match="changed since the checkpoint"):
+        again.restore([position])
 
 
 def test_a_file_source_checkpointed_at_parallelism_2_resumes_at_3(tmp_path):
@@ -415,7 +464,6 @@ def test_integers_beyond_int64_are_an_error_not_floats(tmp_path):
     r = Pipeline()
     r.from_csv("src", str(tmp_path / "f.csv")).collect("out")
     assert r.run()["out"]["x"].tolist() == [2.5, 3.0]
-
 
 
 def test_the_big_integer_check_reads_past_a_first_run_of_integers(tmp_path):

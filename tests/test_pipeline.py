@@ -340,7 +340,6 @@ def test_a_source_generators_batches_are_sent_as_they_are_made():
     assert sorted(p.run()["out"]["x"].tolist()) == list(range(15))
 
 
-
 WORKER_IMPORTS = """
 import sys
 import numpy as np

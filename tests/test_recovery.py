@@ -289,3 +289,21 @@ def test_resuming_a_stateful_operator_at_another_parallelism_is_refused_up_front
     build(2).run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.05)
     with pytest.raises(CheckpointError, match="operator 'sink' had parallelism 2 .* and has 3 now"):
         build(3).run(checkpoint_dir=str(tmp_path / "chk"), resume=True)
+
+
+def test_resuming_a_checkpoint_that_holds_an_operator_the_job_lacks_is_refused(tmp_path):
+    """A state nobody restores would be lost without a word (as a salted aggregate's partial
+    stage was, when that stage went away): resuming is refused, naming the operator."""
+    from mpstream import CheckpointError
+
+    def build(with_map):
+        p = Pipeline()
+        stream = p.source("src", lambda: TestingSource([{"k": np.arange(5), "v": np.ones(5)}]))
+        if with_map:
+            stream = stream.map("scale", lambda b: b)
+        stream.key_by("k").aggregate("agg", {"v": "sum"}).collect("out")
+        return p
+
+    build(True).run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.05)
+    with pytest.raises(CheckpointError, match="holds the state of operators this job does not have: 'scale'"):
+        build(False).run(checkpoint_dir=str(tmp_path / "chk"), resume=True)
