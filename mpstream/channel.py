@@ -776,7 +776,8 @@ class SharedCounters:
     def __init__(self, names: Sequence[str]) -> None:
         self._index = {name: i for i, name in enumerate(names)}
         self._memory = mmap.mmap(-1, 8 * max(1, len(self._index)))  # MAP_SHARED | MAP_ANONYMOUS
-        self._words = ffi.cast("uint64_t *", ffi.from_buffer(self._memory))
+        self._buffer = ffi.from_buffer(self._memory)  # keeps the words' address valid
+        self._words = ffi.cast("uint64_t *", self._buffer)
 
     def next(self, name: str) -> int:
         return lib.mps_counter_next(self._words + self._index[name])

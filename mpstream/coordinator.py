@@ -165,8 +165,12 @@ class Job:
     def _check_restorable(self, checkpoint_id: int) -> None:
         """Every operator can be restored from the checkpoint at its parallelism now (else a
         CheckpointError saying why and what to do, before anything starts), and the job has
-        every operator the checkpoint holds state of: a state left out would be lost silently."""
-        unknown = sorted(self.store.operators(checkpoint_id) - {node.name for node in self.graph.nodes})
+        every operator the checkpoint holds state of: a state left out would be lost silently
+        (an operator without state may go)."""
+        store = self.store
+        unknown = [name for name in sorted(store.operators(checkpoint_id) - {node.name for node in self.graph.nodes})
+                   if any(s.operator is not None or s.timers for s in
+                          (store.read_state(checkpoint_id, name, i) for i in range(store.instances(checkpoint_id, name))))]
         if unknown:
             raise CheckpointError(f"checkpoint {checkpoint_id} holds the state of operators this job does not have: "
                                   f"{', '.join(map(repr, unknown))} (removed or renamed); resume it with the job "
@@ -291,6 +295,9 @@ class _Attempt:
         sweep_stale_segments()
         job = self.job
         context = multiprocessing.get_context("fork")  # tasks inherit the user's functions, lambdas too
+        for node in job.graph.nodes:
+            if node.prepare is not None:
+                node.prepare()
         try:
             self.doorbells = Doorbells("doorbells", len(job.tasks))
             config = TaskConfig(None if job.config is None else job.config.directory,

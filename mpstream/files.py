@@ -118,14 +118,33 @@ class FileSource(Source):
         import pyarrow.csv  # noqa: F401  (the readers: submodules pyarrow does not load itself)
         import pyarrow.ipc  # noqa: F401
         import pyarrow.json  # noqa: F401
-        self.files = list_files(self.path)
-        self._planned = self._signature(self.files)
+        self._adopt(list_files(self.path), deferred=True)
+        return self
+
+    def refresh(self) -> None:
+        """Plans again if the files changed since the plan. The coordinator calls it before
+        each attempt forks its workers, so all of them read one plan, made anew when the files
+        changed between runs."""
+        try:
+            if self._signature(list_files(self.path)) == self._planned:
+                return
+            self.plan()
+        except (SourceError, OSError):
+            self._all_units = None  # open() reports it, naming the operator
+
+    def _adopt(self, files: list[str], deferred: bool) -> None:
+        """Plans files: their schema, their units and the plan's id (what positions name).
+        A SourceError is raised, or with ``deferred`` left to :meth:`open` to report."""
+        self.files, self._planned = files, self._signature(files)
         try:
             self.arrow_schema = self._schema()
-            self._all_units = [unit for path in self.files for unit in self._units(path)]
+            self._all_units = [unit for path in files for unit in self._units(path)]
         except SourceError:
+            if not deferred:
+                raise
             self._all_units = None
-        return self
+            return
+        self._plan_id = hashlib.sha256(repr((self._planned, self._all_units)).encode()).hexdigest()[:16]
 
     @staticmethod
     def _signature(files: list[str]) -> tuple[Any, ...]:
@@ -135,12 +154,13 @@ class FileSource(Source):
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         if self.pa is None:
-            self.plan()
-        files = list_files(self.path)  # again: a job (or a run of it) may start long after its plan
-        if self._all_units is None or self._signature(files) != self._planned:
-            self.files = files  # planned again, here: raises what plan() met, if anything
-            self.arrow_schema = self._schema()
-            self._all_units = [unit for path in self.files for unit in self._units(path)]
+            self.plan()  # made in its worker: planned here
+        files = list_files(self.path)
+        if self._all_units is None:
+            self._adopt(files, deferred=False)  # raises what planning met
+        elif self._signature(files) != self._planned:
+            raise SourceError(f"{self.path}: the files changed while the job started, after the coordinator "
+                              f"planned them; run the job again")
         self.pool = list(range(len(self._all_units)))  # units to take with ctx.claim(), in order
         self.queue: list[tuple[int, int]] = []  # (unit, rows read) this instance goes on with first
         self.done: set[int] = set()  # units read to their end
@@ -398,21 +418,16 @@ class FileSource(Source):
         except Exception as exc:
             raise SourceError(f"{self._all_units[self.unit].path}: {exc}") from None
 
-    def _plan_id(self) -> str:
-        """What a position stands on: the files (paths, sizes, times) and their units."""
-        return hashlib.sha256(repr((self._planned, self._all_units)).encode()).hexdigest()[:16]
-
     def snapshot(self) -> Any:
-        return {"plan": self._plan_id(), "done": sorted(self.done), "unit": self.unit, "rows": self.rows,
+        return {"plan": self._plan_id, "done": sorted(self.done), "unit": self.unit, "rows": self.rows,
                 "queue": list(self.queue)}
 
     def restore(self, states: list[Any]) -> None:
         """The positions of every instance (see the module doc): at the same parallelism an
         instance goes on with its own unit in hand and queue; at another, the units in hand and
         queued of all are dealt out anew (i, i + p, ...). Units nobody had taken form the pool."""
-        plan = self._plan_id()
         for state in states:
-            if state.get("plan") != plan:
+            if state.get("plan") != self._plan_id:
                 raise SourceError(f"the files of this source changed since the checkpoint (paths, sizes, "
                                   f"modification times or units differ: {self.path}); resume with the files "
                                   f"it read, or start without resume")

@@ -142,8 +142,10 @@ class Pipeline:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise PlanError(f"operator {name!r}: batch_size must be an int >= 1, got {batch_size!r}")
         pyarrow_or_error(f"operator {name!r} ({fmt} files)")  # a missing extra or file: an error now, here
-        planned = files.FileSource(fmt, path, batch_size, **options).plan()  # once, here
-        return self.source(name, lambda: copy.copy(planned), parallelism)
+        planned = files.FileSource(fmt, path, batch_size, **options).plan()  # here, and again if the files change
+        node = self.graph.add(Node(check_name(name), check_parallelism(name, parallelism), lambda: copy.copy(planned),
+                                   prepare=planned.refresh))
+        return Stream(self, [node])
 
     def from_numpy(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
         """An .npz archive (one array per column) or a structured .npy array."""

@@ -73,7 +73,8 @@ class Node:
     of its upstream (see the module doc). ``partitioning``: how its input is partitioned,
     "hash", "salted", "range", "custom", "round_robin" or None (forward); it says whether its
     keyed state can move to another parallelism on restore. ``event_time``: for a source, its
-    event-time column and watermarks."""
+    event-time column and watermarks. ``prepare``: run in the coordinator before each attempt
+    forks its workers (a file source plans its files again if they changed)."""
 
     name: str
     parallelism: int
@@ -83,6 +84,7 @@ class Node:
     chained: bool = False
     partitioning: str | None = None
     event_time: EventTime | None = None
+    prepare: Callable[[], None] | None = None
 
     @property
     def is_source(self) -> bool:

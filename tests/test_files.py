@@ -488,3 +488,37 @@ def test_blank_lines_are_skipped(tmp_path):
     p.from_csv("src", str(tmp_path / "b.csv")).collect("out")
     out = p.run()["out"]
     assert out["id"].tolist() == [1, 2] and list(out["v"]) == ["a", "b"]
+
+
+def test_a_pipeline_run_again_reads_its_files_as_they_are_then(tmp_path):
+    """The coordinator plans the files again before each run when they changed: every
+    worker reads one plan, the new one."""
+    write("csv", tmp_path / "in", [table(300, 15)])
+    p = Pipeline()
+    p.from_csv("src", str(tmp_path / "in"), parallelism=2).collect("out")
+    assert rows_of(p.run()["out"]) == rows_of(table(300, 15))
+    write("csv", tmp_path / "in", [table(5000, 16), table(700, 17)])
+    assert rows_of(p.run()["out"]) == rows_of(pa.concat_tables([table(5000, 16), table(700, 17)]))
+
+
+def test_files_rewritten_before_a_restart_are_refused(tmp_path):
+    """A worker dies after a checkpoint, and the file is rewritten before the restart (same
+    size, other rows): the positions name the old plan, so the restore refuses it instead of
+    skipping rows of the new content."""
+    write("parquet", tmp_path / "in", [table(3000, 18)])
+    chk = str(tmp_path / "chk")
+    from mpstream.checkpoint import CheckpointStore
+
+    store, crash = CheckpointStore(chk), Once(tmp_path, "crash")
+
+    def rewrite_then_die(batch):
+        if store.complete() and crash():
+            write("parquet", tmp_path / "in", [table(3000, 19)])
+            kill_me()
+        return batch
+
+    p = Pipeline()
+    p.from_parquet("src", str(tmp_path / "in"), batch_size=100).map("die", rewrite_then_die).collect("out")
+    with pytest.warns(UserWarning, match="restarting"), pytest.raises(OperatorError, match="changed since the checkpoint"):
+        p.run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=1)
+    assert crash.fired
