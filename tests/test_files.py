@@ -522,3 +522,15 @@ def test_files_rewritten_before_a_restart_are_refused(tmp_path):
     with pytest.warns(UserWarning, match="restarting"), pytest.raises(OperatorError, match="changed since the checkpoint"):
         p.run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=1)
     assert crash.fired
+
+
+def test_a_file_source_made_in_its_workers_shares_units_too(tmp_path):
+    """A FileSource built by the factory in each worker plans there; the instances still
+    take units from the attempt's shared counter: every row once."""
+    write("json", tmp_path / "in", [table(2000, 21), table(500, 22)])
+    p = Pipeline()
+    p.source("src", lambda: files.FileSource("json", str(tmp_path / "in"), 100), parallelism=3).collect("out")
+    result = p.run()
+    assert rows_of(result["out"]) == rows_of(pa.concat_tables([table(2000, 21), table(500, 22)]))
+    done = [unit for s in result.operators if s.name == "src" for unit in s.position["done"]]
+    assert sorted(done) == sorted(set(done)) and len(done) > 3
