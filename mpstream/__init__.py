@@ -19,7 +19,7 @@ _EXPORTS = {
                 "sweep_stale_segments"),
     "errors": ("AggregateError", "BatchShapeError", "ChannelClosedError", "ChannelError", "ChannelTimeoutError",
                "CheckpointError", "LayoutError", "MpstreamError", "OperatorError", "PartitionError", "PeerDiedError",
-               "PlanError", "RecordTooLargeError", "SchemaError", "SharedMemoryFullError", "SourceError",
+               "PlanError", "RecordTooLargeError", "RestoreError", "SchemaError", "SharedMemoryFullError", "SourceError",
                "WindowError", "WorkerDiedError"),
     "operators": ("Context", "KeyedOperator", "Operator"),
     "sources": ("OffsetSource", "Source"),

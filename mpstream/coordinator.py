@@ -41,7 +41,7 @@ from .channel import Channel, Doorbells, SharedCounters, sweep_stale_segments
 from .checkpoint import CheckpointStore, restore_from
 from .checkpoint_coordinator import CheckpointCoordinator
 from .counters import FAILED, FINISHED, Board
-from .errors import CheckpointError, OperatorError, PlanError, WorkerDiedError
+from .errors import CheckpointError, OperatorError, PlanError, RestoreError, WorkerDiedError
 from .metrics import InstanceStats
 from .plan import JobGraph, TaskSpec
 from .progress import ProgressBars
@@ -239,7 +239,7 @@ class Job:
                 result.recording = self.timeline
                 return result
             except (WorkerDiedError, OperatorError) as exc:
-                if config is None or len(failed_at) >= config.restarts:
+                if config is None or len(failed_at) >= config.restarts or isinstance(exc, RestoreError):
                     raise
                 if len(failed_at) > len(recoveries):  # the restarted attempt failed before running
                     recoveries.append(time.monotonic() - failed_at[-1])
@@ -443,8 +443,10 @@ class _Attempt:
                 self._unlink()
                 self.running(time.monotonic())
         elif isinstance(message, msg.TaskFailed):
-            raise OperatorError(f"operator {message.operator!r} instance {message.instance} failed: {message.error}\n"
-                                f"--- traceback in the worker (pid {task.process.pid}) ---\n{message.traceback}")
+            error = RestoreError if message.restoring else OperatorError
+            during = " restoring its state from the checkpoint" if message.restoring else ""
+            raise error(f"operator {message.operator!r} instance {message.instance} failed{during}: {message.error}\n"
+                        f"--- traceback in the worker (pid {task.process.pid}) ---\n{message.traceback}")
 
     def _exited(self, task: _TaskProcess, open_conns: dict) -> None:
         task.process.join()

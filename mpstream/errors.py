@@ -49,6 +49,12 @@ class OperatorError(MpstreamError):
     """An operator raised; the message names it and carries the worker's traceback."""
 
 
+class RestoreError(OperatorError):
+    """An operator could not take its state back from a checkpoint (its files changed, its
+    state does not fit it any more): the same checkpoint would fail again, so the job stops at
+    once instead of restarting."""
+
+
 class WorkerDiedError(MpstreamError):
     """A worker process died without reporting (killed by a signal, or exited)."""
 

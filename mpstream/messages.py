@@ -81,12 +81,14 @@ class TaskFinished:
 
 @dataclass(frozen=True)
 class TaskFailed:
-    """Operator ``operator`` instance ``instance`` raised ``error``."""
+    """Operator ``operator`` instance ``instance`` raised ``error`` (``restoring``: while
+    taking back its state from the checkpoint)."""
 
     operator: str
     instance: int
     error: str
     traceback: str
+    restoring: bool = False
 
 
 # ---- coordinator -> task ---------------------------------------------------------------------

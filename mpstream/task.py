@@ -234,6 +234,7 @@ class Task:
         self.finishing = False  # Finish arrived: exit
         self.stopped = False  # a stop's barrier went out (a source produces nothing more)
         self.ended = False  # the input ended (or EndInput arrived, for a source)
+        self.restoring = False  # in _restore: a failure there would fail again
         self._sending = threading.Lock()  # the snapshot writer sends acks from its thread
         self._writer = ThreadPoolExecutor(1, "snapshot-writer") if self.checkpointing else None
         self._next_timer = float("inf")  # time.time() of the earliest processing-time timer
@@ -418,7 +419,9 @@ class Task:
         for op in self.operators:
             op.call(op.op.open, op.ctx)
         if self.config.restore_from is not None:
+            self.restoring = True
             self._restore(self.config.restore_from)
+            self.restoring = False
         self.send(msg.TaskReady(any(op.op.commits_on_checkpoint for op in self.operators)))
         if not self.head.finished:
             try:
@@ -603,7 +606,8 @@ def task_main(spec: TaskSpec, slot: int, names: dict[str, str], conn: Connection
         else:
             name, instance = spec.head.name, spec.instance
         trace = "".join(traceback.format_exception(exc))
-        report = msg.TaskFailed(name, instance, f"{type(exc).__name__}: {exc}", trace)
+        report = msg.TaskFailed(name, instance, f"{type(exc).__name__}: {exc}", trace,
+                                restoring=task is not None and task.restoring)
         try:  # through the task's lock: its snapshot writer may be sending an ack
             task.send(report) if task is not None else conn.send(report)
         finally:

@@ -10,7 +10,7 @@ import pytest
 
 from mpstream import OperatorError, Pipeline
 from mpstream.batch import Batch, StringColumn
-from mpstream.errors import SourceError
+from mpstream.errors import RestoreError, SourceError
 from mpstream.operators import Context
 from mpstream.testing import Once, kill_me
 
@@ -519,9 +519,11 @@ def test_files_rewritten_before_a_restart_are_refused(tmp_path):
 
     p = Pipeline()
     p.from_parquet("src", str(tmp_path / "in"), batch_size=100).map("die", rewrite_then_die).collect("out")
-    with pytest.warns(UserWarning, match="restarting"), pytest.raises(OperatorError, match="changed since the checkpoint"):
-        p.run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=1)
+    with pytest.warns(UserWarning, match="restarting") as restarts, \
+            pytest.raises(RestoreError, match="restoring its state from the checkpoint: SourceError: .*changed since"):
+        p.run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=3)
     assert crash.fired
+    assert len([w for w in restarts if "restarting" in str(w.message)]) == 1  # not retried: it would fail again
 
 
 def test_a_file_source_made_in_its_workers_shares_units_too(tmp_path):
