@@ -116,6 +116,8 @@ class Job:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._closed = False  # the wake-up pipe is closed: the job ended, requests do nothing
+        self._closing = threading.RLock()  # reentrant: a signal handler may run inside close()
         self._requests: set[str] = set()  # "checkpoint", "cancel": for the attempt running
         self.attempt: _Attempt | None = None  # the one running
         self.stop_mode: str | None = None  # "stop" or "drain", asked once: it holds for every attempt after
@@ -140,19 +142,24 @@ class Job:
 
     def request(self, what: str) -> None:
         """Asks the running job for "stop" (with a checkpoint), "drain", "checkpoint" or
-        "cancel"; safe from a signal handler or another thread."""
-        if what in ("stop", "drain"):
-            self.stop_mode = "drain" if "drain" in (what, self.stop_mode) else what
-        else:
-            self._requests.add(what)
-        try:
-            os.write(self._wake_w, b"!")
-        except BlockingIOError:  # the pipe is full of wake-ups already
-            pass
+        "cancel"; safe from a signal handler or another thread; nothing once the job ended."""
+        with self._closing:  # the pipe's descriptors may be another file's once closed
+            if self._closed:
+                return
+            if what in ("stop", "drain"):
+                self.stop_mode = "drain" if "drain" in (what, self.stop_mode) else what
+            else:
+                self._requests.add(what)
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:  # the pipe is full of wake-ups already
+                pass
 
     def close(self) -> None:
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._closing:
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _restore_point(self, first: int = 0) -> int | None:
         """The id of the newest checkpoint from ``first`` on that checks out (damaged newer ones
@@ -538,7 +545,8 @@ class JobHandle:
         where they are, a final checkpoint is taken, two-phase-commit sinks publish, and the
         job ends without processing the end of its input; ``resume=True`` goes on from there.
         ``drain=True`` (and any stop of a job without checkpoints) instead ends the sources'
-        input where they are: every operator then emits its final output."""
+        input where they are: every operator then emits its final output. Once the job has
+        ended, this (as :meth:`checkpoint` and :meth:`cancel`) does nothing."""
         self._job.request("drain" if drain else "stop")
 
     def workers(self) -> dict[str, int]:

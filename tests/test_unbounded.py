@@ -362,3 +362,19 @@ def test_keyed_timers_go_with_their_key_groups_to_another_parallelism(tmp_path):
     second = build(3, resumed, 1).run(checkpoint_dir=str(tmp_path / "chk"), resume=True)
     rows = sorted(zip(second["out"]["k"].tolist(), second["out"]["v"].tolist()))
     assert rows == [(k, 1) for k in range(4)]  # each key's timer once, where its state is
+
+
+def test_requests_to_an_ended_job_do_nothing_and_write_nowhere(tmp_path):
+    """stop(), checkpoint() and cancel() after the job ended: its wake-up pipe is closed, and a
+    file opened since may have its descriptor; the calls must neither fail nor write there."""
+    p = Pipeline()
+    p.from_arrays("src", {"x": np.arange(10)}).collect("out")
+    job = p.start()
+    assert job.wait()["out"].num_rows == 10
+    with open(tmp_path / "victim", "w+b") as victim:  # likely the pipe's old descriptor number
+        job.stop()
+        job.checkpoint()
+        job.cancel()
+        victim.seek(0)
+        assert victim.read() == b""
+    assert job.done
