@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run the click-stream demo job and verify its result")
     demo.add_argument("--events", type=_integer(0), default=10_000_000, help="events to generate (default 10M)")
     demo.add_argument("--parallelism", type=_integer(1), default=2, help="instances per operator (default 2)")
-    demo.add_argument("--salt", type=_integer(0), default=4, help="salt of the two-stage aggregation; 0: none (default 4)")
+    demo.add_argument("--salt", type=_integer(0), default=4, help="> 1: pre-aggregate in each source (two stages); 0 or 1: one stage (default 4)")
     demo.add_argument("--batch-size", type=_integer(1), default=65536, help="rows per batch (default 65536)")
     demo.add_argument("--out", default=None, help="directory for the CSV output (default: a temporary one, removed at the end)")
     demo.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
