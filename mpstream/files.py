@@ -39,6 +39,7 @@ import glob
 import hashlib
 import mmap
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -287,9 +288,34 @@ class FileSource(Source):
         try:
             return fn()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            where = f" (in the bytes from offset {start})" if start else ""
-            hint = "; give the column's type with schema=" if "conversion error" in str(exc) else ""
-            raise SourceError(f"{path}{where}: {exc}{hint}") from None
+            message = str(exc)
+            if self.fmt == "csv":
+                message = self._csv_where(path, start, message)
+            where = f" (in the bytes from offset {start})" if start and "line " not in message else ""
+            hint = "; fix the value, or give the column a type that holds it with schema=" \
+                if "conversion error" in message else ""
+            raise SourceError(f"{path}{where}: {message}{hint}") from None
+
+    def _csv_where(self, path: str, start: int, message: str) -> str:
+        """pyarrow's "Row #N" of a CSV part (its N-th line that is not empty, counted from byte
+        start) as the file's line, and its "column #i" as the column's name."""
+        column = re.search(r"column #(\d+)", message)
+        names = self.arrow_schema.names if self.arrow_schema is not None else self._header(path)
+        if column and int(column.group(1)) < len(names):
+            message = message.replace(column.group(0), f"column {names[int(column.group(1))]!r}")
+        row = re.search(r"Row #(\d+)", message)
+        if row is None or self.newlines_in_values:  # a quoted line end: rows are not lines
+            return message
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            line = sum(data[at : min(at + BLOCK, start)].count(b"\n") for at in range(0, start, BLOCK))
+            at, left = start, int(row.group(1))
+            while at < len(data) and left:
+                end = data.find(b"\n", at)
+                end = len(data) if end < 0 else end
+                line += 1
+                left -= data[at:end] not in (b"", b"\r")
+                at = end + 1
+        return message if left else message.replace(row.group(0), f"line {line}")
 
     def _parquet(self, path: str) -> Any:
         import pyarrow.parquet as pq

@@ -536,3 +536,31 @@ def test_a_file_source_made_in_its_workers_shares_units_too(tmp_path):
     assert rows_of(result["out"]) == rows_of(pa.concat_tables([table(2000, 21), table(500, 22)]))
     done = [unit for s in result.operators if s.name == "src" for unit in s.position["done"]]
     assert sorted(done) == sorted(set(done)) and len(done) > 3
+
+
+def test_a_bad_csv_row_is_named_by_its_line_and_column(tmp_path):
+    """pyarrow counts rows from the start of the part it parses, without empty lines, and
+    columns by number; the error says the file's line and the column's name, whether the
+    schema's sample (the first file) or a later part of another file holds the row."""
+    good = ["k,qty,price"] + [f"k{i},{i},{i}.5" for i in range(400)]
+    lines = list(good)
+    lines[300] = "k299,oops,3.5"  # line 301, in a later unit (units of 2 KiB here)
+    lines.insert(150, "")  # an empty line before it: the bad row is line 302 now
+    for first in ([], good):  # the bad file alone (read to infer the schema), or after a good one
+        data = tmp_path / f"d{len(first)}"
+        data.mkdir()
+        if first:
+            (data / "a.csv").write_text("\n".join(first) + "\n")
+        (data / "b.csv").write_text("\n".join(lines) + "\n")
+        p = Pipeline()
+        p.from_csv("src", str(data), schema={"qty": "int64"}).collect("out")
+        with pytest.raises(OperatorError, match=r"b.csv: In CSV column 'qty': line 302: CSV conversion error to "
+                                                r"int64: invalid value 'oops'; fix the value"):
+            p.run()
+    ragged = list(good)
+    ragged[250] = "k249,3"  # line 251
+    (tmp_path / "d401" / "b.csv").write_text("\n".join(ragged) + "\n")
+    q = Pipeline()
+    q.from_csv("src", str(tmp_path / "d401"), schema={"qty": "int64"}).collect("out")
+    with pytest.raises(OperatorError, match=r"b.csv: CSV parse error: line 251: Expected 3 columns, got 2"):
+        q.run()
