@@ -25,10 +25,12 @@ only for the in-memory copy.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import functools
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -574,7 +576,11 @@ def _prepare_worker_process(parent: int, name: str) -> None:
     """SIGKILL this worker when the coordinator dies (even by SIGKILL), name the process after
     its task (``ps``, ``top``: at most 15 bytes), and keep freed batch buffers in the heap:
     glibc otherwise maps every buffer above 128 KiB afresh and unmaps it on free, so each
-    batch pays its page faults again (they cost a shuffle half its time)."""
+    batch pays its page faults again (they cost a shuffle half its time). A fatal signal
+    (SIGSEGV, SIGBUS...) prints the worker's Python stack to its stderr (faulthandler) before
+    the coordinator reports the death."""
+    if not faulthandler.is_enabled() and sys.stderr is not None:
+        faulthandler.enable(all_threads=True)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)

@@ -211,3 +211,28 @@ def test_a_none_among_an_operators_output_is_an_error_not_the_end():
     s.flat_map("split", lambda b: [b.slice(0, 5), None, b.slice(5, 10)]).collect("out")
     with pytest.raises(OperatorError, match="operator 'split' returned list: return a Batch"):
         p.run()
+
+
+SEGFAULTING_JOB = """
+import ctypes, numpy as np
+from mpstream import Pipeline, WorkerDiedError
+
+def crash_in_native_code(batch):
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return batch
+
+p = Pipeline()
+p.from_arrays("src", {"x": np.arange(3)}).map("boom", crash_in_native_code).collect("out")
+try:
+    p.run()
+except WorkerDiedError as exc:
+    print("RAISED", exc)
+"""
+
+
+def test_a_worker_killed_by_a_fatal_signal_prints_its_python_stack():
+    """A crash in native code (SIGSEGV) kills the worker: the job raises WorkerDiedError
+    naming the signal, and the worker's Python stack is on stderr (faulthandler)."""
+    out = subprocess.run([sys.executable, "-c", SEGFAULTING_JOB], capture_output=True, text=True, timeout=120)
+    assert "RAISED operator 'src' (with 'boom'" in out.stdout and "killed by SIGSEGV" in out.stdout
+    assert "Fatal Python error: Segmentation fault" in out.stderr and "in crash_in_native_code" in out.stderr
