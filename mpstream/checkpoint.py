@@ -254,6 +254,11 @@ class CheckpointStore:
         """The operators the checkpoint holds states of."""
         return {key.rsplit("-", 1)[0] for key in self.metadata(checkpoint_id)["states"]}
 
+    def holds_state(self, checkpoint_id: int, operator: str) -> bool:
+        """Whether any instance of operator left state or timers in the checkpoint."""
+        return any(s.operator is not None or s.timers for s in
+                   (self.read_state(checkpoint_id, operator, i) for i in range(self.instances(checkpoint_id, operator))))
+
     def instances(self, checkpoint_id: int, operator: str) -> int:
         """How many instances of operator the checkpoint holds states of (its parallelism then)."""
         states = self.metadata(checkpoint_id)["states"]
@@ -308,8 +313,7 @@ def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, para
         raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
                               f"{parallelism} now, and its input is partitioned by {partitioning}: its state cannot "
                               f"move between instances; run it with parallelism {old} (or key it by hash)")
-    snaps = [store.read_state(checkpoint_id, operator, i) for i in range(old)]
-    if all(s.operator is None and not s.timers for s in snaps):
+    if not store.holds_state(checkpoint_id, operator):
         return list(range(old))  # stateless: any parallelism will do
     raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
                           f"{parallelism} now: only keyed operators (and stateless ones) can change it on restore; "

@@ -174,10 +174,8 @@ class Job:
         CheckpointError saying why and what to do, before anything starts), and the job has
         every operator the checkpoint holds state of: a state left out would be lost silently
         (an operator without state may go)."""
-        store = self.store
-        unknown = [name for name in sorted(store.operators(checkpoint_id) - {node.name for node in self.graph.nodes})
-                   if any(s.operator is not None or s.timers for s in
-                          (store.read_state(checkpoint_id, name, i) for i in range(store.instances(checkpoint_id, name))))]
+        gone = sorted(self.store.operators(checkpoint_id) - {node.name for node in self.graph.nodes})
+        unknown = [name for name in gone if self.store.holds_state(checkpoint_id, name)]
         if unknown:
             raise CheckpointError(f"checkpoint {checkpoint_id} holds the state of operators this job does not have: "
                                   f"{', '.join(map(repr, unknown))} (removed or renamed); resume it with the job "
