@@ -423,8 +423,7 @@ class Combiner:
     """Pre-aggregates rows into one partial row per key (Flink's local aggregation), so a hot
     key crosses a shuffle once per flush instead of once per row.
 
-    :meth:`add` takes raw rows (:meth:`add_partials` partial rows) and returns the partials
-    when a bound is reached: the combiner holds ``max_keys`` keys (memory), or its oldest row
+    :meth:`add` takes raw rows and returns the partials when a bound is reached: the combiner holds ``max_keys`` keys (memory), or its oldest row
     has waited ``max_delay_s`` (latency). :attr:`due` says when the held rows must go on; the
     :class:`~mpstream.operators.Combine` operator sets a timer for it and also flushes before
     checkpoint barriers and at the end.
@@ -451,14 +450,7 @@ class Combiner:
 
     def add(self, batch: Batch) -> Batch | None:
         """Takes raw rows; returns the partials (see :meth:`flush`) when a bound is reached."""
-        return self._take(batch, self._agg.update)
-
-    def add_partials(self, partials: Batch) -> Batch | None:
-        """Takes partial rows (of another combiner); returns partials when a bound is reached."""
-        return self._take(partials, self._agg.merge)
-
-    def _take(self, batch: Batch, add) -> Batch | None:
-        add(batch)  # a batch without rows still fixes the dtypes
+        self._agg.update(batch)  # a batch without rows still fixes the dtypes
         if batch.num_rows == 0:
             return None
         if self._since is None:
@@ -476,10 +468,6 @@ class Combiner:
         self._agg.clear()
         self._since = None
         return partials
-
-    def held(self) -> Batch | None:
-        """A copy of the partials held now (None when none are), without flushing them."""
-        return None if self._since is None else self._agg.partial()
 
     def empty(self) -> Batch | None:
         """Partials without rows, with the columns and dtypes seen so far (None: none seen)."""

@@ -251,9 +251,7 @@ class Combine(Operator):
     """Pre-aggregates rows into one partial row per key and hands the partials on (Flink's
     local aggregation): when its oldest held row has waited ``max_delay_s`` (a
     processing-time timer), when it holds ``max_keys`` keys, before every checkpoint barrier
-    (its state is then empty at every checkpoint) and at the end."""
-
-    rescalable = True
+    (so it holds no state at any checkpoint: it restores at any parallelism) and at the end."""
 
     def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], *, max_delay_s: float = 0.1,
                  max_keys: int = 1 << 20) -> None:
@@ -292,15 +290,7 @@ class Combine(Operator):
         return self._flush()
 
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
-        return self._flush()
-
-    def snapshot(self) -> Any:
-        return self.combiner.held()
-
-    def restore(self, states: list[Any]) -> None:
-        for partial in filter(None, (own_rows(self.ctx, self.key, s) for s in states)):
-            self.combiner.add_partials(partial)
-        self._arm()
+        return self._flush()  # so it has no state to snapshot
 
     def close(self) -> Output:
         out = self._flush()
