@@ -457,14 +457,14 @@ class FileSource(Source):
                 raise SourceError(f"the files of this source changed since the checkpoint (paths, sizes, "
                                   f"modification times or units differ: {self.path}); resume with the files "
                                   f"it read, or start without resume")
-        held = [(s["unit"], s["rows"]) for s in states if s["unit"] is not None]
-        held += [tuple(entry) for s in states for entry in s["queue"]]
+        def in_hand(state: dict[str, Any]) -> list[tuple[int, int]]:  # (unit, rows read), in reading order
+            return ([(state["unit"], state["rows"])] if state["unit"] is not None else []) + state["queue"]
+
+        held = [entry for state in states for entry in in_hand(state)]
         if self.ctx.rescaled:
             self.queue = sorted(held)[self.ctx.instance :: self.ctx.parallelism]
         else:
-            own = states[self.ctx.instance]
-            self.queue = ([(own["unit"], own["rows"])] if own["unit"] is not None else []) + \
-                [tuple(entry) for entry in own["queue"]]
+            self.queue = in_hand(states[self.ctx.instance])
         self.done = {unit for state in states for unit in state["done"]}
         taken = self.done | {unit for unit, _ in held}
         self.pool = [unit for unit in range(len(self._all_units)) if unit not in taken]
