@@ -726,6 +726,34 @@ int mps_ring_release(struct mps_ring *ring)
     return MPS_RING_OK;
 }
 
+uint64_t mps_ring_head(struct mps_ring *ring)
+{
+    return ring->head_position;
+}
+
+int mps_ring_scan(struct mps_ring *ring, uint64_t *position, struct mps_record *record)
+{
+    if (ring->side != MPS_RING_CONSUMER || *position < ring->head_position)
+        return MPS_RING_BAD_STATE;
+    uint64_t tail = atomic_load_explicit(&ring->shared->tail_position, memory_order_acquire);
+    for (;;) {
+        if (*position >= tail)
+            return MPS_RING_EMPTY;
+        uint64_t index = *position & ring->mask;
+        struct mps_record_header *header = (void *)(ring->data + index);
+        uint64_t length = align_up(MPS_RECORD_HEADER_LENGTH + (uint64_t)header->length, MPS_RECORD_ALIGNMENT);
+        if (header->type == MPS_RECORD_PADDING) {
+            *position += MPS_RECORD_HEADER_LENGTH + header->length;
+            continue;
+        }
+        record->type = header->type;
+        record->length = header->length;
+        record->offset = index + MPS_RECORD_HEADER_LENGTH;
+        *position += length;
+        return MPS_RING_OK;
+    }
+}
+
 /* ---- introspection ------------------------------------------------------------------------ */
 
 uint8_t *mps_ring_data(struct mps_ring *ring)

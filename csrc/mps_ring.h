@@ -166,6 +166,13 @@ int mps_ring_abort(struct mps_ring *ring);
 int mps_ring_try_peek(struct mps_ring *ring, struct mps_record *record);
 int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record);
 int mps_ring_release(struct mps_ring *ring);
+/* Consumer: the position of the next record to take (the head; a held record starts there). */
+uint64_t mps_ring_head(struct mps_ring *ring);
+/* Consumer: looks ahead without taking anything. Fills *record with the committed record at
+ * *position (skipping padding) and moves *position past it; EMPTY once *position reached the
+ * committed tail. *position starts at mps_ring_head and must not fall behind it: released
+ * space is the producer's again. Unaligned checkpoints copy in-flight records this way. */
+int mps_ring_scan(struct mps_ring *ring, uint64_t *position, struct mps_record *record);
 /* Consumer of several rings (at most MPS_RING_MAX_WAIT_SET, all consumer handles of this
  * process, none holding a record): peeks the first record found polling round-robin from
  * *index, waiting up to timeout_ns (0: do not wait, < 0: forever) on all of them at once.

@@ -9,15 +9,31 @@ everything it carried came before its END_OF_STREAM).
   the records before the barrier.
 * :class:`AtLeastOnceBarrierHandler`: channels are never blocked; the snapshot may include
   records that followed the barrier on faster channels, so a restore may replay them twice.
+
+Unaligned checkpoints (exactly-once, Flink's unaligned checkpoints) do not wait for barriers
+to come through full rings. Every task snapshots at the first sign of checkpoint n (the
+coordinator's trigger, sent to every task, or BARRIER(n) on any channel, whichever comes
+first), forwards BARRIER(n) at once and reads on, never blocking a channel. The records a
+channel carries between this task's snapshot and its upstream's BARRIER(n) were sent before
+the upstream's snapshot and are processed after this one: they are the channel's *in-flight
+data*, which :class:`InFlightCopy` copies out of the ring (looking ahead, without taking
+them) into the checkpoint, and which a restore processes first. A task reaches its upstream's
+barrier only after its own snapshot (a barrier it reads starts it), so nothing is counted twice.
+The BARRIER record of an unaligned checkpoint carries ``n | UNALIGNED``.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from .channel import InputGate
+from .channel import InputGate, LookAhead, RecordKind
 
-__all__ = ["BarrierHandler", "AlignedBarrierHandler", "AtLeastOnceBarrierHandler"]
+__all__ = ["BarrierHandler", "AlignedBarrierHandler", "AtLeastOnceBarrierHandler", "InFlightCopy", "UNALIGNED",
+           "in_flight_rows"]
+
+#: Set in the value of an unaligned checkpoint's BARRIER record (the checkpoint id is below it).
+UNALIGNED = 1 << 63
 
 
 class BarrierHandler:
@@ -55,3 +71,46 @@ class AlignedBarrierHandler(BarrierHandler):
 
 class AtLeastOnceBarrierHandler(BarrierHandler):
     """At-least-once: notes the barrier, blocks nothing."""
+
+
+def in_flight_rows(records: dict[Any, list[tuple[int, Any]]]) -> int:
+    """Rows of the batches among in-flight records (per channel: ``(RecordKind, batch or value)``)."""
+    return sum(value.num_rows for kept in records.values() for kind, value in kept if kind == RecordKind.DATA)
+
+
+class InFlightCopy:
+    """The in-flight data of an unaligned checkpoint a task has snapshotted (see the module
+    doc): per live channel, the records up to that channel's BARRIER(n) or END_OF_STREAM,
+    copied as they are found ahead of the reader. ``snapshots`` wait here, in memory, until
+    :meth:`scan` finds the last channel's barrier."""
+
+    def __init__(self, checkpoint_id: int, gate: InputGate, snapshots: dict[str, Any], pause_s: float) -> None:
+        self.checkpoint_id, self.snapshots, self.pause_s = checkpoint_id, snapshots, pause_s
+        self.started = time.perf_counter()
+        self.records: dict[int, list[tuple[int, Any]]] = {channel: [] for channel in gate.live}
+        self._ahead = {channel: LookAhead(gate.readers[channel]) for channel in gate.live}
+
+    def before_taking(self, channel: int) -> None:
+        """The task is about to process the record it holds from channel: copy it (and what
+        follows) first, unless that channel's barrier was found already."""
+        ahead = self._ahead.get(channel)
+        if ahead is not None:
+            ahead.catch_up()
+            self._scan(channel, ahead)
+
+    def scan(self) -> bool:
+        """Copies what every channel got since the last scan; True once every channel's
+        barrier (or end) was found: the copy is complete."""
+        for channel, ahead in list(self._ahead.items()):
+            self._scan(channel, ahead)
+        return not self._ahead
+
+    def _scan(self, channel: int, ahead: LookAhead) -> None:
+        while (found := ahead.next()) is not None:
+            kind, value = found
+            if kind is RecordKind.END_OF_STREAM or (kind is RecordKind.BARRIER and
+                                                   value & ~UNALIGNED >= self.checkpoint_id):
+                del self._ahead[channel]
+                return
+            if kind is not RecordKind.BARRIER:  # an older barrier carries nothing to replay
+                self.records[channel].append((int(kind), value))

@@ -54,6 +54,7 @@ __all__ = [
     "ChannelWriter",
     "ChannelReader",
     "InputGate",
+    "LookAhead",
     "Record",
     "RecordKind",
     "sweep_stale_segments",
@@ -539,6 +540,11 @@ class ChannelReader(_Endpoint):
         s = self.stats()
         return (s["tail_position"] - s["head_position"]) / self._capacity
 
+    @property
+    def position(self) -> int:
+        """The ring position of the next record to take (a held record starts there)."""
+        return lib.mps_ring_head(self._ring)
+
     def _accept(self, rec: Any) -> bool:
         """Takes the peeked record rec into self's Record; False (and released) for SCHEMA."""
         index = self._data_index + rec.offset
@@ -550,18 +556,20 @@ class ChannelReader(_Endpoint):
         record = self._record
         record.held = True
         record.kind = kind = _KINDS[kind]
-        record.value = None
-        if kind is RecordKind.DATA:
-            if self._frame is None:
-                raise LayoutError(f"channel {self.name!r}: DATA record before any SCHEMA record")
-            record.batch = self._frame.read(self._in, index)
-        elif kind is RecordKind.BARRIER:
-            record.value = _U64.unpack_from(self._in, index)[0]
-        elif kind is RecordKind.WATERMARK:
-            record.value = _I64.unpack_from(self._in, index)[0]
-        elif kind is RecordKind.STATUS:
-            record.value = _U64.unpack_from(self._in, index)[0]
+        record.batch, record.value = self._decode(kind, index, self._frame)
         return True
+
+    def _decode(self, kind: RecordKind, index: int, frame: Frame | None) -> tuple[Batch | None, int | None]:
+        """A record's batch (views on the ring, DATA) or value (BARRIER, WATERMARK, STATUS)."""
+        if kind is RecordKind.DATA:
+            if frame is None:
+                raise LayoutError(f"channel {self.name!r}: DATA record before any SCHEMA record")
+            return frame.read(self._in, index), None
+        if kind is RecordKind.WATERMARK:
+            return None, _I64.unpack_from(self._in, index)[0]
+        if kind is RecordKind.END_OF_STREAM:
+            return None, None
+        return None, _U64.unpack_from(self._in, index)[0]  # BARRIER, STATUS
 
     def close(self) -> None:
         """Detaches (dropping a held record); the writer's next blocked or future write gets
@@ -574,6 +582,47 @@ class ChannelReader(_Endpoint):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LookAhead:
+    """Reads the records a channel's writer committed beyond what its reader took, without
+    taking them: an unaligned checkpoint copies the records that precede the writer's barrier
+    (its in-flight data) while they still wait in the ring.
+
+    It starts at the reader's head. ``next()`` returns ``(kind, batch or value)`` of the next
+    record (a DATA batch as an owned copy), or None when it reached what was written so far.
+    The reader must not take a record the look-ahead has not passed without calling
+    :meth:`catch_up` first: taken space is the writer's again.
+    """
+
+    def __init__(self, reader: ChannelReader) -> None:
+        self.reader = reader
+        self._position = ffi.new("uint64_t *", reader.position)
+        self._frame = reader._frame
+        self._peeked = ffi.new("struct mps_record *")
+
+    def catch_up(self) -> None:
+        """Moves up to the reader's head if the reader took records past this look-ahead (only
+        SCHEMA records, which a reader takes by itself)."""
+        head = self.reader.position
+        if self._position[0] < head:
+            self._position[0], self._frame = head, self.reader._frame
+
+    def next(self) -> tuple[RecordKind, Batch | int | None] | None:
+        reader, rec = self.reader, self._peeked
+        while True:
+            rc = lib.mps_ring_scan(reader._ring, self._position, rec)
+            if rc == _EMPTY:
+                return None
+            if rc != _OK:
+                reader._raise_for(rc, None)
+            index = reader._data_index + rec.offset
+            if rec.type == _SCHEMA:
+                self._frame = Frame.decode_schema(bytes(reader._in[index : index + rec.length]), reader._skew)
+                continue
+            kind = _KINDS[rec.type]
+            batch, value = reader._decode(kind, index, self._frame)
+            return kind, (batch.copy() if batch is not None else value)
 
 
 class InputGate:

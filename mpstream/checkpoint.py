@@ -45,7 +45,7 @@ __all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot"
 #: stalled the task for tens of milliseconds per checkpoint at 90 MB.
 #: 4: a file source's position holds the units done and in hand (its instances share units),
 #: and aggregate(salt=n) has no ".partial" stage: format 3's would be read wrong or dropped.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 _MAGIC = b"MPSSTATE"
 _HEADER = struct.Struct("<8sIIQ")
 _LENGTH = struct.Struct("<Q")
@@ -66,7 +66,9 @@ class OperatorSnapshot:
     end of its input (then ``close()`` is not run again after a restore: its final output was
     already emitted), and its event time. The head of a task also keeps its input channels'
     watermarks (``valve``: per producing operator instance) or, for a source, its watermark
-    generator's state, so a restore continues with exactly the watermarks it had."""
+    generator's state, so a restore continues with exactly the watermarks it had. After an
+    unaligned checkpoint the head also keeps its ``in_flight`` records: per producing operator
+    instance, ``(RecordKind, batch or value)`` in channel order, processed first on restore."""
 
     operator: Any
     timers: list[Any] = field(default_factory=list)
@@ -74,6 +76,7 @@ class OperatorSnapshot:
     watermark: int = -(2**63)
     valve: dict[str, Any] | None = None
     generator: dict[str, Any] | None = None
+    in_flight: dict[str, list[tuple[int, Any]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,8 @@ class CheckpointStore:
         return {key.rsplit("-", 1)[0] for key in self.metadata(checkpoint_id)["states"]}
 
     def holds_state(self, checkpoint_id: int, operator: str) -> bool:
-        """Whether any instance of operator left state or timers in the checkpoint."""
-        return any(s.operator is not None or s.timers for s in
+        """Whether any instance of operator left state, timers or in-flight records in the checkpoint."""
+        return any(s.operator is not None or s.timers or s.in_flight for s in
                    (self.read_state(checkpoint_id, operator, i) for i in range(self.instances(checkpoint_id, operator))))
 
     def instances(self, checkpoint_id: int, operator: str) -> int:

@@ -12,6 +12,10 @@ n is committed (atomically, by the store) once every task of the job acknowledge
 every task is then told (:class:`CheckpointCommitted`). Any decline discards it; more than
 ``tolerable_failures`` failures in a row fail the job.
 
+An **unaligned** checkpoint (:mod:`mpstream.barrier`) is sent to every task at once: each
+snapshots at its next record boundary, with no barrier to wait for behind full rings. Stop
+checkpoints are always aligned (a stopped job can be resumed at another parallelism).
+
 A bounded job ends with a **final checkpoint**: once every task has drained, one more
 checkpoint is taken, and tasks exit only after it is committed, so two-phase-commit sinks
 publish their last epoch only when nothing can replay it. A **stop** is a checkpoint whose
@@ -46,13 +50,14 @@ class PendingCheckpoint:
     declined: list[str] = field(default_factory=list)
     alignment_s: float = 0.0
     pause_s: float = 0.0
+    in_flight_rows: int = 0
     stop: bool = False
     final: bool = False
 
     def stats(self) -> dict[str, Any]:
         return {"id": self.checkpoint_id, "duration_s": round(time.monotonic() - self.started, 6),
                 "alignment_s": round(self.alignment_s, 6), "snapshot_s": round(self.pause_s, 6),
-                "bytes": sum(f.bytes for f in self.states.values())}
+                "bytes": sum(f.bytes for f in self.states.values()), "in_flight_rows": self.in_flight_rows}
 
 
 class CheckpointCoordinator:
@@ -61,8 +66,9 @@ class CheckpointCoordinator:
 
     def __init__(self, store: CheckpointStore, interval: float, tolerable_failures: int,
                  send: Callable[[str, Any], None], sources: set[str], tasks: set[str],
-                 needs_final_commit: Callable[[], bool]) -> None:
+                 needs_final_commit: Callable[[], bool], unaligned: bool = False) -> None:
         self.store, self.interval, self.tolerable_failures = store, interval, tolerable_failures
+        self.unaligned = unaligned
         self.send, self.sources, self.tasks = send, sources, tasks
         self.needs_final_commit = needs_final_commit  # a two-phase-commit sink waits for the final one
         self.next_id = (store.complete() or [0])[-1] + 1
@@ -101,12 +107,14 @@ class CheckpointCoordinator:
         pending = self.pending = PendingCheckpoint(self.next_id, time.monotonic(), set(self.tasks), stop=stop,
                                                    final=final)
         self.next_id += 1
-        for task in sorted((self.sources - self.drained) | self.drained):
+        asked = self.tasks if self.unaligned and not stop else (self.sources - self.drained) | self.drained
+        for task in sorted(asked):
             self._ask(task, pending)
 
     def _ask(self, task: str, pending: PendingCheckpoint) -> None:
         pending.asked.add(task)
-        self.send(task, TriggerCheckpoint(pending.checkpoint_id, stop=pending.stop and task not in self.drained))
+        self.send(task, TriggerCheckpoint(pending.checkpoint_id, stop=pending.stop and task not in self.drained,
+                                          unaligned=self.unaligned and not pending.stop))
 
     def on_drained(self, task: str) -> None:
         self.drained.add(task)
@@ -122,6 +130,7 @@ class CheckpointCoordinator:
         pending.states.update(ack.states)
         pending.alignment_s = max(pending.alignment_s, ack.alignment_s)
         pending.pause_s = max(pending.pause_s, ack.pause_s)
+        pending.in_flight_rows += ack.in_flight_rows
         self._maybe_complete()
 
     def on_decline(self, task: str, decline: DeclineCheckpoint) -> None:

@@ -66,7 +66,8 @@ class CheckpointConfig:
     ``restarts`` times, waiting ``restart_backoff`` (doubling) first. ``resume``: True starts
     from the directory's newest valid checkpoint (an error if there is none), "if-present"
     also starts fresh when there is none. ``exactly_once=False``: barriers are not aligned
-    (at-least-once: a restore may replay some records twice)."""
+    (at-least-once: a restore may replay some records twice). ``unaligned=True``: barriers
+    overtake buffered records, which the checkpoint keeps (:mod:`mpstream.barrier`)."""
 
     directory: str
     interval: float = 1.0
@@ -76,6 +77,7 @@ class CheckpointConfig:
     restart_backoff: float = 0.1
     resume: bool | str = False
     exactly_once: bool = True
+    unaligned: bool = False
 
 
 class _Cancelled(Exception):
@@ -292,7 +294,8 @@ class _Attempt:
         config = job.config
         self.checkpoints = None if config is None else CheckpointCoordinator(
             job.store, config.interval, config.tolerable_failures, self._send,
-            {t.name for t in job.tasks if t.is_source}, {t.name for t in job.tasks}, lambda: self.commits)
+            {t.name for t in job.tasks if t.is_source}, {t.name for t in job.tasks}, lambda: self.commits,
+            config.unaligned)
         self.stopped = False  # Finish went out
         self.stop_applied: str | None = None
 

@@ -48,13 +48,15 @@ class Collected:
 @dataclass(frozen=True)
 class AcknowledgeCheckpoint:
     """The task's operators took their snapshots of checkpoint ``checkpoint_id`` and wrote them
-    (``states``: state key -> file). ``alignment_s``: first barrier to aligned; ``pause_s``: the
-    time the task stopped processing for the in-memory copy."""
+    (``states``: state key -> file). ``alignment_s``: first barrier to aligned (unaligned: to
+    the last channel's barrier found); ``pause_s``: the time the task stopped processing for
+    the in-memory copy; ``in_flight_rows``: rows of in-flight data kept (unaligned)."""
 
     checkpoint_id: int
     states: dict[str, StateFile]
     alignment_s: float
     pause_s: float
+    in_flight_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,13 @@ class TaskFailed:
 @dataclass(frozen=True)
 class TriggerCheckpoint:
     """To a source task: inject BARRIER(checkpoint_id) after the current batch; with ``stop``
-    produce nothing after it (stop with a checkpoint). To a drained task: snapshot now."""
+    produce nothing after it (stop with a checkpoint). To a drained task: snapshot now.
+    ``unaligned`` (sent to every task): snapshot at the next record boundary, without waiting
+    for the barriers to come through the rings (:class:`~mpstream.barrier.InFlightCopy`)."""
 
     checkpoint_id: int
     stop: bool = False
+    unaligned: bool = False
 
 
 @dataclass(frozen=True)

@@ -156,9 +156,11 @@ class Pipeline:
 
     def _options(self, checkpoint_dir: str | None, checkpoint_interval: float, checkpoint_retain: int,
                  tolerable_checkpoint_failures: int, restarts: int, restart_backoff: float, resume: bool | str,
-                 exactly_once: bool) -> CheckpointConfig | None:
+                 exactly_once: bool, unaligned: bool) -> CheckpointConfig | None:
         if resume not in (False, True, "if-present"):
             raise PlanError(f"resume must be False, True or 'if-present', got {resume!r}")
+        if unaligned and not exactly_once:
+            raise PlanError("unaligned_checkpoints=True is exactly-once: it cannot go with exactly_once=False")
         if checkpoint_dir is None:
             if resume:
                 raise PlanError("resume needs a checkpoint_dir to resume from")
@@ -166,13 +168,14 @@ class Pipeline:
         if not checkpoint_interval > 0:
             raise PlanError(f"checkpoint_interval must be > 0 seconds, got {checkpoint_interval!r}")
         return CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
-                                restarts, restart_backoff, resume, exactly_once)
+                                restarts, restart_backoff, resume, exactly_once, unaligned)
 
     def run(self, *, progress: bool | Callable[[dict[str, Any]], None] | None = None,
             checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
             checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
             restarts: int = 3, restart_backoff: float = 0.1, resume: bool | str = False,
-            exactly_once: bool = True, metrics_port: int | None = None) -> JobResult:
+            exactly_once: bool = True, unaligned_checkpoints: bool = False,
+            metrics_port: int | None = None) -> JobResult:
         """Runs the job until its sources end (or it is stopped: SIGTERM) and returns its
         result. ``progress=True`` shows a progress bar per source on a terminal (tqdm, the
         ``progress`` extra); a function ``progress(info)`` is called four times a second with
@@ -183,21 +186,28 @@ class Pipeline:
         checkpoint; ``resume=True`` starts from the directory's newest valid checkpoint (an
         error if there is none; ``"if-present"`` starts fresh then). ``exactly_once=False``
         skips barrier alignment: no pause at a checkpoint, but a restore may count some
-        records twice (at-least-once). See :mod:`mpstream.coordinator`."""
+        records twice (at-least-once). ``unaligned_checkpoints=True`` keeps exactly-once but
+        lets barriers overtake the records waiting in the rings, which the checkpoint then
+        holds: under backpressure a checkpoint no longer waits for full rings to drain (stop
+        checkpoints stay aligned; a checkpoint holding in-flight records resumes only at the
+        same parallelism). See :mod:`mpstream.coordinator` and :mod:`mpstream.barrier`."""
         config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
-                               restarts, restart_backoff, resume, exactly_once)
+                               restarts, restart_backoff, resume, exactly_once,
+                               unaligned_checkpoints)
         return run(self.graph, progress, config, metrics_port)
 
     def start(self, *, progress: bool | Callable[[dict[str, Any]], None] | None = None,
               checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
               checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
               restarts: int = 3, restart_backoff: float = 0.1, resume: bool | str = False,
-              exactly_once: bool = True, metrics_port: int | None = None) -> JobHandle:
+              exactly_once: bool = True, unaligned_checkpoints: bool = False,
+              metrics_port: int | None = None) -> JobHandle:
         """As :meth:`run`, but in a background thread: returns a
         :class:`~mpstream.coordinator.JobHandle` (``stop()``, ``wait()``). ``run()`` is
         ``start().wait()`` in the calling thread."""
         config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
-                               restarts, restart_backoff, resume, exactly_once)
+                               restarts, restart_backoff, resume, exactly_once,
+                               unaligned_checkpoints)
         return start(self.graph, progress, config, metrics_port)
 
 

@@ -19,7 +19,9 @@ At BARRIER(n) (a source: at the coordinator's trigger, between two polls) the ta
 every operator's ``prepare_snapshot_pre_barrier`` and ``snapshot`` (head first, so output a
 chained operator gets before the barrier is in its snapshot), forwards BARRIER(n) on every
 output, and leaves pickling, writing and acknowledging to a writer thread: processing pauses
-only for the in-memory copy.
+only for the in-memory copy. An unaligned checkpoint (:mod:`mpstream.barrier`) snapshots at the
+first of the coordinator's trigger and BARRIER(n), and is written once its in-flight records
+are copied.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import messages as msg
-from .barrier import AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler
+from .barrier import (UNALIGNED, AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler, InFlightCopy,
+                      in_flight_rows)
 from .batch import Batch
 from .channel import ChannelReader, Doorbells, InputGate, RecordKind, SharedCounters, WaitClock
 from .checkpoint import CheckpointStore, OperatorSnapshot, restore_from
@@ -237,6 +240,8 @@ class Task:
         self.stopped = False  # a stop's barrier went out (a source produces nothing more)
         self.ended = False  # the input ended (or EndInput arrived, for a source)
         self.restoring = False  # in _restore: a failure there would fail again
+        self.copying: InFlightCopy | None = None  # an unaligned checkpoint's in-flight data, being copied
+        self._replay: dict[str, list[tuple[int, Any]]] | None = None  # restored in-flight data
         self._sending = threading.Lock()  # the snapshot writer sends acks from its thread
         self._writer = ThreadPoolExecutor(1, "snapshot-writer") if self.checkpointing else None
         self._next_timer = float("inf")  # time.time() of the earliest processing-time timer
@@ -274,7 +279,7 @@ class Task:
             message = self.conn.recv()
             if isinstance(message, msg.TriggerCheckpoint):
                 if message.checkpoint_id > self.epoch:  # a drained task may be asked after its barrier came
-                    self._checkpoint(message.checkpoint_id, 0.0)
+                    self._checkpoint(message.checkpoint_id, 0.0, message.unaligned)
                 self.stopped |= message.stop
             elif isinstance(message, msg.CheckpointCommitted):
                 for op in self.operators:
@@ -333,9 +338,9 @@ class Task:
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def _checkpoint(self, checkpoint_id: int, alignment_s: float) -> None:
+    def _checkpoint(self, checkpoint_id: int, alignment_s: float, unaligned: bool = False) -> None:
         """Snapshots every operator in memory, forwards BARRIER(n), and leaves the writing to
-        the writer thread (see the module doc)."""
+        the writer thread (see the module doc); unaligned, once the in-flight data is copied."""
         started = time.perf_counter()
         self.epoch = checkpoint_id
         for op in self.operators:  # output that belongs before the barrier: chained ones see it first
@@ -352,11 +357,27 @@ class Task:
         if not self.outputs_closed:
             for op in self.operators:
                 for output in op.outputs:
-                    output.write_barrier(checkpoint_id)
-        self._writer.submit(self._persist, checkpoint_id, snapshots, alignment_s, pause)
+                    output.write_barrier(checkpoint_id | UNALIGNED if unaligned else checkpoint_id)
+        if unaligned and self.gate is not None and self.gate.live:
+            self.copying = InFlightCopy(checkpoint_id, self.gate, snapshots, pause)
+            self._copy_in_flight()
+        else:
+            self._writer.submit(self._persist, checkpoint_id, snapshots, alignment_s, pause)
+
+    def _copy_in_flight(self) -> None:
+        """Copies what the channels got since the last look; once every channel's barrier was
+        found, the snapshots and the in-flight data go to the writer thread."""
+        copy = self.copying
+        if not copy.scan():
+            return
+        self.copying = None
+        copy.snapshots[self.head.name].in_flight = {self.spec.producers[channel]: records
+                                                    for channel, records in copy.records.items() if records}
+        self._writer.submit(self._persist, copy.checkpoint_id, copy.snapshots, time.perf_counter() - copy.started,
+                            copy.pause_s, in_flight_rows(copy.records))
 
     def _persist(self, checkpoint_id: int, snapshots: dict[str, OperatorSnapshot], alignment_s: float,
-                 pause: float) -> None:
+                 pause: float, in_flight_rows: int = 0) -> None:
         try:
             states = {}
             for name, snapshot in snapshots.items():
@@ -365,7 +386,7 @@ class Task:
                 except Exception as exc:  # noqa: BLE001 - a failed checkpoint, reported, not a failed job
                     raise CheckpointError(f"operator {name!r} instance {self.spec.instance}: {exc}") from exc
                 states[f"{name}-{self.spec.instance}"] = state
-            self.send(msg.AcknowledgeCheckpoint(checkpoint_id, states, alignment_s, pause))
+            self.send(msg.AcknowledgeCheckpoint(checkpoint_id, states, alignment_s, pause, in_flight_rows))
         except CheckpointError as exc:
             self.send(msg.DeclineCheckpoint(checkpoint_id, str(exc)))
 
@@ -392,12 +413,42 @@ class Task:
                                if own is not None or (t.key_group in mine if t.key_group is not None
                                                       else i == op.instance)])
             op.finished = all(s.finished for s in snaps)
+            if op is self.head:
+                self._replay = self._in_flight(checkpoint_id, snaps, rescaled=own is None)
             op.watermark = min(s.watermark for s in snaps)  # equal at an aligned checkpoint
             if op is self.head:
                 self._restore_watermarks(snaps)
             op.ctx.rescaled = False
         if isinstance(self.head.op, Source):
             self.head.stats.start_position = self.head.op.snapshot()
+
+    def _in_flight(self, checkpoint_id: int, snaps: list[OperatorSnapshot],
+                   rescaled: bool) -> dict[str, list[tuple[int, Any]]] | None:
+        """The head's in-flight records of an unaligned checkpoint, to process before its
+        channels. They went to one instance from its producers then: a restore needs the same
+        instances on both sides."""
+        saved = {producer: records for s in snaps for producer, records in (s.in_flight or {}).items()}
+        if not saved:
+            return None
+        if rescaled or not set(saved) <= set(self.spec.producers):
+            raise CheckpointError(
+                f"operator {self.head.name!r}: unaligned checkpoint {checkpoint_id} holds {in_flight_rows(saved)} "
+                f"in-flight rows "
+                f"its instance {self.spec.instance} received from {', '.join(sorted(saved))}; resume it at the "
+                f"parallelism it was taken at, or resume at a new parallelism from an aligned checkpoint "
+                f"(JobHandle.stop() always takes one)")
+        return saved
+
+    def _replay_in_flight(self) -> None:
+        """Processes the restored in-flight records, per channel in their order, before
+        anything the channels bring."""
+        replay, self._replay = self._replay, None
+        for channel, producer in enumerate(self.spec.producers):
+            for kind, value in replay.get(producer, ()):
+                if kind == RecordKind.DATA:
+                    self.head.process(value.read_only())
+                else:
+                    self._event_time(channel, RecordKind(kind), value)
 
     def _restore_watermarks(self, snaps: list[OperatorSnapshot]) -> None:
         """The head's input watermarks: per producing instance, as any old instance saw them (at
@@ -532,8 +583,12 @@ class Task:
 
     def _run_operator(self) -> None:
         gate, barriers, head = self.gate, self.barriers, self.head
+        if self._replay is not None:
+            self._replay_in_flight()
         while not self.finishing:
             ended = gate.done
+            if self.copying is not None:
+                self._copy_in_flight()
             checkpoint_id = barriers.complete()
             if checkpoint_id is not None:
                 self._checkpoint(checkpoint_id, time.perf_counter() - barriers.started)
@@ -551,11 +606,16 @@ class Task:
                 continue
             channel, record = got
             with record:
+                if self.copying is not None:
+                    self.copying.before_taking(channel)
                 kind = record.kind
                 if kind is RecordKind.DATA:
                     head.process(record.batch)
                 elif kind is RecordKind.BARRIER:
-                    barriers.on_barrier(channel, record.value)
+                    if not record.value & UNALIGNED:
+                        barriers.on_barrier(channel, record.value)
+                    elif record.value & ~UNALIGNED > self.epoch:  # its first sign (else: passed already)
+                        self._checkpoint(record.value & ~UNALIGNED, 0.0, unaligned=True)
                 else:
                     self._event_time(channel, kind, record.value)
 

@@ -1,0 +1,164 @@
+"""Unaligned checkpoints: under backpressure the barriers overtake the records waiting in the
+rings, the checkpoint keeps those records (in-flight data), and a restore processes them once:
+SIGKILLed workers still give exactly the reference result (numpy)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from mpstream import PlanError, RestoreError, WorkerDiedError
+from mpstream.checkpoint import CheckpointStore
+from mpstream.channel import Channel, ChannelReader, ChannelWriter, LookAhead, RecordKind
+from mpstream.batch import Batch
+from mpstream.operators import Aggregate
+from mpstream.pipeline import Pipeline
+from mpstream.testing import Once, RandomKiller, TestingSource, kill_me
+
+BATCHES, ROWS, KEYS = 150, 2000, 300
+
+
+def rows(instance, offset):
+    rng = np.random.default_rng([instance, offset, 5])
+    keys = rng.integers(0, KEYS, ROWS)
+    keys[rng.random(ROWS) < 0.3] = 3  # a hot key
+    return {"k": keys, "v": rng.integers(0, 100, ROWS)}
+
+
+def reference():
+    sums, counts = np.zeros(KEYS, np.int64), np.zeros(KEYS, np.int64)
+    for i in range(2):
+        for o in range(BATCHES):
+            r = rows(i, o)
+            np.add.at(sums, r["k"], r["v"] * 3)
+            counts += np.bincount(r["k"], minlength=KEYS)
+    return {k: (int(sums[k]), int(counts[k])) for k in np.flatnonzero(counts)}
+
+
+def table(batch):
+    return {int(k): (int(s), int(c)) for k, s, c in zip(batch["k"], batch["v_sum"], batch["count"])}
+
+
+class SlowSum(Aggregate):
+    """A keyed sum that costs CPU per batch (so the rings before it fill up), and SIGKILLs
+    itself once, when told that a checkpoint holding in-flight rows was committed."""
+
+    def __init__(self, checkpoints, markers):
+        super().__init__("k", {"v": "sum", "*": "count"})
+        self.checkpoints, self.markers = checkpoints, markers
+
+    def process(self, batch):
+        noise = np.random.default_rng(0).random(40_000)
+        for _ in range(3):
+            np.sort(noise)
+        return super().process(batch)
+
+    def notify_checkpoint_complete(self, checkpoint_id):
+        stats = CheckpointStore(self.checkpoints).metadata(checkpoint_id)["stats"]
+        if self.markers and stats["in_flight_rows"] and Once(self.markers, "slow")():
+            with open(os.path.join(self.markers, "killed-after"), "w") as f:
+                f.write(str(checkpoint_id))
+            kill_me()
+
+
+def build(checkpoints, markers=None, parallelism=2, unbounded=False):
+    parts = [[rows(i, o) for o in range(BATCHES)] for i in range(2)]
+    p = Pipeline(channel_capacity=1 << 18)
+    p.source("src", lambda: TestingSource(*parts, unbounded=unbounded), parallelism=2) \
+     .map("triple", lambda b: {"k": b["k"], "v": b["v"] * 3}) \
+     .key_by("k").process("slow", lambda: SlowSum(checkpoints, markers), parallelism=parallelism) \
+     .collect("out")
+    return p
+
+
+def test_a_restore_from_an_unaligned_checkpoint_processes_its_in_flight_rows_once(tmp_path):
+    """The slow operator dies right after a checkpoint that holds in-flight rows committed:
+    the restarted job processes those rows from the checkpoint and the rest from the
+    sources, each exactly once."""
+    chk, markers = str(tmp_path / "chk"), tmp_path / "markers"
+    markers.mkdir()
+    with pytest.warns(UserWarning, match="restarting the job from its last checkpoint"):
+        result = build(chk, str(markers)).run(checkpoint_dir=chk, checkpoint_interval=0.05, checkpoint_retain=1000,
+                                              restarts=3, unaligned_checkpoints=True)
+    assert table(result["out"]) == reference()
+    killed_after = int((markers / "killed-after").read_text())
+    assert result.restarts == 1
+    store = CheckpointStore(chk)
+    assert store.metadata(killed_after)["stats"]["in_flight_rows"] > 0
+    held = [store.read_state(killed_after, "slow", i).in_flight for i in range(2)]
+    assert any(held) and all(set(h or {}) <= {"triple.0", "triple.1"} for h in held)
+
+
+def test_unaligned_checkpoints_with_random_sigkills_give_the_exact_result(tmp_path):
+    chk = str(tmp_path / "chk")
+    with pytest.warns(UserWarning), RandomKiller(3, seed=7):
+        result = build(chk).run(checkpoint_dir=chk, checkpoint_interval=0.02, restarts=10, restart_backoff=0.01,
+                                unaligned_checkpoints=True)
+    assert table(result["out"]) == reference()
+    assert sum(c["in_flight_rows"] for c in result.checkpoints) > 0  # some barrier did overtake records
+
+
+def test_an_unaligned_checkpoint_with_in_flight_rows_resumes_only_at_its_parallelism(tmp_path):
+    chk, markers = str(tmp_path / "chk"), tmp_path / "markers"
+    markers.mkdir()
+    with pytest.raises(WorkerDiedError, match="operator 'slow' .* was killed by SIGKILL"):
+        build(chk, str(markers)).run(checkpoint_dir=chk, checkpoint_interval=0.05, checkpoint_retain=1000,
+                                     restarts=0, unaligned_checkpoints=True)
+    newest = CheckpointStore(chk).complete()[-1]
+    assert CheckpointStore(chk).metadata(newest)["stats"]["in_flight_rows"] > 0
+    with pytest.raises(RestoreError, match=rf"operator 'slow'.*unaligned checkpoint {newest} holds \d+ in-flight rows"
+                                           r".*resume it at the parallelism it was taken at"):
+        build(chk, parallelism=3).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True)
+    result = build(chk).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True)
+    assert result.restored_from == newest
+    assert table(result["out"]) == reference()
+
+
+def test_stop_takes_an_aligned_checkpoint_that_resumes_at_another_parallelism(tmp_path):
+    """Stopped once a checkpoint with in-flight rows committed: the stop's own checkpoint is
+    aligned (it holds none), so the job resumes at another parallelism, exactly."""
+    chk = str(tmp_path / "chk")
+    store, handle = CheckpointStore(chk), []
+
+    def progress(info):
+        done = store.complete()
+        if handle and (info["seconds"] > 30 or done and store.metadata(done[-1])["stats"]["in_flight_rows"]):
+            handle[0].stop()
+
+    handle.append(build(chk, unbounded=True).start(checkpoint_dir=chk, checkpoint_interval=0.02, progress=progress,
+                                                   unaligned_checkpoints=True))
+    stopped = handle[0].wait()
+    assert stopped.stopped
+    assert any(c["in_flight_rows"] for c in stopped.checkpoints[:-1])
+    assert stopped.checkpoints[-1]["in_flight_rows"] == 0
+    resumed = build(chk, parallelism=3).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True)
+    assert resumed.restored_from == stopped.final_checkpoint
+    assert table(resumed["out"]) == reference()
+
+
+def test_unaligned_checkpoints_need_exactly_once(tmp_path):
+    with pytest.raises(PlanError, match="unaligned_checkpoints=True is exactly-once"):
+        build(str(tmp_path)).run(checkpoint_dir=str(tmp_path), exactly_once=False, unaligned_checkpoints=True)
+
+
+def test_a_look_ahead_copies_records_without_taking_them():
+    with Channel("ahead", 1 << 14) as chan:
+        writer, reader = ChannelWriter(chan.name), ChannelReader(chan.name)
+        writer.write(Batch({"x": np.arange(3)}))
+        writer.write_watermark(7)
+        writer.write(Batch({"y": np.arange(2.0)}))  # a new schema on the way
+        writer.write_barrier(4)
+        ahead = LookAhead(reader)
+        found = [ahead.next() for _ in range(4)]
+        assert ahead.next() is None
+        assert [kind for kind, _ in found] == [RecordKind.DATA, RecordKind.WATERMARK, RecordKind.DATA,
+                                               RecordKind.BARRIER]
+        assert found[0][1]["x"].tolist() == [0, 1, 2] and found[1][1] == 7 and found[3][1] == 4
+        assert found[2][1]["y"].tolist() == [0.0, 1.0]
+        with reader.read() as record:  # the reader still gets everything, in order
+            assert record.batch["x"].tolist() == [0, 1, 2]
+            assert not np.shares_memory(record.batch["x"], found[0][1]["x"])  # the look-ahead copied
+        writer.write(Batch({"y": np.arange(1.0)}))
+        assert ahead.next()[1]["y"].tolist() == [0.0]
+        writer.close()
+        reader.close()
