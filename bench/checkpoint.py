@@ -4,7 +4,10 @@
   and 90 MB of state), checkpoints off and every 1 s (best of 2 each, interleaved);
 * recovery: a job whose aggregation holds ~100 MB of state (4M keys) is SIGKILLed in an
   aggregate worker once a checkpoint is committed; the time from the kill until every worker
-  of the restarted job has restored its state and runs again.
+  of the restarted job has restored its state and runs again;
+* checkpoints under backpressure: source -> map -> a slow sink (about 1M rows/s, 16 MB/s:
+  some 8 ms per 8192-row batch), both rings (4 MiB each) full; the duration of each checkpoint (trigger to committed), aligned against
+  unaligned (``unaligned_checkpoints=True``: barriers overtake the records in the rings).
 
     python bench/checkpoint.py [--quick]     # --quick: shorter jobs, under 90 s
 
@@ -111,6 +114,31 @@ def _recovery(batches: int, keys: int, directory: str) -> tuple[float, float]:
     return restored[0] - killed_at[0], state_mb
 
 
+BACKPRESSURE_BATCH = 8192
+
+
+def slow_sink(batch: Batch) -> None:
+    """About 8 ms of CPU per 8192-row batch: the job runs at this sink's pace."""
+    for _ in range(40):
+        np.sort(batch["value"])
+
+
+def backpressured(unaligned: bool, batches: int) -> list[float]:
+    """Durations (s) of the checkpoints (every 0.2 s) of source -> map -> slow sink."""
+    def gen(instance, offset):
+        if offset >= batches:
+            return None
+        rng = np.random.default_rng(offset)
+        return {"key": rng.integers(0, 1000, BACKPRESSURE_BATCH), "value": rng.standard_normal(BACKPRESSURE_BATCH)}
+
+    p = Pipeline()
+    (p.from_generator("src", gen).map("scale", lambda b: {"key": b["key"], "value": b["value"] * 2}, chain=False)
+      .to_callback("slow", slow_sink, chain=False))
+    with tempfile.TemporaryDirectory(prefix="mps-bench-bp-") as directory:
+        result = p.run(checkpoint_dir=directory, checkpoint_interval=0.2, unaligned_checkpoints=unaligned)
+    return [c["duration_s"] for c in result.checkpoints[:-1]]  # not the final one: nothing is in flight then
+
+
 def main() -> None:
     quick = quick_option(__doc__, "shorter jobs: under 90 s")
     batches = 1000 if quick else 3000
@@ -129,6 +157,11 @@ def main() -> None:
         seconds, state_mb = recovery(batches=400 if quick else 600, keys=4_000_000)
         recoveries.append(seconds)
         print(f"  recovery {seconds:.3f} s with {state_mb:.0f} MB of checkpointed state", file=sys.stderr)
+    durations: dict[str, list[float]] = {"aligned": [], "unaligned": []}
+    for _ in range(1 if quick else 2):  # interleaved
+        for mode in durations:
+            durations[mode] += backpressured(mode == "unaligned", batches=150 if quick else 300)
+    backpressured_s = {mode: float(np.median(d)) for mode, d in durations.items()}
     cost = 1 - on / off
     print(f"machine: {machine_line()}")
     print(f"keyed aggregation, 1M keys, {2 * batches * BATCH:,} events: checkpoints off {off / 1e6:.2f} M ev/s, "
@@ -141,12 +174,17 @@ def main() -> None:
               f"pause {c['snapshot_s'] * 1e3:.1f} ms, {c['bytes'] / 2**20:.1f} MB")
     print(f"recovery from SIGKILL to running again, {state_mb:.0f} MB state: p50 {np.median(recoveries):.3f} s, "
           f"max {max(recoveries):.3f} s")
+    for mode, taken in durations.items():
+        print(f"checkpoint under backpressure (source -> map -> slow sink, full rings), {mode}: median "
+              f"{backpressured_s[mode] * 1e3:.1f} ms over {len(taken)} checkpoints (max {max(taken) * 1e3:.1f} ms)")
+    print(f"  unaligned / aligned: {backpressured_s['unaligned'] / backpressured_s['aligned']:.3f} (target <= 0.1)")
     print(json.dumps({"bench": "checkpoint", "machine": machine_line(),
                       "events_per_s": {"off": round(off), "interval_1s": round(on)},
                       "events_per_s_90mb": {"off": round(big["off"]), "interval_1s": round(big["on"]),
                                             "state_mb": round(big_mb, 1), "cost": round(big_cost, 4)},
                       "recovery_s": {"p50": round(float(np.median(recoveries)), 4), "max": round(max(recoveries), 4)},
-                      "state_mb": round(state_mb, 1), "checkpoints": checkpoints}))
+                      "state_mb": round(state_mb, 1), "checkpoints": checkpoints,
+                      "backpressured_checkpoint_s": {mode: round(v, 4) for mode, v in backpressured_s.items()}}))
 
 
 if __name__ == "__main__":

@@ -257,11 +257,11 @@ uint64_t mps_ring_segment_length(uint64_t capacity)
     return MPS_RING_DATA_OFFSET + capacity;
 }
 
-/* Half the capacity: a record of that size fits after at most one padding record from any
- * position of an empty ring, so a legal claim always succeeds eventually. */
+/* Half the capacity less the control reserve: a record of that size fits after at most one
+ * padding record from any position of an empty ring, so a legal claim always succeeds eventually. */
 uint64_t mps_ring_max_payload_length(uint64_t capacity)
 {
-    uint64_t max = capacity / 2 - MPS_RECORD_HEADER_LENGTH;
+    uint64_t max = (capacity - MPS_RING_CONTROL_RESERVE) / 2 - MPS_RECORD_HEADER_LENGTH;
     return max > UINT32_MAX ? UINT32_MAX : max;
 }
 
@@ -526,7 +526,8 @@ static int producer_poll(void *context)
 {
     struct mps_ring *ring = context;
     uint64_t padding;
-    uint64_t needed = claim_bytes(ring, ring->claim_length, &padding);
+    bool control = ring->claim_type != MPS_RECORD_DATA && ring->claim_type != MPS_RECORD_SCHEMA;
+    uint64_t needed = claim_bytes(ring, ring->claim_length, &padding) + (control ? 0 : MPS_RING_CONTROL_RESERVE);
     struct mps_ring_shared *shared = ring->shared;
     bool has_space = ring->tail_position + needed - ring->cached_head_position <= ring->capacity;
     bool has_credit = ring->max_records == 0 ||

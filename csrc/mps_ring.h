@@ -37,6 +37,9 @@
  * not fit before the end, the producer first writes a PADDING record up to the end. The payload
  * of a record therefore starts MPS_RECORD_HEADER_LENGTH bytes past a 64-byte boundary.
  *
+ * A DATA or SCHEMA record is claimed only while MPS_RING_CONTROL_RESERVE bytes stay free after
+ * it: a full ring still takes a few control records (BARRIER, WATERMARK, STATUS, END_OF_STREAM).
+ *
  * Waiting: a bounded spin, then a futex in the segment (shared, not FUTEX_PRIVATE). The sleeper
  * sets its "waiting" flag, re-checks, then sleeps on the futex word the other side bumps; the
  * other side publishes its position, fences, and only makes the wake syscall when the flag is
@@ -63,6 +66,9 @@
 #define MPS_RING_NAP_NS 20000000 /* default nap, 20 ms: bounds how late a sleeper sees a dead peer */
 #define MPS_RING_YIELD_AFTER_NS 1000 /* a spinning waiter starts yielding its CPU after 1 us */
 #define MPS_RING_MAX_WAIT_SET 128 /* rings one call can wait on: the kernel's futex_waitv limit */
+/* Bytes a DATA or SCHEMA claim leaves free, so a control record (a barrier above all) never
+ * waits behind a full ring for the consumer to take a batch. */
+#define MPS_RING_CONTROL_RESERVE 256
 
 /* Record types. Values below MPS_RECORD_USER are reserved for the ring and the engine. */
 enum mps_record_type {

@@ -401,7 +401,7 @@ class ChannelWriter(_Endpoint):
         if rc == lib.MPS_RING_TOO_LARGE:
             raise RecordTooLargeError(
                 f"channel {self.name!r}: a {length}-byte record exceeds the limit of "
-                f"{lib.mps_ring_max_payload_length(self._capacity)} bytes (half the capacity); "
+                f"{lib.mps_ring_max_payload_length(self._capacity)} bytes (about half the capacity); "
                 f"split the batch or create the channel with a larger capacity")
         if rc != lib.MPS_RING_OK:
             self._raise_for(rc, timeout)

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
     demo.add_argument("--checkpoint-interval", type=_seconds, default=None,
                       help="take aligned checkpoints every S seconds (default: none; 0.2 with --kill-workers)")
+    demo.add_argument("--unaligned-checkpoints", action="store_true",
+                      help="checkpoint barriers overtake the records waiting in the rings (kept in the checkpoint)")
     demo.add_argument("--kill-workers", type=_integer(0), default=0,
                       help="SIGKILL K random workers at random moments; the job recovers and still verifies")
     demo.add_argument("--checkpoint-dir", default=None,

@@ -86,6 +86,7 @@ class DemoOptions:
     out: str | None = None
     json: bool = False
     checkpoint_interval: float | None = None
+    unaligned_checkpoints: bool = False
     kill_workers: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -97,7 +98,7 @@ class DemoOptions:
     @property
     def checkpointing(self) -> bool:
         return (self.unbounded or self.checkpoint_interval is not None or self.kill_workers > 0
-                or self.checkpoint_dir is not None)
+                or self.checkpoint_dir is not None or self.unaligned_checkpoints)
 
 
 class ClickStream:
@@ -370,6 +371,7 @@ def _run_demo(options: DemoOptions, out_dir: str, temporary: bool) -> dict[str, 
     if options.checkpointing:
         run_options |= {"checkpoint_dir": options.checkpoint_dir or os.path.join(out_dir, "checkpoints"),
                        "restarts": options.kill_workers + 3, "restart_backoff": 0.01, "resume": options.resume,
+                       "unaligned_checkpoints": options.unaligned_checkpoints,
                        "checkpoint_interval": options.checkpoint_interval or (1.0 if options.unbounded else 0.2)}
     with warnings.catch_warnings(), RandomKiller(options.kill_workers) as killer:
         warnings.simplefilter("ignore")  # restarts are reported in the summary
@@ -402,6 +404,7 @@ def _summary(options: DemoOptions, result: JobResult, processed: int, verified: 
                "parallelism": options.parallelism, "salt": options.salt,
                "output": None if temporary else out_dir, "operators": operators, "processes": result.processes(),
                "checkpoints": len(result.checkpoints), "kills": kills, "restarts": result.restarts,
+               "in_flight_rows": sum(c["in_flight_rows"] for c in result.checkpoints),
                "recovery_seconds": [round(s, 4) for s in result.recovery_seconds],
                "timeline": result.recording.to_json()}
     if options.unbounded:

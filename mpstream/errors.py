@@ -95,4 +95,4 @@ class LayoutError(ChannelError):
 
 
 class RecordTooLargeError(ChannelError, ValueError):
-    """A record does not fit in the channel's ring (its limit is half the capacity)."""
+    """A record does not fit in the channel's ring (its limit is about half the capacity)."""

@@ -11,6 +11,7 @@ from mpstream.channel import Channel, _Mapping
 
 CAPACITY = 1024
 HEADER = lib.MPS_RECORD_HEADER_LENGTH
+RESERVE = lib.MPS_RING_CONTROL_RESERVE  # bytes a DATA record leaves free for control records
 DATA = lib.MPS_RING_DATA_OFFSET
 TAIL_OFFSET, HEAD_OFFSET = 128, 384  # producer and consumer lines, see csrc/mps_ring.h
 
@@ -124,25 +125,30 @@ def test_should_not_pad_when_record_ends_exactly_at_wrap(ring_at):
 
 def test_should_fill_exactly_to_capacity_then_refuse(ring_at):
     ring = ring_at(start_position=5 * CAPACITY + 320)  # positions far past the first lap
-    slots = CAPACITY // 64
-    for i in range(slots):
+    slots, reserved = CAPACITY // 64, RESERVE // 64
+    for i in range(slots - reserved):
         assert ring.offer(64 - HEADER, fill=i) == lib.MPS_RING_OK, i
-    assert ring.offer(1) == lib.MPS_RING_FULL
+    assert ring.offer(1) == lib.MPS_RING_FULL  # data leaves the reserve free
+    for i in range(reserved):  # control records may take it
+        assert ring.offer(64 - HEADER, fill=200 + i, kind=lib.MPS_RECORD_BARRIER) == lib.MPS_RING_OK
+    assert ring.offer(1, kind=lib.MPS_RECORD_BARRIER) == lib.MPS_RING_FULL
     assert ring.u64(TAIL_OFFSET) - ring.u64(HEAD_OFFSET) == CAPACITY
     assert ring.poll() == (lib.MPS_RECORD_DATA, bytes([0]) * 56)
-    assert ring.offer(64 - HEADER, fill=99) == lib.MPS_RING_OK  # one slot freed, one used
     assert ring.offer(1) == lib.MPS_RING_FULL
+    assert ring.offer(64 - HEADER, fill=99, kind=lib.MPS_RECORD_BARRIER) == lib.MPS_RING_OK  # one slot freed, one used
     got = [ring.poll() for _ in range(slots)]
-    assert got == [(lib.MPS_RECORD_DATA, bytes([i]) * 56) for i in range(1, slots)] + [(lib.MPS_RECORD_DATA, bytes([99]) * 56)]
+    assert got == ([(lib.MPS_RECORD_DATA, bytes([i]) * 56) for i in range(1, slots - reserved)]
+                   + [(lib.MPS_RECORD_BARRIER, bytes([200 + i]) * 56) for i in range(reserved)]
+                   + [(lib.MPS_RECORD_BARRIER, bytes([99]) * 56)])
     assert ring.poll() == lib.MPS_RING_EMPTY
 
 
 def test_should_refuse_claim_that_needs_padding_beyond_free_space(ring_at):
     ring = ring_at(start_position=CAPACITY - 64)
     assert ring.offer(64 - HEADER) == lib.MPS_RING_OK  # fills the last slot; tail at wrap
-    for _ in range(CAPACITY // 64 - 2):
+    for _ in range((CAPACITY - RESERVE) // 64 - 2):
         assert ring.offer(64 - HEADER) == lib.MPS_RING_OK
-    # one 64-byte slot free: a two-slot record cannot fit
+    # one 64-byte slot free (beyond the reserve): a two-slot record cannot fit
     assert ring.offer(100) == lib.MPS_RING_FULL
     assert ring.offer(64 - HEADER) == lib.MPS_RING_OK
 
@@ -151,7 +157,7 @@ def test_should_refuse_claim_that_needs_padding_beyond_free_space(ring_at):
 def test_should_accept_max_payload_from_any_position(ring_at, start_slot):
     ring = ring_at(start_position=start_slot * 64)
     max_payload = lib.mps_ring_max_payload_length(CAPACITY)
-    assert max_payload == CAPACITY // 2 - HEADER
+    assert max_payload == (CAPACITY - RESERVE) // 2 - HEADER
     assert ring.offer(max_payload + 1) == lib.MPS_RING_TOO_LARGE
     assert ring.offer(max_payload, fill=5) == lib.MPS_RING_OK
     assert ring.poll() == (lib.MPS_RECORD_DATA, bytes([5]) * max_payload)
@@ -199,7 +205,7 @@ def test_should_reject_calls_out_of_order(ring_at):
 
 def test_should_report_closed_to_producer_after_consumer_detaches(ring_at):
     ring = ring_at()
-    for _ in range(CAPACITY // 64):
+    for _ in range((CAPACITY - RESERVE) // 64):
         assert ring.offer(1) == lib.MPS_RING_OK
     ffi.release(ring.consumer)
     ring.consumer = ffi.gc(ffi.NULL, lambda _: None)
