@@ -160,5 +160,8 @@ def test_a_look_ahead_copies_records_without_taking_them():
             assert not np.shares_memory(record.batch["x"], found[0][1]["x"])  # the look-ahead copied
         writer.write(Batch({"y": np.arange(1.0)}))
         assert ahead.next()[1]["y"].tolist() == [0.0]
+        writer.write(Batch({"s": np.array(["a", "bb"]), "n": np.ma.array([1, 2], mask=[0, 1])}))  # strings, nulls
+        copied = ahead.next()[1]
+        assert copied["s"].to_numpy().tolist() == ["a", "bb"] and copied["n"].tolist() == [1, None]
         writer.close()
         reader.close()
