@@ -95,7 +95,6 @@ class InFlightCopy:
         follows) first, unless that channel's barrier was found already."""
         ahead = self._ahead.get(channel)
         if ahead is not None:
-            ahead.catch_up()
             self._scan(channel, ahead)
 
     def scan(self) -> bool:

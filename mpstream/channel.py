@@ -591,8 +591,9 @@ class LookAhead:
 
     It starts at the reader's head. ``next()`` returns ``(kind, batch or value)`` of the next
     record (a DATA batch as an owned copy), or None when it reached what was written so far.
-    The reader must not take a record the look-ahead has not passed without calling
-    :meth:`catch_up` first: taken space is the writer's again.
+    A reader takes SCHEMA records by itself (an input gate even on a channel it then does not
+    return a record from): a look-ahead left behind moves up to the reader's head and frame.
+    The reader must not take a DATA or control record the look-ahead has not passed.
     """
 
     def __init__(self, reader: ChannelReader) -> None:
@@ -601,15 +602,11 @@ class LookAhead:
         self._frame = reader._frame
         self._peeked = ffi.new("struct mps_record *")
 
-    def catch_up(self) -> None:
-        """Moves up to the reader's head if the reader took records past this look-ahead (only
-        SCHEMA records, which a reader takes by itself)."""
-        head = self.reader.position
-        if self._position[0] < head:
-            self._position[0], self._frame = head, self.reader._frame
-
     def next(self) -> tuple[RecordKind, Batch | int | None] | None:
         reader, rec = self.reader, self._peeked
+        head = reader.position
+        if self._position[0] < head:  # the reader took SCHEMA records past it: released space
+            self._position[0], self._frame = head, reader._frame
         while True:
             rc = lib.mps_ring_scan(reader._ring, self._position, rec)
             if rc == _EMPTY:

@@ -9,8 +9,10 @@ import pytest
 
 from mpstream import PlanError, RestoreError, WorkerDiedError
 from mpstream.checkpoint import CheckpointStore
-from mpstream.channel import Channel, ChannelReader, ChannelWriter, LookAhead, RecordKind
-from mpstream.batch import Batch
+from mpstream._mps import lib
+from mpstream.barrier import UNALIGNED, InFlightCopy
+from mpstream.batch import Batch, Frame
+from mpstream.channel import Channel, ChannelReader, ChannelWriter, InputGate, LookAhead, RecordKind
 from mpstream.operators import Aggregate
 from mpstream.pipeline import Pipeline
 from mpstream.testing import Once, RandomKiller, TestingSource, kill_me
@@ -165,3 +167,34 @@ def test_a_look_ahead_copies_records_without_taking_them():
         assert copied["s"].to_numpy().tolist() == ["a", "bb"] and copied["n"].tolist() == [1, None]
         writer.close()
         reader.close()
+
+
+def test_a_copy_goes_on_after_the_gate_took_a_schema_record_beyond_it():
+    """An input gate takes SCHEMA records by itself, even on a channel it then returns nothing
+    from (its writer has not committed the DATA yet): the copy moves up to the reader and
+    decodes what follows with the new schema (found by a review: scan() raised)."""
+    with Channel("sa", 1 << 14) as a, Channel("sb", 1 << 14) as b:
+        wa, wb = ChannelWriter(a.name), ChannelWriter(b.name)
+        gate = InputGate([ChannelReader(a.name), ChannelReader(b.name)])
+        for writer in (wa, wb):
+            writer.write(Batch({"x": np.arange(3)}))
+        for _ in range(2):
+            gate.wait(0)[1].release()
+        copy = InFlightCopy(5, gate, {}, 0.0)
+        assert not copy.scan()
+        new = Batch({"x": np.arange(3.0)})
+        wa._write_bytes(lib.MPS_RECORD_SCHEMA, Frame(new.schema, wa._skew).encode_schema(), None)  # DATA not yet
+        wb.write(Batch({"x": np.arange(4)}))
+        channel, record = gate.wait(0)  # takes a's SCHEMA on its way to b's DATA
+        assert channel == 1
+        with record:
+            copy.before_taking(channel)
+        wa.write(new)
+        for writer in (wa, wb):
+            writer.write_barrier(5 | UNALIGNED)
+        assert copy.scan()
+        assert [value["x"].tolist() for _, value in copy.records[0]] == [[0.0, 1.0, 2.0]]
+        assert [value["x"].tolist() for _, value in copy.records[1]] == [[0, 1, 2, 3]]
+        for writer in (wa, wb):
+            writer.close()
+        gate.close()
