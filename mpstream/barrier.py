@@ -29,8 +29,7 @@ from typing import Any
 
 from .channel import InputGate, LookAhead, RecordKind
 
-__all__ = ["BarrierHandler", "AlignedBarrierHandler", "AtLeastOnceBarrierHandler", "InFlightCopy", "UNALIGNED",
-           "in_flight_rows"]
+__all__ = ["BarrierHandler", "AlignedBarrierHandler", "AtLeastOnceBarrierHandler", "InFlightCopy", "UNALIGNED"]
 
 #: Set in the value of an unaligned checkpoint's BARRIER record (the checkpoint id is below it).
 UNALIGNED = 1 << 63
@@ -71,11 +70,6 @@ class AlignedBarrierHandler(BarrierHandler):
 
 class AtLeastOnceBarrierHandler(BarrierHandler):
     """At-least-once: notes the barrier, blocks nothing."""
-
-
-def in_flight_rows(records: dict[Any, list[tuple[int, Any]]]) -> int:
-    """Rows of the batches among in-flight records (per channel: ``(RecordKind, batch or value)``)."""
-    return sum(value.num_rows for kept in records.values() for kind, value in kept if kind == RecordKind.DATA)
 
 
 class InFlightCopy:

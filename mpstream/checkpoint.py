@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .channel import RecordKind
 from .errors import CheckpointError, CheckpointFormatError
 
 __all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot", "FORMAT_VERSION", "state_key",
@@ -86,6 +87,7 @@ class StateFile:
     file: str
     bytes: int
     crc32: int
+    in_flight_rows: int = 0  # rows of the in-flight records it holds (unaligned checkpoints)
 
 
 def _fsync_dir(path: str) -> None:
@@ -153,7 +155,7 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(f"checkpoint {checkpoint_id}: cannot write the state of operator "
                                   f"{operator!r} instance {instance} to {directory}: {exc}") from exc
-        return StateFile(name, at, crc)
+        return StateFile(name, at, crc, in_flight_rows(getattr(state, "in_flight", None) or {}))  # any state pickles
 
     # ---- written by the coordinator ---------------------------------------------------------
 
@@ -161,7 +163,8 @@ class CheckpointStore:
         """Makes checkpoint_id complete (atomically), then drops checkpoints beyond retain."""
         directory = self.directory(checkpoint_id)
         metadata = {"format": FORMAT_VERSION, "id": checkpoint_id, "created": time.time(),
-                    "states": {k: {"file": v.file, "bytes": v.bytes, "crc32": v.crc32} for k, v in states.items()},
+                    "states": {k: {"file": v.file, "bytes": v.bytes, "crc32": v.crc32,
+                                   "in_flight_rows": v.in_flight_rows} for k, v in states.items()},
                     "stats": stats}
         temp = os.path.join(directory, _METADATA + ".tmp")
         try:
@@ -295,6 +298,20 @@ class CheckpointStore:
 MOVABLE = (None, "hash", "salted", "round_robin")
 
 
+def in_flight_rows(records: dict[str, list[tuple[int, Any]]]) -> int:
+    """Rows of the batches among in-flight records (per channel: ``(RecordKind, batch or value)``)."""
+    return sum(value.num_rows for kept in records.values() for kind, value in kept if kind == RecordKind.DATA)
+
+
+def in_flight_error(operator: str, checkpoint_id: int, received: str, rows: int | None = None) -> CheckpointError:
+    """The refusal of an unaligned checkpoint's in-flight records where they cannot go: they
+    were routed to one instance of operator, from producers that must still exist."""
+    held = "in-flight rows" if rows is None else f"{rows} in-flight rows"
+    return CheckpointError(f"operator {operator!r}: unaligned checkpoint {checkpoint_id} holds {held} it received "
+                           f"{received}; resume it with the parallelisms it was taken at, or resume at new ones from "
+                           f"an aligned checkpoint (JobHandle.stop() always takes one)")
+
+
 def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, parallelism: int, rescalable: bool,
                  partitioning: str | None) -> list[int] | None:
     """The old instances whose states instance i of an operator restores from: None means its
@@ -310,6 +327,10 @@ def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, para
                               f"that wrote it, or start without resume")
     if old == parallelism:
         return None
+    rows = sum(entry.get("in_flight_rows", 0) for key, entry in store.metadata(checkpoint_id)["states"].items()
+               if key.rsplit("-", 1)[0] == operator)
+    if rows:
+        raise in_flight_error(operator, checkpoint_id, f"at parallelism {old} (it has {parallelism} now)", rows)
     if rescalable and partitioning in MOVABLE:
         return list(range(old))
     if rescalable:

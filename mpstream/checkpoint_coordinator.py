@@ -50,14 +50,14 @@ class PendingCheckpoint:
     declined: list[str] = field(default_factory=list)
     alignment_s: float = 0.0
     pause_s: float = 0.0
-    in_flight_rows: int = 0
     stop: bool = False
     final: bool = False
 
     def stats(self) -> dict[str, Any]:
         return {"id": self.checkpoint_id, "duration_s": round(time.monotonic() - self.started, 6),
                 "alignment_s": round(self.alignment_s, 6), "snapshot_s": round(self.pause_s, 6),
-                "bytes": sum(f.bytes for f in self.states.values()), "in_flight_rows": self.in_flight_rows}
+                "bytes": sum(f.bytes for f in self.states.values()),
+                "in_flight_rows": sum(f.in_flight_rows for f in self.states.values())}
 
 
 class CheckpointCoordinator:
@@ -130,7 +130,6 @@ class CheckpointCoordinator:
         pending.states.update(ack.states)
         pending.alignment_s = max(pending.alignment_s, ack.alignment_s)
         pending.pause_s = max(pending.pause_s, ack.pause_s)
-        pending.in_flight_rows += ack.in_flight_rows
         self._maybe_complete()
 
     def on_decline(self, task: str, decline: DeclineCheckpoint) -> None:

@@ -50,13 +50,12 @@ class AcknowledgeCheckpoint:
     """The task's operators took their snapshots of checkpoint ``checkpoint_id`` and wrote them
     (``states``: state key -> file). ``alignment_s``: first barrier to aligned (unaligned: to
     the last channel's barrier found); ``pause_s``: the time the task stopped processing for
-    the in-memory copy; ``in_flight_rows``: rows of in-flight data kept (unaligned)."""
+    the in-memory copy."""
 
     checkpoint_id: int
     states: dict[str, StateFile]
     alignment_s: float
     pause_s: float
-    in_flight_rows: int = 0
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,10 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import messages as msg
-from .barrier import (UNALIGNED, AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler, InFlightCopy,
-                      in_flight_rows)
+from .barrier import UNALIGNED, AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler, InFlightCopy
 from .batch import Batch
 from .channel import ChannelReader, Doorbells, InputGate, RecordKind, SharedCounters, WaitClock
-from .checkpoint import CheckpointStore, OperatorSnapshot, restore_from
+from .checkpoint import CheckpointStore, OperatorSnapshot, in_flight_error, restore_from
 from .counters import Board
 from .errors import ChannelClosedError, CheckpointError, PeerDiedError
 from .metrics import InstanceStats
@@ -342,9 +341,9 @@ class Task:
         """Snapshots every operator in memory, forwards BARRIER(n), and leaves the writing to
         the writer thread (see the module doc); unaligned, once the in-flight data is copied."""
         started = time.perf_counter()
-        self.epoch = checkpoint_id
         for op in self.operators:  # output that belongs before the barrier: chained ones see it first
             op.emit(op.call(op.op.prepare_snapshot_pre_barrier, checkpoint_id))
+        self.epoch = checkpoint_id  # what a collect sink gets from now on, a restore from n replays
         snapshots = {op.name: OperatorSnapshot(op.call(op.op.snapshot), op.timers.snapshot(), op.finished,
                                                op.watermark) for op in self.operators}
         head = snapshots[self.head.name]
@@ -358,7 +357,7 @@ class Task:
             for op in self.operators:
                 for output in op.outputs:
                     output.write_barrier(checkpoint_id | UNALIGNED if unaligned else checkpoint_id)
-        if unaligned and self.gate is not None and self.gate.live:
+        if unaligned and self.gate is not None and self.gate.live and not self.outputs_closed:  # else: all read
             self.copying = InFlightCopy(checkpoint_id, self.gate, snapshots, pause)
             self._copy_in_flight()
         else:
@@ -374,10 +373,10 @@ class Task:
         copy.snapshots[self.head.name].in_flight = {self.spec.producers[channel]: records
                                                     for channel, records in copy.records.items() if records}
         self._writer.submit(self._persist, copy.checkpoint_id, copy.snapshots, time.perf_counter() - copy.started,
-                            copy.pause_s, in_flight_rows(copy.records))
+                            copy.pause_s)
 
     def _persist(self, checkpoint_id: int, snapshots: dict[str, OperatorSnapshot], alignment_s: float,
-                 pause: float, in_flight_rows: int = 0) -> None:
+                 pause: float) -> None:
         try:
             states = {}
             for name, snapshot in snapshots.items():
@@ -386,7 +385,7 @@ class Task:
                 except Exception as exc:  # noqa: BLE001 - a failed checkpoint, reported, not a failed job
                     raise CheckpointError(f"operator {name!r} instance {self.spec.instance}: {exc}") from exc
                 states[f"{name}-{self.spec.instance}"] = state
-            self.send(msg.AcknowledgeCheckpoint(checkpoint_id, states, alignment_s, pause, in_flight_rows))
+            self.send(msg.AcknowledgeCheckpoint(checkpoint_id, states, alignment_s, pause))
         except CheckpointError as exc:
             self.send(msg.DeclineCheckpoint(checkpoint_id, str(exc)))
 
@@ -414,7 +413,7 @@ class Task:
                                                       else i == op.instance)])
             op.finished = all(s.finished for s in snaps)
             if op is self.head:
-                self._replay = self._in_flight(checkpoint_id, snaps, rescaled=own is None)
+                self._replay = self._in_flight(checkpoint_id, snaps)
             op.watermark = min(s.watermark for s in snaps)  # equal at an aligned checkpoint
             if op is self.head:
                 self._restore_watermarks(snaps)
@@ -422,21 +421,17 @@ class Task:
         if isinstance(self.head.op, Source):
             self.head.stats.start_position = self.head.op.snapshot()
 
-    def _in_flight(self, checkpoint_id: int, snaps: list[OperatorSnapshot],
-                   rescaled: bool) -> dict[str, list[tuple[int, Any]]] | None:
+    def _in_flight(self, checkpoint_id: int, snaps: list[OperatorSnapshot]) -> dict[str, list[tuple[int, Any]]] | None:
         """The head's in-flight records of an unaligned checkpoint, to process before its
-        channels. They went to one instance from its producers then: a restore needs the same
-        instances on both sides."""
+        channels (its own: :func:`~mpstream.checkpoint.restore_from` refuses another
+        parallelism), each on the channel of the producer that sent it (one that is gone
+        too is refused)."""
         saved = {producer: records for s in snaps for producer, records in (s.in_flight or {}).items()}
         if not saved:
             return None
-        if rescaled or not set(saved) <= set(self.spec.producers):
-            raise CheckpointError(
-                f"operator {self.head.name!r}: unaligned checkpoint {checkpoint_id} holds {in_flight_rows(saved)} "
-                f"in-flight rows "
-                f"its instance {self.spec.instance} received from {', '.join(sorted(saved))}; resume it at the "
-                f"parallelism it was taken at, or resume at a new parallelism from an aligned checkpoint "
-                f"(JobHandle.stop() always takes one)")
+        if not set(saved) <= set(self.spec.producers):
+            gone = sorted(set(saved) - set(self.spec.producers))
+            raise in_flight_error(self.head.name, checkpoint_id, f"from {', '.join(gone)}, which the job lacks now")
         return saved
 
     def _replay_in_flight(self) -> None:

@@ -13,7 +13,7 @@ import pytest
 from mpstream.checkpoint import CheckpointStore
 from mpstream.operators import Aggregate
 from mpstream.pipeline import Pipeline
-from mpstream.testing import Once, Stall, TestingSource, kill_me
+from mpstream.testing import Kill, Once, Stall, TestingSource, kill_me
 
 BATCHES, ROWS, KEYS = 200, 5000, 1000  # 2M events
 
@@ -314,3 +314,21 @@ def test_resuming_a_checkpoint_that_holds_an_operator_the_job_lacks_is_refused(t
     build("agg").run(checkpoint_dir=str(tmp_path / "chk2"), checkpoint_interval=0.05)
     with pytest.raises(CheckpointError, match="holds the state of operators this job does not have: 'first'"):
         build(None).run(checkpoint_dir=str(tmp_path / "chk2"), resume=True)
+
+
+@pytest.mark.parametrize("unaligned", [False, True])
+def test_output_emitted_before_a_barrier_survives_a_restore_from_it(tmp_path, unaligned):
+    """prepare_snapshot_pre_barrier(n) output (an aggregate's changed keys) precedes BARRIER(n):
+    a collect sink keeps it after a restore from n (it was tagged with epoch n and dropped)."""
+    chk = str(tmp_path / "chk")
+    crash = Once(tmp_path, "crash")
+    first, second = {"k": np.arange(10), "v": np.ones(10, np.int64)}, {"k": np.arange(5), "v": np.ones(5, np.int64)}
+    items = [first, Stall(lambda: len(CheckpointStore(chk).complete()) >= 1), Kill(crash), second]
+    p = Pipeline()
+    p.source("src", lambda: TestingSource(items)).key_by("k") \
+     .aggregate("agg", {"v": "sum"}, emit="updates", update_interval=1000.0).collect("out")
+    with pytest.warns(UserWarning, match="restarting"):
+        result = p.run(checkpoint_dir=chk, checkpoint_interval=0.5, restarts=2, unaligned_checkpoints=unaligned)
+    assert result.restarts == 1
+    newest = dict(zip(result["out"]["k"].tolist(), result["out"]["v_sum"].tolist()))  # the last update per key
+    assert newest == {k: 2 if k < 5 else 1 for k in range(10)}
