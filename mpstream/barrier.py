@@ -17,8 +17,10 @@ first), forwards BARRIER(n) at once and reads on, never blocking a channel. The 
 channel carries between this task's snapshot and its upstream's BARRIER(n) were sent before
 the upstream's snapshot and are processed after this one: they are the channel's *in-flight
 data*, which :class:`InFlightCopy` copies out of the ring (looking ahead, without taking
-them) into the checkpoint, and which a restore processes first. A task reaches its upstream's
-barrier only after its own snapshot (a barrier it reads starts it), so nothing is counted twice.
+them) into the checkpoint, and which a restore processes first (at another parallelism, each
+row on the instance its input edge routes it to now: :meth:`mpstream.task.Task._in_flight`).
+A task reaches its upstream's barrier only after its own snapshot (a barrier it reads starts
+it), so nothing is counted twice.
 The BARRIER record of an unaligned checkpoint carries ``n | UNALIGNED``.
 """
 

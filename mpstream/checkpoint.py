@@ -260,9 +260,10 @@ class CheckpointStore:
         """The operators the checkpoint holds states of."""
         return {key.rsplit("-", 1)[0] for key in self.metadata(checkpoint_id)["states"]}
 
-    def holds_state(self, checkpoint_id: int, operator: str) -> bool:
-        """Whether any instance of operator left state, timers or in-flight records in the checkpoint."""
-        return any(s.operator is not None or s.timers or s.in_flight for s in
+    def holds_state(self, checkpoint_id: int, operator: str, in_flight: bool = True) -> bool:
+        """Whether any instance of operator left state or timers in the checkpoint (or, with
+        ``in_flight``, in-flight records: they can move to other instances, not go away)."""
+        return any(s.operator is not None or s.timers or (in_flight and s.in_flight) for s in
                    (self.read_state(checkpoint_id, operator, i) for i in range(self.instances(checkpoint_id, operator))))
 
     def instances(self, checkpoint_id: int, operator: str) -> int:
@@ -303,15 +304,6 @@ def in_flight_rows(records: dict[str, list[tuple[int, Any]]]) -> int:
     return sum(value.num_rows for kept in records.values() for kind, value in kept if kind == RecordKind.DATA)
 
 
-def in_flight_error(operator: str, checkpoint_id: int, received: str, rows: int | None = None) -> CheckpointError:
-    """The refusal of an unaligned checkpoint's in-flight records where they cannot go: they
-    were routed to one instance of operator, from producers that must still exist."""
-    held = "in-flight rows" if rows is None else f"{rows} in-flight rows"
-    return CheckpointError(f"operator {operator!r}: unaligned checkpoint {checkpoint_id} holds {held} it received "
-                           f"{received}; resume it with the parallelisms it was taken at, or resume at new ones from "
-                           f"an aligned checkpoint (JobHandle.stop() always takes one)")
-
-
 def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, parallelism: int, rescalable: bool,
                  partitioning: str | None) -> list[int] | None:
     """The old instances whose states instance i of an operator restores from: None means its
@@ -327,17 +319,13 @@ def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, para
                               f"that wrote it, or start without resume")
     if old == parallelism:
         return None
-    rows = sum(entry.get("in_flight_rows", 0) for key, entry in store.metadata(checkpoint_id)["states"].items()
-               if key.rsplit("-", 1)[0] == operator)
-    if rows:
-        raise in_flight_error(operator, checkpoint_id, f"at parallelism {old} (it has {parallelism} now)", rows)
     if rescalable and partitioning in MOVABLE:
         return list(range(old))
     if rescalable:
         raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
                               f"{parallelism} now, and its input is partitioned by {partitioning}: its state cannot "
                               f"move between instances; run it with parallelism {old} (or key it by hash)")
-    if not store.holds_state(checkpoint_id, operator):
+    if not store.holds_state(checkpoint_id, operator, in_flight=False):
         return list(range(old))  # stateless: any parallelism will do
     raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
                           f"{parallelism} now: only keyed operators (and stateless ones) can change it on restore; "

@@ -189,8 +189,7 @@ class Pipeline:
         records twice (at-least-once). ``unaligned_checkpoints=True`` keeps exactly-once but
         lets barriers overtake the records waiting in the rings, which the checkpoint then
         holds: under backpressure a checkpoint no longer waits for full rings to drain (stop
-        checkpoints stay aligned; a checkpoint holding in-flight records resumes only at the
-        same parallelism). See :mod:`mpstream.coordinator` and :mod:`mpstream.barrier`."""
+        checkpoints stay aligned). See :mod:`mpstream.coordinator` and :mod:`mpstream.barrier`."""
         config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
                                restarts, restart_backoff, resume, exactly_once,
                                unaligned_checkpoints)

@@ -46,12 +46,13 @@ from . import messages as msg
 from .barrier import UNALIGNED, AlignedBarrierHandler, AtLeastOnceBarrierHandler, BarrierHandler, InFlightCopy
 from .batch import Batch
 from .channel import ChannelReader, Doorbells, InputGate, RecordKind, SharedCounters, WaitClock
-from .checkpoint import CheckpointStore, OperatorSnapshot, in_flight_error, restore_from
+from .checkpoint import CheckpointStore, OperatorSnapshot, restore_from
 from .counters import Board
 from .errors import ChannelClosedError, CheckpointError, PeerDiedError
 from .metrics import InstanceStats
 from .operators import Context, Output, own_key_groups
 from .output import OutputWriter
+from .partition import split
 from .plan import MAIN, OperatorSpec, TaskSpec
 from .sources import Source
 from .timers import TimerService
@@ -240,7 +241,7 @@ class Task:
         self.ended = False  # the input ended (or EndInput arrived, for a source)
         self.restoring = False  # in _restore: a failure there would fail again
         self.copying: InFlightCopy | None = None  # an unaligned checkpoint's in-flight data, being copied
-        self._replay: dict[str, list[tuple[int, Any]]] | None = None  # restored in-flight data
+        self._replay: list[tuple[str, list[tuple[int, Any]]]] | None = None  # restored in-flight data
         self._sending = threading.Lock()  # the snapshot writer sends acks from its thread
         self._writer = ThreadPoolExecutor(1, "snapshot-writer") if self.checkpointing else None
         self._next_timer = float("inf")  # time.time() of the earliest processing-time timer
@@ -413,7 +414,7 @@ class Task:
                                                       else i == op.instance)])
             op.finished = all(s.finished for s in snaps)
             if op is self.head:
-                self._replay = self._in_flight(checkpoint_id, snaps)
+                self._replay = self._in_flight(snaps, rescaled=own is None)
             op.watermark = min(s.watermark for s in snaps)  # equal at an aligned checkpoint
             if op is self.head:
                 self._restore_watermarks(snaps)
@@ -421,29 +422,52 @@ class Task:
         if isinstance(self.head.op, Source):
             self.head.stats.start_position = self.head.op.snapshot()
 
-    def _in_flight(self, checkpoint_id: int, snaps: list[OperatorSnapshot]) -> dict[str, list[tuple[int, Any]]] | None:
-        """The head's in-flight records of an unaligned checkpoint, to process before its
-        channels (its own: :func:`~mpstream.checkpoint.restore_from` refuses another
-        parallelism), each on the channel of the producer that sent it (one that is gone
-        too is refused)."""
-        saved = {producer: records for s in snaps for producer, records in (s.in_flight or {}).items()}
+    def _in_flight(self, snaps: list[OperatorSnapshot], rescaled: bool) -> list[tuple[str, list[tuple[int, Any]]]] | None:
+        """The head's in-flight records of an unaligned checkpoint, per producing instance, to
+        process before its channels. At its old parallelism: its own. At another (``snaps``:
+        every old instance's), the rows its input edge routes to this instance now: every new
+        instance applies the edge's partitioner, fresh, to the same records in the same order,
+        so each row goes to exactly one (a forward edge's records from instance i go to
+        instance i mod parallelism). Watermarks and statuses go to their producer's channel;
+        those of a producer gone since are dropped (a watermark is a lower bound: the
+        producer's restored one supersedes it)."""
+        saved = [(producer, records) for s in snaps for producer, records in (s.in_flight or {}).items()]
         if not saved:
             return None
-        if not set(saved) <= set(self.spec.producers):
-            gone = sorted(set(saved) - set(self.spec.producers))
-            raise in_flight_error(self.head.name, checkpoint_id, f"from {', '.join(gone)}, which the job lacks now")
-        return saved
+        edges = {edge.upstream: edge for edge in self.spec.head.node.inputs}
+        parallelism, instance = self.head.ctx.parallelism, self.spec.instance
+        routed = []
+        for producer, records in saved:
+            upstream, old = producer.rsplit(".", 1)
+            if upstream not in edges:
+                raise CheckpointError(f"operator {self.head.name!r}: the unaligned checkpoint holds in-flight rows from "
+                                      f"{upstream!r}, which no longer feeds it; resume with the job that wrote it")
+            partitioner = None if edges[upstream].partitioner is None else edges[upstream].partitioner()
+            kept = []
+            for kind, value in records:
+                if kind != RecordKind.DATA:
+                    if producer in self.spec.producers:
+                        kept.append((kind, value))
+                elif not rescaled:
+                    kept.append((kind, value))
+                elif partitioner is None:
+                    if int(old) % parallelism == instance:
+                        kept.append((kind, value))
+                elif (part := split(value, partitioner.assign(value, parallelism), parallelism)[instance]) is not None:
+                    kept.append((kind, part))
+            routed.append((producer, kept))
+        return routed
 
     def _replay_in_flight(self) -> None:
-        """Processes the restored in-flight records, per channel in their order, before
+        """Processes the restored in-flight records, per producer in their order, before
         anything the channels bring."""
         replay, self._replay = self._replay, None
-        for channel, producer in enumerate(self.spec.producers):
-            for kind, value in replay.get(producer, ()):
+        for producer, records in replay:
+            for kind, value in records:
                 if kind == RecordKind.DATA:
                     self.head.process(value.read_only())
                 else:
-                    self._event_time(channel, RecordKind(kind), value)
+                    self._event_time(self.spec.producers.index(producer), RecordKind(kind), value)
 
     def _restore_watermarks(self, snaps: list[OperatorSnapshot]) -> None:
         """The head's input watermarks: per producing instance, as any old instance saw them (at

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from mpstream import CheckpointError, PlanError, WorkerDiedError
+from mpstream import PlanError, WorkerDiedError
 from mpstream.checkpoint import CheckpointStore
 from mpstream._mps import lib
 from mpstream.barrier import UNALIGNED, InFlightCopy
@@ -57,11 +57,16 @@ class SlowSum(Aggregate):
         return super().process(batch)
 
     def notify_checkpoint_complete(self, checkpoint_id):
-        stats = CheckpointStore(self.checkpoints).metadata(checkpoint_id)["stats"]
-        if self.markers and stats["in_flight_rows"] and Once(self.markers, "slow")():
-            with open(os.path.join(self.markers, "killed-after"), "w") as f:
-                f.write(str(checkpoint_id))
-            kill_me()
+        die_after_in_flight(self.checkpoints, self.markers, checkpoint_id)
+
+
+def die_after_in_flight(checkpoints, markers, checkpoint_id):
+    """SIGKILLs the caller once (with markers), when checkpoint_id holds in-flight rows."""
+    stats = CheckpointStore(checkpoints).metadata(checkpoint_id)["stats"]
+    if markers and stats["in_flight_rows"] and Once(markers, "slow")():
+        with open(os.path.join(markers, "killed-after"), "w") as f:
+            f.write(str(checkpoint_id))
+        kill_me()
 
 
 def build(checkpoints, markers=None, parallelism=2, unbounded=False):
@@ -101,20 +106,70 @@ def test_unaligned_checkpoints_with_random_sigkills_give_the_exact_result(tmp_pa
     assert sum(c["in_flight_rows"] for c in result.checkpoints) > 0  # some barrier did overtake records
 
 
-def test_an_unaligned_checkpoint_with_in_flight_rows_resumes_only_at_its_parallelism(tmp_path):
-    chk, markers = str(tmp_path / "chk"), tmp_path / "markers"
-    markers.mkdir()
+def died_after_an_in_flight_checkpoint(chk, markers, job):
+    """Runs job until its slow operator SIGKILLs itself (restarts=0: the job ends there); the
+    newest checkpoint, which holds in-flight rows."""
     with pytest.raises(WorkerDiedError, match="operator 'slow' .* was killed by SIGKILL"):
-        build(chk, str(markers)).run(checkpoint_dir=chk, checkpoint_interval=0.05, checkpoint_retain=1000,
-                                     restarts=0, unaligned_checkpoints=True)
+        job.run(checkpoint_dir=chk, checkpoint_interval=0.05, checkpoint_retain=1000, restarts=0,
+                unaligned_checkpoints=True)
     newest = CheckpointStore(chk).complete()[-1]
     assert CheckpointStore(chk).metadata(newest)["stats"]["in_flight_rows"] > 0
-    with pytest.raises(CheckpointError, match=rf"operator 'slow': unaligned checkpoint {newest} holds \d+ in-flight "
-                                              r"rows it received at parallelism 2 \(it has 3 now\); resume it with"):
-        build(chk, parallelism=3).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True)
-    result = build(chk).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True)
+    return newest
+
+
+@pytest.mark.parametrize("parallelism", [1, 2, 3])
+def test_in_flight_rows_of_a_keyed_edge_resume_at_any_parallelism(tmp_path, parallelism):
+    """Each new instance takes the in-flight rows the hash partitioner routes to it now."""
+    chk, markers = str(tmp_path / "chk"), tmp_path / "markers"
+    markers.mkdir()
+    newest = died_after_an_in_flight_checkpoint(chk, str(markers), build(chk, str(markers)))
+    result = build(chk, parallelism=parallelism).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True)
     assert result.restored_from == newest
     assert table(result["out"]) == reference()
+
+
+class SlowMap(Operator):
+    """A stateless map that costs CPU per batch and SIGKILLs itself once after a checkpoint
+    holding in-flight rows committed."""
+
+    def __init__(self, checkpoints, markers):
+        self.checkpoints, self.markers = checkpoints, markers
+
+    def process(self, batch):
+        np.sort(np.random.default_rng(0).random(120_000))
+        return {"k": batch["k"], "v": batch["v"]}
+
+    def notify_checkpoint_complete(self, checkpoint_id):
+        die_after_in_flight(self.checkpoints, self.markers, checkpoint_id)
+
+
+def pairs(k, v):
+    """The multiset of (k, v) rows as sorted codes."""
+    return np.sort(np.asarray(k, np.int64) * 1000 + np.asarray(v, np.int64))
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_in_flight_batches_of_a_rebalanced_edge_resume_at_another_parallelism(tmp_path, parallelism):
+    """A round-robin edge into a stateless operator: every in-flight batch goes to exactly one
+    new instance. A transactional sink publishes each row once across both runs."""
+    chk, markers, out = str(tmp_path / "chk"), tmp_path / "markers", tmp_path / "out"
+    markers.mkdir()
+
+    def job(p, markers=None):
+        pipeline = Pipeline(channel_capacity=1 << 18)
+        parts = [[rows(i, o) for o in range(BATCHES)] for i in range(2)]
+        pipeline.source("src", lambda: TestingSource(*parts), parallelism=2).rebalance() \
+            .process("slow", lambda: SlowMap(chk, markers), parallelism=p).to_files("out", str(out), transactional=True, parallelism=2)
+        return pipeline
+
+    newest = died_after_an_in_flight_checkpoint(chk, str(markers), job(2, str(markers)))
+    assert job(parallelism).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True).restored_from == newest
+    published = [np.loadtxt(out / name, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+                 for name in os.listdir(out) if name.endswith(".csv")]
+    got = np.concatenate([t for t in published if t.size])
+    want = [rows(i, o) for i in range(2) for o in range(BATCHES)]
+    assert np.array_equal(pairs(got[:, 0], got[:, 1]), pairs(np.concatenate([r["k"] for r in want]),
+                                                             np.concatenate([r["v"] for r in want])))
 
 
 def test_stop_takes_an_aligned_checkpoint_that_resumes_at_another_parallelism(tmp_path):
