@@ -319,6 +319,13 @@ def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, para
                               f"that wrote it, or start without resume")
     if old == parallelism:
         return None
+    in_flight = sum(entry.get("in_flight_rows", 0) for key, entry in store.metadata(checkpoint_id)["states"].items()
+                    if key.rsplit("-", 1)[0] == operator)
+    if in_flight and partitioning == "custom":  # its function need not route a row the same way twice
+        raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
+                              f"{parallelism} now, and the checkpoint holds {in_flight} in-flight rows for it that "
+                              f"its custom partitioner would have to route again; run it with parallelism {old}, or "
+                              f"resume from an aligned checkpoint (JobHandle.stop() takes one)")
     if rescalable and partitioning in MOVABLE:
         return list(range(old))
     if rescalable:

@@ -413,24 +413,29 @@ class Task:
                                if own is not None or (t.key_group in mine if t.key_group is not None
                                                       else i == op.instance)])
             op.finished = all(s.finished for s in snaps)
-            if op is self.head:
-                self._replay = self._in_flight(snaps, rescaled=own is None)
             op.watermark = min(s.watermark for s in snaps)  # equal at an aligned checkpoint
             if op is self.head:
-                self._restore_watermarks(snaps)
+                producers_changed = self._restore_watermarks(snaps)
+                self._replay = self._in_flight(snaps, rescaled=own is None, producers_changed=producers_changed)
             op.ctx.rescaled = False
         if isinstance(self.head.op, Source):
             self.head.stats.start_position = self.head.op.snapshot()
 
-    def _in_flight(self, snaps: list[OperatorSnapshot], rescaled: bool) -> list[tuple[str, list[tuple[int, Any]]]] | None:
+    def _in_flight(self, snaps: list[OperatorSnapshot], rescaled: bool,
+                   producers_changed: bool) -> list[tuple[str, list[tuple[int, Any]]]] | None:
         """The head's in-flight records of an unaligned checkpoint, per producing instance, to
         process before its channels. At its old parallelism: its own. At another (``snaps``:
         every old instance's), the rows its input edge routes to this instance now: every new
         instance applies the edge's partitioner, fresh, to the same records in the same order,
         so each row goes to exactly one (a forward edge's records from instance i go to
-        instance i mod parallelism). Watermarks and statuses go to their producer's channel;
-        those of a producer gone since are dropped (a watermark is a lower bound: the
-        producer's restored one supersedes it)."""
+        instance i mod parallelism; a batch without rows, which carries a schema, to all).
+        Records of one producer from several old instances cannot be put back in their order:
+        then every row goes first, and after them each producer's newest watermark and status
+        (each list of a producer ends at its barrier), so no row falls behind a watermark sent
+        after it. When the producers changed (an upstream at another parallelism: rows an old
+        producer sent may come again through another), in-flight watermarks and statuses are
+        dropped, as the channels restart from the restored output (:meth:`_restore_watermarks`):
+        a watermark is a lower bound, the producers' next ones supersede them."""
         saved = [(producer, records) for s in snaps for producer, records in (s.in_flight or {}).items()]
         if not saved:
             return None
@@ -439,16 +444,15 @@ class Task:
         routed = []
         for producer, records in saved:
             upstream, old = producer.rsplit(".", 1)
+            if producers_changed:
+                records = [(kind, value) for kind, value in records if kind == RecordKind.DATA]
             if upstream not in edges:
                 raise CheckpointError(f"operator {self.head.name!r}: the unaligned checkpoint holds in-flight rows from "
                                       f"{upstream!r}, which no longer feeds it; resume with the job that wrote it")
             partitioner = None if edges[upstream].partitioner is None else edges[upstream].partitioner()
             kept = []
             for kind, value in records:
-                if kind != RecordKind.DATA:
-                    if producer in self.spec.producers:
-                        kept.append((kind, value))
-                elif not rescaled:
+                if kind != RecordKind.DATA or not rescaled or value.num_rows == 0:
                     kept.append((kind, value))
                 elif partitioner is None:
                     if int(old) % parallelism == instance:
@@ -456,7 +460,18 @@ class Task:
                 elif (part := split(value, partitioner.assign(value, parallelism), parallelism)[instance]) is not None:
                     kept.append((kind, part))
             routed.append((producer, kept))
-        return routed
+        if not rescaled and not producers_changed:
+            return routed  # each channel's own records, in its order
+        newest: dict[str, dict[int, Any]] = {}
+        for producer, kept in routed:
+            for kind, value in kept:
+                if kind == RecordKind.WATERMARK:
+                    events = newest.setdefault(producer, {})
+                    events[kind] = max(events.get(kind, value), value)
+                elif kind == RecordKind.STATUS:
+                    newest.setdefault(producer, {})[kind] = value
+        rows = [(producer, [(kind, value) for kind, value in kept if kind == RecordKind.DATA]) for producer, kept in routed]
+        return rows + [(producer, sorted(events.items())) for producer, events in newest.items()]
 
     def _replay_in_flight(self) -> None:
         """Processes the restored in-flight records, per producer in their order, before
@@ -469,20 +484,30 @@ class Task:
                 else:
                     self._event_time(self.spec.producers.index(producer), RecordKind(kind), value)
 
-    def _restore_watermarks(self, snaps: list[OperatorSnapshot]) -> None:
-        """The head's input watermarks: per producing instance, as any old instance saw them (at
-        an aligned checkpoint every consumer instance had the same from one producer); a
-        producer new since starts at the restored output. A source's generator likewise."""
+    def _restore_watermarks(self, snaps: list[OperatorSnapshot]) -> bool:
+        """The head's input watermarks: per producing instance, the lowest any old instance saw
+        (at an aligned checkpoint every consumer instance had the same from one producer; at an
+        unaligned one each took its snapshot at another point of the producer's stream, and
+        in-flight rows replayed here may precede the higher ones). When the producers changed
+        (an upstream at another parallelism), every channel starts at the restored output: an
+        unaligned checkpoint's rows an old producer had not sent may come through another
+        now, behind that one's old watermark. A source's generator likewise. Returns whether
+        the producers changed."""
+        changed = False
         if self.valve is not None:
             saved = [s.valve for s in snaps if s.valve is not None]
             if saved:
                 channels: dict[str, Any] = {}
                 for state in saved:
-                    channels.update(state["channels"])
+                    for producer, channel in state["channels"].items():
+                        if producer not in channels or channel[0] < channels[producer][0]:
+                            channels[producer] = channel
+                changed = set(channels) != set(self.spec.producers)
                 self.valve.restore({"output": min(s["output"] for s in saved), "idle": all(s["idle"] for s in saved)},
-                                   [channels.get(p) for p in self.spec.producers])
+                                   [None if changed else channels[p] for p in self.spec.producers])
         if self.generator is not None and snaps[0].generator is not None:
             self.generator.restore(snaps[0].generator)
+        return changed
 
     # ---- running --------------------------------------------------------------------------
 
