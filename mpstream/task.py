@@ -413,9 +413,14 @@ class Task:
                                if own is not None or (t.key_group in mine if t.key_group is not None
                                                       else i == op.instance)])
             op.finished = all(s.finished for s in snaps)
+            if op is not self.head and any(s.in_flight for s in snaps):
+                raise CheckpointError(f"operator {op.name!r}: checkpoint {checkpoint_id} holds in-flight rows it had not "
+                                      f"processed, and at these parallelisms it is chained to {self.head.name!r}; "
+                                      f"give it chain=False, or resume at the parallelisms the checkpoint was taken at")
             op.watermark = min(s.watermark for s in snaps)  # equal at an aligned checkpoint
             if op is self.head:
-                producers_changed = self._restore_watermarks(snaps)
+                in_flight = store.metadata(checkpoint_id)["stats"].get("in_flight_rows", 0) > 0
+                producers_changed = self._restore_watermarks(snaps, in_flight)
                 self._replay = self._in_flight(snaps, rescaled=own is None, producers_changed=producers_changed)
             op.ctx.rescaled = False
         if isinstance(self.head.op, Source):
@@ -484,15 +489,15 @@ class Task:
                 else:
                     self._event_time(self.spec.producers.index(producer), RecordKind(kind), value)
 
-    def _restore_watermarks(self, snaps: list[OperatorSnapshot]) -> bool:
+    def _restore_watermarks(self, snaps: list[OperatorSnapshot], in_flight: bool) -> bool:
         """The head's input watermarks: per producing instance, the lowest any old instance saw
         (at an aligned checkpoint every consumer instance had the same from one producer; at an
         unaligned one each took its snapshot at another point of the producer's stream, and
         in-flight rows replayed here may precede the higher ones). When the producers changed
-        (an upstream at another parallelism), every channel starts at the restored output: an
-        unaligned checkpoint's rows an old producer had not sent may come through another
-        now, behind that one's old watermark. A source's generator likewise. Returns whether
-        the producers changed."""
+        (an upstream at another parallelism) and the checkpoint holds ``in_flight`` rows, every
+        channel starts at the restored output, still idle if it was (a producer says so once):
+        rows an old producer had not sent may come through another now, behind that one's old
+        watermark. A source's generator likewise. Returns whether the producers changed."""
         changed = False
         if self.valve is not None:
             saved = [s.valve for s in snaps if s.valve is not None]
@@ -503,8 +508,11 @@ class Task:
                         if producer not in channels or channel[0] < channels[producer][0]:
                             channels[producer] = channel
                 changed = set(channels) != set(self.spec.producers)
-                self.valve.restore({"output": min(s["output"] for s in saved), "idle": all(s["idle"] for s in saved)},
-                                   [None if changed else channels[p] for p in self.spec.producers])
+                output = min(s["output"] for s in saved)
+                if changed and in_flight:  # at the output, each keeping whether it was idle
+                    channels = {p: (output, c[1], not c[1]) for p, c in channels.items()}
+                self.valve.restore({"output": output, "idle": all(s["idle"] for s in saved)},
+                                   [channels.get(p) for p in self.spec.producers])
         if self.generator is not None and snaps[0].generator is not None:
             self.generator.restore(snaps[0].generator)
         return changed
@@ -520,6 +528,8 @@ class Task:
             self._restore(self.config.restore_from)
             self.restoring = False
         self.send(msg.TaskReady(any(op.op.commits_on_checkpoint for op in self.operators)))
+        if self.config.restore_from is not None and not self.head.finished:
+            self._announce()
         if not self.head.finished:
             try:
                 self._run_source() if self.gate is None else self._run_operator()
@@ -542,6 +552,20 @@ class Task:
         self._publish()
         self.counters.end()
         self.send(msg.TaskFinished(tuple(op.stats for op in self.operators)))
+
+    def _announce(self) -> None:
+        """After a restore, tells everything downstream this task's event time and status once
+        more: a consumer at another parallelism may have restarted its channel from a lower
+        watermark, or not know that a producer new since is idle (a task says so only when its
+        status changes). Repeats are harmless: a valve drops regressions and unchanged statuses."""
+        idle = self.valve.idle if self.valve is not None else self.generator is not None and self.generator.idle
+        for op in self.operators:
+            if op.watermark == MIN_TIME and not idle:
+                continue  # no event time here (yet)
+            for output in op.outputs:
+                if op.watermark > MIN_TIME:
+                    output.write_watermark(op.watermark)
+                output.write_status(idle)
 
     def _end_input(self) -> None:
         """The end of the input is WATERMARK(+inf): every window fires first. Then it closes

@@ -205,11 +205,13 @@ class WatermarkValve:
                 "channels": [(c.watermark, c.idle, c.aligned) for c in self.channels]}
 
     def restore(self, state: dict[str, Any], channel_states: list[tuple[int, bool, bool] | None]) -> None:
-        """The output watermark and status as checkpointed; per channel its saved state, or,
-        for a channel new since (another parallelism upstream), the output watermark."""
-        self.output, self.idle = state["output"], state["idle"]
+        """The output watermark as checkpointed; per channel its saved state, or, for a channel
+        new since (another parallelism upstream), the output watermark; idle when every
+        channel is (as saved, unless the channels changed)."""
+        self.output = state["output"]
         for c, saved in zip(self.channels, channel_states):
             if saved is None:
                 c.watermark, c.idle, c.aligned = self.output, False, True
             else:
                 c.watermark, c.idle, c.aligned = saved
+        self.idle = all(c.idle for c in self.channels)

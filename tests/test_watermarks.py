@@ -123,3 +123,15 @@ def test_with_event_time_goes_right_after_a_source():
         p.from_arrays("src", {"ts": np.arange(3)}).map("m", lambda b: b).with_event_time("ts")
     with pytest.raises(PlanError, match="time windows need event time"):
         p.from_arrays("s2", {"k": np.arange(3)}).key_by("k").window(Tumbling(10))
+
+
+def test_a_restored_valve_is_idle_only_when_every_channel_is():
+    """Saved idle, but a channel new since (another parallelism upstream) starts active at
+    the output: the task is active again (it then says so downstream, see Task._announce)."""
+    valve = WatermarkValve(2)
+    valve.restore({"output": 50, "idle": True}, [(70, True, False), None])
+    assert not valve.idle and valve.channels[1].watermark == 50
+    assert valve.watermark(1, 60) == 60  # the new channel alone moves the output
+    idle = WatermarkValve(2)
+    idle.restore({"output": 50, "idle": True}, [(70, True, False), (50, True, False)])
+    assert idle.idle
