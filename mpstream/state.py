@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .batch import StringColumn
+from .errors import CheckpointError
 from .partition import key_groups
 
 __all__ = ["KeyedState"]
@@ -56,8 +57,16 @@ class KeyedState:
 
     def restore(self, snapshots: Iterable[dict[int, dict[Any, Any]] | None], own_only: bool = False) -> None:
         """Takes this instance's key groups out of snapshots of any number of instances; with
-        ``own_only`` (its own snapshot, at an unchanged parallelism) every group it holds."""
+        ``own_only`` (its own snapshot, at an unchanged parallelism) every group it holds. A key
+        held by two old instances (an input not partitioned by key: rebalanced, salted) is an
+        error: one value would silently replace the other."""
         for snapshot in snapshots:
             for group, values in (snapshot or {}).items():
                 if own_only or group in self.groups:
-                    self._by_group.setdefault(group, {}).update(values)
+                    held = self._by_group.setdefault(group, {})
+                    if clash := held.keys() & values.keys():
+                        raise CheckpointError(
+                            f"key {next(iter(clash))!r} has state in more than one old instance (the input is not "
+                            f"partitioned by key), which cannot be split between new ones; resume at the old "
+                            f"parallelism, or key the input (key_by)")
+                    held.update(values)

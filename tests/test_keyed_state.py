@@ -86,3 +86,34 @@ def test_a_snapshot_keeps_values_as_they_were_when_it_was_taken():
     restored = KeyedState(range(128))
     restored.restore([snapshot])
     assert restored["a.com"].tolist() == [0, 0, 0] and restored["b.org"] == [1]
+
+
+def test_a_key_held_by_two_old_instances_is_refused_not_overwritten(tmp_path):
+    """A KeyedOperator after rebalance() holds a key on every instance that saw it; at another
+    parallelism one count would replace the other (silently wrong). The restore is refused,
+    naming the operator."""
+    from mpstream import RestoreError
+    from mpstream.testing import TestingSource
+
+    class Count(KeyedOperator):
+        def process(self, batch):
+            for key in batch["k"].tolist():
+                self.state[key] = self.state.get(key, 0) + 1
+
+        def close(self):
+            keys = sorted(k for k, _ in self.state.items())
+            return {"k": np.array(keys, np.int64), "n": np.array([self.state[k] for k in keys], np.int64)}
+
+    def job(parallelism, unbounded=False):
+        p = Pipeline()
+        items = [{"k": np.array([7, 7, 8])} for _ in range(6)]
+        p.source("src", lambda: TestingSource(items, items, unbounded=unbounded), parallelism=2).rebalance() \
+         .process("count", Count, parallelism=parallelism).collect("out")
+        return p
+
+    chk, handle = str(tmp_path / "chk"), []
+    handle.append(job(2, unbounded=True).start(checkpoint_dir=chk, checkpoint_interval=0.01,
+                               progress=lambda info: info["rows"] >= 36 and handle and handle[0].stop()))
+    assert handle[0].wait().stopped
+    with pytest.raises(RestoreError, match="operator 'count' .*key 7 has state in more than one old instance"):
+        job(3).run(checkpoint_dir=chk, resume=True)
