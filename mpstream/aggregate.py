@@ -423,7 +423,8 @@ class Combiner:
     """Pre-aggregates rows into one partial row per key (Flink's local aggregation), so a hot
     key crosses a shuffle once per flush instead of once per row.
 
-    :meth:`add` takes raw rows and returns the partials when a bound is reached: the combiner holds ``max_keys`` keys (memory), or its oldest row
+    :meth:`add` takes raw rows and returns the partials when a bound is reached: the combiner
+    holds ``max_keys`` keys (memory), or its oldest row
     has waited ``max_delay_s`` (latency). :attr:`due` says when the held rows must go on; the
     :class:`~mpstream.operators.Combine` operator sets a timer for it and also flushes before
     checkpoint barriers and at the end.

@@ -556,20 +556,27 @@ class ChannelReader(_Endpoint):
         record = self._record
         record.held = True
         record.kind = kind = _KINDS[kind]
-        record.batch, record.value = self._decode(kind, index, self._frame)
+        if kind is RecordKind.DATA:  # the hot path: frame.read straight (_batch only says what is wrong)
+            frame = self._frame
+            record.batch = frame.read(self._in, index) if frame is not None else self._batch(index, frame)
+            record.value = None
+        else:
+            record.batch, record.value = None, self._value(kind, index)
         return True
 
-    def _decode(self, kind: RecordKind, index: int, frame: Frame | None) -> tuple[Batch | None, int | None]:
-        """A record's batch (views on the ring, DATA) or value (BARRIER, WATERMARK, STATUS)."""
-        if kind is RecordKind.DATA:
-            if frame is None:
-                raise LayoutError(f"channel {self.name!r}: DATA record before any SCHEMA record")
-            return frame.read(self._in, index), None
+    def _batch(self, index: int, frame: Frame | None) -> Batch:
+        """The DATA record at index as views on the ring, in frame (the schema before it)."""
+        if frame is None:
+            raise LayoutError(f"channel {self.name!r}: DATA record before any SCHEMA record")
+        return frame.read(self._in, index)
+
+    def _value(self, kind: RecordKind, index: int) -> int | None:
+        """A control record's value: the checkpoint id, the event time, 1 (idle) or 0."""
         if kind is RecordKind.WATERMARK:
-            return None, _I64.unpack_from(self._in, index)[0]
+            return _I64.unpack_from(self._in, index)[0]
         if kind is RecordKind.END_OF_STREAM:
-            return None, None
-        return None, _U64.unpack_from(self._in, index)[0]  # BARRIER, STATUS
+            return None
+        return _U64.unpack_from(self._in, index)[0]  # BARRIER, STATUS
 
     def close(self) -> None:
         """Detaches (dropping a held record); the writer's next blocked or future write gets
@@ -618,8 +625,8 @@ class LookAhead:
                 self._frame = Frame.decode_schema(bytes(reader._in[index : index + rec.length]), reader._skew)
                 continue
             kind = _KINDS[rec.type]
-            batch, value = reader._decode(kind, index, self._frame)
-            return kind, (batch.copy() if batch is not None else value)
+            return kind, (reader._batch(index, self._frame).copy() if kind is RecordKind.DATA
+                          else reader._value(kind, index))
 
 
 class InputGate:

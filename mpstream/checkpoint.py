@@ -155,7 +155,7 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(f"checkpoint {checkpoint_id}: cannot write the state of operator "
                                   f"{operator!r} instance {instance} to {directory}: {exc}") from exc
-        return StateFile(name, at, crc, in_flight_rows(getattr(state, "in_flight", None) or {}))  # any state pickles
+        return StateFile(name, at, crc, _rows_in(getattr(state, "in_flight", None) or {}))  # any state pickles
 
     # ---- written by the coordinator ---------------------------------------------------------
 
@@ -260,10 +260,15 @@ class CheckpointStore:
         """The operators the checkpoint holds states of."""
         return {key.rsplit("-", 1)[0] for key in self.metadata(checkpoint_id)["states"]}
 
-    def holds_state(self, checkpoint_id: int, operator: str, in_flight: bool = True) -> bool:
-        """Whether any instance of operator left state or timers in the checkpoint (or, with
-        ``in_flight``, in-flight records: they can move to other instances, not go away)."""
-        return any(s.operator is not None or s.timers or (in_flight and s.in_flight) for s in
+    def in_flight_rows(self, checkpoint_id: int, operator: str | None = None) -> int:
+        """Rows of in-flight records the checkpoint holds (an unaligned one), of one operator's
+        instances or of all; from the metadata, without reading the state files."""
+        return sum(entry.get("in_flight_rows", 0) for key, entry in self.metadata(checkpoint_id)["states"].items()
+                   if operator is None or key.rsplit("-", 1)[0] == operator)
+
+    def holds_state(self, checkpoint_id: int, operator: str) -> bool:
+        """Whether any instance of operator left state or timers in the checkpoint."""
+        return any(s.operator is not None or s.timers for s in
                    (self.read_state(checkpoint_id, operator, i) for i in range(self.instances(checkpoint_id, operator))))
 
     def instances(self, checkpoint_id: int, operator: str) -> int:
@@ -299,7 +304,7 @@ class CheckpointStore:
 MOVABLE = (None, "hash", "salted", "round_robin")
 
 
-def in_flight_rows(records: dict[str, list[tuple[int, Any]]]) -> int:
+def _rows_in(records: dict[str, list[tuple[int, Any]]]) -> int:
     """Rows of the batches among in-flight records (per channel: ``(RecordKind, batch or value)``)."""
     return sum(value.num_rows for kept in records.values() for kind, value in kept if kind == RecordKind.DATA)
 
@@ -319,8 +324,7 @@ def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, para
                               f"that wrote it, or start without resume")
     if old == parallelism:
         return None
-    in_flight = sum(entry.get("in_flight_rows", 0) for key, entry in store.metadata(checkpoint_id)["states"].items()
-                    if key.rsplit("-", 1)[0] == operator)
+    in_flight = store.in_flight_rows(checkpoint_id, operator)
     if in_flight and partitioning == "custom":  # its function need not route a row the same way twice
         raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
                               f"{parallelism} now, and the checkpoint holds {in_flight} in-flight rows for it that "
@@ -332,7 +336,7 @@ def restore_from(store: CheckpointStore, checkpoint_id: int, operator: str, para
         raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
                               f"{parallelism} now, and its input is partitioned by {partitioning}: its state cannot "
                               f"move between instances; run it with parallelism {old} (or key it by hash)")
-    if not store.holds_state(checkpoint_id, operator, in_flight=False):
+    if not store.holds_state(checkpoint_id, operator):
         return list(range(old))  # stateless: any parallelism will do
     raise CheckpointError(f"operator {operator!r} had parallelism {old} in checkpoint {checkpoint_id} and has "
                           f"{parallelism} now: only keyed operators (and stateless ones) can change it on restore; "

@@ -177,7 +177,8 @@ class Job:
         every operator the checkpoint holds state of: a state left out would be lost silently
         (an operator without state may go)."""
         gone = sorted(self.store.operators(checkpoint_id) - {node.name for node in self.graph.nodes})
-        unknown = [name for name in gone if self.store.holds_state(checkpoint_id, name)]
+        unknown = [name for name in gone if self.store.holds_state(checkpoint_id, name)
+                   or self.store.in_flight_rows(checkpoint_id, name)]
         if unknown:
             raise CheckpointError(f"checkpoint {checkpoint_id} holds the state of operators this job does not have: "
                                   f"{', '.join(map(repr, unknown))} (removed or renamed); resume it with the job "

@@ -419,8 +419,7 @@ class Task:
                                       f"give it chain=False, or resume at the parallelisms the checkpoint was taken at")
             op.watermark = min(s.watermark for s in snaps)  # equal at an aligned checkpoint
             if op is self.head:
-                in_flight = store.metadata(checkpoint_id)["stats"].get("in_flight_rows", 0) > 0
-                producers_changed = self._restore_watermarks(snaps, in_flight)
+                producers_changed = self._restore_watermarks(snaps, store.in_flight_rows(checkpoint_id) > 0)
                 self._replay = self._in_flight(snaps, rescaled=own is None, producers_changed=producers_changed)
             op.ctx.rescaled = False
         if isinstance(self.head.op, Source):
@@ -511,8 +510,7 @@ class Task:
                 output = min(s["output"] for s in saved)
                 if changed and in_flight:  # at the output, each keeping whether it was idle
                     channels = {p: (output, c[1], not c[1]) for p, c in channels.items()}
-                self.valve.restore({"output": output, "idle": all(s["idle"] for s in saved)},
-                                   [channels.get(p) for p in self.spec.producers])
+                self.valve.restore(output, [channels.get(p) for p in self.spec.producers])
         if self.generator is not None and snaps[0].generator is not None:
             self.generator.restore(snaps[0].generator)
         return changed

@@ -204,11 +204,11 @@ class WatermarkValve:
         return {"output": self.output, "idle": self.idle,
                 "channels": [(c.watermark, c.idle, c.aligned) for c in self.channels]}
 
-    def restore(self, state: dict[str, Any], channel_states: list[tuple[int, bool, bool] | None]) -> None:
+    def restore(self, output: int, channel_states: list[tuple[int, bool, bool] | None]) -> None:
         """The output watermark as checkpointed; per channel its saved state, or, for a channel
         new since (another parallelism upstream), the output watermark; idle when every
-        channel is (as saved, unless the channels changed)."""
-        self.output = state["output"]
+        channel is."""
+        self.output = output
         for c, saved in zip(self.channels, channel_states):
             if saved is None:
                 c.watermark, c.idle, c.aligned = self.output, False, True

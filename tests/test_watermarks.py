@@ -129,9 +129,9 @@ def test_a_restored_valve_is_idle_only_when_every_channel_is():
     """Saved idle, but a channel new since (another parallelism upstream) starts active at
     the output: the task is active again (it then says so downstream, see Task._announce)."""
     valve = WatermarkValve(2)
-    valve.restore({"output": 50, "idle": True}, [(70, True, False), None])
+    valve.restore(50, [(70, True, False), None])
     assert not valve.idle and valve.channels[1].watermark == 50
     assert valve.watermark(1, 60) == 60  # the new channel alone moves the output
     idle = WatermarkValve(2)
-    idle.restore({"output": 50, "idle": True}, [(70, True, False), (50, True, False)])
+    idle.restore(50, [(70, True, False), (50, True, False)])
     assert idle.idle
