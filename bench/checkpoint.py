@@ -6,8 +6,9 @@
   aggregate worker once a checkpoint is committed; the time from the kill until every worker
   of the restarted job has restored its state and runs again;
 * checkpoints under backpressure: source -> map -> a slow sink (about 1M rows/s, 16 MB/s:
-  some 8 ms per 8192-row batch), both rings (4 MiB each) full; the duration of each checkpoint (trigger to committed), aligned against
-  unaligned (``unaligned_checkpoints=True``: barriers overtake the records in the rings).
+  some 8 ms per 8192-row batch), both rings (4 MiB each) full; the duration of each
+  checkpoint (trigger to committed), aligned against unaligned (``unaligned_checkpoints=True``:
+  barriers overtake the records in the rings).
 
     python bench/checkpoint.py [--quick]     # --quick: shorter jobs, under 90 s
 

@@ -3,8 +3,9 @@
 It picks the target channel of every row (a partitioner, or the one channel of a forward
 edge), splits the batch once (a stable counting sort), and writes each part: blocking while
 the channel has no credit, or, under the drop policy, shedding the part and counting its
-rows. A part larger than the ring takes (about half of it) is written in halves, in order. A batch without rows is
-written only to channels that have carried nothing yet: it tells the consumer the schema.
+rows. A part larger than the ring takes (about half of it) is written in halves, in order.
+A batch without rows is written only to channels that have carried nothing yet: it tells
+the consumer the schema.
 """
 
 from __future__ import annotations

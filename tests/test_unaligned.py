@@ -148,6 +148,19 @@ def pairs(k, v):
     return np.sort(np.asarray(k, np.int64) * 1000 + np.asarray(v, np.int64))
 
 
+def input_pairs():
+    """pairs() of every row the two source instances produce."""
+    want = [rows(i, o) for i in range(2) for o in range(BATCHES)]
+    return pairs(np.concatenate([r["k"] for r in want]), np.concatenate([r["v"] for r in want]))
+
+
+def published(directory):
+    """The rows (int columns) of the CSV files a transactional sink published, as one array."""
+    tables = [np.loadtxt(directory / name, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+              for name in os.listdir(directory) if name.endswith(".csv")]
+    return np.concatenate([t for t in tables if t.size])
+
+
 @pytest.mark.parametrize("parallelism", [1, 3])
 def test_in_flight_batches_of_a_rebalanced_edge_resume_at_another_parallelism(tmp_path, parallelism):
     """A round-robin edge into a stateless operator: every in-flight batch goes to exactly one
@@ -159,17 +172,14 @@ def test_in_flight_batches_of_a_rebalanced_edge_resume_at_another_parallelism(tm
         pipeline = Pipeline(channel_capacity=1 << 18)
         parts = [[rows(i, o) for o in range(BATCHES)] for i in range(2)]
         pipeline.source("src", lambda: TestingSource(*parts), parallelism=2).rebalance() \
-            .process("slow", lambda: SlowMap(chk, markers), parallelism=p).to_files("out", str(out), transactional=True, parallelism=2)
+            .process("slow", lambda: SlowMap(chk, markers), parallelism=p) \
+            .to_files("out", str(out), transactional=True, parallelism=2)
         return pipeline
 
     newest = died_after_an_in_flight_checkpoint(chk, str(markers), job(2, str(markers)))
     assert job(parallelism).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True).restored_from == newest
-    published = [np.loadtxt(out / name, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-                 for name in os.listdir(out) if name.endswith(".csv")]
-    got = np.concatenate([t for t in published if t.size])
-    want = [rows(i, o) for i in range(2) for o in range(BATCHES)]
-    assert np.array_equal(pairs(got[:, 0], got[:, 1]), pairs(np.concatenate([r["k"] for r in want]),
-                                                             np.concatenate([r["v"] for r in want])))
+    got = published(out)
+    assert np.array_equal(pairs(got[:, 0], got[:, 1]), input_pairs())
 
 
 def timed(instance, offset):
@@ -213,10 +223,9 @@ def test_rescaled_in_flight_rows_fall_behind_no_watermark(tmp_path, mid, watch):
 
     newest = died_after_an_in_flight_checkpoint(chk, str(markers), job(2, 2, str(markers)))
     assert job(mid, watch).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True).restored_from == newest
-    published = np.concatenate([t for t in (np.loadtxt(out / name, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-                                            for name in os.listdir(out) if name.endswith(".csv")) if t.size])
-    assert len(published) == 2 * BATCHES * ROWS
-    assert int(published[:, 2].sum()) == 0  # rows behind the watermark
+    got = published(out)
+    assert len(got) == 2 * BATCHES * ROWS
+    assert int(got[:, 2].sum()) == 0  # rows behind the watermark
 
 
 def test_in_flight_rows_of_a_custom_partitioned_edge_are_not_routed_again(tmp_path):
@@ -260,11 +269,8 @@ def test_in_flight_rows_of_an_operator_chained_after_a_rescale_are_refused_or_ro
                                            "give it chain=False"):
         job(2).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True)
     assert job(2, chain=False).run(checkpoint_dir=chk, resume=True, unaligned_checkpoints=True).restored_from == newest
-    published = np.concatenate([t for t in (np.loadtxt(out / name, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-                                            for name in os.listdir(out) if name.endswith(".csv")) if t.size])
-    want = [rows(i, o) for i in range(2) for o in range(BATCHES)]
-    assert np.array_equal(pairs(published[:, 0], published[:, 1]),
-                          pairs(np.concatenate([r["k"] for r in want]), np.concatenate([r["v"] for r in want])))
+    got = published(out)
+    assert np.array_equal(pairs(got[:, 0], got[:, 1]), input_pairs())
 
 
 def test_stop_takes_an_aligned_checkpoint_that_resumes_at_another_parallelism(tmp_path):
