@@ -1,6 +1,7 @@
 """Benchmarks clean up what they create, on success and on failure (the suite-wide fixture in
 conftest checks the temporary directory after every test), and their checks can fail."""
 
+import importlib.util
 import os
 import sys
 
@@ -57,6 +58,8 @@ def test_the_keyed_agg_benchmark_checks_string_keys_and_its_contenders_against_n
     results, _ = bench_keyed.keyed_agg(30_000, repeats=1)  # every impl is checked against numpy inside
     assert set(results) == {"uniform", "hot", "str_uniform", "str_hot"}
     assert {"numpy", "mpstream_hash", "mpstream_salted"} <= set(results["str_hot"])
+    installed = {lib for lib in ("duckdb", "polars") if importlib.util.find_spec(lib) and importlib.util.find_spec("pyarrow")}
+    assert installed <= set(results["str_hot"]), "a contender installed did not run (in its own process)"
     wrong = bench_keyed.run_numpy_strings
 
     def off_by_one(keys, values):
