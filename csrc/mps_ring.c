@@ -88,6 +88,7 @@ struct mps_ring {
     uint64_t records_committed;
     uint64_t cached_head_position;
     uint64_t cached_records_released;
+    uint64_t populated;      /* data bytes reserved and mapped, from the start (producer_populate) */
     uint64_t claim_padding;  /* bytes of padding record before the claimed record, or 0 */
     uint64_t claim_length;   /* aligned bytes of the claimed record, 0 when no claim is open */
     uint32_t claim_type;
@@ -175,7 +176,7 @@ static struct mps_segment *segment_new(void *base, uint64_t length)
     return segment;
 }
 
-int mps_segment_create(const char *name, uint64_t size, struct mps_segment **segment_out)
+int mps_segment_create(const char *name, uint64_t size, uint64_t reserve, struct mps_segment **segment_out)
 {
     int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0)
@@ -183,10 +184,10 @@ int mps_segment_create(const char *name, uint64_t size, struct mps_segment **seg
     int err = 0;
     if (ftruncate(fd, (off_t)size) != 0)
         err = errno;
-    /* Reserve the pages now: a full /dev/shm fails here with ENOSPC instead of a SIGBUS on
+    /* Reserve these pages now: a full /dev/shm fails here with ENOSPC instead of a SIGBUS on
      * first touch, possibly in another process, much later. */
-    if (!err)
-        err = posix_fallocate(fd, 0, (off_t)size);
+    if (!err && reserve)
+        err = posix_fallocate(fd, 0, (off_t)reserve);
     void *base = MAP_FAILED;
     if (!err) {
         base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -515,6 +516,29 @@ done:;
 
 /* ---- producer ----------------------------------------------------------------------------- */
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
+#endif
+
+/* Reserves and maps the data region up to byte need (a prefix, grown by at least
+ * MPS_RING_POPULATE_CHUNK) before the producer first writes there: one system call instead of
+ * a page fault per page, and a full /dev/shm is MPS_RING_NO_SPACE instead of a SIGBUS at a
+ * store. A kernel without MADV_POPULATE_WRITE (before 5.14) faults the pages in as they are
+ * first written. */
+static int producer_populate(struct mps_ring *ring, uint64_t need)
+{
+    uint64_t end = ring->populated + MPS_RING_POPULATE_CHUNK;
+    end = need > end ? need : end;
+    end = align_up(end < ring->capacity ? end : ring->capacity, (uint64_t)sysconf(_SC_PAGESIZE));
+    if (madvise(ring->data + ring->populated, end - ring->populated, MADV_POPULATE_WRITE) != 0) {
+        if (errno != EINVAL)
+            return MPS_RING_NO_SPACE;
+        end = ring->capacity;
+    }
+    ring->populated = end;
+    return MPS_RING_OK;
+}
+
 static inline uint64_t claim_bytes(struct mps_ring *ring, uint64_t record_length, uint64_t *padding)
 {
     uint64_t to_end = ring->capacity - (ring->tail_position & ring->mask);
@@ -563,6 +587,11 @@ static int end_claim(struct mps_ring *ring, int result, uint64_t *offset_out)
         return result;
     }
     claim_bytes(ring, ring->claim_length, &ring->claim_padding);
+    uint64_t need = ring->claim_padding ? ring->capacity : (ring->tail_position & ring->mask) + ring->claim_length;
+    if (need > ring->populated && producer_populate(ring, need) != MPS_RING_OK) {
+        ring->claim_length = 0;
+        return MPS_RING_NO_SPACE;
+    }
     uint64_t index = (ring->tail_position + ring->claim_padding) & ring->mask;
     *offset_out = index + MPS_RECORD_HEADER_LENGTH;
     return MPS_RING_OK;

@@ -40,6 +40,14 @@
  * A DATA or SCHEMA record is claimed only while MPS_RING_CONTROL_RESERVE bytes stay free after
  * it: a full ring still takes a few control records (BARRIER, WATERMARK, STATUS, END_OF_STREAM).
  *
+ * Memory: the creator reserves (posix_fallocate) only the descriptor page. The producer
+ * reserves and maps the data region as its claims first reach it, MPS_RING_POPULATE_CHUNK or
+ * more at a time (MADV_POPULATE_WRITE): a ring costs the memory its records reach, not its
+ * capacity (a short job's 4 MiB rings took ~1 ms each to reserve), its producer takes no page
+ * fault per page, and a /dev/shm that fills up meanwhile makes the claim MPS_RING_NO_SPACE, not
+ * a SIGBUS. The consumer only reads what the producer wrote. Whoever creates a job's rings
+ * checks up front that /dev/shm has room for all of them at full capacity.
+ *
  * Waiting: a bounded spin, then a futex in the segment (shared, not FUTEX_PRIVATE). The sleeper
  * sets its "waiting" flag, re-checks, then sleeps on the futex word the other side bumps; the
  * other side publishes its position, fences, and only makes the wake syscall when the flag is
@@ -69,6 +77,9 @@
 /* Bytes a DATA or SCHEMA claim leaves free, so a control record (a barrier above all) never
  * waits behind a full ring for the consumer to take a batch. */
 #define MPS_RING_CONTROL_RESERVE 256
+/* The producer reserves the data region's memory as its records first reach it, at least this
+ * many bytes at a time (see "Memory" above). */
+#define MPS_RING_POPULATE_CHUNK (256u << 10)
 
 /* Record types. Values below MPS_RECORD_USER are reserved for the ring and the engine. */
 enum mps_record_type {
@@ -92,7 +103,8 @@ enum mps_ring_result {
     MPS_RING_TOO_LARGE = 6,   /* payload above mps_ring_max_payload_length */
     MPS_RING_INTERRUPTED = 7, /* a signal arrived while parked: return to the caller to handle it */
     MPS_RING_BAD_STATE = 8,   /* call out of order (commit without claim, release without peek) */
-    MPS_RING_RUNG = 9         /* the doorbell of mps_ring_peek_any_or rang */
+    MPS_RING_RUNG = 9,        /* the doorbell of mps_ring_peek_any_or rang */
+    MPS_RING_NO_SPACE = 10    /* the ring's memory could not be reserved: /dev/shm (or memory) is full */
 };
 
 enum mps_ring_side { MPS_RING_PRODUCER = 0, MPS_RING_CONSUMER = 1 };
@@ -133,8 +145,10 @@ struct mps_segment {
     int32_t refs;
 };
 
-/* Segments. Return 0 or an errno value; on success *segment_out holds one reference. */
-int mps_segment_create(const char *name, uint64_t size, struct mps_segment **segment_out);
+/* Segments. Return 0 or an errno value; on success *segment_out holds one reference.
+ * mps_segment_create reserves the first reserve bytes (ENOSPC now rather than a SIGBUS at a
+ * store); a ring reserves its descriptor page there and its data as it goes (see "Memory"). */
+int mps_segment_create(const char *name, uint64_t size, uint64_t reserve, struct mps_segment **segment_out);
 int mps_segment_open(const char *name, struct mps_segment **segment_out);
 void mps_segment_release(struct mps_segment *segment);
 int mps_segment_unlink(const char *name);

@@ -129,17 +129,20 @@ def sweep_stale_segments() -> list[str]:
     return swept
 
 
-def _check_free_space(label: str, length: int) -> None:
+def check_free_space(what: str, length: int) -> None:
+    """Raises :class:`SharedMemoryFullError` unless /dev/shm has ``length`` bytes free for
+    ``what`` (e.g. "channel 'a->b'"): rings reserve their memory as they fill, so whoever
+    creates a job's channels checks that all of them fit at full capacity."""
     st = os.statvfs(SHM_DIR)
     free = st.f_bavail * st.f_frsize
     if length > free:
-        raise _full_error(label, length, free)
+        raise _full_error(what, length, free)
 
 
-def _full_error(label: str, length: int, free: int | None) -> SharedMemoryFullError:
+def _full_error(what: str, length: int, free: int | None) -> SharedMemoryFullError:
     have = "has too little space" if free is None else f"has {free / 2**20:.1f} MiB free"
     return SharedMemoryFullError(
-        f"channel {label!r} needs {length / 2**20:.1f} MiB of shared memory but {SHM_DIR} {have}: "
+        f"{what} needs {length / 2**20:.1f} MiB of shared memory but {SHM_DIR} {have}: "
         f"give channels a smaller capacity, remove stale segments "
         f"(mpstream.channel.sweep_stale_segments()), or enlarge {SHM_DIR} (docker run --shm-size)"
     )
@@ -173,7 +176,10 @@ class Channel:
 
     capacity is the ring's size in bytes (a power of two, >= 1024); a record holds at most half
     of it. max_records, when not 0, also bounds the records in flight (credits).
-    Raises :class:`SharedMemoryFullError` up front when /dev/shm cannot hold the segment.
+    Raises :class:`SharedMemoryFullError` up front when /dev/shm has less free than the
+    segment's size. The ring's memory is reserved as the writer's records first reach it (see
+    ``csrc/mps_ring.h``, "Memory"): a writer that finds /dev/shm full by then gets
+    :class:`SharedMemoryFullError` too, never a SIGBUS.
     """
 
     def __init__(self, label: str, capacity: int = DEFAULT_CAPACITY, max_records: int = 0,
@@ -184,18 +190,23 @@ class Channel:
         self.label = label
         self.name = segment_name(label)
         self.capacity = capacity
-        length = lib.mps_ring_segment_length(capacity)
+        length = self.segment_length(capacity)
         if check_space:
-            _check_free_space(label, length)
+            check_free_space(f"channel {label!r}", length)
         out = ffi.new("struct mps_segment **")
-        err = lib.mps_segment_create(self.name.encode(), length, out)
+        err = lib.mps_segment_create(self.name.encode(), length, lib.MPS_RING_DATA_OFFSET, out)
         if err == errno.ENOSPC:
-            raise _full_error(label, length, None)
+            raise _full_error(f"channel {label!r}", length, None)
         if err:
             raise ChannelError(f"cannot create channel {label!r} ({self.name}): {os.strerror(err)}")
         self._owner_pid = os.getpid()
         lib.mps_ring_init(out[0].base, capacity, max_records, start_position)
         lib.mps_segment_release(out[0])
+
+    @staticmethod
+    def segment_length(capacity: int) -> int:
+        """The bytes of shared memory a channel of this capacity takes once full."""
+        return lib.mps_ring_segment_length(capacity)
 
     def close(self) -> None:
         """Unlinks the segment name. Attached processes keep their mappings until they detach."""
@@ -398,6 +409,11 @@ class ChannelWriter(_Endpoint):
         if rc == _FULL:
             rc = _blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset), timeout, self.clock,
                            WaitClock.CREDIT)
+        if rc == lib.MPS_RING_NO_SPACE:
+            raise SharedMemoryFullError(
+                f"channel {self.name!r}: {SHM_DIR} (or memory) ran out while the writer reserved the "
+                f"ring's next pages: enlarge {SHM_DIR} (docker run --shm-size), give channels a smaller "
+                f"capacity, or run fewer jobs at once")
         if rc == lib.MPS_RING_TOO_LARGE:
             raise RecordTooLargeError(
                 f"channel {self.name!r}: a {length}-byte record exceeds the limit of "
@@ -770,11 +786,11 @@ class Doorbells:
         if _mapping is None:
             self.name = segment_name(label)
             length = max(slots * self._LINE, lib.MPS_RING_DATA_OFFSET)  # what mps_segment_open accepts
-            _check_free_space(label, length)
+            check_free_space(f"doorbells {label!r}", length)
             out = ffi.new("struct mps_segment **")
-            err = lib.mps_segment_create(self.name.encode(), length, out)
+            err = lib.mps_segment_create(self.name.encode(), length, length, out)
             if err:
-                raise _full_error(label, length, None) if err == errno.ENOSPC else \
+                raise _full_error(f"doorbells {label!r}", length, None) if err == errno.ENOSPC else \
                     ChannelError(f"cannot create doorbells {label!r} ({self.name}): {os.strerror(err)}")
             _mapping = _Mapping(out[0])  # takes over the creator's reference
         else:

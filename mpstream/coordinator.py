@@ -37,7 +37,7 @@ from typing import Any
 
 from . import messages as msg
 from .batch import Batch
-from .channel import Channel, Doorbells, SharedCounters, sweep_stale_segments
+from .channel import Channel, Doorbells, SharedCounters, check_free_space, sweep_stale_segments
 from .checkpoint import CheckpointStore, restore_from
 from .checkpoint_coordinator import CheckpointCoordinator
 from .counters import FAILED, FINISHED, Board
@@ -312,8 +312,11 @@ class _Attempt:
             config = TaskConfig(None if job.config is None else job.config.directory,
                                 job.config is None or job.config.exactly_once, self.restore, self.doorbells.name,
                                 job.board.path, SharedCounters([node.name for node in job.graph.nodes]))
-            for label in job.graph.channels():
-                self.channels[label] = Channel(label, job.graph.channel_capacity)
+            labels, capacity = job.graph.channels(), job.graph.channel_capacity
+            check_free_space(f"job {job.graph.name!r} ({len(labels)} channels)",  # each reserves as it fills
+                             len(labels) * Channel.segment_length(capacity))
+            for label in labels:
+                self.channels[label] = Channel(label, capacity, check_space=False)
             names = {label: chan.name for label, chan in self.channels.items()}
             held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
             try:

@@ -49,7 +49,7 @@ from .batch import Batch
 from .channel import ChannelReader, Doorbells, InputGate, RecordKind, SharedCounters, WaitClock
 from .checkpoint import CheckpointStore, OperatorSnapshot, restore_from
 from .counters import Board
-from .errors import ChannelClosedError, CheckpointError, PeerDiedError
+from .errors import ChannelClosedError, CheckpointError, PeerDiedError, SharedMemoryFullError
 from .metrics import InstanceStats
 from .operators import Context, Output, own_key_groups
 from .output import OutputWriter
@@ -191,7 +191,10 @@ class ChainedOperator:
                     successor.process(view)
             for output in self.outputs:
                 if output.port == port:
-                    output.write(batch)
+                    try:
+                        output.write(batch)
+                    except SharedMemoryFullError as exc:  # reserving its output ring's pages: name it
+                        raise _OperatorRaised(self.name, self.instance) from exc
 
     def fire_timers(self, now: float) -> None:
         for timer in self.timers.due_processing(now):

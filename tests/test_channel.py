@@ -23,6 +23,7 @@ from mpstream import (
     ChannelWriter,
     LayoutError,
     PeerDiedError,
+    Pipeline,
     RecordKind,
     RecordTooLargeError,
     SharedMemoryFullError,
@@ -249,34 +250,55 @@ def test_segment_of_another_layout_version_is_refused():
 
 def test_full_dev_shm_is_reported_before_anything_is_created():
     before = set(os.listdir("/dev/shm"))
-    for check_space in (True, False):  # the statvfs check, then posix_fallocate's ENOSPC
-        with pytest.raises(SharedMemoryFullError, match="enlarge /dev/shm"):
-            Channel("huge", capacity=1 << 42, check_space=check_space)
+    with pytest.raises(SharedMemoryFullError, match="channel 'huge' needs 4194304.0 MiB .* enlarge /dev/shm"):
+        Channel("huge", capacity=1 << 42)
+    p = Pipeline(channel_capacity=1 << 40)  # 4 channels of 1 TiB: their rings would not all fit
+    p.from_arrays("src", {"x": np.arange(10)}, parallelism=2).rebalance().map("m", lambda b: b, parallelism=2).collect("out")
+    with pytest.raises(SharedMemoryFullError, match=r"job 'job' \(4 channels\) needs 4194304.0 MiB"):
+        p.run()
     assert set(os.listdir("/dev/shm")) == before
 
 
 SMALL_TMPFS_SCRIPT = textwrap.dedent("""
     import os
-    from mpstream import Channel, SharedMemoryFullError
-    with Channel("filler", capacity=1 << 22):          # 4 MiB of the 6 MiB tmpfs
-        for check_space in (True, False):
-            try:
-                Channel("second", capacity=1 << 22, check_space=check_space)
-                print("CREATED", check_space)
-            except SharedMemoryFullError as exc:
-                print("FULL", check_space, exc)
+    import numpy as np
+    from mpstream import Batch, Channel, ChannelWriter, SharedMemoryFullError
+    try:
+        Channel("too-big", capacity=1 << 23)           # 8 MiB: more than the 6 MiB tmpfs has
+    except SharedMemoryFullError as exc:
+        print("FULL AT CREATE", exc)
+    batch = Batch({"x": np.zeros(1 << 16)})             # 512 KiB
+    with Channel("a", capacity=1 << 22) as a, Channel("b", capacity=1 << 22) as b:  # 4 MiB each
         print("SEGMENTS", len(os.listdir("/dev/shm")))
+        ChannelWriter(a.name).write(batch)              # reserves as it goes: a 256 KiB chunk or more
+        first = ChannelWriter(a.name)
+        for _ in range(6):                               # 3.5 MiB of ring a reserved
+            first.write(batch)
+        second = ChannelWriter(b.name)
+        written = 0
+        try:
+            for _ in range(7):
+                second.write(batch)
+                written += 1
+        except SharedMemoryFullError as exc:
+            print("FULL AT WRITE", written, exc)
+    print("SEGMENTS", len(os.listdir("/dev/shm")))
 """)
 
 
 def test_full_dev_shm_in_a_real_small_tmpfs():
-    """/dev/shm replaced by a 6 MiB tmpfs in a private mount namespace (needs root)."""
+    """/dev/shm replaced by a 6 MiB tmpfs in a private mount namespace (needs root): a ring
+    too large for it is refused at creation; two rings that fit one at a time are created, and
+    the writer that finds the tmpfs full gets SharedMemoryFullError, not a SIGBUS."""
     out = run_on_small_tmpfs(SMALL_TMPFS_SCRIPT, "/dev/shm", "6m")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("FULL True channel 'second' needs 4.0 MiB")
-    assert lines[1].startswith("FULL False channel 'second' needs 4.0 MiB")  # fallocate: ENOSPC, no SIGBUS
-    assert lines[2] == "SEGMENTS 1"  # the failed segment was removed again
+    assert lines[0].startswith("FULL AT CREATE channel 'too-big' needs 8.0 MiB")
+    assert lines[1] == "SEGMENTS 2"
+    full, written = lines[2].split()[:4], int(lines[2].split()[3])
+    assert full[:3] == ["FULL", "AT", "WRITE"] and 1 <= written < 7, lines[2]
+    assert "ran out while the writer reserved the ring's next pages" in lines[2]
+    assert lines[3] == "SEGMENTS 0"
 
 
 def test_sweep_removes_segments_of_dead_creators_only(mp_context):
@@ -285,7 +307,7 @@ def test_sweep_removes_segments_of_dead_creators_only(mp_context):
     child.join()
     out = ffi.new("struct mps_segment **")
     stale = f"/mps.{child.pid}.deadbeef.left-behind"
-    assert lib.mps_segment_create(stale.encode(), 4096, out) == 0
+    assert lib.mps_segment_create(stale.encode(), 4096, 4096, out) == 0
     lib.mps_segment_release(out[0])
     with Channel("live", capacity=1 << 12) as live:
         swept = sweep_stale_segments()

@@ -236,3 +236,44 @@ def test_a_worker_killed_by_a_fatal_signal_prints_its_python_stack():
     out = subprocess.run([sys.executable, "-c", SEGFAULTING_JOB], capture_output=True, text=True, timeout=120)
     assert "RAISED operator 'src' (with 'boom'" in out.stdout and "killed by SIGSEGV" in out.stdout
     assert "Fatal Python error: Segmentation fault" in out.stderr and "in crash_in_native_code" in out.stderr
+
+
+DEV_SHM_FILLS_UP_JOB = textwrap.dedent("""
+    import os
+    import numpy as np
+    from mpstream import OperatorError
+    from mpstream.pipeline import Pipeline
+
+    def hog(batch):  # another user of /dev/shm takes all that is left, once the job runs
+        if not os.path.exists("/dev/shm/hog"):
+            st = os.statvfs("/dev/shm")
+            with open("/dev/shm/hog", "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+        return batch
+
+    p = Pipeline(channel_capacity=1 << 20)
+    (p.from_arrays("src", {"x": np.arange(100_000)}, batch_size=10_000).map("hog", hog)
+      .rebalance().map("pass", lambda b: b).collect("out"))
+    try:
+        p.run()
+        print("RAN")
+    except OperatorError as exc:
+        print("FAILED", str(exc).splitlines()[0])
+    finally:
+        os.remove("/dev/shm/hog")
+    print("LEFT", sorted(os.listdir("/dev/shm")))
+""")
+
+
+def test_dev_shm_filling_up_while_a_job_runs_fails_it_naming_the_operator():
+    """The job's rings fit when it starts (checked up front); then /dev/shm fills up before
+    the 'hog' operator's output ring reserved its pages: SharedMemoryFullError from the writer
+    names the operator, where a store into an unreserved page would have been a SIGBUS."""
+    from conftest import run_on_small_tmpfs
+
+    out = run_on_small_tmpfs(DEV_SHM_FILLS_UP_JOB, SHM, "6m")
+    assert out.returncode == 0, out.stderr
+    failed, left = out.stdout.splitlines()
+    assert failed.startswith("FAILED operator 'hog' instance 0 failed: SharedMemoryFullError: channel"), failed
+    assert "ran out while the writer reserved the ring's next pages" in failed
+    assert left == "LEFT []"
