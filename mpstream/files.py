@@ -7,7 +7,8 @@ that start with ``.`` or ``_``) or a glob. Its files are cut into **units**: a P
 group, an Arrow IPC record batch, a byte range of a CSV or JSON-lines file (about ``UNIT``
 bytes, cut at line ends: a range owns the records that start in it). A CSV file with
 ``newlines_in_values`` is one unit: only a parse from its start knows which line ends are
-inside quotes. The instances share the units as Flink's file source shares its splits: each
+inside quotes. The instances share the units (:class:`~mpstream.sources.Units`) as Flink's
+file source shares its splits: each
 takes the next unit of the list when it finished its last (:attr:`Context.claim
 <mpstream.operators.Context.claim>`: a counter in memory that the coordinator maps for every
 attempt before it forks the workers), so a slower instance reads fewer units and all end
@@ -50,7 +51,7 @@ from .arrow import from_arrow, pyarrow_or_error
 from .batch import Batch
 from .errors import SourceError
 from .operators import Context
-from .sources import Source
+from .sources import Source, Units
 
 __all__ = ["FileSource", "FORMATS", "list_files", "FileWriter", "CsvWriter", "ArrowWriter", "new_writer"]
 
@@ -162,11 +163,7 @@ class FileSource(Source):
         elif self._signature(files) != self._planned:
             raise SourceError(f"{self.path}: the files changed while the job started, after the coordinator "
                               f"planned them; run the job again")
-        self.pool = list(range(len(self._all_units)))  # units to take with ctx.claim(), in order
-        self.queue: list[tuple[int, int]] = []  # (unit, rows read) this instance goes on with first
-        self.done: set[int] = set()  # units read to their end
-        self.unit: int | None = None  # the unit in hand
-        self.rows = 0  # rows read of it
+        self.units = Units(len(self._all_units), ctx, self._plan_id)
         self._reader: Iterator[Any] | None = None
         self._schema_sent = False
 
@@ -397,30 +394,19 @@ class FileSource(Source):
     # ---- reading ------------------------------------------------------------------------------
 
     def has_input(self) -> bool:
-        return bool(self.queue or self.pool)
-
-    def _take(self) -> bool:
-        """Takes the next unit to read: its own (after a restore) first, then the next of the
-        pool that no other instance took (False: none is left)."""
-        if self.queue:
-            self.unit, self.rows = self.queue.pop(0)
-            return True
-        index = self.ctx.claim()
-        if index >= len(self.pool):
-            return False
-        self.unit, self.rows = self.pool[index], 0
-        return True
+        return self.units.any()
 
     def poll(self) -> Batch:
-        while self.unit is not None or self._take():
+        units = self.units
+        while units.unit is not None or units.take():
             if self._reader is None:
-                self._reader = self._skip(self._batches(self._all_units[self.unit]), self.rows)
+                self._reader = self._skip(self._batches(self._all_units[units.unit]), units.rows)
             for record_batch in self._reader:  # never empty (see _skip)
-                self.rows += record_batch.num_rows
+                units.rows += record_batch.num_rows
                 self._schema_sent = True
                 return self._convert(record_batch)
-            self.done.add(self.unit)
-            self.unit, self.rows, self._reader = None, 0, None
+            units.finish()
+            self._reader = None
         if not self._schema_sent:  # no row at all: the schema still reaches the job
             self._schema_sent = True
             schema = self.arrow_schema if self.columns is None else self.pa.schema(
@@ -442,33 +428,18 @@ class FileSource(Source):
         try:
             return from_arrow(record_batch)
         except Exception as exc:
-            raise SourceError(f"{self._all_units[self.unit].path}: {exc}") from None
+            raise SourceError(f"{self._all_units[self.units.unit].path}: {exc}") from None
 
     def snapshot(self) -> Any:
-        return {"plan": self._plan_id, "done": sorted(self.done), "unit": self.unit, "rows": self.rows,
-                "queue": list(self.queue)}
+        return self.units.snapshot()
 
     def restore(self, states: list[Any]) -> None:
-        """The positions of every instance (see the module doc): at the same parallelism an
-        instance goes on with its own unit in hand and queue; at another, the units in hand and
-        queued of all are dealt out anew (i, i + p, ...). Units nobody had taken form the pool."""
-        for state in states:
-            if state.get("plan") != self._plan_id:
-                raise SourceError(f"the files of this source changed since the checkpoint (paths, sizes, "
-                                  f"modification times or units differ: {self.path}); resume with the files "
-                                  f"it read, or start without resume")
-        def in_hand(state: dict[str, Any]) -> list[tuple[int, int]]:  # (unit, rows read), in reading order
-            return ([(state["unit"], state["rows"])] if state["unit"] is not None else []) + state["queue"]
-
-        held = [entry for state in states for entry in in_hand(state)]
-        if self.ctx.rescaled:
-            self.queue = sorted(held)[self.ctx.instance :: self.ctx.parallelism]
-        else:
-            self.queue = in_hand(states[self.ctx.instance])
-        self.done = {unit for state in states for unit in state["done"]}
-        taken = self.done | {unit for unit, _ in held}
-        self.pool = [unit for unit in range(len(self._all_units)) if unit not in taken]
-        self.unit, self.rows, self._reader = None, 0, None
+        """The positions of every instance (see :class:`~mpstream.sources.Units`), of this
+        plan of the files."""
+        self.units.restore(states, lambda _: (
+            f"the files of this source changed since the checkpoint (paths, sizes, modification times or units "
+            f"differ: {self.path}); resume with the files it read, or start without resume"))
+        self._reader = None
 
 
 # ---- writers: the files of the file sinks ----------------------------------------------------

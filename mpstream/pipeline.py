@@ -71,9 +71,12 @@ class Pipeline:
 
     def from_arrays(self, name: str, columns: Mapping[str, Any], *, parallelism: int = 1,
                     batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
-        """In-memory columns; instance i of p reads the i-th contiguous share of the rows."""
-        Batch(columns)  # validate here, in the caller, with a clear error
-        return self.source(name, lambda: sources.ColumnsSource(columns, batch_size), parallelism)
+        """In-memory columns, read in batches of ``batch_size`` rows. The instances share the
+        batches: each takes the next one nobody took when it finished its last (see
+        :class:`~mpstream.sources.Units`), so a slower instance reads fewer and all end together;
+        the rows of one instance come in their order."""
+        batch = Batch(columns)  # validated (and strings encoded) once, here, with a clear error
+        return self.source(name, lambda: sources.ColumnsSource(batch, batch_size), parallelism)
 
     def from_batches(self, name: str, batches: Iterable[Batch | Mapping[str, Any]], *, parallelism: int = 1) -> Stream:
         """In-memory batches (or mappings of columns); instance i of p reads batches i, i + p, ..."""

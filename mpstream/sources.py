@@ -9,10 +9,12 @@ position in its own ``snapshot()`` (any picklable value: a file offset, a log se
 and gets it back in ``restore([position])``: replaying from there must give the same records.
 
 :class:`OffsetSource` is the easy case: batch number ``offset`` of this instance, by
-``read(offset)``; the position is the offset. The built-in in-memory, generator and numpy
-sources are OffsetSources; the file sources (:mod:`mpstream.files`) keep the units they read
-and the unit in hand with its rows, and restore from the positions of all their instances
-(``restores_all``).
+``read(offset)``; the position is the offset. The in-memory batches and generator sources are
+OffsetSources. The in-memory columns, numpy and file (:mod:`mpstream.files`) sources share
+:class:`Units` among their instances instead: each takes the next unit nobody took when it
+finished its last, so a slower instance (or one that started later) reads fewer and all end
+together. They keep the units they read and the unit in hand with its rows, and restore from
+the positions of all their instances (``restores_all``), at any parallelism.
 
 >>> import time
 >>> class Ticks(Source):
@@ -41,11 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Batch, StringColumn
+from .batch import Batch
 from .errors import SourceError
 from .operators import Context, Operator, Output
 
-__all__ = ["Source", "OffsetSource", "ColumnsSource", "BatchesSource", "GeneratorSource", "load_numpy"]
+__all__ = ["Source", "OffsetSource", "Units", "ColumnsSource", "BatchesSource", "GeneratorSource", "load_numpy"]
 
 
 class Source(Operator):
@@ -98,14 +100,86 @@ class OffsetSource(Source):
         self.offset = states[0]["offset"]
 
 
-def _share(rows: int, ctx: Context) -> tuple[int, int]:
-    """The contiguous rows [start, stop) of instance ctx.instance out of ctx.parallelism."""
-    return rows * ctx.instance // ctx.parallelism, rows * (ctx.instance + 1) // ctx.parallelism
+class Units:
+    """The units of a source (pieces it reads whole: a file's row group or byte range, a run
+    of rows), shared by its instances as Flink's split enumerator shares splits, on a counter:
+    ``take()`` gives an instance the next unit nobody took (:attr:`Context.claim
+    <mpstream.operators.Context.claim>`, a counter the coordinator maps for every attempt), so a
+    slower instance reads fewer and all end together; every unit is read once.
+
+    The position of an instance is the units it read to the end (``done``), the unit in hand
+    with the rows read of it, and the units it goes on with first after a restore
+    (``queue``). :meth:`restore` gets the positions of every instance: at the same parallelism
+    an instance goes on with its own unit in hand and queue; at another, the units in hand and
+    queued of all are dealt out anew (i, i + p, ...). The units nobody had taken are shared
+    again, in order, so a replay reads the same records."""
+
+    def __init__(self, count: int, ctx: Context, plan: Any) -> None:
+        self.ctx, self.plan = ctx, plan  # plan: what the units are cut from (a restore checks it)
+        self.pool = list(range(count))  # to take with ctx.claim(), in order
+        self.queue: list[tuple[int, int]] = []  # (unit, rows read) to go on with first
+        self.done: set[int] = set()  # read to their end
+        self.unit: int | None = None  # in hand
+        self.rows = 0  # read of it
+
+    def any(self) -> bool:
+        """Whether this instance may get a unit at all (for an idle start)."""
+        return bool(self.queue or self.pool)
+
+    def take(self) -> bool:
+        """Takes the next unit: this instance's own (after a restore) first, then the next of
+        the pool that no other instance took. False when none is left."""
+        if self.queue:
+            self.unit, self.rows = self.queue.pop(0)
+            return True
+        index = self.ctx.claim()
+        if index >= len(self.pool):
+            return False
+        self.unit, self.rows = self.pool[index], 0
+        return True
+
+    def finish(self) -> None:
+        """The unit in hand was read to its end."""
+        self.done.add(self.unit)
+        self.unit, self.rows = None, 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"plan": self.plan, "done": sorted(self.done), "unit": self.unit, "rows": self.rows,
+                "queue": list(self.queue)}
+
+    def restore(self, states: list[dict[str, Any]], changed: Callable[[dict[str, Any]], str]) -> None:
+        """Takes the positions of every instance; a position of another plan raises
+        SourceError(changed(position)): its units are not these."""
+        for state in states:
+            if state.get("plan") != self.plan:
+                raise SourceError(changed(state))
+
+        def in_hand(state: dict[str, Any]) -> list[tuple[int, int]]:  # (unit, rows read), in reading order
+            return ([(state["unit"], state["rows"])] if state["unit"] is not None else []) + state["queue"]
+
+        held = [entry for state in states for entry in in_hand(state)]
+        if self.ctx.rescaled:
+            self.queue = sorted(held)[self.ctx.instance :: self.ctx.parallelism]
+        else:
+            self.queue = in_hand(states[self.ctx.instance])
+        self.done = {unit for state in states for unit in state["done"]}
+        taken = self.done | {unit for unit, _ in held}
+        self.pool = [unit for unit in self.pool if unit not in taken]
+        self.unit, self.rows = None, 0
 
 
-class ColumnsSource(OffsetSource):
-    """In-memory columns (or columns loaded by ``load`` in the worker), cut into batches.
-    Offset 0 is read even without rows, so the columns' schema reaches the job."""
+#: At most this many units of in-memory columns (each a run of whole batches): positions stay small.
+MAX_UNITS = 1024
+
+
+class ColumnsSource(Source):
+    """In-memory columns (or columns loaded by ``load`` in the worker), cut into batches of
+    ``batch_size`` rows. The instances share the rows as :class:`Units` of whole batches (a
+    batch each, or more for over MAX_UNITS batches). An instance that reads no row still
+    sends the columns' schema (a batch without rows)."""
+
+    rescalable = True  # its instances share the units: any parallelism takes them over
+    restores_all = True
 
     def __init__(self, columns: Mapping[str, Any] | None, batch_size: int,
                  load: Callable[[], Mapping[str, Any]] | None = None) -> None:
@@ -117,17 +191,38 @@ class ColumnsSource(OffsetSource):
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         columns = self._columns if self._load is None else self._load()
-        rows = len(next(iter(columns.values()), ()))
-        start, stop = _share(rows, ctx)  # this instance's rows only: encode no more than those
-        self._data = Batch({name: col.slice(start, stop) if isinstance(col, StringColumn) else
-                            (col if isinstance(col, np.ndarray) else np.asarray(col))[start:stop]  # masks kept
-                            for name, col in columns.items()})
+        self._data = columns if isinstance(columns, Batch) else Batch(columns)
+        batches = -(-self._data.num_rows // self.batch_size)
+        self._unit_rows = self.batch_size * max(1, -(-batches // MAX_UNITS))
+        self.units = Units(-(-self._data.num_rows // self._unit_rows), ctx, [self._data.num_rows, self._unit_rows])
+        self._schema_sent = False
 
-    def read(self, offset: int) -> Batch | None:
-        start = offset * self.batch_size
-        if start >= self._data.num_rows and offset > 0:
-            return None
-        return self._data.slice(start, start + self.batch_size)
+    def has_input(self) -> bool:
+        return self.units.any()
+
+    def poll(self) -> Batch:
+        units = self.units
+        while units.unit is not None or units.take():
+            start = units.unit * self._unit_rows + units.rows
+            stop = min(start + self.batch_size, (units.unit + 1) * self._unit_rows, self._data.num_rows)
+            if start < stop:
+                units.rows += stop - start
+                self._schema_sent = True
+                return self._data.slice(start, stop)
+            units.finish()
+        if not self._schema_sent:  # no row at all: the schema still reaches the job
+            self._schema_sent = True
+            return self._data.slice(0, 0)
+        raise StopIteration
+
+    def snapshot(self) -> Any:
+        return self.units.snapshot()
+
+    def restore(self, states: list[Any]) -> None:
+        self.units.restore(states, lambda state: (
+            f"source {self.ctx.name!r}: its columns are not the ones of the checkpoint ({state.get('plan', ['?'])[0]} "
+            f"rows then, {self._data.num_rows} now, or another batch size); resume with the same data, or start "
+            f"without resume"))
 
 
 class BatchesSource(OffsetSource):

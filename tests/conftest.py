@@ -61,3 +61,23 @@ def run_on_small_tmpfs(script: str, mountpoint: str, size: str) -> subprocess.Co
     inner = f'mount -t tmpfs -o size={size} tmpfs "$1" && exec {sys.executable} -c "$0" "$1"'
     return subprocess.run(["unshare", "--mount", "sh", "-c", inner, script, mountpoint],
                           capture_output=True, text=True, timeout=120)
+
+
+def die_once_units_are_checkpointed(tmp_path, chk: str, source: str = "src"):
+    """A map that SIGKILLs its worker once, when the newest complete checkpoint has units
+    done by every instance of ``source`` (so a restore has to share out what the others did).
+    Returns the map and its :class:`~mpstream.testing.Once` (``fired`` after the kill)."""
+    from mpstream.checkpoint import CheckpointStore
+
+    store, crash, checked = CheckpointStore(chk), testing.Once(tmp_path, "crash"), set()
+
+    def die(batch):
+        newest = (store.complete() or [None])[-1]
+        if newest is not None and newest not in checked:
+            checked.add(newest)
+            states = [store.read_state(newest, source, i).operator for i in range(store.instances(newest, source))]
+            if all(s["done"] for s in states) and crash():
+                testing.kill_me()
+        return batch
+
+    return die, crash

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import die_once_units_are_checkpointed
 
 from mpstream import OperatorError, Pipeline
 from mpstream.batch import Batch, StringColumn
@@ -83,7 +84,7 @@ def test_each_format_split_over_instances_reads_every_row_once(tmp_path, fmt, pa
     out = result["out"]
     assert rows_of(out) == rows_of(pa.concat_tables(parts))
     done = [unit for s in result.operators if s.name == "src" for unit in s.position["done"]]
-    units = len(open_source(fmt, tmp_path / "data").pool)
+    units = len(open_source(fmt, tmp_path / "data").units.pool)
     assert sorted(done) == list(range(units)) and units > parallelism  # each unit read by one instance
     assert out.schema[0] == ("key", "utf8?")
 
@@ -107,7 +108,7 @@ def drain(source) -> list[Batch]:
 def test_a_restore_at_any_position_replays_exactly(tmp_path, fmt):
     write(fmt, tmp_path, [table(2500, 4), table(900, 5)])
     whole = drain(open_source(fmt, tmp_path))
-    units = len(open_source(fmt, tmp_path).pool)
+    units = len(open_source(fmt, tmp_path).units.pool)
     assert units > 2  # several row groups / record batches / byte ranges
     for stop in (1, 4, len(whole) // 2, len(whole) - 1):  # inside units and at their ends
         first = open_source(fmt, tmp_path)
@@ -116,25 +117,6 @@ def test_a_restore_at_any_position_replays_exactly(tmp_path, fmt):
         again = open_source(fmt, tmp_path)
         again.restore([position])
         assert rows_of(Batch.concat(head + drain(again))) == rows_of(Batch.concat(whole))
-
-
-def die_once_units_are_checkpointed(tmp_path, chk: str):
-    """A map that SIGKILLs its worker once, when the newest complete checkpoint has units
-    done by every instance of "src" (so a restore has to share out what the others did)."""
-    from mpstream.checkpoint import CheckpointStore
-
-    store, crash, checked = CheckpointStore(chk), Once(tmp_path, "crash"), set()
-
-    def die(batch):
-        newest = (store.complete() or [None])[-1]
-        if newest is not None and newest not in checked:
-            checked.add(newest)
-            states = [store.read_state(newest, "src", i).operator for i in range(store.instances(newest, "src"))]
-            if all(s["done"] for s in states) and crash():
-                kill_me()
-        return batch
-
-    return die, crash
 
 
 def test_a_killed_job_reading_files_resumes_from_its_checkpoint_exactly(tmp_path):
