@@ -32,10 +32,12 @@ Every result is checked against numpy. The last line is one JSON object.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from urllib.parse import urlsplit
@@ -182,7 +184,7 @@ class ContenderProcess:
 
     def __init__(self, n: int, dist: str) -> None:
         self.conn, theirs = CTX.Pipe()
-        self.process = CTX.Process(target=_serve_contenders, args=(theirs, n, dist), daemon=True)
+        self.process = CTX.Process(target=_serve_contenders, args=(theirs, self.conn, n, dist), daemon=True)
         self.process.start()
         theirs.close()
         self.impls: list[str] = self.conn.recv()
@@ -192,12 +194,22 @@ class ContenderProcess:
         return self.conn.recv()
 
     def close(self) -> None:
-        self.conn.send(None)
-        self.process.join()
+        """Ends the process, or kills it (it may have died, or hang in a contender)."""
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
         self.conn.close()
 
 
-def _serve_contenders(conn, n: int, dist: str) -> None:
+def _serve_contenders(conn, ours, n: int, dist: str) -> None:
+    ours.close()  # the bench's end: a bench that dies closes the pipe, and recv() below ends
+    libc = ctypes.CDLL(None)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: and dies with the bench even mid-run
     codes, values = events(n, dist)
     impls, keys = {}, codes
     if dist.startswith("str_"):
@@ -206,8 +218,11 @@ def _serve_contenders(conn, n: int, dist: str) -> None:
         keys = StringColumn.from_strings(names)
     impls |= contenders(keys, values)
     conn.send(list(impls))
-    while (impl := conn.recv()) is not None:
-        conn.send(timed(impls[impl]))
+    try:
+        while (impl := conn.recv()) is not None:
+            conn.send(timed(impls[impl]))
+    except EOFError:  # the bench is gone
+        pass
 
 
 def _by_code(key: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

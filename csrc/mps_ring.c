@@ -517,24 +517,24 @@ done:;
 /* ---- producer ----------------------------------------------------------------------------- */
 
 #ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; mpstream needs 5.16 (futex_waitv) anyway */
 #endif
 
 /* Reserves and maps the data region up to byte need (a prefix, grown by at least
  * MPS_RING_POPULATE_CHUNK) before the producer first writes there: one system call instead of
  * a page fault per page, and a full /dev/shm is MPS_RING_NO_SPACE instead of a SIGBUS at a
- * store. A kernel without MADV_POPULATE_WRITE (before 5.14) faults the pages in as they are
- * first written. */
+ * store. The range starts on a page boundary: with pages above 4 KiB the first data bytes share
+ * a page with the descriptor. */
 static int producer_populate(struct mps_ring *ring, uint64_t need)
 {
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
     uint64_t end = ring->populated + MPS_RING_POPULATE_CHUNK;
     end = need > end ? need : end;
-    end = align_up(end < ring->capacity ? end : ring->capacity, (uint64_t)sysconf(_SC_PAGESIZE));
-    if (madvise(ring->data + ring->populated, end - ring->populated, MADV_POPULATE_WRITE) != 0) {
-        if (errno != EINVAL)
-            return MPS_RING_NO_SPACE;
-        end = ring->capacity;
-    }
+    end = end < ring->capacity ? end : ring->capacity;
+    uintptr_t from = (uintptr_t)(ring->data + ring->populated) & ~(uintptr_t)(page - 1);
+    uintptr_t to = align_up((uintptr_t)(ring->data + end), page);
+    if (madvise((void *)from, to - from, MADV_POPULATE_WRITE) != 0)
+        return MPS_RING_NO_SPACE;
     ring->populated = end;
     return MPS_RING_OK;
 }

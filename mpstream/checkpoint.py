@@ -46,7 +46,10 @@ __all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot"
 #: stalled the task for tens of milliseconds per checkpoint at 90 MB.
 #: 4: a file source's position holds the units done and in hand (its instances share units),
 #: and aggregate(salt=n) has no ".partial" stage: format 3's would be read wrong or dropped.
-FORMAT_VERSION = 5
+#: 5: an operator's snapshot may hold the in-flight records of an unaligned checkpoint.
+#: 6: in-memory columns sources (from_arrays, from_numpy) share units as the file sources do:
+#: their positions hold units, not format 5's offset per instance.
+FORMAT_VERSION = 6
 _MAGIC = b"MPSSTATE"
 _HEADER = struct.Struct("<8sIIQ")
 _LENGTH = struct.Struct("<Q")

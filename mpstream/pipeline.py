@@ -151,7 +151,9 @@ class Pipeline:
         return Stream(self, [node])
 
     def from_numpy(self, name: str, path: str, *, parallelism: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Stream:
-        """An .npz archive (one array per column) or a structured .npy array."""
+        """An .npz archive (one array per column) or a structured .npy array (memory-mapped),
+        loaded in each worker; the instances share its batches as ``from_arrays``'s, and each
+        converts only the batches it reads."""
         return self.source(name, lambda: sources.ColumnsSource(None, batch_size, lambda: sources.load_numpy(path)),
                            parallelism)
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Batch
+from .batch import Batch, StringColumn
 from .errors import SourceError
 from .operators import Context, Operator, Output
 
@@ -191,11 +191,23 @@ class ColumnsSource(Source):
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         columns = self._columns if self._load is None else self._load()
-        self._data = columns if isinstance(columns, Batch) else Batch(columns)
-        batches = -(-self._data.num_rows // self.batch_size)
+        # A Batch (from_arrays: validated and encoded once, in the caller) is sliced as it is;
+        # loaded columns become a batch a slice at a time, so each instance converts only what
+        # it reads (a structured .npy's fields are strided, str columns get encoded).
+        self._data = columns if isinstance(columns, Batch) else {
+            name: col if isinstance(col, (np.ndarray, StringColumn)) else np.asarray(col) for name, col in columns.items()}
+        self._rows = len(next(iter(self._data.values()), ()))
+        batches = -(-self._rows // self.batch_size)
         self._unit_rows = self.batch_size * max(1, -(-batches // MAX_UNITS))
-        self.units = Units(-(-self._data.num_rows // self._unit_rows), ctx, [self._data.num_rows, self._unit_rows])
+        self.units = Units(-(-self._rows // self._unit_rows), ctx, [self._rows, self._unit_rows])
         self._schema_sent = False
+
+    def _slice(self, start: int, stop: int) -> Batch:
+        data = self._data
+        if isinstance(data, Batch):
+            return data.slice(start, stop)
+        return Batch({name: col.slice(start, stop) if isinstance(col, StringColumn) else col[start:stop]  # masks kept
+                      for name, col in data.items()})
 
     def has_input(self) -> bool:
         return self.units.any()
@@ -204,15 +216,15 @@ class ColumnsSource(Source):
         units = self.units
         while units.unit is not None or units.take():
             start = units.unit * self._unit_rows + units.rows
-            stop = min(start + self.batch_size, (units.unit + 1) * self._unit_rows, self._data.num_rows)
+            stop = min(start + self.batch_size, (units.unit + 1) * self._unit_rows, self._rows)
             if start < stop:
                 units.rows += stop - start
                 self._schema_sent = True
-                return self._data.slice(start, stop)
+                return self._slice(start, stop)
             units.finish()
         if not self._schema_sent:  # no row at all: the schema still reaches the job
             self._schema_sent = True
-            return self._data.slice(0, 0)
+            return self._slice(0, 0)
         raise StopIteration
 
     def snapshot(self) -> Any:
@@ -221,7 +233,7 @@ class ColumnsSource(Source):
     def restore(self, states: list[Any]) -> None:
         self.units.restore(states, lambda state: (
             f"source {self.ctx.name!r}: its columns are not the ones of the checkpoint ({state.get('plan', ['?'])[0]} "
-            f"rows then, {self._data.num_rows} now, or another batch size); resume with the same data, or start "
+            f"rows then, {self._rows} now, or another batch size); resume with the same data, or start "
             f"without resume"))
 
 

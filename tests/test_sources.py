@@ -122,3 +122,19 @@ def test_a_killed_job_resumes_at_another_parallelism_exactly(tmp_path):
     sums = np.zeros(1000)
     sums[out["k"]] = out["v_sum"]
     assert np.allclose(sums, np.bincount(keys, weights=values)) and len(out["k"]) == 1000
+
+
+def test_a_structured_npy_is_shared_by_the_instances_slice_by_slice(tmp_path):
+    """Strided fields and a str field, loaded in each worker: each instance converts the
+    batches it reads, and the rows come once."""
+    arr = np.zeros(5000, dtype=[("k", "i8"), ("name", "U8"), ("v", "f8")])
+    arr["k"], arr["v"] = np.arange(5000), np.arange(5000) / 2
+    arr["name"] = [f"n{i % 97}" for i in range(5000)]
+    np.save(tmp_path / "a.npy", arr)
+    p = Pipeline()
+    p.from_numpy("src", str(tmp_path / "a.npy"), parallelism=2, batch_size=300).collect("out")
+    out = p.run()["out"]
+    order = np.argsort(out["k"])
+    assert out["k"][order].tolist() == list(range(5000))
+    assert out["name"].to_numpy()[order].tolist() == arr["name"].tolist()
+    assert np.array_equal(out["v"][order], arr["v"])
