@@ -268,6 +268,16 @@ def test_a_column_that_changes_from_number_to_string_fails_naming_operator_and_c
 EMPTY = {"k": np.zeros(0, np.int64), "v": np.zeros(0)}
 
 
+def test_a_collected_result_is_concatenated_once():
+    p = Pipeline()
+    p.from_arrays("src", {"x": np.arange(10_000)}, parallelism=2, batch_size=1000).collect("out")
+    result = p.run()
+    assert len(result.collected["out"]) > 1
+    out = result["out"]
+    assert sorted(out["x"].tolist()) == list(range(10_000))
+    assert result["out"] is out and len(result.collected["out"]) == 1  # the second read copies nothing
+
+
 @pytest.mark.parametrize("salt", [0, 2])
 @pytest.mark.parametrize("case", ["empty arrays", "a filter that keeps nothing", "a header-only CSV"])
 def test_an_empty_result_keeps_its_columns_and_dtypes(tmp_path, case, salt):
