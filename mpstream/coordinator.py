@@ -264,7 +264,7 @@ class Job:
 
 def _widen(*conns: Connection) -> None:
     """Asks for 4 MiB socket buffers (the kernel caps them at net.core.[rw]mem_max): a collect
-    sink's pickled batches then go out without waiting for the coordinator to read each 200 KiB."""
+    sink's batches then go out without waiting for the coordinator to read each 200 KiB."""
     for conn in conns:
         with socket.socket(fileno=os.dup(conn.fileno())) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -421,7 +421,7 @@ class _Attempt:
     def _drain(self, conn: Connection, open_conns: dict) -> None:
         while conn in open_conns and conn.poll():
             try:
-                message = conn.recv()
+                message = msg.receive(conn)
             except (EOFError, OSError):  # closed, or reset by a killed task with unread input
                 del open_conns[conn]
                 return

@@ -1,7 +1,12 @@
 """The messages a task and the coordinator exchange over the task's control pipe.
 
 Each is a small frozen dataclass, pickled by ``multiprocessing.connection``. A task's pipe
-identifies the task, so messages carry no task id.
+identifies the task, so messages carry no task id. A message with large buffers (a collect
+sink's batch) goes out of band (:func:`send_out_of_band`): a :class:`Frames` message, then
+the message pickled without its buffers (protocol 5), then each buffer straight from its
+memory; :func:`receive` reads each buffer straight into memory of its own and puts the message
+back together. That saves pickling a copy of every batch and assembling it again on the other
+side: a job collecting 160 MB ran in 110-165 ms instead of 150-220 (a scratch A/B on this VM).
 
 Task -> coordinator: :class:`TaskReady`, :class:`Collected`,
 :class:`AcknowledgeCheckpoint`, :class:`DeclineCheckpoint`, :class:`TaskDrained`,
@@ -13,7 +18,13 @@ Coordinator -> task: :class:`TriggerCheckpoint`, :class:`CheckpointCommitted`,
 
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
 
 from .batch import Batch
 from .checkpoint import StateFile
@@ -21,7 +32,8 @@ from .metrics import InstanceStats
 
 __all__ = [
     "TaskReady", "Collected", "AcknowledgeCheckpoint", "DeclineCheckpoint", "TaskDrained",
-    "TaskFinished", "TaskFailed", "TriggerCheckpoint", "CheckpointCommitted", "EndInput", "Finish",
+    "TaskFinished", "TaskFailed", "TriggerCheckpoint", "CheckpointCommitted", "EndInput", "Finish", "Frames",
+    "send_out_of_band", "receive",
 ]
 
 
@@ -122,3 +134,46 @@ class EndInput:
 class Finish:
     """Report statistics and exit. A task that was not drained exits without processing the
     end of its input (after a stop with a checkpoint: a resumed job goes on from there)."""
+
+
+# ---- large messages: out of band -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Frames:
+    """The next frame is a message pickled without its buffers; the ``sizes`` frames after it
+    are those buffers (see the module doc)."""
+
+    sizes: tuple[int, ...]
+
+
+def send_out_of_band(conn: Connection, message: Any) -> None:
+    """Sends message with its buffers (a batch's columns, even views on a ring) straight from
+    their memory into the pipe. The caller holds the pipe for the whole call."""
+    buffers: list[pickle.PickleBuffer] = []
+    header = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    raws = [buffer.raw() for buffer in buffers]
+    conn.send(Frames(tuple(raw.nbytes for raw in raws)))
+    conn.send_bytes(header)
+    for raw in raws:  # unframed: the receiver knows the sizes
+        while raw:
+            raw = raw[os.write(conn.fileno(), raw):]
+
+
+def receive(conn: Connection) -> Any:
+    """The next message (put back together when it came out of band: each buffer read from
+    the pipe straight into memory of its own, which the message's arrays then use)."""
+    message = conn.recv()
+    if not isinstance(message, Frames):
+        return message
+    header = conn.recv_bytes()
+    buffers = []
+    for size in message.sizes:
+        buffer = np.empty(size, np.uint8)  # not zeroed: the pipe fills it
+        view = memoryview(buffer)
+        while view:
+            got = os.readv(conn.fileno(), [view])
+            if not got:
+                raise EOFError("the task's pipe closed in the middle of a message")
+            view = view[got:]
+        buffers.append(buffer)
+    return pickle.loads(header, buffers=buffers)

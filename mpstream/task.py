@@ -183,7 +183,7 @@ class ChainedOperator:
                 self.stats.records_out += batch.num_rows
                 self.stats.batches_out += 1
             if self.collect:
-                self.task.send(msg.Collected(self.name, batch, self.task.epoch))  # pickling copies it off the ring
+                self.task.send(msg.Collected(self.name, batch, self.task.epoch), out_of_band=True)  # off the ring
             chained = [successor for successor, wanted in self.next if wanted == port]
             if chained:
                 view = batch.read_only()  # as through a ring: a successor's input is not its own
@@ -266,9 +266,14 @@ class Task:
 
     # ---- control --------------------------------------------------------------------------
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, out_of_band: bool = False) -> None:
+        """Sends a message to the coordinator; ``out_of_band``: its buffers go straight from
+        their memory (:func:`~mpstream.messages.send_out_of_band`), copied by nothing else."""
         with self._sending:
-            self.conn.send(message)
+            if out_of_band:
+                msg.send_out_of_band(self.conn, message)
+            else:
+                self.conn.send(message)
 
     def _control(self, timeout: float = 0.0) -> None:
         """Handles the coordinator's messages, waiting up to timeout for the first. A busy

@@ -6,6 +6,7 @@ import resource
 import time
 
 import numpy as np
+import pytest
 
 from mpstream.pipeline import Pipeline
 
@@ -127,3 +128,26 @@ def test_a_failed_final_checkpoint_is_retried_at_the_checkpoint_interval(tmp_pat
         result = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.2, tolerable_checkpoint_failures=3)
     assert result.final_checkpoint is not None
     assert [f for f in os.listdir(tmp_path / "out") if f.endswith(".csv")]  # the last epoch was published
+
+
+def test_a_message_cut_off_out_of_band_is_an_end_of_file():
+    """A task killed while it sends a batch out of band: the coordinator's receive() ends
+    with EOFError (a closed pipe, as for any message), not with a hang or a partial batch."""
+    import pickle
+    from multiprocessing import Pipe
+
+    from mpstream import Batch, messages
+
+    ours, theirs = Pipe()
+    whole = messages.Collected("out", Batch({"x": np.arange(1000)}), 0)
+    messages.send_out_of_band(theirs, whole)
+    got = messages.receive(ours)
+    assert got.sink == "out" and got.batch["x"].tolist() == list(range(1000))
+    buffers = []
+    header = pickle.dumps(whole, protocol=5, buffer_callback=buffers.append)
+    theirs.send(messages.Frames((8000,)))
+    theirs.send_bytes(header)
+    theirs.send_bytes(b"only part of it")  # then the sender dies
+    theirs.close()
+    with pytest.raises(EOFError):
+        messages.receive(ours)

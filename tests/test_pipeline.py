@@ -268,6 +268,23 @@ def test_a_column_that_changes_from_number_to_string_fails_naming_operator_and_c
 EMPTY = {"k": np.zeros(0, np.int64), "v": np.zeros(0)}
 
 
+def test_collected_batches_come_back_whole_out_of_band():
+    """A collect sink's batches travel with their buffers out of band (mpstream.messages):
+    numbers, strings and nulls, in batches of several MB, arrive exactly."""
+    n = 300_000
+    names = np.array([f"user-{i % 977}" for i in range(n)])
+    nullable = np.ma.MaskedArray(np.arange(n), mask=np.arange(n) % 5 == 0)
+    p = Pipeline()
+    p.from_arrays("src", {"k": np.arange(n), "v": np.arange(n) / 3, "name": names, "n": nullable},
+                  parallelism=2, batch_size=100_000).collect("out")
+    out = p.run()["out"]
+    order = np.argsort(out["k"])
+    assert out["k"][order].tolist() == list(range(n))
+    assert np.array_equal(out["v"][order], np.arange(n) / 3)
+    assert out["name"].to_numpy()[order].tolist() == names.tolist()
+    assert out["n"][order].tolist() == nullable.tolist()
+
+
 def test_a_collected_result_is_concatenated_once():
     p = Pipeline()
     p.from_arrays("src", {"x": np.arange(10_000)}, parallelism=2, batch_size=1000).collect("out")
