@@ -293,6 +293,20 @@ def test_a_collected_result_is_concatenated_once():
     out = result["out"]
     assert sorted(out["x"].tolist()) == list(range(10_000))
     assert result["out"] is out and len(result.collected["out"]) == 1  # the second read copies nothing
+    out["x"].sort()  # the caller's own arrays: writable
+
+
+def test_a_result_of_one_batch_is_writable_too():
+    """A single collected batch arrives as read-only views (its buffers came out of band from a
+    ring): result[sink] copies it once, so the caller owns what it gets, as with several."""
+    p = Pipeline()
+    p.from_arrays("src", {"x": np.arange(10)[::-1].copy(), "s": np.array(["b", "a"] * 5)}).collect("out")
+    result = p.run()
+    assert len(result.collected["out"]) == 1
+    out = result["out"]
+    out["x"].sort()
+    assert out["x"].tolist() == list(range(10)) and result["out"] is out
+    assert all(buffer.flags.writeable for buffer in out.buffers())
 
 
 @pytest.mark.parametrize("salt", [0, 2])
