@@ -51,7 +51,7 @@ from .arrow import from_arrow, pyarrow_or_error
 from .batch import Batch
 from .errors import SourceError
 from .operators import Context
-from .sources import Source, Units
+from .sources import UnitSource, Units
 
 __all__ = ["FileSource", "FORMATS", "list_files", "FileWriter", "CsvWriter", "ArrowWriter", "new_writer"]
 
@@ -89,13 +89,10 @@ class Unit:
     stop: int = 0
 
 
-class FileSource(Source):
+class FileSource(UnitSource):
     """Reads files of one format (see the module doc). ``schema`` (CSV and JSON): column ->
     type (``"int64"``, ``"float64"``, ``"bool"``, ``"str"``, a numpy dtype or a pyarrow type)
     for the columns not to infer; ``columns`` (Parquet and IPC): the columns to read."""
-
-    rescalable = True  # its instances share the units: any parallelism takes them over
-    restores_all = True
 
     def __init__(self, fmt: str, path: str, batch_size: int, schema: Mapping[str, Any] | None = None,
                  columns: Sequence[str] | None = None, delimiter: str = ",", newlines_in_values: bool = False) -> None:
@@ -165,7 +162,6 @@ class FileSource(Source):
                               f"planned them; run the job again")
         self.units = Units(len(self._all_units), ctx, self._plan_id)
         self._reader: Iterator[Any] | None = None
-        self._schema_sent = False
 
     def _schema(self) -> Any:
         """The schema every file must have (the first file's, or inferred from it)."""
@@ -393,26 +389,18 @@ class FileSource(Source):
 
     # ---- reading ------------------------------------------------------------------------------
 
-    def has_input(self) -> bool:
-        return self.units.any()
+    def next_of_unit(self) -> Batch | None:
+        if self._reader is None:
+            self._reader = self._skip(self._batches(self._all_units[self.units.unit]), self.units.rows)
+        for record_batch in self._reader:  # never empty (see _skip)
+            return self._convert(record_batch)
+        self._reader = None
+        return None
 
-    def poll(self) -> Batch:
-        units = self.units
-        while units.unit is not None or units.take():
-            if self._reader is None:
-                self._reader = self._skip(self._batches(self._all_units[units.unit]), units.rows)
-            for record_batch in self._reader:  # never empty (see _skip)
-                units.rows += record_batch.num_rows
-                self._schema_sent = True
-                return self._convert(record_batch)
-            units.finish()
-            self._reader = None
-        if not self._schema_sent:  # no row at all: the schema still reaches the job
-            self._schema_sent = True
-            schema = self.arrow_schema if self.columns is None else self.pa.schema(
-                [self.arrow_schema.field(c) for c in self.columns])
-            return from_arrow(schema.empty_table())
-        raise StopIteration
+    def empty(self) -> Batch:
+        schema = self.arrow_schema if self.columns is None else self.pa.schema(
+            [self.arrow_schema.field(c) for c in self.columns])
+        return from_arrow(schema.empty_table())
 
     def _skip(self, batches: Iterator[Any], rows: int) -> Iterator[Any]:
         """The batches after the first ``rows`` rows, cut to at most batch_size rows each."""
@@ -429,9 +417,6 @@ class FileSource(Source):
             return from_arrow(record_batch)
         except Exception as exc:
             raise SourceError(f"{self._all_units[self.units.unit].path}: {exc}") from None
-
-    def snapshot(self) -> Any:
-        return self.units.snapshot()
 
     def restore(self, states: list[Any]) -> None:
         """The positions of every instance (see :class:`~mpstream.sources.Units`), of this

@@ -11,7 +11,7 @@ and gets it back in ``restore([position])``: replaying from there must give the 
 :class:`OffsetSource` is the easy case: batch number ``offset`` of this instance, by
 ``read(offset)``; the position is the offset. The in-memory batches and generator sources are
 OffsetSources. The in-memory columns, numpy and file (:mod:`mpstream.files`) sources share
-:class:`Units` among their instances instead: each takes the next unit nobody took when it
+:class:`Units` among their instances instead (:class:`UnitSource`): each takes the next unit nobody took when it
 finished its last, so a slower instance (or one that started later) reads fewer and all end
 together. They keep the units they read and the unit in hand with its rows, and restore from
 the positions of all their instances (``restores_all``), at any parallelism.
@@ -47,7 +47,7 @@ from .batch import Batch, StringColumn
 from .errors import SourceError
 from .operators import Context, Operator, Output
 
-__all__ = ["Source", "OffsetSource", "Units", "ColumnsSource", "BatchesSource", "GeneratorSource", "load_numpy"]
+__all__ = ["Source", "OffsetSource", "Units", "UnitSource", "ColumnsSource", "BatchesSource", "GeneratorSource", "load_numpy"]
 
 
 class Source(Operator):
@@ -168,18 +168,55 @@ class Units:
         self.unit, self.rows = None, 0
 
 
+class UnitSource(Source):
+    """A source whose instances share :class:`Units`. A subclass makes ``self.units`` in
+    ``open``, reads the unit in hand (:meth:`next_of_unit`: its next batch from ``units.rows``
+    rows in, None at its end) and makes a batch without rows (:meth:`empty`): an instance that
+    reads no row at all still sends the schema."""
+
+    rescalable = True  # its instances share the units: any parallelism takes them over
+    restores_all = True
+    units: Units
+
+    def next_of_unit(self) -> Batch | None:
+        raise NotImplementedError
+
+    def empty(self) -> Batch:
+        raise NotImplementedError
+
+    def open(self, ctx: Context) -> None:
+        super().open(ctx)
+        self._schema_sent = False
+
+    def has_input(self) -> bool:
+        return self.units.any()
+
+    def poll(self) -> Batch:
+        units = self.units
+        while units.unit is not None or units.take():
+            batch = self.next_of_unit()
+            if batch is not None:
+                units.rows += batch.num_rows
+                self._schema_sent = True
+                return batch
+            units.finish()
+        if not self._schema_sent:  # no row at all: the schema still reaches the job
+            self._schema_sent = True
+            return self.empty()
+        raise StopIteration
+
+    def snapshot(self) -> Any:
+        return self.units.snapshot()
+
+
 #: At most this many units of in-memory columns (each a run of whole batches): positions stay small.
 MAX_UNITS = 1024
 
 
-class ColumnsSource(Source):
+class ColumnsSource(UnitSource):
     """In-memory columns (or columns loaded by ``load`` in the worker), cut into batches of
     ``batch_size`` rows. The instances share the rows as :class:`Units` of whole batches (a
-    batch each, or more for over MAX_UNITS batches). An instance that reads no row still
-    sends the columns' schema (a batch without rows)."""
-
-    rescalable = True  # its instances share the units: any parallelism takes them over
-    restores_all = True
+    batch each, or more for over MAX_UNITS batches)."""
 
     def __init__(self, columns: Mapping[str, Any] | None, batch_size: int,
                  load: Callable[[], Mapping[str, Any]] | None = None) -> None:
@@ -200,7 +237,6 @@ class ColumnsSource(Source):
         batches = -(-self._rows // self.batch_size)
         self._unit_rows = self.batch_size * max(1, -(-batches // MAX_UNITS))
         self.units = Units(-(-self._rows // self._unit_rows), ctx, [self._rows, self._unit_rows])
-        self._schema_sent = False
 
     def _slice(self, start: int, stop: int) -> Batch:
         data = self._data
@@ -209,26 +245,14 @@ class ColumnsSource(Source):
         return Batch({name: col.slice(start, stop) if isinstance(col, StringColumn) else col[start:stop]  # masks kept
                       for name, col in data.items()})
 
-    def has_input(self) -> bool:
-        return self.units.any()
-
-    def poll(self) -> Batch:
+    def next_of_unit(self) -> Batch | None:
         units = self.units
-        while units.unit is not None or units.take():
-            start = units.unit * self._unit_rows + units.rows
-            stop = min(start + self.batch_size, (units.unit + 1) * self._unit_rows, self._rows)
-            if start < stop:
-                units.rows += stop - start
-                self._schema_sent = True
-                return self._slice(start, stop)
-            units.finish()
-        if not self._schema_sent:  # no row at all: the schema still reaches the job
-            self._schema_sent = True
-            return self._slice(0, 0)
-        raise StopIteration
+        start = units.unit * self._unit_rows + units.rows
+        stop = min(start + self.batch_size, (units.unit + 1) * self._unit_rows, self._rows)
+        return self._slice(start, stop) if start < stop else None
 
-    def snapshot(self) -> Any:
-        return self.units.snapshot()
+    def empty(self) -> Batch:
+        return self._slice(0, 0)
 
     def restore(self, states: list[Any]) -> None:
         self.units.restore(states, lambda state: (
