@@ -666,16 +666,22 @@ static int consumer_poll(struct mps_ring *ring)
     }
 }
 
-static int fill_record(struct mps_ring *ring, int result, struct mps_record *record)
+/* Describes the committed record at position in *record; returns its length in the ring. */
+static uint64_t read_record(struct mps_ring *ring, uint64_t position, struct mps_record *record)
 {
-    if (result != MPS_RING_OK)
-        return result;
-    uint64_t index = ring->head_position & ring->mask;
+    uint64_t index = position & ring->mask;
     struct mps_record_header *header = (void *)(ring->data + index);
     record->type = header->type;
     record->length = header->length;
     record->offset = index + MPS_RECORD_HEADER_LENGTH;
-    ring->peek_length = align_up(MPS_RECORD_HEADER_LENGTH + (uint64_t)header->length, MPS_RECORD_ALIGNMENT);
+    return align_up(MPS_RECORD_HEADER_LENGTH + (uint64_t)header->length, MPS_RECORD_ALIGNMENT);
+}
+
+static int fill_record(struct mps_ring *ring, int result, struct mps_record *record)
+{
+    if (result != MPS_RING_OK)
+        return result;
+    ring->peek_length = read_record(ring, ring->head_position, record);
     return MPS_RING_OK;
 }
 
@@ -766,22 +772,16 @@ int mps_ring_scan(struct mps_ring *ring, uint64_t *position, struct mps_record *
     if (ring->side != MPS_RING_CONSUMER || *position < ring->head_position)
         return MPS_RING_BAD_STATE;
     uint64_t tail = atomic_load_explicit(&ring->shared->tail_position, memory_order_acquire);
-    for (;;) {
-        if (*position >= tail)
-            return MPS_RING_EMPTY;
-        uint64_t index = *position & ring->mask;
-        struct mps_record_header *header = (void *)(ring->data + index);
-        uint64_t length = align_up(MPS_RECORD_HEADER_LENGTH + (uint64_t)header->length, MPS_RECORD_ALIGNMENT);
-        if (header->type == MPS_RECORD_PADDING) {
-            *position += MPS_RECORD_HEADER_LENGTH + header->length;
+    while (*position < tail) {
+        uint64_t length = read_record(ring, *position, record);
+        if (record->type == MPS_RECORD_PADDING) {
+            *position += MPS_RECORD_HEADER_LENGTH + record->length; /* up to the end: not aligned */
             continue;
         }
-        record->type = header->type;
-        record->length = header->length;
-        record->offset = index + MPS_RECORD_HEADER_LENGTH;
         *position += length;
         return MPS_RING_OK;
     }
+    return MPS_RING_EMPTY;
 }
 
 /* ---- introspection ------------------------------------------------------------------------ */

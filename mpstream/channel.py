@@ -566,7 +566,7 @@ class ChannelReader(_Endpoint):
         index = self._data_index + rec.offset
         kind = rec.type
         if kind == _SCHEMA:
-            self._frame = Frame.decode_schema(bytes(self._in[index : index + rec.length]), self._skew)
+            self._frame = self._schema(index, rec.length)
             lib.mps_ring_release(self._ring)
             return False
         record = self._record
@@ -579,6 +579,10 @@ class ChannelReader(_Endpoint):
         else:
             record.batch, record.value = None, self._value(kind, index)
         return True
+
+    def _schema(self, index: int, length: int) -> Frame:
+        """The frame of the SCHEMA record at index (the batches after it are in it)."""
+        return Frame.decode_schema(bytes(self._in[index : index + length]), self._skew)
 
     def _batch(self, index: int, frame: Frame | None) -> Batch:
         """The DATA record at index as views on the ring, in frame (the schema before it)."""
@@ -638,7 +642,7 @@ class LookAhead:
                 reader._raise_for(rc, None)
             index = reader._data_index + rec.offset
             if rec.type == _SCHEMA:
-                self._frame = Frame.decode_schema(bytes(reader._in[index : index + rec.length]), reader._skew)
+                self._frame = reader._schema(index, rec.length)
                 continue
             kind = _KINDS[rec.type]
             return kind, (reader._batch(index, self._frame).copy() if kind is RecordKind.DATA
