@@ -81,8 +81,7 @@ class JobResult:
         if not batches:
             return Batch({})
         if len(batches) > 1 or not all(buffer.flags.writeable for buffer in batches[0].buffers()):
-            rows = [b for b in batches if b.num_rows] or batches[:1]
-            batches[:] = [Batch.concat(rows) if len(rows) > 1 else rows[0].copy()]  # owned, writable: the caller's
+            batches[:] = [Batch.concat([b for b in batches if b.num_rows] or batches[:1])]  # a copy: the caller's
         return batches[0]
 
     def per_operator(self) -> dict[str, dict[str, float]]:

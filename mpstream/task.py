@@ -358,8 +358,7 @@ class Task:
                                                op.watermark) for op in self.operators}
         head = snapshots[self.head.name]
         if self.valve is not None:
-            head.valve = {"output": self.valve.output, "idle": self.valve.idle,
-                          "channels": dict(zip(self.spec.producers, self.valve.state()["channels"]))}
+            head.valve = self.valve.state(self.spec.producers)
         if self.generator is not None:
             head.generator = self.generator.state()
         pause = time.perf_counter() - started

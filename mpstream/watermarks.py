@@ -200,9 +200,11 @@ class WatermarkValve:
             return None, False
         return None, None
 
-    def state(self) -> dict[str, Any]:
-        return {"output": self.output, "idle": self.idle,
-                "channels": [(c.watermark, c.idle, c.aligned) for c in self.channels]}
+    def state(self, producers: list[str]) -> dict[str, Any]:
+        """The output watermark and, per channel (named by its producer), its watermark, idle
+        and aligned flags: what :meth:`restore` takes back (idleness follows from them)."""
+        return {"output": self.output,
+                "channels": {p: (c.watermark, c.idle, c.aligned) for p, c in zip(producers, self.channels)}}
 
     def restore(self, output: int, channel_states: list[tuple[int, bool, bool] | None]) -> None:
         """The output watermark as checkpointed; per channel its saved state, or, for a channel
