@@ -1,0 +1,74 @@
+"""Collect benchmark: a job that returns its rows to the caller. A source of 10M rows (an
+int64 and a float64 column, 160 MB) -> ``collect``, at parallelism 1 and 2, timed from the
+job's start to ``result["out"]`` in hand (the collect sink's batches travel to the
+coordinator out of band, see ``mpstream/messages.py``, and are concatenated once), against
+one process copying the same two columns (``np.copy``, the least a caller-owned result costs),
+in the same run, the jobs taking turns round by round, best of the rounds. Every result is
+checked against the input.
+
+    python bench/collect.py [--quick]      # --quick: 2M rows, 3 rounds
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+from transport import machine_line, quick_option
+
+from mpstream.pipeline import Pipeline
+
+
+def columns(rows: int) -> dict[str, np.ndarray]:
+    return {"x": np.arange(rows), "y": np.arange(rows) / 4}
+
+
+def collect_job(data: dict[str, np.ndarray], parallelism: int):
+    """A function that runs the job and returns its collected result."""
+    def run():
+        p = Pipeline()
+        p.from_arrays("src", data, parallelism=parallelism).collect("out")
+        return p.run()["out"]
+    return run
+
+
+def check(out, data: dict[str, np.ndarray]) -> None:
+    order = np.argsort(out["x"])
+    assert np.array_equal(out["x"][order], data["x"]) and np.array_equal(out["y"][order], data["y"]), \
+        "the collected rows differ from the input"
+
+
+def bench(rows: int, rounds: int) -> dict[str, float]:
+    data = columns(rows)
+    jobs = {"mpstream_p1": collect_job(data, 1), "mpstream_p2": collect_job(data, 2),
+            "np_copy": lambda: {name: col.copy() for name, col in data.items()}}
+    best = dict.fromkeys(jobs, float("inf"))
+    for _ in range(rounds):  # round by round: a slow spell of the host hits every job
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            out = job()
+            best[name] = min(best[name], time.perf_counter() - start)
+            check(out, data)
+    return best
+
+
+def main() -> None:
+    quick = quick_option(__doc__, "2M rows, 3 rounds: under 60 s")
+    rows = 2_000_000 if quick else 10_000_000
+    best = bench(rows, 3 if quick else 7)
+    mb = rows * 16 / 1e6
+    print(f"machine: {machine_line()}")
+    print(f"{rows:,} rows ({mb:.0f} MB) collected, start to result in hand, best of the rounds")
+    print(f"{'impl':14s}{'ms':>9s}{'MB/s':>9s}{'vs np_copy':>12s}")
+    for name, seconds in best.items():
+        print(f"{name:14s}{seconds * 1e3:9.1f}{mb / seconds:9.0f}{seconds / best['np_copy']:11.1f}x")
+    print(json.dumps({"bench": "collect", "machine": machine_line(), "rows": rows,
+                      "seconds": {name: round(s, 5) for name, s in best.items()}}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
