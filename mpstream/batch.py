@@ -302,13 +302,15 @@ class Batch(Mapping[str, Column]):
         self._schema = self._buffers = None
 
     @classmethod
-    def _trusted(cls, columns: dict[str, Column], num_rows: int, schema: tuple | None = None) -> Batch:
-        """Wraps columns that are already checked (decoded frames); no validation."""
+    def _trusted(cls, columns: dict[str, Column], num_rows: int, schema: tuple | None = None,
+                 buffers: tuple[np.ndarray, ...] | None = None) -> Batch:
+        """Wraps columns that are already checked (decoded frames); no validation. buffers,
+        when given, are the columns' buffers in the order of :meth:`buffers`."""
         batch = cls.__new__(cls)
         batch._columns = columns
         batch._num_rows = num_rows
         batch._schema = schema
-        batch._buffers = None
+        batch._buffers = buffers
         return batch
 
     @property
@@ -432,9 +434,12 @@ def _read_only(col: Column) -> Column:
 
 
 def _buffers(col: Column) -> tuple[np.ndarray, ...]:
-    mask = null_mask(col)
-    values = (col.offsets, col.data) if isinstance(col, StringColumn) else (np.ma.getdata(col),)
-    return values if mask is None else values + (mask,)
+    # np.ma.getdata of a plain array costs an AttributeError: every batch written pays this.
+    if isinstance(col, StringColumn):
+        return (col.offsets, col.data) if col.mask is None else (col.offsets, col.data, col.mask)
+    if isinstance(col, np.ma.MaskedArray):
+        return np.ma.getdata(col), np.ma.getmaskarray(col)
+    return (col,)
 
 
 class Frame:
@@ -498,6 +503,7 @@ class Frame:
         fields = self._header.unpack_from(src, index)
         num_rows = fields[0]
         columns: dict[str, Column] = {}
+        buffers: list[np.ndarray] = []  # the batch's buffers(), known here: a writer needs them
         f = 1
         for name, dtype, nullable in self._columns:
             if dtype is None:
@@ -506,11 +512,15 @@ class Frame:
                 column.data = np.frombuffer(src, np.uint8, fields[f + 3], index + fields[f + 2])
                 column.mask = np.frombuffer(src, np.bool_, num_rows, index + fields[f + 4]) if nullable else None
                 columns[name] = column
+                buffers += (column.offsets, column.data) if column.mask is None else (column.offsets, column.data, column.mask)
                 f += 6 if nullable else 4
             else:
                 values = np.frombuffer(src, dtype, num_rows, index + fields[f])
+                buffers.append(values)
                 if nullable:
-                    values = np.ma.MaskedArray(values, mask=np.frombuffer(src, np.bool_, num_rows, index + fields[f + 2]))
+                    mask = np.frombuffer(src, np.bool_, num_rows, index + fields[f + 2])
+                    buffers.append(mask)
+                    values = np.ma.MaskedArray(values, mask=mask)
                 columns[name] = values
                 f += 4 if nullable else 2
-        return Batch._trusted(columns, num_rows, self.schema)
+        return Batch._trusted(columns, num_rows, self.schema, tuple(buffers))
