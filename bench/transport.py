@@ -10,6 +10,9 @@ consumer touches every cache line of it. np_copyto is the single-process bandwid
 SIZE chunks between two 256 MiB buffers, the same memory traffic without a second process.
 Latency: ping-pong of an 8-row batch, one-way = round trip / 2; "_parked" variants pause 1 ms
 between pings so the echoing side is asleep on its futex (or in the kernel) every time.
+"mpstream_ring" is the same ping-pong on the same rings through the ring's own calls (claim,
+commit, peek, release; a 64-byte record, no Batch and no framing): the futex wake-up alone,
+without the Python record path a channel adds on each side.
 Each throughput figure is the best of 5 runs (3 with --quick): this 2-vCPU VM shares its host,
 and single runs vary by +-30%. The last line is one JSON object.
 """
@@ -28,6 +31,7 @@ import numpy as np
 import psutil
 
 from mpstream import Batch, Channel, ChannelReader, ChannelTimeoutError, ChannelWriter, RecordKind
+from mpstream._mps import lib
 
 SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20}
 CAPACITY = 1 << 23
@@ -194,6 +198,49 @@ def mpstream_latency(pings: int, gap_s: float) -> np.ndarray:
     return out
 
 
+RING_RECORD = 64  # bytes of a ring-level ping: an 8-row int64 column's worth
+
+
+def _ring_call(rc: int) -> None:
+    if rc != lib.MPS_RING_OK:
+        raise RuntimeError(f"ring call failed: {rc}")
+
+
+def _ring_echo(inbound: str, outbound: str) -> None:
+    """Echoes each record with the ring's own calls (the channels' handles, nothing above)."""
+    with ChannelReader(inbound) as reader, ChannelWriter(outbound) as writer:
+        ring_in, ring_out = reader._ring, writer._ring
+        record, offset = reader._peeked, writer._offset
+        while True:
+            _ring_call(lib.mps_ring_peek(ring_in, 10**10, record))
+            if record.type == lib.MPS_RECORD_END_OF_STREAM:
+                return
+            _ring_call(lib.mps_ring_try_claim(ring_out, lib.MPS_RECORD_DATA, RING_RECORD, offset))
+            _ring_call(lib.mps_ring_commit(ring_out))
+            _ring_call(lib.mps_ring_release(ring_in))
+
+
+def ring_latency(pings: int, gap_s: float) -> np.ndarray:
+    """One-way latencies in microseconds, ring calls only (see the module doc)."""
+    with Channel("bench-ping", 1 << 16) as ping, Channel("bench-pong", 1 << 16) as pong:
+        writer, reader = ChannelWriter(ping.name), ChannelReader(pong.name)
+        child = CTX.Process(target=_ring_echo, args=(ping.name, pong.name))
+        child.start()
+        ring_out, ring_in, record, offset = writer._ring, reader._ring, reader._peeked, writer._offset
+
+        def round_trip():
+            _ring_call(lib.mps_ring_try_claim(ring_out, lib.MPS_RECORD_DATA, RING_RECORD, offset))
+            _ring_call(lib.mps_ring_commit(ring_out))
+            _ring_call(lib.mps_ring_peek(ring_in, 10**10, record))
+            _ring_call(lib.mps_ring_release(ring_in))
+
+        out = ping_pong(round_trip, pings, gap_s)
+        writer.close()
+        child.join()
+        reader.close()
+    return out
+
+
 def _pipe_echo(conn) -> None:
     while msg := conn.recv_bytes():
         conn.send_bytes(msg)
@@ -273,6 +320,8 @@ def run(quick: bool) -> dict:
     samples = {
         "mpstream": mpstream_latency(pings, 0),
         "mpstream_parked": mpstream_latency(parked, 0.001),
+        "mpstream_ring": ring_latency(pings, 0),
+        "mpstream_ring_parked": ring_latency(parked, 0.001),
         "mp_pipe": mp_pipe_latency(pings, 0),
         "mp_pipe_parked": mp_pipe_latency(parked, 0.001),
     }
