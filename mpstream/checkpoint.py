@@ -163,7 +163,8 @@ class CheckpointStore:
     # ---- written by the coordinator ---------------------------------------------------------
 
     def commit(self, checkpoint_id: int, states: dict[str, StateFile], stats: dict[str, Any]) -> str:
-        """Makes checkpoint_id complete (atomically), then drops checkpoints beyond retain."""
+        """Makes checkpoint_id complete (atomically), then drops checkpoints beyond retain
+        and the incomplete ones before it."""
         directory = self.directory(checkpoint_id)
         metadata = {"format": FORMAT_VERSION, "id": checkpoint_id, "created": time.time(),
                     "states": {k: {"file": v.file, "bytes": v.bytes, "crc32": v.crc32,
@@ -179,8 +180,13 @@ class CheckpointStore:
             _fsync_dir(directory)
         except OSError as exc:
             raise CheckpointError(f"checkpoint {checkpoint_id}: cannot commit to {directory}: {exc}") from exc
-        for old in self.complete()[:-self.retain]:
+        complete = self.complete()
+        for old in complete[:-self.retain]:
             shutil.rmtree(self.directory(old), ignore_errors=True)
+        for entry in self._entries():  # failed or timed out before: each task wrote its files of
+            # those before it acknowledged this one (one writer thread per task, in order)
+            if entry.startswith("chk-") and int(entry[4:]) < checkpoint_id and int(entry[4:]) not in complete:
+                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
         return directory
 
     def discard(self, checkpoint_id: int) -> None:

@@ -9,8 +9,11 @@ checkpoints go on after some tasks have finished (Flink's FLIP-147): a channel t
 counts as aligned, since everything it carried came before its end.
 
 n is committed (atomically, by the store) once every task of the job acknowledged it, and
-every task is then told (:class:`CheckpointCommitted`). Any decline discards it; more than
-``tolerable_failures`` failures in a row fail the job.
+every task is then told (:class:`CheckpointCommitted`). Any decline discards it, and so does
+``timeout`` (as Flink's checkpoint timeout): a checkpoint not complete that many seconds after
+its trigger is discarded and the next one is due an interval later (acknowledgements that come
+after are ignored; a task still aligning its barriers finishes and goes on). More than
+``tolerable_failures`` failures (declined or timed out) in a row fail the job.
 
 An **unaligned** checkpoint (:mod:`mpstream.barrier`) is sent to every task at once: each
 snapshots at its next record boundary, with no barrier to wait for behind full rings. Stop
@@ -66,9 +69,10 @@ class CheckpointCoordinator:
 
     def __init__(self, store: CheckpointStore, interval: float, tolerable_failures: int,
                  send: Callable[[str, Any], None], sources: set[str], tasks: set[str],
-                 needs_final_commit: Callable[[], bool], unaligned: bool = False) -> None:
+                 needs_final_commit: Callable[[], bool], unaligned: bool = False,
+                 timeout: float = float("inf")) -> None:
         self.store, self.interval, self.tolerable_failures = store, interval, tolerable_failures
-        self.unaligned = unaligned
+        self.unaligned, self.timeout = unaligned, timeout
         self.send, self.sources, self.tasks = send, sources, tasks
         self.needs_final_commit = needs_final_commit  # a two-phase-commit sink waits for the final one
         self.next_id = (store.complete() or [0])[-1] + 1
@@ -85,7 +89,9 @@ class CheckpointCoordinator:
     @property
     def deadline(self) -> float:
         """time.monotonic() by which :meth:`poll` has something to do (inf: nothing pending)."""
-        if self.done or self.pending is not None:
+        if self.pending is not None:
+            return self.pending.started + self.timeout
+        if self.done:
             return float("inf")
         if self.stop_requested or self.drained == self.tasks:
             return self.retry_at  # at once; after a failed one, at the next interval
@@ -99,8 +105,11 @@ class CheckpointCoordinator:
         self.stop_requested = True
 
     def poll(self) -> None:
-        """Triggers the checkpoint that is due, if any."""
+        """Triggers the checkpoint that is due, if any, or expires the one in flight."""
         if time.monotonic() < self.deadline:
+            return
+        if self.pending is not None:
+            self._expire()
             return
         final = self.drained == self.tasks
         stop = self.stop_requested and not final
@@ -160,6 +169,16 @@ class CheckpointCoordinator:
             self.send(task, CheckpointCommitted(pending.checkpoint_id))
         if pending.final or pending.stop:
             self.done, self.final_checkpoint = True, pending.checkpoint_id
+
+    def _expire(self) -> None:
+        pending, self.pending = self.pending, None
+        self.next_trigger = time.monotonic() + self.interval
+        waiting = sorted(pending.awaiting)
+        self._failed(pending, CheckpointError(
+            f"timed out after {self.timeout:g} s (checkpoint_timeout): {len(waiting)} of {len(self.tasks)} tasks had "
+            f"not acknowledged it ({', '.join(waiting[:8])}{', ...' if len(waiting) > 8 else ''}). A task was busy "
+            f"in one long operator call, or its barrier waited behind full rings (backpressure): raise "
+            f"checkpoint_timeout, or pass unaligned_checkpoints=True so barriers overtake the buffered records"))
 
     def _failed(self, pending: PendingCheckpoint, exc: CheckpointError) -> None:
         self.store.discard(pending.checkpoint_id)

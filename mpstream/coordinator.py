@@ -67,7 +67,8 @@ class CheckpointConfig:
     from the directory's newest valid checkpoint (an error if there is none), "if-present"
     also starts fresh when there is none. ``exactly_once=False``: barriers are not aligned
     (at-least-once: a restore may replay some records twice). ``unaligned=True``: barriers
-    overtake buffered records, which the checkpoint keeps (:mod:`mpstream.barrier`)."""
+    overtake buffered records, which the checkpoint keeps (:mod:`mpstream.barrier`). A
+    checkpoint not complete ``timeout`` seconds after its trigger is discarded as failed."""
 
     directory: str
     interval: float = 1.0
@@ -78,6 +79,7 @@ class CheckpointConfig:
     resume: bool | str = False
     exactly_once: bool = True
     unaligned: bool = False
+    timeout: float = 600.0
 
 
 class _Cancelled(Exception):
@@ -296,7 +298,7 @@ class _Attempt:
         self.checkpoints = None if config is None else CheckpointCoordinator(
             job.store, config.interval, config.tolerable_failures, self._send,
             {t.name for t in job.tasks if t.is_source}, {t.name for t in job.tasks}, lambda: self.commits,
-            config.unaligned)
+            config.unaligned, config.timeout)
         self.stopped = False  # Finish went out
         self.stop_applied: str | None = None
 
