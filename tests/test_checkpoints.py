@@ -11,6 +11,7 @@ from conftest import run_on_small_tmpfs
 from mpstream import Batch, Channel, ChannelReader, ChannelWriter, InputGate, RecordKind
 from mpstream.aggregate import KeyedAggregate
 from mpstream.checkpoint import CheckpointStore
+from mpstream.operators import Operator
 from mpstream.sources import OffsetSource
 from mpstream.pipeline import Pipeline
 
@@ -194,3 +195,96 @@ def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_fresh(tmp
         p.run(checkpoint_dir=str(directory), resume=True)
     assert not (tmp_path / "chk-typo").exists()  # nothing was created
     assert p.run(checkpoint_dir=str(directory), resume="if-present")["out"]["v"].tolist() == list(range(5))
+
+
+class StuckSnapshot(Operator):
+    """Passes batches on; its first snapshot waits until released is set."""
+
+    def __init__(self, released):
+        self.released = released
+
+    def process(self, batch):
+        return batch
+
+    def snapshot(self):
+        if self.released is not None:
+            assert self.released.wait(60), "no checkpoint timed out"
+            self.released = None
+        return None
+
+
+def stuck_job(monkeypatch):
+    """A job whose "stuck" operator waits in its first snapshot until a checkpoint has timed
+    out (the coordinator sets the event once it expired one): that checkpoint cannot complete
+    in time, and the operator's task writes its files for it after it was discarded."""
+    import multiprocessing
+
+    from mpstream.checkpoint_coordinator import CheckpointCoordinator
+
+    released = multiprocessing.get_context("fork").Event()
+    expire = CheckpointCoordinator._expire
+
+    def expire_then_release(self):
+        expire(self)
+        released.set()
+
+    monkeypatch.setattr(CheckpointCoordinator, "_expire", expire_then_release)
+    p = Pipeline(channel_capacity=1 << 16)
+    (p.source("s", UntilTwoCheckpoints).process("stuck", lambda: StuckSnapshot(released), chain=False)
+      .key_by("k").aggregate("agg", {"v": "sum"}).collect("out"))
+    return p
+
+
+def test_a_checkpoint_that_times_out_is_discarded_and_the_job_goes_on(tmp_path, monkeypatch):
+    p = stuck_job(monkeypatch)
+    with pytest.warns(UserWarning, match=r"timed out after 0.2 s \(checkpoint_timeout\): \d+ of \d+ tasks had not "
+                                         r"acknowledged it \(.*stuck\[0\]"):
+        result = p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=0.01, checkpoint_timeout=0.2,
+                       tolerable_checkpoint_failures=100)
+    store = CheckpointStore(str(tmp_path))
+    assert result.final_checkpoint == store.complete()[-1]
+    emitted = [rows(0, o) for o in range(store.read_state(result.final_checkpoint, "s", 0).operator["offset"])]
+    expected = np.bincount(np.concatenate([r["k"] for r in emitted]), np.concatenate([r["v"] for r in emitted]),
+                           minlength=50)
+    out = result["out"]
+    got = np.zeros(50, np.int64)
+    got[out["k"]] = out["v_sum"]
+    assert got.tolist() == expected.tolist()
+    # what the stuck task wrote late for the timed-out checkpoint went with the next commit
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(store.directory(c)) for c in store.complete()]
+
+
+def test_timed_out_checkpoints_past_the_tolerated_number_fail_the_job(tmp_path, monkeypatch):
+    from mpstream.errors import CheckpointError
+
+    p = stuck_job(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"1 checkpoints failed in a row, more than the 0 tolerated; the last, "
+                                              r"checkpoint \d+: timed out after 0.2 s .*raise checkpoint_timeout, or "
+                                              r"pass unaligned_checkpoints=True"):
+        p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=0.01, checkpoint_timeout=0.2,
+              tolerable_checkpoint_failures=0)
+
+
+def test_a_stop_whose_checkpoint_times_out_fails_instead_of_waiting_forever(tmp_path):
+    import multiprocessing
+
+    from mpstream.errors import CheckpointError
+
+    never = multiprocessing.get_context("fork").Event()
+    p = Pipeline()
+    (p.from_generator("ticks", lambda i, offset: {"k": np.arange(10) % 3, "v": np.arange(10)})
+      .process("stuck", lambda: StuckSnapshot(never), chain=False).collect("out"))
+    job = p.start(checkpoint_dir=str(tmp_path), checkpoint_interval=3600, checkpoint_timeout=0.2,
+                  tolerable_checkpoint_failures=0)
+    job.stop()  # its checkpoint is the first one: the stuck snapshot holds it
+    with pytest.raises(CheckpointError, match=r"checkpoint 1: timed out after 0.2 s .*stuck\[0\]"):
+        job.wait(timeout=60)
+
+
+def test_a_checkpoint_timeout_must_be_positive(tmp_path):
+    from mpstream.errors import PlanError
+
+    p = Pipeline()
+    p.from_arrays("src", {"x": np.arange(3)}).collect("out")
+    with pytest.raises(PlanError, match="checkpoint_timeout must be > 0 seconds, got 0"):
+        p.run(checkpoint_dir=str(tmp_path), checkpoint_timeout=0)
