@@ -22,6 +22,14 @@ row on the instance its input edge routes it to now: :meth:`mpstream.task.Task._
 A task reaches its upstream's barrier only after its own snapshot (a barrier it reads starts
 it), so nothing is counted twice.
 The BARRIER record of an unaligned checkpoint carries ``n | UNALIGNED``.
+
+With an aligned-checkpoint timeout (Flink's ``aligned-checkpoint-timeout``) a checkpoint starts
+aligned and turns unaligned once it has taken that long: the coordinator then triggers every
+task that has not acknowledged it, unaligned. A task in the middle of aligning n snapshots at
+once (:meth:`BarrierHandler.abandon`): the channels that delivered BARRIER(n) have no in-flight
+data (what follows their barrier comes after the snapshot, as it would aligned), the others
+are copied up to their BARRIER(n). Barriers of a checkpoint the task has taken already are
+ignored.
 """
 
 from __future__ import annotations
@@ -51,6 +59,14 @@ class BarrierHandler:
             self.checkpoint_id, self.started = checkpoint_id, time.perf_counter()
         self._arrived.add(channel)
 
+    def abandon(self, checkpoint_id: int) -> set[int]:
+        """Stops aligning (the task snapshots checkpoint_id unaligned now): the channels that
+        delivered BARRIER(checkpoint_id), which are unblocked, as is any other channel."""
+        passed = self._arrived if self.checkpoint_id == checkpoint_id else set()
+        self.checkpoint_id, self._arrived = None, set()
+        self.gate.unblock_all()
+        return passed
+
     def complete(self) -> int | None:
         """The checkpoint id to snapshot now (every live channel delivered its barrier or
         ended), resetting the handler; else None."""
@@ -77,14 +93,17 @@ class AtLeastOnceBarrierHandler(BarrierHandler):
 class InFlightCopy:
     """The in-flight data of an unaligned checkpoint a task has snapshotted (see the module
     doc): per live channel, the records up to that channel's BARRIER(n) or END_OF_STREAM,
-    copied as they are found ahead of the reader. ``snapshots`` wait here, in memory, until
-    :meth:`scan` finds the last channel's barrier."""
+    copied as they are found ahead of the reader; ``passed``: channels that delivered their
+    BARRIER(n) already (nothing of theirs is in flight). ``snapshots`` wait here, in memory,
+    until :meth:`scan` finds the last channel's barrier."""
 
-    def __init__(self, checkpoint_id: int, gate: InputGate, snapshots: dict[str, Any], pause_s: float) -> None:
+    def __init__(self, checkpoint_id: int, gate: InputGate, snapshots: dict[str, Any], pause_s: float,
+                 passed: set[int] = frozenset()) -> None:
         self.checkpoint_id, self.snapshots, self.pause_s = checkpoint_id, snapshots, pause_s
         self.started = time.perf_counter()
-        self.records: dict[int, list[tuple[int, Any]]] = {channel: [] for channel in gate.live}
-        self._ahead = {channel: LookAhead(gate.readers[channel]) for channel in gate.live}
+        copied = [channel for channel in gate.live if channel not in passed]
+        self.records: dict[int, list[tuple[int, Any]]] = {channel: [] for channel in copied}
+        self._ahead = {channel: LookAhead(gate.readers[channel]) for channel in copied}
 
     def before_taking(self, channel: int) -> None:
         """The task is about to process the record it holds from channel: copy it (and what

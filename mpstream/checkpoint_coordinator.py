@@ -16,8 +16,11 @@ after are ignored; a task still aligning its barriers finishes and goes on). Mor
 ``tolerable_failures`` failures (declined or timed out) in a row fail the job.
 
 An **unaligned** checkpoint (:mod:`mpstream.barrier`) is sent to every task at once: each
-snapshots at its next record boundary, with no barrier to wait for behind full rings. Stop
-checkpoints are always aligned (a stopped job can be resumed at another parallelism).
+snapshots at its next record boundary, with no barrier to wait for behind full rings. With an
+``aligned_timeout`` (Flink's aligned-checkpoint-timeout) it starts aligned instead, and turns
+unaligned once it has taken that long: every task that has not acknowledged it is triggered
+again, unaligned (one that has snapshotted it already ignores that). Stop checkpoints are
+always aligned (a stopped job can be resumed at another parallelism).
 
 A bounded job ends with a **final checkpoint**: once every task has drained, one more
 checkpoint is taken, and tasks exit only after it is committed, so two-phase-commit sinks
@@ -55,6 +58,7 @@ class PendingCheckpoint:
     pause_s: float = 0.0
     stop: bool = False
     final: bool = False
+    unaligned: bool = False  # triggered unaligned, or turned unaligned after the aligned timeout
 
     def stats(self) -> dict[str, Any]:
         return {"id": self.checkpoint_id, "duration_s": round(time.monotonic() - self.started, 6),
@@ -70,9 +74,9 @@ class CheckpointCoordinator:
     def __init__(self, store: CheckpointStore, interval: float, tolerable_failures: int,
                  send: Callable[[str, Any], None], sources: set[str], tasks: set[str],
                  needs_final_commit: Callable[[], bool], unaligned: bool = False,
-                 timeout: float = float("inf")) -> None:
+                 timeout: float = float("inf"), aligned_timeout: float | None = None) -> None:
         self.store, self.interval, self.tolerable_failures = store, interval, tolerable_failures
-        self.unaligned, self.timeout = unaligned, timeout
+        self.unaligned, self.timeout, self.aligned_timeout = unaligned, timeout, aligned_timeout
         self.send, self.sources, self.tasks = send, sources, tasks
         self.needs_final_commit = needs_final_commit  # a two-phase-commit sink waits for the final one
         self.next_id = (store.complete() or [0])[-1] + 1
@@ -89,8 +93,10 @@ class CheckpointCoordinator:
     @property
     def deadline(self) -> float:
         """time.monotonic() by which :meth:`poll` has something to do (inf: nothing pending)."""
-        if self.pending is not None:
-            return self.pending.started + self.timeout
+        pending = self.pending
+        if pending is not None:
+            return pending.started + (self.timeout if not self._may_turn_unaligned(pending)
+                                      else min(self.timeout, self.aligned_timeout))
         if self.done:
             return float("inf")
         if self.stop_requested or self.drained == self.tasks:
@@ -108,22 +114,32 @@ class CheckpointCoordinator:
         """Triggers the checkpoint that is due, if any, or expires the one in flight."""
         if time.monotonic() < self.deadline:
             return
-        if self.pending is not None:
-            self._expire()
+        pending = self.pending
+        if pending is not None:
+            if time.monotonic() >= pending.started + self.timeout:
+                self._expire()
+            else:  # aligned for aligned_timeout: unaligned from now on
+                pending.unaligned = True
+                for task in sorted(pending.awaiting):
+                    self._ask(task, pending)
             return
         final = self.drained == self.tasks
         stop = self.stop_requested and not final
         pending = self.pending = PendingCheckpoint(self.next_id, time.monotonic(), set(self.tasks), stop=stop,
                                                    final=final)
+        pending.unaligned = self.unaligned and not stop and self.aligned_timeout is None
         self.next_id += 1
-        asked = self.tasks if self.unaligned and not stop else (self.sources - self.drained) | self.drained
+        asked = self.tasks if pending.unaligned else (self.sources - self.drained) | self.drained
         for task in sorted(asked):
             self._ask(task, pending)
+
+    def _may_turn_unaligned(self, pending: PendingCheckpoint) -> bool:
+        return self.unaligned and self.aligned_timeout is not None and not pending.unaligned and not pending.stop
 
     def _ask(self, task: str, pending: PendingCheckpoint) -> None:
         pending.asked.add(task)
         self.send(task, TriggerCheckpoint(pending.checkpoint_id, stop=pending.stop and task not in self.drained,
-                                          unaligned=self.unaligned and not pending.stop))
+                                          unaligned=pending.unaligned))
 
     def on_drained(self, task: str) -> None:
         self.drained.add(task)

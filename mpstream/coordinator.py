@@ -67,7 +67,8 @@ class CheckpointConfig:
     from the directory's newest valid checkpoint (an error if there is none), "if-present"
     also starts fresh when there is none. ``exactly_once=False``: barriers are not aligned
     (at-least-once: a restore may replay some records twice). ``unaligned=True``: barriers
-    overtake buffered records, which the checkpoint keeps (:mod:`mpstream.barrier`). A
+    overtake buffered records, which the checkpoint keeps (:mod:`mpstream.barrier`), from the
+    start, or with ``aligned_timeout`` once a checkpoint has been aligning that long. A
     checkpoint not complete ``timeout`` seconds after its trigger is discarded as failed."""
 
     directory: str
@@ -80,6 +81,7 @@ class CheckpointConfig:
     exactly_once: bool = True
     unaligned: bool = False
     timeout: float = 600.0
+    aligned_timeout: float | None = None
 
 
 class _Cancelled(Exception):
@@ -298,7 +300,7 @@ class _Attempt:
         self.checkpoints = None if config is None else CheckpointCoordinator(
             job.store, config.interval, config.tolerable_failures, self._send,
             {t.name for t in job.tasks if t.is_source}, {t.name for t in job.tasks}, lambda: self.commits,
-            config.unaligned, config.timeout)
+            config.unaligned, config.timeout, config.aligned_timeout)
         self.stopped = False  # Finish went out
         self.stop_applied: str | None = None
 

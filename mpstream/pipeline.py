@@ -161,11 +161,17 @@ class Pipeline:
 
     def _options(self, checkpoint_dir: str | None, checkpoint_interval: float, checkpoint_retain: int,
                  tolerable_checkpoint_failures: int, restarts: int, restart_backoff: float, resume: bool | str,
-                 exactly_once: bool, unaligned: bool, timeout: float) -> CheckpointConfig | None:
+                 exactly_once: bool, unaligned: bool, timeout: float,
+                 aligned_timeout: float | None) -> CheckpointConfig | None:
         if resume not in (False, True, "if-present"):
             raise PlanError(f"resume must be False, True or 'if-present', got {resume!r}")
         if unaligned and not exactly_once:
             raise PlanError("unaligned_checkpoints=True is exactly-once: it cannot go with exactly_once=False")
+        if aligned_timeout is not None and not unaligned:
+            raise PlanError("aligned_checkpoint_timeout is when checkpoints turn unaligned: it needs "
+                            "unaligned_checkpoints=True")
+        if aligned_timeout is not None and not aligned_timeout >= 0:
+            raise PlanError(f"aligned_checkpoint_timeout must be >= 0 seconds (or None), got {aligned_timeout!r}")
         if checkpoint_dir is None:
             if resume:
                 raise PlanError("resume needs a checkpoint_dir to resume from")
@@ -175,14 +181,15 @@ class Pipeline:
         if not timeout > 0:
             raise PlanError(f"checkpoint_timeout must be > 0 seconds, got {timeout!r}")
         return CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
-                                restarts, restart_backoff, resume, exactly_once, unaligned, timeout)
+                                restarts, restart_backoff, resume, exactly_once, unaligned, timeout, aligned_timeout)
 
     def run(self, *, progress: bool | Callable[[dict[str, Any]], None] | None = None,
             checkpoint_dir: str | None = None, checkpoint_interval: float = 1.0,
             checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
             restarts: int = 3, restart_backoff: float = 0.1, resume: bool | str = False,
             exactly_once: bool = True, unaligned_checkpoints: bool = False,
-            checkpoint_timeout: float = 600.0, metrics_port: int | None = None) -> JobResult:
+            checkpoint_timeout: float = 600.0, aligned_checkpoint_timeout: float | None = None,
+            metrics_port: int | None = None) -> JobResult:
         """Runs the job until its sources end (or it is stopped: SIGTERM) and returns its
         result. ``progress=True`` shows a progress bar per source on a terminal (tqdm, the
         ``progress`` extra); a function ``progress(info)`` is called four times a second with
@@ -196,13 +203,14 @@ class Pipeline:
         records twice (at-least-once). ``unaligned_checkpoints=True`` keeps exactly-once but
         lets barriers overtake the records waiting in the rings, which the checkpoint then
         holds: under backpressure a checkpoint no longer waits for full rings to drain (stop
-        checkpoints stay aligned). A checkpoint not complete ``checkpoint_timeout`` s after
+        checkpoints stay aligned); with ``aligned_checkpoint_timeout`` (seconds) a checkpoint
+        starts aligned and turns unaligned only once it has taken that long. A checkpoint not complete ``checkpoint_timeout`` s after
         its trigger is discarded with a warning and counts as failed; more than
         ``tolerable_checkpoint_failures`` failed in a row fail the job (``CheckpointError``).
         See :mod:`mpstream.coordinator` and :mod:`mpstream.barrier`."""
         config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
                                restarts, restart_backoff, resume, exactly_once,
-                               unaligned_checkpoints, checkpoint_timeout)
+                               unaligned_checkpoints, checkpoint_timeout, aligned_checkpoint_timeout)
         return run(self.graph, progress, config, metrics_port)
 
     def start(self, *, progress: bool | Callable[[dict[str, Any]], None] | None = None,
@@ -210,13 +218,14 @@ class Pipeline:
               checkpoint_retain: int = 3, tolerable_checkpoint_failures: int = 3,
               restarts: int = 3, restart_backoff: float = 0.1, resume: bool | str = False,
               exactly_once: bool = True, unaligned_checkpoints: bool = False,
-              checkpoint_timeout: float = 600.0, metrics_port: int | None = None) -> JobHandle:
+              checkpoint_timeout: float = 600.0, aligned_checkpoint_timeout: float | None = None,
+              metrics_port: int | None = None) -> JobHandle:
         """As :meth:`run`, but in a background thread: returns a
         :class:`~mpstream.coordinator.JobHandle` (``stop()``, ``wait()``). ``run()`` is
         ``start().wait()`` in the calling thread."""
         config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
                                restarts, restart_backoff, resume, exactly_once,
-                               unaligned_checkpoints, checkpoint_timeout)
+                               unaligned_checkpoints, checkpoint_timeout, aligned_checkpoint_timeout)
         return start(self.graph, progress, config, metrics_port)
 
 

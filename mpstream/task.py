@@ -367,7 +367,8 @@ class Task:
                 for output in op.outputs:
                     output.write_barrier(checkpoint_id | UNALIGNED if unaligned else checkpoint_id)
         if unaligned and self.gate is not None and self.gate.live and not self.outputs_closed:  # else: all read
-            self.copying = InFlightCopy(checkpoint_id, self.gate, snapshots, pause)
+            passed = self.barriers.abandon(checkpoint_id)  # aligning it: it timed out and turned unaligned
+            self.copying = InFlightCopy(checkpoint_id, self.gate, snapshots, pause, passed)
             self._copy_in_flight()
         else:
             self._writer.submit(self._persist, checkpoint_id, snapshots, alignment_s, pause)
@@ -686,10 +687,13 @@ class Task:
                 if kind is RecordKind.DATA:
                     head.process(record.batch)
                 elif kind is RecordKind.BARRIER:
-                    if not record.value & UNALIGNED:
-                        barriers.on_barrier(channel, record.value)
-                    elif record.value & ~UNALIGNED > self.epoch:  # its first sign (else: passed already)
-                        self._checkpoint(record.value & ~UNALIGNED, 0.0, unaligned=True)
+                    checkpoint_id = record.value & ~UNALIGNED
+                    if checkpoint_id <= self.epoch:
+                        pass  # taken already: unaligned at another sign of it, or when aligning it timed out
+                    elif record.value & UNALIGNED:  # its first sign
+                        self._checkpoint(checkpoint_id, 0.0, unaligned=True)
+                    else:
+                        barriers.on_barrier(channel, checkpoint_id)
                 else:
                     self._event_time(channel, kind, record.value)
 

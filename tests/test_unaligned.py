@@ -79,15 +79,19 @@ def build(checkpoints, markers=None, parallelism=2, unbounded=False):
     return p
 
 
-def test_a_restore_from_an_unaligned_checkpoint_processes_its_in_flight_rows_once(tmp_path):
+@pytest.mark.parametrize("aligned_timeout", [None, 0.0], ids=["unaligned", "aligned-then-unaligned"])
+def test_a_restore_from_an_unaligned_checkpoint_processes_its_in_flight_rows_once(tmp_path, aligned_timeout):
     """The slow operator dies right after a checkpoint that holds in-flight rows committed:
     the restarted job processes those rows from the checkpoint and the rest from the
-    sources, each exactly once."""
+    sources, each exactly once. With an aligned timeout of 0 each checkpoint starts aligned
+    and turns unaligned at once: the slow operator, aligning its two inputs, snapshots
+    in the middle, and copies only the channel whose barrier had not come."""
     chk, markers = str(tmp_path / "chk"), tmp_path / "markers"
     markers.mkdir()
     with pytest.warns(UserWarning, match="restarting the job from its last checkpoint"):
         result = build(chk, str(markers)).run(checkpoint_dir=chk, checkpoint_interval=0.05, checkpoint_retain=1000,
-                                              restarts=3, unaligned_checkpoints=True)
+                                              restarts=3, unaligned_checkpoints=True,
+                                              aligned_checkpoint_timeout=aligned_timeout)
     assert table(result["out"]) == reference()
     killed_after = int((markers / "killed-after").read_text())
     assert result.restarts == 1
@@ -97,13 +101,99 @@ def test_a_restore_from_an_unaligned_checkpoint_processes_its_in_flight_rows_onc
     assert any(held) and all(set(h or {}) <= {"triple.0", "triple.1"} for h in held)
 
 
-def test_unaligned_checkpoints_with_random_sigkills_give_the_exact_result(tmp_path):
+@pytest.mark.parametrize("aligned_timeout", [None, 0.01], ids=["unaligned", "aligned-for-10ms"])
+def test_unaligned_checkpoints_with_random_sigkills_give_the_exact_result(tmp_path, aligned_timeout):
     chk = str(tmp_path / "chk")
     with pytest.warns(UserWarning), RandomKiller(3, seed=7):
         result = build(chk).run(checkpoint_dir=chk, checkpoint_interval=0.02, restarts=10, restart_backoff=0.01,
-                                unaligned_checkpoints=True)
+                                unaligned_checkpoints=True, aligned_checkpoint_timeout=aligned_timeout)
     assert table(result["out"]) == reference()
     assert sum(c["in_flight_rows"] for c in result.checkpoints) > 0  # some barrier did overtake records
+
+
+class PacedSource(TestingSource):
+    """Takes 10 ms per batch (work it does, not a synchronisation): each instance's barrier
+    reaches the keyed operator up to 10 ms after the trigger, one before the other."""
+
+    def poll(self):
+        time.sleep(0.01)
+        return super().poll()
+
+
+class KeyedSum(Aggregate):
+    """A keyed sum that SIGKILLs itself once, after a checkpoint it took in the middle of
+    aligning: its in-flight rows come from one of its two input channels only."""
+
+    def __init__(self, checkpoints, markers):
+        super().__init__("k", {"v": "sum", "*": "count"})
+        self.checkpoints, self.markers = checkpoints, markers
+
+    def notify_checkpoint_complete(self, checkpoint_id):
+        held = CheckpointStore(self.checkpoints).read_state(checkpoint_id, "slow", 0).in_flight or {}
+        if len(held) == 1 and Once(self.markers, "slow")():
+            with open(os.path.join(self.markers, "killed-after"), "w") as f:
+                f.write(str(checkpoint_id))
+            kill_me()
+
+
+def test_a_checkpoint_that_turns_unaligned_while_aligning_restores_exactly(tmp_path):
+    """The keyed operator gets BARRIER(n) from one source instance, and the checkpoint turns
+    unaligned (after 3 ms) before the other's comes: the snapshot holds the records of the
+    channel still before its barrier, and none of the one past it (what follows that barrier
+    comes after the snapshot, as aligned). It dies after such a checkpoint committed; the
+    restored job counts every row once."""
+    chk, markers = str(tmp_path / "chk"), tmp_path / "markers"
+    markers.mkdir()
+    parts = [[rows(i, o) for o in range(100)] for i in range(2)]
+    p = Pipeline(channel_capacity=1 << 18)
+    p.source("src", lambda: PacedSource(*parts), parallelism=2).key_by("k").process(
+        "slow", lambda: KeyedSum(chk, str(markers)), parallelism=1).collect("out")
+    with pytest.warns(UserWarning, match="restarting the job from its last checkpoint"):
+        result = p.run(checkpoint_dir=chk, checkpoint_interval=0.02, checkpoint_retain=1000, restarts=3,
+                       unaligned_checkpoints=True, aligned_checkpoint_timeout=0.003)
+    sums, counts = np.zeros(KEYS, np.int64), np.zeros(KEYS, np.int64)
+    for part in parts:
+        for r in part:
+            np.add.at(sums, r["k"], r["v"])
+            counts += np.bincount(r["k"], minlength=KEYS)
+    assert table(result["out"]) == {k: (int(sums[k]), int(counts[k])) for k in np.flatnonzero(counts)}
+    assert (markers / "killed-after").exists() and result.restarts == 1
+
+
+def test_checkpoints_stay_aligned_within_the_aligned_timeout(tmp_path):
+    chk = str(tmp_path / "chk")
+    result = build(chk).run(checkpoint_dir=chk, checkpoint_interval=0.02, unaligned_checkpoints=True,
+                            aligned_checkpoint_timeout=600)
+    assert table(result["out"]) == reference()
+    assert result.checkpoints and all(c["in_flight_rows"] == 0 for c in result.checkpoints)
+
+
+def test_a_task_aligning_a_barrier_that_turns_unaligned_copies_only_the_channels_still_before_it():
+    from mpstream.barrier import AlignedBarrierHandler
+
+    with Channel("ta", 1 << 14) as a, Channel("tb", 1 << 14) as b:
+        wa, wb = ChannelWriter(a.name), ChannelWriter(b.name)
+        gate = InputGate([ChannelReader(a.name), ChannelReader(b.name)])
+        handler = AlignedBarrierHandler(gate)
+        wa.write_barrier(3)
+        wa.write(Batch({"x": np.array([1])}))  # after a's barrier: not in flight
+        wb.write(Batch({"x": np.array([2])}))  # before b's barrier: in flight
+        wb.write_barrier(3)
+        channel, record = gate.wait(0)
+        assert channel == 0 and record.kind is RecordKind.BARRIER
+        with record:
+            handler.on_barrier(channel, record.value)
+        assert gate.blocked == {0}
+        assert handler.abandon(4) == set() and gate.blocked == set()  # another checkpoint: nothing passed
+        handler.on_barrier(0, 3)
+        passed = handler.abandon(3)
+        assert passed == {0} and gate.blocked == set() and handler.complete() is None
+        copy = InFlightCopy(3, gate, {}, 0.0, passed)
+        assert copy.scan()
+        assert list(copy.records) == [1] and [v["x"].tolist() for _, v in copy.records[1]] == [[2]]
+        for writer in (wa, wb):
+            writer.close()
+        gate.close()
 
 
 def died_after_an_in_flight_checkpoint(chk, markers, job):
@@ -298,6 +388,15 @@ def test_stop_takes_an_aligned_checkpoint_that_resumes_at_another_parallelism(tm
 def test_unaligned_checkpoints_need_exactly_once(tmp_path):
     with pytest.raises(PlanError, match="unaligned_checkpoints=True is exactly-once"):
         build(str(tmp_path)).run(checkpoint_dir=str(tmp_path), exactly_once=False, unaligned_checkpoints=True)
+
+
+def test_an_aligned_timeout_needs_unaligned_checkpoints_and_no_negative_time(tmp_path):
+    with pytest.raises(PlanError, match="aligned_checkpoint_timeout is when checkpoints turn unaligned: it needs "
+                                        "unaligned_checkpoints=True"):
+        build(str(tmp_path)).run(checkpoint_dir=str(tmp_path), aligned_checkpoint_timeout=1.0)
+    with pytest.raises(PlanError, match=r"aligned_checkpoint_timeout must be >= 0 seconds \(or None\), got -1"):
+        build(str(tmp_path)).run(checkpoint_dir=str(tmp_path), unaligned_checkpoints=True,
+                                 aligned_checkpoint_timeout=-1)
 
 
 def test_a_look_ahead_copies_records_without_taking_them():
