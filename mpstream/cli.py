@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="take aligned checkpoints every S seconds (default: none; 0.2 with --kill-workers)")
     demo.add_argument("--unaligned-checkpoints", action="store_true",
                       help="checkpoint barriers overtake the records waiting in the rings (kept in the checkpoint)")
+    demo.add_argument("--aligned-checkpoint-timeout", type=_seconds, default=None,
+                      help="with --unaligned-checkpoints: each checkpoint starts aligned and turns unaligned after S "
+                           "seconds")
     demo.add_argument("--kill-workers", type=_integer(0), default=0,
                       help="SIGKILL K random workers at random moments; the job recovers and still verifies")
     demo.add_argument("--checkpoint-dir", default=None,
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--event-time runs a bounded job: leave out --unbounded")
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir")
+    if args.aligned_checkpoint_timeout is not None and not args.unaligned_checkpoints:
+        parser.error("--aligned-checkpoint-timeout needs --unaligned-checkpoints")
     if args.resume and args.unbounded and not args.out:
         parser.error("--resume --unbounded needs --out: the output directory of the run it continues")
     options = {k: v for k, v in vars(args).items() if k != "command"}

@@ -87,6 +87,7 @@ class DemoOptions:
     json: bool = False
     checkpoint_interval: float | None = None
     unaligned_checkpoints: bool = False
+    aligned_checkpoint_timeout: float | None = None
     kill_workers: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -372,6 +373,7 @@ def _run_demo(options: DemoOptions, out_dir: str, temporary: bool) -> dict[str, 
         run_options |= {"checkpoint_dir": options.checkpoint_dir or os.path.join(out_dir, "checkpoints"),
                        "restarts": options.kill_workers + 3, "restart_backoff": 0.01, "resume": options.resume,
                        "unaligned_checkpoints": options.unaligned_checkpoints,
+                       "aligned_checkpoint_timeout": options.aligned_checkpoint_timeout,
                        "checkpoint_interval": options.checkpoint_interval or (1.0 if options.unbounded else 0.2)}
     with warnings.catch_warnings(), RandomKiller(options.kill_workers) as killer:
         warnings.simplefilter("ignore")  # restarts are reported in the summary

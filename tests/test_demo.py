@@ -84,6 +84,7 @@ def demo(*args, timeout=300, **kwargs):
     (["--salt", "-1"], "--salt: must be an integer >= 0"),
     (["--event-time", "--unbounded"], "--event-time runs a bounded job"),
     (["--metrics-port", "70000"], "--metrics-port: must be a TCP port"),
+    (["--aligned-checkpoint-timeout", "0.1"], "--aligned-checkpoint-timeout needs --unaligned-checkpoints"),
 ])
 def test_demo_refuses_bad_values_with_a_usage_error(args, message):
     out = demo(*args)
@@ -91,16 +92,20 @@ def test_demo_refuses_bad_values_with_a_usage_error(args, message):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("unaligned", [False, True])
+@pytest.mark.parametrize("unaligned", [[], ["--unaligned-checkpoints"],
+                                       ["--unaligned-checkpoints", "--aligned-checkpoint-timeout", "0.01"]],
+                         ids=["aligned", "unaligned", "aligned-for-10ms"])
 def test_the_event_time_demo_verifies_its_windows_across_killed_workers(tmp_path, unaligned):
     """Unaligned: watermarks and records in flight are kept by checkpoints and replayed."""
     out = demo("--event-time", "--events", "1500000", "--batch-size", "16384", "--out", str(tmp_path),
-               "--checkpoint-interval", "0.05", "--kill-workers", "2", "--json",
-               *(["--unaligned-checkpoints"] if unaligned else []))
+               "--checkpoint-interval", "0.05", "--kill-workers", "2", "--json", *unaligned)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["verified"] is True and summary["events"] == 1_500_000
-    assert (summary["in_flight_rows"] > 0) if unaligned else summary["in_flight_rows"] == 0
+    if unaligned == ["--unaligned-checkpoints"]:
+        assert summary["in_flight_rows"] > 0
+    if not unaligned:
+        assert summary["in_flight_rows"] == 0
     assert summary["restarts"] <= summary["kills"] <= 2
     windows, late = [], []
     for name in os.listdir(tmp_path):
