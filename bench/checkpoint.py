@@ -8,7 +8,8 @@
 * checkpoints under backpressure: source -> map -> a slow sink (about 1M rows/s, 16 MB/s:
   some 8 ms per 8192-row batch), both rings (4 MiB each) full; the duration of each
   checkpoint (trigger to committed), aligned against unaligned (``unaligned_checkpoints=True``:
-  barriers overtake the records in the rings).
+  barriers overtake the records in the rings), and against checkpoints that start aligned and
+  turn unaligned after 50 ms (``aligned_checkpoint_timeout=0.05``).
 
     python bench/checkpoint.py [--quick]     # --quick: shorter jobs, under 90 s
 
@@ -124,8 +125,17 @@ def slow_sink(batch: Batch) -> None:
         np.sort(batch["value"])
 
 
-def backpressured(unaligned: bool, batches: int) -> list[float]:
-    """Durations (s) of the checkpoints (every 0.2 s) of source -> map -> slow sink."""
+#: the checkpoint options of each mode of the backpressured job
+BACKPRESSURE_MODES = {
+    "aligned": {},
+    "unaligned": {"unaligned_checkpoints": True},
+    "aligned_for_50ms": {"unaligned_checkpoints": True, "aligned_checkpoint_timeout": 0.05},
+}
+
+
+def backpressured(mode: str, batches: int) -> list[float]:
+    """Durations (s) of the checkpoints (every 0.2 s) of source -> map -> slow sink, with the
+    options of BACKPRESSURE_MODES[mode]."""
     def gen(instance, offset):
         if offset >= batches:
             return None
@@ -136,7 +146,7 @@ def backpressured(unaligned: bool, batches: int) -> list[float]:
     (p.from_generator("src", gen).map("scale", lambda b: {"key": b["key"], "value": b["value"] * 2}, chain=False)
       .to_callback("slow", slow_sink, chain=False))
     with tempfile.TemporaryDirectory(prefix="mps-bench-bp-") as directory:
-        result = p.run(checkpoint_dir=directory, checkpoint_interval=0.2, unaligned_checkpoints=unaligned)
+        result = p.run(checkpoint_dir=directory, checkpoint_interval=0.2, **BACKPRESSURE_MODES[mode])
     return [c["duration_s"] for c in result.checkpoints[:-1]]  # not the final one: nothing is in flight then
 
 
@@ -158,10 +168,10 @@ def main() -> None:
         seconds, state_mb = recovery(batches=400 if quick else 600, keys=4_000_000)
         recoveries.append(seconds)
         print(f"  recovery {seconds:.3f} s with {state_mb:.0f} MB of checkpointed state", file=sys.stderr)
-    durations: dict[str, list[float]] = {"aligned": [], "unaligned": []}
+    durations: dict[str, list[float]] = {mode: [] for mode in BACKPRESSURE_MODES}
     for _ in range(1 if quick else 2):  # interleaved
         for mode in durations:
-            durations[mode] += backpressured(mode == "unaligned", batches=150 if quick else 300)
+            durations[mode] += backpressured(mode, batches=150 if quick else 300)
     backpressured_s = {mode: float(np.median(d)) for mode, d in durations.items()}
     cost = 1 - on / off
     print(f"machine: {machine_line()}")
