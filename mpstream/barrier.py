@@ -54,10 +54,19 @@ class BarrierHandler:
         self.started = 0.0  # perf_counter() of its first arrival
         self._arrived: set[int] = set()
 
-    def on_barrier(self, channel: int, checkpoint_id: int) -> None:
+    def on_barrier(self, channel: int, checkpoint_id: int) -> bool:
+        """Notes BARRIER(checkpoint_id) from channel; False if it is ignored: a barrier of a
+        checkpoint older than the one being aligned. A newer one starts aligning it instead:
+        the older one timed out (at-least-once, channels are not blocked, so a fast channel's
+        next barrier can come before a slow channel's last)."""
+        if self.checkpoint_id is not None and checkpoint_id != self.checkpoint_id:
+            if checkpoint_id < self.checkpoint_id:
+                return False
+            self.abandon(self.checkpoint_id)
         if self.checkpoint_id is None:
             self.checkpoint_id, self.started = checkpoint_id, time.perf_counter()
         self._arrived.add(channel)
+        return True
 
     def abandon(self, checkpoint_id: int) -> set[int]:
         """Stops aligning (the task snapshots checkpoint_id unaligned now): the channels that
@@ -81,9 +90,11 @@ class BarrierHandler:
 class AlignedBarrierHandler(BarrierHandler):
     """Exactly-once: blocks every channel that delivered the barrier until alignment."""
 
-    def on_barrier(self, channel: int, checkpoint_id: int) -> None:
-        super().on_barrier(channel, checkpoint_id)
+    def on_barrier(self, channel: int, checkpoint_id: int) -> bool:
+        if not super().on_barrier(channel, checkpoint_id):
+            return False
         self.gate.block(channel)
+        return True
 
 
 class AtLeastOnceBarrierHandler(BarrierHandler):

@@ -92,7 +92,8 @@ class CheckpointCoordinator:
 
     @property
     def deadline(self) -> float:
-        """time.monotonic() by which :meth:`poll` has something to do (inf: nothing pending)."""
+        """time.monotonic() by which :meth:`poll` has something to do: trigger the next
+        checkpoint, or expire the one in flight or turn it unaligned (inf: nothing)."""
         pending = self.pending
         if pending is not None:
             return pending.started + (self.timeout if not self._may_turn_unaligned(pending)
@@ -190,20 +191,24 @@ class CheckpointCoordinator:
         pending, self.pending = self.pending, None
         self.next_trigger = time.monotonic() + self.interval
         waiting = sorted(pending.awaiting)
+        why = ("a task was busy in one long operator call (a source in one long poll), or writing its state took "
+               "that long: raise checkpoint_timeout") if pending.unaligned else (
+               "a task was busy in one long operator call, or its barrier waited behind full rings (backpressure): "
+               "raise checkpoint_timeout, or pass unaligned_checkpoints=True so barriers overtake the buffered "
+               "records")
         self._failed(pending, CheckpointError(
             f"timed out after {self.timeout:g} s (checkpoint_timeout): {len(waiting)} of {len(self.tasks)} tasks had "
-            f"not acknowledged it ({', '.join(waiting[:8])}{', ...' if len(waiting) > 8 else ''}). A task was busy "
-            f"in one long operator call, or its barrier waited behind full rings (backpressure): raise "
-            f"checkpoint_timeout, or pass unaligned_checkpoints=True so barriers overtake the buffered records"))
+            f"not acknowledged it ({', '.join(waiting[:8])}{', ...' if len(waiting) > 8 else ''}). Likely {why}"))
 
     def _failed(self, pending: PendingCheckpoint, exc: CheckpointError) -> None:
         self.store.discard(pending.checkpoint_id)
         self.failures += 1
         self.retry_at = time.monotonic() + self.interval
-        kind = "final checkpoint" if pending.final else "checkpoint"
+        kind = "final checkpoint" if pending.final else "stop checkpoint" if pending.stop else "checkpoint"
         if self.failures > self.tolerable_failures:
-            raise CheckpointError(f"{self.failures} checkpoints failed in a row, more than the {self.tolerable_failures} "
-                                  f"tolerated; the last, {kind} {pending.checkpoint_id}: {exc}") from exc
+            raise CheckpointError(f"{self.failures} checkpoint{'s' if self.failures > 1 else ''} failed in a row, "
+                                  f"more than the {self.tolerable_failures} tolerated; the last, {kind} "
+                                  f"{pending.checkpoint_id}: {exc}") from exc
         if pending.final and not self.needs_final_commit():
             warnings.warn(f"the final checkpoint {pending.checkpoint_id} failed and was discarded; the job ends "
                           f"without it (no sink waits for it): {exc}", stacklevel=2)

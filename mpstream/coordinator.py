@@ -337,6 +337,8 @@ class _Attempt:
                 task.process.join()
                 task.conn.close()
                 self.job.board.end_task(self.slots[task.spec.name])
+            if self.job.store is not None:  # a failed or timed-out checkpoint's files, written late
+                self.job.store.discard_incomplete()
             self._unlink()
 
     def _unlink(self) -> None:

@@ -180,6 +180,9 @@ class Pipeline:
             raise PlanError(f"checkpoint_interval must be > 0 seconds, got {checkpoint_interval!r}")
         if not timeout > 0:
             raise PlanError(f"checkpoint_timeout must be > 0 seconds, got {timeout!r}")
+        if aligned_timeout is not None and not aligned_timeout < timeout:
+            raise PlanError(f"aligned_checkpoint_timeout ({aligned_timeout!r} s) must be below checkpoint_timeout "
+                            f"({timeout!r} s): a checkpoint would time out before it turned unaligned")
         return CheckpointConfig(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
                                 restarts, restart_backoff, resume, exactly_once, unaligned, timeout, aligned_timeout)
 

@@ -213,10 +213,8 @@ class StuckSnapshot(Operator):
         return None
 
 
-def stuck_job(monkeypatch):
-    """A job whose "stuck" operator waits in its first snapshot until a checkpoint has timed
-    out (the coordinator sets the event once it expired one): that checkpoint cannot complete
-    in time, and the operator's task writes its files for it after it was discarded."""
+def released_on_expiry(monkeypatch):
+    """An event the coordinator sets once it expired a checkpoint."""
     import multiprocessing
 
     from mpstream.checkpoint_coordinator import CheckpointCoordinator
@@ -229,6 +227,14 @@ def stuck_job(monkeypatch):
         released.set()
 
     monkeypatch.setattr(CheckpointCoordinator, "_expire", expire_then_release)
+    return released
+
+
+def stuck_job(monkeypatch):
+    """A job whose "stuck" operator waits in its first snapshot until a checkpoint has timed
+    out: that checkpoint cannot complete in time, and the operator's task writes its files
+    for it after it was discarded."""
+    released = released_on_expiry(monkeypatch)
     p = Pipeline(channel_capacity=1 << 16)
     (p.source("s", UntilTwoCheckpoints).process("stuck", lambda: StuckSnapshot(released), chain=False)
       .key_by("k").aggregate("agg", {"v": "sum"}).collect("out"))
@@ -258,11 +264,42 @@ def test_timed_out_checkpoints_past_the_tolerated_number_fail_the_job(tmp_path, 
     from mpstream.errors import CheckpointError
 
     p = stuck_job(monkeypatch)
-    with pytest.raises(CheckpointError, match=r"1 checkpoints failed in a row, more than the 0 tolerated; the last, "
+    with pytest.raises(CheckpointError, match=r"1 checkpoint failed in a row, more than the 0 tolerated; the last, "
                                               r"checkpoint \d+: timed out after 0.2 s .*raise checkpoint_timeout, or "
                                               r"pass unaligned_checkpoints=True"):
         p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=0.01, checkpoint_timeout=0.2,
               tolerable_checkpoint_failures=0)
+
+
+def test_files_written_late_for_a_final_checkpoint_that_timed_out_are_removed_at_the_end(tmp_path, monkeypatch):
+    released = released_on_expiry(monkeypatch)
+    p = Pipeline()
+    p.from_arrays("src", {"x": np.arange(10)}).process("stuck", lambda: StuckSnapshot(released), chain=False).collect(
+        "out")
+    with pytest.warns(UserWarning, match="the final checkpoint 1 failed and was discarded; the job ends without it "
+                                         r"\(no sink waits for it\): timed out after 0.2 s"):
+        result = p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=3600, checkpoint_timeout=0.2)
+    assert result["out"]["x"].tolist() == list(range(10)) and result.final_checkpoint is None
+    assert os.listdir(tmp_path) == []  # no commit followed: the job's end removed what the stuck task wrote
+
+
+def test_at_least_once_a_newer_barrier_ends_the_alignment_of_one_that_timed_out():
+    """Channels are not blocked: the fast channel's BARRIER(2) comes before the slow one's
+    BARRIER(1) (checkpoint 1 timed out). Checkpoint 2 is aligned from then on, and the late
+    BARRIER(1) counts for nothing (it used to complete 1, leaving 2 one barrier short)."""
+    from mpstream.barrier import AlignedBarrierHandler, AtLeastOnceBarrierHandler
+
+    with Channel("alo-0", 1 << 14) as c0, Channel("alo-1", 1 << 14) as c1:
+        gate = InputGate([ChannelReader(c0.name), ChannelReader(c1.name)])
+        handler = AtLeastOnceBarrierHandler(gate)
+        assert handler.on_barrier(0, 1) and handler.complete() is None
+        assert handler.on_barrier(0, 2) and handler.complete() is None
+        assert not handler.on_barrier(1, 1) and handler.complete() is None
+        assert handler.on_barrier(1, 2) and handler.complete() == 2
+        aligned = AlignedBarrierHandler(gate)
+        aligned.on_barrier(0, 3)
+        assert not aligned.on_barrier(1, 2) and gate.blocked == {0}  # an older one blocks nothing
+        gate.close()
 
 
 def test_a_stop_whose_checkpoint_times_out_fails_instead_of_waiting_forever(tmp_path):

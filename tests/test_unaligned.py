@@ -112,17 +112,19 @@ def test_unaligned_checkpoints_with_random_sigkills_give_the_exact_result(tmp_pa
 
 
 class PacedSource(TestingSource):
-    """Takes 10 ms per batch (work it does, not a synchronisation): each instance's barrier
-    reaches the keyed operator up to 10 ms after the trigger, one before the other."""
+    """Instance 0 takes 5 ms per batch, instance 1 50 ms (work they do, not a
+    synchronisation): at a checkpoint, instance 0's barrier reaches the keyed operator within
+    a few ms, instance 1's after its current batch, up to 50 ms later."""
 
     def poll(self):
-        time.sleep(0.01)
+        time.sleep(0.005 if self.ctx.instance == 0 else 0.05)
         return super().poll()
 
 
 class KeyedSum(Aggregate):
-    """A keyed sum that SIGKILLs itself once, after a checkpoint it took in the middle of
-    aligning: its in-flight rows come from one of its two input channels only."""
+    """A keyed sum that SIGKILLs itself once, after a checkpoint whose in-flight rows all
+    come from source instance 1: instance 0 always has a batch in flight before its barrier,
+    so that checkpoint turned unaligned after instance 0's barrier had come (mid-alignment)."""
 
     def __init__(self, checkpoints, markers):
         super().__init__("k", {"v": "sum", "*": "count"})
@@ -130,27 +132,28 @@ class KeyedSum(Aggregate):
 
     def notify_checkpoint_complete(self, checkpoint_id):
         held = CheckpointStore(self.checkpoints).read_state(checkpoint_id, "slow", 0).in_flight or {}
-        if len(held) == 1 and Once(self.markers, "slow")():
+        if set(held) == {"src.1"} and Once(self.markers, "slow")():
             with open(os.path.join(self.markers, "killed-after"), "w") as f:
                 f.write(str(checkpoint_id))
             kill_me()
 
 
 def test_a_checkpoint_that_turns_unaligned_while_aligning_restores_exactly(tmp_path):
-    """The keyed operator gets BARRIER(n) from one source instance, and the checkpoint turns
-    unaligned (after 3 ms) before the other's comes: the snapshot holds the records of the
-    channel still before its barrier, and none of the one past it (what follows that barrier
-    comes after the snapshot, as aligned). It dies after such a checkpoint committed; the
-    restored job counts every row once."""
+    """The keyed operator gets BARRIER(n) from source instance 0 first, and the checkpoint
+    turns unaligned (after 20 ms) before instance 1's comes: the snapshot holds the records of
+    channel 1 before its barrier, and none of channel 0 (what follows its barrier comes after
+    the snapshot, as aligned; a copy of it would only end at the next barrier, so no such
+    checkpoint could complete). It dies after such a checkpoint committed; the restored job
+    counts every row once."""
     chk, markers = str(tmp_path / "chk"), tmp_path / "markers"
     markers.mkdir()
-    parts = [[rows(i, o) for o in range(100)] for i in range(2)]
+    parts = [[rows(0, o) for o in range(150)], [rows(1, o) for o in range(15)]]
     p = Pipeline(channel_capacity=1 << 18)
     p.source("src", lambda: PacedSource(*parts), parallelism=2).key_by("k").process(
         "slow", lambda: KeyedSum(chk, str(markers)), parallelism=1).collect("out")
     with pytest.warns(UserWarning, match="restarting the job from its last checkpoint"):
-        result = p.run(checkpoint_dir=chk, checkpoint_interval=0.02, checkpoint_retain=1000, restarts=3,
-                       unaligned_checkpoints=True, aligned_checkpoint_timeout=0.003)
+        result = p.run(checkpoint_dir=chk, checkpoint_interval=0.03, checkpoint_retain=1000, restarts=3,
+                       unaligned_checkpoints=True, aligned_checkpoint_timeout=0.02)
     sums, counts = np.zeros(KEYS, np.int64), np.zeros(KEYS, np.int64)
     for part in parts:
         for r in part:
@@ -163,7 +166,7 @@ def test_a_checkpoint_that_turns_unaligned_while_aligning_restores_exactly(tmp_p
 def test_checkpoints_stay_aligned_within_the_aligned_timeout(tmp_path):
     chk = str(tmp_path / "chk")
     result = build(chk).run(checkpoint_dir=chk, checkpoint_interval=0.02, unaligned_checkpoints=True,
-                            aligned_checkpoint_timeout=600)
+                            aligned_checkpoint_timeout=300)
     assert table(result["out"]) == reference()
     assert result.checkpoints and all(c["in_flight_rows"] == 0 for c in result.checkpoints)
 
@@ -397,6 +400,9 @@ def test_an_aligned_timeout_needs_unaligned_checkpoints_and_no_negative_time(tmp
     with pytest.raises(PlanError, match=r"aligned_checkpoint_timeout must be >= 0 seconds \(or None\), got -1"):
         build(str(tmp_path)).run(checkpoint_dir=str(tmp_path), unaligned_checkpoints=True,
                                  aligned_checkpoint_timeout=-1)
+    with pytest.raises(PlanError, match=r"aligned_checkpoint_timeout \(5 s\) must be below checkpoint_timeout \(5 s\)"):
+        build(str(tmp_path)).run(checkpoint_dir=str(tmp_path), unaligned_checkpoints=True,
+                                 aligned_checkpoint_timeout=5, checkpoint_timeout=5)
 
 
 def test_a_look_ahead_copies_records_without_taking_them():
