@@ -64,7 +64,8 @@ class PendingCheckpoint:
         return {"id": self.checkpoint_id, "duration_s": round(time.monotonic() - self.started, 6),
                 "alignment_s": round(self.alignment_s, 6), "snapshot_s": round(self.pause_s, 6),
                 "bytes": sum(f.bytes for f in self.states.values()),
-                "in_flight_rows": sum(f.in_flight_rows for f in self.states.values())}
+                "in_flight_rows": sum(f.in_flight_rows for f in self.states.values()),
+                "unaligned": self.unaligned}
 
 
 class CheckpointCoordinator:

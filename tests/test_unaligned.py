@@ -109,6 +109,9 @@ def test_unaligned_checkpoints_with_random_sigkills_give_the_exact_result(tmp_pa
                                 unaligned_checkpoints=True, aligned_checkpoint_timeout=aligned_timeout)
     assert table(result["out"]) == reference()
     assert sum(c["in_flight_rows"] for c in result.checkpoints) > 0  # some barrier did overtake records
+    # unaligned from the start: every one; aligned for 10 ms first: some turned (behind full rings)
+    assert any(c["unaligned"] for c in result.checkpoints)
+    assert aligned_timeout is not None or all(c["unaligned"] for c in result.checkpoints)
 
 
 class PacedSource(TestingSource):
@@ -168,7 +171,7 @@ def test_checkpoints_stay_aligned_within_the_aligned_timeout(tmp_path):
     result = build(chk).run(checkpoint_dir=chk, checkpoint_interval=0.02, unaligned_checkpoints=True,
                             aligned_checkpoint_timeout=300)
     assert table(result["out"]) == reference()
-    assert result.checkpoints and all(c["in_flight_rows"] == 0 for c in result.checkpoints)
+    assert result.checkpoints and all(c["in_flight_rows"] == 0 and not c["unaligned"] for c in result.checkpoints)
 
 
 def test_a_task_aligning_a_barrier_that_turns_unaligned_copies_only_the_channels_still_before_it():
