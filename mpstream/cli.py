@@ -30,14 +30,20 @@ def _port(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {value}")
-    return value
+def _seconds(zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number of seconds > 0 (>= 0 with zero)."""
+    bound = ">= 0" if zero else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds {bound}, got {text!r}") from None
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"must be a number of seconds {bound}, got {value}")
+        return value
+    parse.__name__ = f"seconds {bound}"
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=_integer(1), default=65536, help="rows per batch (default 65536)")
     demo.add_argument("--out", default=None, help="directory for the CSV output (default: a temporary one, removed at the end)")
     demo.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
-    demo.add_argument("--checkpoint-interval", type=_seconds, default=None,
+    demo.add_argument("--checkpoint-interval", type=_seconds(), default=None,
                       help="take aligned checkpoints every S seconds (default: none; 0.2 with --kill-workers)")
     demo.add_argument("--unaligned-checkpoints", action="store_true",
                       help="checkpoint barriers overtake the records waiting in the rings (kept in the checkpoint)")
-    demo.add_argument("--aligned-checkpoint-timeout", type=_seconds, default=None,
+    demo.add_argument("--aligned-checkpoint-timeout", type=_seconds(zero=True), default=None,
                       help="with --unaligned-checkpoints: each checkpoint starts aligned and turns unaligned after S "
-                           "seconds")
+                           "seconds (0: at once)")
     demo.add_argument("--kill-workers", type=_integer(0), default=0,
                       help="SIGKILL K random workers at random moments; the job recovers and still verifies")
     demo.add_argument("--checkpoint-dir", default=None,
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("--once", action="store_true", help="print one view and exit")
     top.add_argument("--json", action="store_true", help="print one view as JSON (a list of jobs) and exit")
     top.add_argument("--instances", action="store_true", help="show every operator instance")
-    top.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--interval", type=_seconds(), default=1.0, help="seconds between refreshes (default 1)")
     plot = commands.add_parser("plot", help="draw a run's throughput and busy/idle/backpressured time (the plot extra)")
     plot.add_argument("input", help="`mpstream demo --json` output, or a file from JobResult.save_timeline()")
     plot.add_argument("-o", "--output", default="run.png", help="the image to write (default run.png)")

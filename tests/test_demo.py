@@ -85,6 +85,9 @@ def demo(*args, timeout=300, **kwargs):
     (["--event-time", "--unbounded"], "--event-time runs a bounded job"),
     (["--metrics-port", "70000"], "--metrics-port: must be a TCP port"),
     (["--aligned-checkpoint-timeout", "0.1"], "--aligned-checkpoint-timeout needs --unaligned-checkpoints"),
+    (["--unaligned-checkpoints", "--aligned-checkpoint-timeout", "-1"],
+     "--aligned-checkpoint-timeout: must be a number of seconds >= 0, got -1.0"),
+    (["--checkpoint-interval", "0"], "--checkpoint-interval: must be a number of seconds > 0, got 0.0"),
 ])
 def test_demo_refuses_bad_values_with_a_usage_error(args, message):
     out = demo(*args)
