@@ -437,7 +437,7 @@ class _Attempt:
         name = task.spec.name
         checkpoints = self.checkpoints
         if isinstance(message, msg.Collected):
-            self.job.kept[message.sink].append((message.epoch, message.batch))
+            self.job.kept[message.sink] += [(message.epoch, batch) for batch in message.batches]
         elif isinstance(message, (msg.AcknowledgeCheckpoint, msg.DeclineCheckpoint)):
             completed = len(checkpoints.completed)
             if isinstance(message, msg.AcknowledgeCheckpoint):

@@ -50,10 +50,10 @@ class TaskReady:
 
 @dataclass(frozen=True)
 class Collected:
-    """A collect sink's batch, produced after barrier ``epoch`` (0: before any)."""
+    """A collect sink's batches, in order, produced after barrier ``epoch`` (0: before any)."""
 
     sink: str
-    batch: Batch
+    batches: tuple[Batch, ...]
     epoch: int
 
 

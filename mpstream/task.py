@@ -52,7 +52,7 @@ from .counters import Board
 from .errors import ChannelClosedError, CheckpointError, PeerDiedError, SharedMemoryFullError
 from .metrics import InstanceStats
 from .operators import Context, Output, own_key_groups
-from .output import OutputWriter
+from .output import CollectOutput, OutputWriter
 from .partition import split
 from .plan import MAIN, OperatorSpec, TaskSpec
 from .sources import Source
@@ -159,6 +159,10 @@ class ChainedOperator:
     def batches(self, out: Output) -> Iterator[Batch]:
         """This operator's output (a Batch, a mapping of columns, or an iterable of those) as
         batches, each made when asked for; what its code raises meanwhile names it."""
+        if isinstance(out, Batch):  # the common cases first: no iterator to go through
+            return (out,)
+        if isinstance(out, Mapping):
+            return (self.call(_next_batch, iter((out,)), out, self.name),)
         items = self.call(_items, out, self.name)
         return iter(lambda: self.call(_next_batch, items, out, self.name), None)
 
@@ -183,7 +187,7 @@ class ChainedOperator:
                 self.stats.records_out += batch.num_rows
                 self.stats.batches_out += 1
             if self.collect:
-                self.task.send(msg.Collected(self.name, batch, self.task.epoch), out_of_band=True)  # off the ring
+                self.task.collected.add(self.name, batch, self.task.epoch)
             chained = [successor for successor, wanted in self.next if wanted == port]
             if chained:
                 view = batch.read_only()  # as through a ring: a successor's input is not its own
@@ -247,6 +251,7 @@ class Task:
         self.copying: InFlightCopy | None = None  # an unaligned checkpoint's in-flight data, being copied
         self._replay: list[tuple[str, list[tuple[int, Any]]]] | None = None  # restored in-flight data
         self._sending = threading.Lock()  # the snapshot writer sends acks from its thread
+        self.collected = CollectOutput(lambda message: self.send(message, out_of_band=True))
         self._writer = ThreadPoolExecutor(1, "snapshot-writer") if self.checkpointing else None
         self._next_timer = float("inf")  # time.time() of the earliest processing-time timer
         self.operators = [ChainedOperator(op, self, names) for op in spec.operators]
@@ -353,6 +358,7 @@ class Task:
         started = time.perf_counter()
         for op in self.operators:  # output that belongs before the barrier: chained ones see it first
             op.emit(op.call(op.op.prepare_snapshot_pre_barrier, checkpoint_id))
+        self.collected.flush(self.epoch)  # before this task's acknowledgement: kept if n is restored
         self.epoch = checkpoint_id  # what a collect sink gets from now on, a restore from n replays
         snapshots = {op.name: OperatorSnapshot(op.call(op.op.snapshot), op.timers.snapshot(), op.finished,
                                                op.watermark) for op in self.operators}
@@ -558,6 +564,7 @@ class Task:
         head.cpu_s = time.process_time() - cpu
         self._publish()
         self.counters.end()
+        self.collected.flush(self.epoch)  # after a stop: what came after its barrier
         self.send(msg.TaskFinished(tuple(op.stats for op in self.operators)))
 
     def _announce(self) -> None:
@@ -587,6 +594,7 @@ class Task:
             for output in op.outputs:
                 output.close()
         self.outputs_closed = True
+        self.collected.flush(self.epoch)
         if self._writer is not None:  # after the acks of every checkpoint taken so far
             self._writer.submit(self.send, msg.TaskDrained())
         else:

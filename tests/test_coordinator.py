@@ -139,10 +139,10 @@ def test_a_message_cut_off_out_of_band_is_an_end_of_file():
     from mpstream import Batch, messages
 
     ours, theirs = Pipe()
-    whole = messages.Collected("out", Batch({"x": np.arange(1000)}), 0)
+    whole = messages.Collected("out", (Batch({"x": np.arange(1000)}),), 0)
     messages.send_out_of_band(theirs, whole)
     got = messages.receive(ours)
-    assert got.sink == "out" and got.batch["x"].tolist() == list(range(1000))
+    assert got.sink == "out" and got.batches[0]["x"].tolist() == list(range(1000))
     buffers = []
     header = pickle.dumps(whole, protocol=5, buffer_callback=buffers.append)
     theirs.send(messages.Frames((8000,)))
@@ -151,3 +151,36 @@ def test_a_message_cut_off_out_of_band_is_an_end_of_file():
     theirs.close()
     with pytest.raises(EOFError):
         messages.receive(ours)
+
+
+def test_a_task_sends_small_collected_batches_together_and_large_ones_alone():
+    """Small batches are copied (their ring record goes back) and go in one message per sink
+    and flush, each run of one schema as one batch; a large one flushes what came before it
+    (order kept) and goes alone, uncopied; 1 MiB gathered makes a flush by itself."""
+    from mpstream import Batch
+    from mpstream.output import COLLECT_ALONE_BYTES, COLLECT_FLUSH_BYTES, CollectOutput
+
+    sent = []
+    out = CollectOutput(sent.append)
+    ring = np.arange(10)  # stands for a ring record's memory
+    out.add("a", Batch({"x": ring[:4]}), 3)
+    out.add("a", Batch({"x": ring[4:]}), 3)
+    out.add("a", Batch({"y": np.arange(2.0)}), 3)  # another schema: a run of its own
+    out.add("b", Batch({"x": np.arange(3)}), 3)
+    ring[:] = -1  # the records were released and written over
+    assert sent == []
+    big = Batch({"x": np.arange(COLLECT_ALONE_BYTES // 8)})
+    out.add("a", big, 3)
+    assert [(m.sink, m.epoch, [b.schema for b in m.batches]) for m in sent] == [
+        ("a", 3, [(("x", "<i8"),), (("y", "<f8"),)]), ("b", 3, [(("x", "<i8"),)]), ("a", 3, [(("x", "<i8"),)])]
+    assert sent[0].batches[0]["x"].tolist() == list(range(10)) and sent[0].batches[1]["y"].tolist() == [0.0, 1.0]
+    assert sent[1].batches[0]["x"].tolist() == [0, 1, 2] and sent[2].batches[0] is big
+    sent.clear()
+    small = Batch({"x": np.arange(COLLECT_ALONE_BYTES // 8 - 1)})
+    for _ in range(COLLECT_FLUSH_BYTES // small.nbytes):
+        out.add("a", small, 4)
+    assert sent == []
+    out.add("a", small, 4)
+    assert len(sent) == 1 and sent[0].batches[0].num_rows == small.num_rows * (COLLECT_FLUSH_BYTES // small.nbytes + 1)
+    out.flush(4)
+    assert len(sent) == 1  # nothing more gathered
