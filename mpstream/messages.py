@@ -2,7 +2,7 @@
 
 Each is a small frozen dataclass, pickled by ``multiprocessing.connection``. A task's pipe
 identifies the task, so messages carry no task id. A message with large buffers (a collect
-sink's batch) goes out of band (:func:`send_out_of_band`): a :class:`Frames` message, then
+sink's batches) goes out of band (:func:`send_out_of_band`): a :class:`Frames` message, then
 the message pickled without its buffers (protocol 5), then each buffer straight from its
 memory; :func:`receive` reads each buffer straight into memory of its own and puts the message
 back together. That saves pickling a copy of every batch and assembling it again on the other

@@ -29,6 +29,9 @@ __all__ = ["OutputWriter", "CollectOutput"]
 COLLECT_ALONE_BYTES = 64 << 10
 #: The small batches gathered (all sinks) that make a task send them.
 COLLECT_FLUSH_BYTES = 1 << 20
+#: What a gathered batch counts for beyond its bytes (its objects, and its share of the
+#: flush's work): a flush of a million 1-row batches would stall a checkpoint's barrier.
+COLLECT_BATCH_COST = 1024
 
 
 class CollectOutput:
@@ -49,7 +52,7 @@ class CollectOutput:
             self._send(Collected(sink, (batch,), epoch))
             return
         self._pending.setdefault(sink, []).append(batch.copy())  # its record goes back to the ring
-        self._bytes += batch.nbytes
+        self._bytes += batch.nbytes + COLLECT_BATCH_COST
         if self._bytes >= COLLECT_FLUSH_BYTES:
             self.flush(epoch)
 

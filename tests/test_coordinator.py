@@ -158,7 +158,7 @@ def test_a_task_sends_small_collected_batches_together_and_large_ones_alone():
     and flush, each run of one schema as one batch; a large one flushes what came before it
     (order kept) and goes alone, uncopied; 1 MiB gathered makes a flush by itself."""
     from mpstream import Batch
-    from mpstream.output import COLLECT_ALONE_BYTES, COLLECT_FLUSH_BYTES, CollectOutput
+    from mpstream.output import COLLECT_ALONE_BYTES, COLLECT_BATCH_COST, COLLECT_FLUSH_BYTES, CollectOutput
 
     sent = []
     out = CollectOutput(sent.append)
@@ -176,11 +176,13 @@ def test_a_task_sends_small_collected_batches_together_and_large_ones_alone():
     assert sent[0].batches[0]["x"].tolist() == list(range(10)) and sent[0].batches[1]["y"].tolist() == [0.0, 1.0]
     assert sent[1].batches[0]["x"].tolist() == [0, 1, 2] and sent[2].batches[0] is big
     sent.clear()
-    small = Batch({"x": np.arange(COLLECT_ALONE_BYTES // 8 - 1)})
-    for _ in range(COLLECT_FLUSH_BYTES // small.nbytes):
+    for small in (Batch({"x": np.arange(COLLECT_ALONE_BYTES // 8 - 1)}), Batch({"x": np.arange(1)})):
+        sent.clear()
+        each = small.nbytes + COLLECT_BATCH_COST  # tiny batches count for more than their bytes
+        for _ in range(-(-COLLECT_FLUSH_BYTES // each) - 1):
+            out.add("a", small, 4)
+        assert sent == []
         out.add("a", small, 4)
-    assert sent == []
-    out.add("a", small, 4)
-    assert len(sent) == 1 and sent[0].batches[0].num_rows == small.num_rows * (COLLECT_FLUSH_BYTES // small.nbytes + 1)
-    out.flush(4)
-    assert len(sent) == 1  # nothing more gathered
+        assert len(sent) == 1 and sent[0].batches[0].num_rows == small.num_rows * -(-COLLECT_FLUSH_BYTES // each)
+        out.flush(4)
+        assert len(sent) == 1  # nothing more gathered
