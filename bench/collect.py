@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
-from transport import machine_line, quick_option
+from transport import best_of, machine_line, quick_option
 
 from mpstream.pipeline import Pipeline
 
@@ -61,15 +60,7 @@ def bench(rows: int, rounds: int) -> dict[str, float]:
             "np_copy": lambda: {name: col.copy() for name, col in data.items()},
             "small_collect": collect_job(data, 1, SMALL_BATCH),
             "small_callback": collect_job(data, 1, SMALL_BATCH, collect=False)}
-    best = dict.fromkeys(jobs, float("inf"))
-    for _ in range(rounds):  # round by round: a slow spell of the host hits every job
-        for name, job in jobs.items():
-            start = time.perf_counter()
-            out = job()
-            best[name] = min(best[name], time.perf_counter() - start)
-            if out is not None:
-                check(out, data)
-    return best
+    return best_of(rounds, jobs, lambda name, out: out is None or check(out, data))
 
 
 def main() -> None:

@@ -25,11 +25,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
-from transport import machine_line, quick_option
+from transport import best_of, machine_line, quick_option
 
 from mpstream.pipeline import Pipeline
 
@@ -69,21 +68,13 @@ def bench(rounds: int) -> dict[str, float]:
     want = {name: [x * 2 ** max(0, n - 2) for x in range(ROWS)] for name, n, _, _ in JOBS}
     want["mp_pool"] = want["mp_pool_rss256"] = [2 * x for x in range(ROWS)]
     want["ops4_p2_rss256"] = want["ops4_p2"]
-    best = best_of(rounds, jobs, want)
+    def check(name: str, got: list[int]) -> None:
+        assert got == want[name], f"{name}: {got} != {want[name]}"
+
+    best = best_of(rounds, jobs, check)
     ballast = [bytes(1000) for _ in range(256_000)]  # 256 MB in 4 KiB pages, as Python objects are
-    best |= best_of(rounds, {"ops4_p2_rss256": jobs["ops4_p2"], "mp_pool_rss256": mp_pool}, want)
+    best |= best_of(rounds, {"ops4_p2_rss256": jobs["ops4_p2"], "mp_pool_rss256": mp_pool}, check)
     del ballast
-    return best
-
-
-def best_of(rounds: int, jobs: dict[str, Callable[[], list[int]]], want: dict[str, list[int]]) -> dict[str, float]:
-    best = dict.fromkeys(jobs, float("inf"))
-    for _ in range(rounds):  # round by round: a slow spell of the host hits every job
-        for name, job in jobs.items():
-            start = time.perf_counter()
-            got = job()
-            best[name] = min(best[name], time.perf_counter() - start)
-            assert got == want[name], f"{name}: {got} != {want[name]}"
     return best
 
 

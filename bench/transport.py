@@ -26,6 +26,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -280,6 +282,19 @@ def idle_reader_cpu_percent(seconds: float) -> float:
 
 
 # ---- report -------------------------------------------------------------------------------
+
+def best_of(rounds: int, jobs: dict[str, Callable[[], Any]], check: Callable[[str, Any], None]) -> dict[str, float]:
+    """Each job's best time (s) over rounds, the jobs taking turns round by round (a slow spell
+    of the host hits every job); check(name, result) after every run."""
+    best = dict.fromkeys(jobs, float("inf"))
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            result = job()
+            best[name] = min(best[name], time.perf_counter() - start)
+            check(name, result)
+    return best
+
 
 def quick_option(doc: str, what: str) -> bool:
     """Parses a benchmark script's command line: only ``--quick`` (``what`` it does)."""
