@@ -98,9 +98,9 @@ class _OperatorRaised(Exception):
 
 
 def _items(out: Output, name: str) -> Iterator[Any]:
-    """An iterator over an operator's output (a Batch or a mapping of columns is one item)."""
+    """An iterator over an operator's output that is an iterable of batches or mappings."""
     try:
-        return iter([out] if isinstance(out, (Batch, Mapping)) else out)
+        return iter(out)
     except TypeError as exc:
         raise _bad_output(out, name, exc) from exc
 
@@ -112,8 +112,13 @@ def _next_batch(items: Iterator[Any], out: Output, name: str) -> Batch | None:
     """The next batch of an operator's output (an iterator's items are made when asked for:
     a generator's rows need not all be in memory at once), None after the last."""
     item = next(items, _END)
-    if item is _END or isinstance(item, Batch):
-        return None if item is _END else item
+    return None if item is _END else _batch_of(item, out, name)
+
+
+def _batch_of(item: Any, out: Output, name: str) -> Batch:
+    """An item of an operator's output (a Batch, or a mapping of columns) as a batch."""
+    if isinstance(item, Batch):
+        return item
     try:
         return Batch(item)
     except (TypeError, ValueError, AttributeError) as exc:
@@ -162,7 +167,7 @@ class ChainedOperator:
         if isinstance(out, Batch):  # the common cases first: no iterator to go through
             return (out,)
         if isinstance(out, Mapping):
-            return (self.call(_next_batch, iter((out,)), out, self.name),)
+            return (self.call(_batch_of, out, out, self.name),)
         items = self.call(_items, out, self.name)
         return iter(lambda: self.call(_next_batch, items, out, self.name), None)
 
