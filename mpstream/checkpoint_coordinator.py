@@ -58,14 +58,19 @@ class PendingCheckpoint:
     pause_s: float = 0.0
     stop: bool = False
     final: bool = False
-    unaligned: bool = False  # triggered unaligned, or turned unaligned after the aligned timeout
+    unaligned_since: float | None = None  # when triggered unaligned, or turned so after the aligned timeout
+
+    @property
+    def unaligned(self) -> bool:
+        return self.unaligned_since is not None
 
     def stats(self) -> dict[str, Any]:
         return {"id": self.checkpoint_id, "duration_s": round(time.monotonic() - self.started, 6),
                 "alignment_s": round(self.alignment_s, 6), "snapshot_s": round(self.pause_s, 6),
                 "bytes": sum(f.bytes for f in self.states.values()),
                 "in_flight_rows": sum(f.in_flight_rows for f in self.states.values()),
-                "unaligned": self.unaligned}
+                "unaligned": self.unaligned,
+                "unaligned_after_s": None if self.unaligned_since is None else round(self.unaligned_since - self.started, 6)}
 
 
 class CheckpointCoordinator:
@@ -121,7 +126,7 @@ class CheckpointCoordinator:
             if time.monotonic() >= pending.started + self.timeout:
                 self._expire()
             else:  # aligned for aligned_timeout: unaligned from now on
-                pending.unaligned = True
+                pending.unaligned_since = time.monotonic()
                 for task in sorted(pending.awaiting):
                     self._ask(task, pending)
             return
@@ -129,7 +134,8 @@ class CheckpointCoordinator:
         stop = self.stop_requested and not final
         pending = self.pending = PendingCheckpoint(self.next_id, time.monotonic(), set(self.tasks), stop=stop,
                                                    final=final)
-        pending.unaligned = self.unaligned and not stop and self.aligned_timeout is None
+        if self.unaligned and not stop and self.aligned_timeout is None:
+            pending.unaligned_since = pending.started
         self.next_id += 1
         asked = self.tasks if pending.unaligned else (self.sources - self.drained) | self.drained
         for task in sorted(asked):

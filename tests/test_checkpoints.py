@@ -106,8 +106,9 @@ def test_checkpoint_stats_and_retention_in_a_run(tmp_path):
     result = p.run(checkpoint_dir=str(tmp_path), checkpoint_interval=0.001, checkpoint_retain=1)
     assert len(os.listdir(tmp_path)) == 1  # older ones removed, abandoned ones discarded
     for stats in result.checkpoints:
-        assert set(stats) == {"id", "duration_s", "alignment_s", "snapshot_s", "bytes", "in_flight_rows", "unaligned"}
-        assert stats["in_flight_rows"] == 0 and stats["unaligned"] is False  # aligned
+        assert set(stats) == {"id", "duration_s", "alignment_s", "snapshot_s", "bytes", "in_flight_rows", "unaligned",
+                              "unaligned_after_s"}
+        assert stats["in_flight_rows"] == 0 and stats["unaligned"] is False and stats["unaligned_after_s"] is None
 
 
 def test_at_least_once_checkpoints_without_alignment(tmp_path):

@@ -112,6 +112,10 @@ def test_unaligned_checkpoints_with_random_sigkills_give_the_exact_result(tmp_pa
     # unaligned from the start: every one; aligned for 10 ms first: some turned (behind full rings)
     assert any(c["unaligned"] for c in result.checkpoints)
     assert aligned_timeout is not None or all(c["unaligned"] for c in result.checkpoints)
+    # when each turned: at the trigger, or once it had been aligned for the aligned timeout
+    turned = [c["unaligned_after_s"] for c in result.checkpoints if c["unaligned"]]
+    assert all(t == 0.0 for t in turned) if aligned_timeout is None else all(t >= aligned_timeout for t in turned)
+    assert all(c["unaligned_after_s"] is None for c in result.checkpoints if not c["unaligned"])
 
 
 class PacedSource(TestingSource):
@@ -171,7 +175,8 @@ def test_checkpoints_stay_aligned_within_the_aligned_timeout(tmp_path):
     result = build(chk).run(checkpoint_dir=chk, checkpoint_interval=0.02, unaligned_checkpoints=True,
                             aligned_checkpoint_timeout=300)
     assert table(result["out"]) == reference()
-    assert result.checkpoints and all(c["in_flight_rows"] == 0 and not c["unaligned"] for c in result.checkpoints)
+    assert result.checkpoints and all(c["in_flight_rows"] == 0 and not c["unaligned"] and c["unaligned_after_s"] is None
+                                      for c in result.checkpoints)
 
 
 def test_a_task_aligning_a_barrier_that_turns_unaligned_copies_only_the_channels_still_before_it():
