@@ -14,11 +14,12 @@ run for:
 Every contender starts from its own native form of the same data, built before the clock
 starts: numpy arrays, an mpstream Batch (strings as a StringColumn), an Arrow table for
 DuckDB (zero-copy from the StringColumn: Arrow's large_string), a polars DataFrame. DuckDB,
-polars and numpy's string grouping run in a process of their own (forked per DIST, the same
+polars and numpy's string grouping run in a process of their own (spawned per DIST, the same
 events from the same seed, driven round by round with the others): their libraries and data
 (an Arrow table, a DataFrame, 320 MB of numpy strings) would otherwise sit in this process,
 and every fork of an mpstream job (or of mp_pool) pays for the memory of the process it forks
-from (``bench/startup.py`` measures how much).
+from (``bench/startup.py`` measures how much). Spawned, not forked: polars deadlocks in a
+child forked from a process that ran polars.
 
 plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2, beside the same
 parsing in 1 and 2 plain forked processes (the machine's own scaling), and the cost
@@ -178,14 +179,20 @@ def contenders(keys: StringColumn | np.ndarray, values: np.ndarray) -> dict:
     return {impl: lambda fn=fn: _by_code(*fn()) for impl, fn in impls.items()}
 
 
+#: The contenders' processes are spawned, not forked: polars deadlocks in a child forked from a
+#: process that ran polars (its thread pool does not survive a fork), as a pytest session does
+#: that runs bench/test_ingest.py first.
+CONTENDER_CTX = multiprocessing.get_context("spawn")
+
+
 class ContenderProcess:
-    """The contenders of one DIST in a forked process of their own (see the module doc):
-    numpy's string grouping (a ``str_`` DIST), DuckDB and polars (those installed), named by
+    """The contenders of one DIST in a process of their own (see the module doc): numpy's
+    string grouping (a ``str_`` DIST), DuckDB and polars (those installed), named by
     ``impls``; ``run(impl)`` times one there and returns ``(seconds, (sums, counts))``."""
 
     def __init__(self, n: int, dist: str) -> None:
-        self.conn, theirs = CTX.Pipe()
-        self.process = CTX.Process(target=_serve_contenders, args=(theirs, self.conn, n, dist), daemon=True)
+        self.conn, theirs = CONTENDER_CTX.Pipe()
+        self.process = CONTENDER_CTX.Process(target=_serve_contenders, args=(theirs, n, dist), daemon=True)
         self.process.start()
         theirs.close()
         self.impls: list[str] = self.conn.recv()
@@ -207,8 +214,7 @@ class ContenderProcess:
         self.conn.close()
 
 
-def _serve_contenders(conn, ours, n: int, dist: str) -> None:
-    ours.close()  # the bench's end: a bench that dies closes the pipe, and recv() below ends
+def _serve_contenders(conn, n: int, dist: str) -> None:
     libc = ctypes.CDLL(None)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: and dies with the bench even mid-run
     codes, values = events(n, dist)
