@@ -411,9 +411,14 @@ class Batch(Mapping[str, Column]):
 
     def read_only(self) -> Batch:
         """Read-only views of the columns (no copy): what an operator gets, through a ring or
-        chained, so changing its input in place is an error, not a change others see."""
-        return Batch._trusted({name: _read_only(col) for name, col in self._columns.items()}, self._num_rows,
-                              self._schema)
+        chained, so changing its input in place is an error, not a change others see. A
+        batch of read-only numeric columns (read from a ring, or sliced from read-only
+        columns) is its own."""
+        for col in self._columns.values():
+            if type(col) is not np.ndarray or col.flags.writeable:
+                return Batch._trusted({name: _read_only(col) for name, col in self._columns.items()}, self._num_rows,
+                                      self._schema)
+        return self
 
     def __repr__(self) -> str:
         cols = ", ".join(f"{name}: {dtype}" for name, dtype in self.schema)

@@ -228,10 +228,11 @@ class ColumnsSource(UnitSource):
     def open(self, ctx: Context) -> None:
         super().open(ctx)
         columns = self._columns if self._load is None else self._load()
-        # A Batch (from_arrays: validated and encoded once, in the caller) is sliced as it is;
+        # A Batch (from_arrays: validated and encoded once, in the caller) is sliced as it is, from
+        # read-only views (its slices then need no views of their own to go to a chained operator);
         # loaded columns become a batch a slice at a time, so each instance converts only what
         # it reads (a structured .npy's fields are strided, str columns get encoded).
-        self._data = columns if isinstance(columns, Batch) else {
+        self._data = columns.read_only() if isinstance(columns, Batch) else {
             name: col if isinstance(col, (np.ndarray, StringColumn)) else np.asarray(col) for name, col in columns.items()}
         self._rows = len(next(iter(self._data.values()), ()))
         batches = -(-self._rows // self.batch_size)

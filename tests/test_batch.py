@@ -240,3 +240,21 @@ def test_strings_from_a_sequence_keep_trailing_nul_characters():
 def test_a_string_column_slices_like_a_sequence():
     col = StringColumn.from_strings(["a", "bb", None, "dddd"])
     assert list(col[1:3]) == ["bb", None] and list(col[::2]) == ["a", None] and list(col[5:]) == []
+
+
+def test_read_only_views_every_buffer_and_is_a_no_op_on_a_read_only_batch():
+    x, s, m = np.arange(4), ["a", "bb", "c", "d"], np.ma.MaskedArray(np.ones(4), mask=[0, 1, 0, 0])
+    b = Batch({"x": x, "s": s, "m": m})
+    ro = b.read_only()
+    assert ro is not b and x.flags.writeable  # the caller's array stays its own
+    for buffer in ro.buffers():
+        assert not buffer.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            buffer[0] = 1
+    assert ro["s"].to_numpy().tolist() == s and ro["m"].mask.tolist() == [False, True, False, False]
+    numeric = Batch({"x": x, "y": np.zeros(4)}).read_only()
+    assert numeric.read_only() is numeric  # nothing left to protect: no views of views
+    sliced = numeric.slice(1, 3)
+    assert sliced.read_only() is sliced and sliced["x"].tolist() == [1, 2]
+    # one writeable column is enough to make views of them all
+    assert Batch({"x": numeric["x"], "w": np.zeros(4)}).read_only()["w"].flags.writeable is False
