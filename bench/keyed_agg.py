@@ -192,10 +192,16 @@ class ContenderProcess:
 
     def __init__(self, n: int, dist: str) -> None:
         self.conn, theirs = CONTENDER_CTX.Pipe()
-        self.process = CONTENDER_CTX.Process(target=_serve_contenders, args=(theirs, n, dist), daemon=True)
+        self.process = CONTENDER_CTX.Process(target=_serve_contenders, args=(theirs, os.getpid(), n, dist),
+                                             daemon=True)
         self.process.start()
         theirs.close()
-        self.impls: list[str] = self.conn.recv()
+        try:
+            self.impls: list[str] = self.conn.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(f"the contenders' process of {dist} died as it started (exit code "
+                               f"{self.process.exitcode}); its stderr says why") from None
 
     def run(self, impl: str) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
         self.conn.send(impl)
@@ -214,9 +220,11 @@ class ContenderProcess:
         self.conn.close()
 
 
-def _serve_contenders(conn, n: int, dist: str) -> None:
+def _serve_contenders(conn, parent: int, n: int, dist: str) -> None:
     libc = ctypes.CDLL(None)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: and dies with the bench even mid-run
+    if os.getppid() != parent:  # the bench died while this process started
+        os._exit(1)
     codes, values = events(n, dist)
     impls, keys = {}, codes
     if dist.startswith("str_"):
@@ -340,7 +348,7 @@ def plain_processes(rows: int, parallelism: int) -> float:
         w.start()
     for w in workers:
         w.join()
-        assert w.exitcode == 0, f"a plain parsing process failed with exit code {w.exitcode}"
+    assert all(w.exitcode == 0 for w in workers), f"a plain parsing process failed: {[w.exitcode for w in workers]}"
     return time.perf_counter() - start
 
 
@@ -382,6 +390,8 @@ def main() -> None:
     print(json.dumps({"bench": "keyed_agg", "machine": machine_line(), "events": n, "results": results,
                       "partitions": partitions, "string_key_ns": string_ns, "cpu_map": {"seconds_p1": round(cpu[1], 3),
                                                             "seconds_p2": round(cpu[2], 3), "speedup": round(scaling, 3),
+                                                            "plain_seconds_p1": round(plain[1], 3),
+                                                            "plain_seconds_p2": round(plain[2], 3),
                                                             "plain_processes_speedup": round(machine_scaling, 3)}}))
 
 

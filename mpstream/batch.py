@@ -412,10 +412,11 @@ class Batch(Mapping[str, Column]):
     def read_only(self) -> Batch:
         """Read-only views of the columns (no copy): what an operator gets, through a ring or
         chained, so changing its input in place is an error, not a change others see. A
-        batch of read-only numeric columns (read from a ring, or sliced from read-only
-        columns) is its own."""
+        batch of read-only numeric views (read from a ring, or sliced from read-only columns)
+        is its own: numpy refuses to make a view writeable again when its base is not, but
+        lets whoever holds an array that owns its memory do so, so those get a view."""
         for col in self._columns.values():
-            if type(col) is not np.ndarray or col.flags.writeable:
+            if type(col) is not np.ndarray or col.flags.writeable or col.base is None:
                 return Batch._trusted({name: _read_only(col) for name, col in self._columns.items()}, self._num_rows,
                                       self._schema)
         return self

@@ -229,7 +229,7 @@ class ColumnsSource(UnitSource):
         super().open(ctx)
         columns = self._columns if self._load is None else self._load()
         # A Batch (from_arrays: validated and encoded once, in the caller) is sliced as it is, from
-        # read-only views (its slices then need no views of their own to go to a chained operator);
+        # read-only views (its numeric slices then go to a chained operator as they are);
         # loaded columns become a batch a slice at a time, so each instance converts only what
         # it reads (a structured .npy's fields are strided, str columns get encoded).
         self._data = columns.read_only() if isinstance(columns, Batch) else {

@@ -256,5 +256,12 @@ def test_read_only_views_every_buffer_and_is_a_no_op_on_a_read_only_batch():
     assert numeric.read_only() is numeric  # nothing left to protect: no views of views
     sliced = numeric.slice(1, 3)
     assert sliced.read_only() is sliced and sliced["x"].tolist() == [1, 2]
+    # an array that owns its memory could be made writeable again by whoever holds it: a view
+    owned = np.arange(4)
+    owned.flags.writeable = False
+    shared = Batch({"x": owned}).read_only()
+    assert shared["x"] is not owned
+    with pytest.raises(ValueError, match="cannot set WRITEABLE flag"):
+        shared["x"].flags.writeable = True
     # one writeable column is enough to make views of them all
     assert Batch({"x": numeric["x"], "w": np.zeros(4)}).read_only()["w"].flags.writeable is False
