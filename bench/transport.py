@@ -9,7 +9,8 @@ SIZE slices of an ordinary 256 MiB numpy array (beyond the caches, not page-alig
 consumer touches every cache line of it. np_copyto is the single-process bandwidth of copying
 SIZE chunks between two 256 MiB buffers, the same memory traffic without a second process.
 Latency: ping-pong of an 8-row batch, one-way = round trip / 2; "_parked" variants pause 1 ms
-between pings so the echoing side is asleep on its futex (or in the kernel) every time.
+between pings so the echoing side is asleep on its futex (or in the kernel) every time. Every
+implementation's pings come in 5 rounds, interleaved with the others'.
 "mpstream_ring" is the same ping-pong on the same rings through the ring's own calls (claim,
 commit, peek, release; a 64-byte record, no Batch and no framing): the futex wake-up alone,
 without the Python record path a channel adds on each side.
@@ -168,9 +169,15 @@ def _mps_echo(inbound: str, outbound: str) -> None:
                 writer.write(record.batch)
 
 
+WARMUP_PINGS = 20
+
+
 def ping_pong(round_trip, pings: int, gap_s: float) -> np.ndarray:
     """One-way latencies in microseconds: each round_trip() timed and halved; gap_s of sleep
-    before each ping lets the other side fall asleep first."""
+    before each ping lets the other side fall asleep first. The first WARMUP_PINGS (the
+    echoing process just started) are not timed."""
+    for _ in range(WARMUP_PINGS):
+        round_trip()
     out = np.empty(pings)
     for i in range(pings):
         if gap_s:
@@ -283,6 +290,10 @@ def idle_reader_cpu_percent(seconds: float) -> float:
 
 # ---- report -------------------------------------------------------------------------------
 
+LATENCY = {"mpstream": mpstream_latency, "mpstream_ring": ring_latency, "mp_pipe": mp_pipe_latency}
+LATENCY_ROUNDS = 5  # each impl's pings are taken in this many rounds, interleaved with the others'
+
+
 def best_of(rounds: int, jobs: dict[str, Callable[[], Any]], check: Callable[[str, Any], None]) -> dict[str, float]:
     """Each job's best time (s) over rounds, the jobs taking turns round by round (a slow spell
     of the host hits every job); check(name, result) after every run."""
@@ -332,19 +343,18 @@ def run(quick: bool) -> dict:
             print(f"  {impl:10s} {size:>6s} {msgs * nbytes / 1e6:10.1f} MB/s {msgs:12,.0f} msgs/s", file=sys.stderr)
     pings = 2_000 if quick else 10_000
     parked = 500 if quick else 2_000
-    samples = {
-        "mpstream": mpstream_latency(pings, 0),
-        "mpstream_parked": mpstream_latency(parked, 0.001),
-        "mpstream_ring": ring_latency(pings, 0),
-        "mpstream_ring_parked": ring_latency(parked, 0.001),
-        "mp_pipe": mp_pipe_latency(pings, 0),
-        "mp_pipe_parked": mp_pipe_latency(parked, 0.001),
-    }
-    latency = {impl: {"p50": round(float(np.percentile(s, 50)), 2), "p99": round(float(np.percentile(s, 99)), 2)}
-               for impl, s in samples.items()}
+    samples: dict[str, list[np.ndarray]] = {f"{impl}{kind}": [] for impl in LATENCY for kind in ("", "_parked")}
+    for _ in range(LATENCY_ROUNDS):  # interleaved: the host's drift during the run hits every impl alike
+        for impl, measure in LATENCY.items():
+            samples[impl].append(measure(pings // LATENCY_ROUNDS, 0))
+            samples[f"{impl}_parked"].append(measure(parked // LATENCY_ROUNDS, 0.001))
+    latency = {impl: {"p50": round(float(np.percentile(np.concatenate(s), 50)), 2),
+                      "p99": round(float(np.percentile(np.concatenate(s), 99)), 2)} for impl, s in samples.items()}
     idle = round(idle_reader_cpu_percent(5.0), 2)
     return {"bench": "transport", "machine": machine_line(), "quick": quick, "throughput": throughput,
-            "latency_us": latency, "idle_reader_cpu_percent_5s": idle}
+            "latency_us": latency,
+            "parked_p50_vs_pipe": round(latency["mpstream_parked"]["p50"] / latency["mp_pipe_parked"]["p50"], 3),
+            "idle_reader_cpu_percent_5s": idle}
 
 
 def print_table(result: dict) -> None:
@@ -359,6 +369,7 @@ def print_table(result: dict) -> None:
     print(f"{'latency (one-way, us)':24s}{'p50':>8s}{'p99':>8s}")
     for impl, v in result["latency_us"].items():
         print(f"{impl:24s}{v['p50']:8.2f}{v['p99']:8.2f}")
+    print(f"parked p50, mpstream / pipe: {result['parked_p50_vs_pipe']:.2f} (target <= 1)")
     print(f"reader blocked 5 s on an empty channel: {result['idle_reader_cpu_percent_5s']:.2f}% of a core")
 
 
