@@ -147,6 +147,7 @@ class ChainedOperator:
         self.spec_event_time = node.event_time
         self.outputs = [OutputWriter(o, names, TASK_NAP_NS, task.clock) for o in spec.outputs]
         self.next: list[tuple[ChainedOperator, str]] = []  # chained successors and the port they read
+        self._routes: dict[str, tuple[list[ChainedOperator], list[OutputWriter]]] = {}  # by port, made by emit
         self.finished = False  # close() ran (in this attempt or before the restored checkpoint)
         self.watermark = MIN_TIME  # this operator's event time
         self._announced: set[str] = set()  # ports that carried a batch (so downstream knows its schema)
@@ -181,29 +182,33 @@ class ChainedOperator:
         read the port, to its channels, and for a collect sink to the coordinator."""
         if out is None:
             return
+        route = self._routes.get(port)
+        if route is None:  # the chained successors and the channels that read port
+            route = self._routes[port] = ([successor for successor, wanted in self.next if wanted == port],
+                                          [output for output in self.outputs if output.port == port])
+        chained, outputs = route
         for batch in self.batches(out):
-            if batch.num_rows == 0 and port in self._announced:
+            rows = batch.num_rows
+            if rows == 0 and port in self._announced:
                 continue
             if self.task.outputs_closed:
                 raise _OperatorRaised(self.name, self.instance) from RuntimeError(
                     f"operator {self.name!r} emitted output after the end of its input; emit everything in close()")
             self._announced.add(port)
-            if batch.num_rows:
-                self.stats.records_out += batch.num_rows
+            if rows:
+                self.stats.records_out += rows
                 self.stats.batches_out += 1
             if self.collect:
                 self.task.collected.add(self.name, batch, self.task.epoch)
-            chained = [successor for successor, wanted in self.next if wanted == port]
             if chained:
                 view = batch.read_only()  # as through a ring: a successor's input is not its own
                 for successor in chained:
                     successor.process(view)
-            for output in self.outputs:
-                if output.port == port:
-                    try:
-                        output.write(batch)
-                    except SharedMemoryFullError as exc:  # reserving its output ring's pages: name it
-                        raise _OperatorRaised(self.name, self.instance) from exc
+            for output in outputs:
+                try:
+                    output.write(batch)
+                except SharedMemoryFullError as exc:  # reserving its output ring's pages: name it
+                    raise _OperatorRaised(self.name, self.instance) from exc
 
     def fire_timers(self, now: float) -> None:
         for timer in self.timers.due_processing(now):
