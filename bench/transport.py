@@ -9,8 +9,10 @@ SIZE slices of an ordinary 256 MiB numpy array (beyond the caches, not page-alig
 consumer touches every cache line of it. np_copyto is the single-process bandwidth of copying
 SIZE chunks between two 256 MiB buffers, the same memory traffic without a second process.
 Latency: ping-pong of an 8-row batch, one-way = round trip / 2; "_parked" variants pause 1 ms
-between pings so the echoing side is asleep on its futex (or in the kernel) every time. Every
-implementation's pings come in 5 rounds, interleaved with the others'.
+between pings so the echoing side is asleep on its futex (or in the kernel) every time. Parked
+pings come in 5 rounds per implementation, interleaved with the others' (the host drifts
+within a run); the others in one run of 10,000 each (rounds of 2,000 measured them slower:
+the scheduler had not yet put the two spinning processes on separate CPUs).
 "mpstream_ring" is the same ping-pong on the same rings through the ring's own calls (claim,
 commit, peek, release; a 64-byte record, no Batch and no framing): the futex wake-up alone,
 without the Python record path a channel adds on each side.
@@ -291,7 +293,7 @@ def idle_reader_cpu_percent(seconds: float) -> float:
 # ---- report -------------------------------------------------------------------------------
 
 LATENCY = {"mpstream": mpstream_latency, "mpstream_ring": ring_latency, "mp_pipe": mp_pipe_latency}
-LATENCY_ROUNDS = 5  # each impl's pings are taken in this many rounds, interleaved with the others'
+LATENCY_ROUNDS = 5  # each impl's parked pings are taken in this many rounds, interleaved with the others'
 
 
 def best_of(rounds: int, jobs: dict[str, Callable[[], Any]], check: Callable[[str, Any], None]) -> dict[str, float]:
@@ -344,9 +346,10 @@ def run(quick: bool) -> dict:
     pings = 2_000 if quick else 10_000
     parked = 500 if quick else 2_000
     samples: dict[str, list[np.ndarray]] = {f"{impl}{kind}": [] for impl in LATENCY for kind in ("", "_parked")}
-    for _ in range(LATENCY_ROUNDS):  # interleaved: the host's drift during the run hits every impl alike
+    for impl, measure in LATENCY.items():  # one long run each: the scheduler settles two spinning processes
+        samples[impl].append(measure(pings, 0))
+    for _ in range(LATENCY_ROUNDS):  # parked, interleaved: the host's drift during the run hits every impl alike
         for impl, measure in LATENCY.items():
-            samples[impl].append(measure(pings // LATENCY_ROUNDS, 0))
             samples[f"{impl}_parked"].append(measure(parked // LATENCY_ROUNDS, 0.001))
     latency = {impl: {"p50": round(float(np.percentile(np.concatenate(s), 50)), 2),
                       "p99": round(float(np.percentile(np.concatenate(s), 99)), 2)} for impl, s in samples.items()}
