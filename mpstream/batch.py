@@ -264,7 +264,16 @@ def _check_column(name: object, value: ArrayLike | StringColumn) -> Column:
     return np.ascontiguousarray(arr)  # frames copy whole buffers: one memmove per column
 
 
+_DTYPE_STRS: dict[np.dtype, str] = {}  # dtype -> dtype.str, which numpy builds anew at every call
+
+
 def _column_dtype(col: Column) -> str:
+    if type(col) is np.ndarray:  # the common case first: a plain column
+        dtype = col.dtype
+        name = _DTYPE_STRS.get(dtype)
+        if name is None:
+            name = _DTYPE_STRS[dtype] = dtype.str
+        return name
     base = _STRING if isinstance(col, StringColumn) else col.dtype.str
     return base + _NULLABLE if null_mask(col) is not None else base
 
@@ -321,13 +330,19 @@ class Batch(Mapping[str, Column]):
     def schema(self) -> tuple[tuple[str, str], ...]:
         """((name, dtype), ...) with numpy's dtype.str, or "utf8" for string columns."""
         if self._schema is None:
-            self._schema = tuple((name, _column_dtype(col)) for name, col in self._columns.items())
+            self._schema = tuple([(name, _column_dtype(col)) for name, col in self._columns.items()])
         return self._schema
 
     def buffers(self) -> tuple[np.ndarray, ...]:
         """The contiguous buffers behind the columns, in order (two per string column)."""
         if self._buffers is None:
-            self._buffers = tuple(buf for col in self._columns.values() for buf in _buffers(col))
+            buffers: list[np.ndarray] = []
+            for col in self._columns.values():
+                if type(col) is np.ndarray:  # the common case first: a plain column
+                    buffers.append(col)
+                else:
+                    buffers += _buffers(col)
+            self._buffers = tuple(buffers)
         return self._buffers
 
     @property

@@ -265,3 +265,16 @@ def test_read_only_views_every_buffer_and_is_a_no_op_on_a_read_only_batch():
         shared["x"].flags.writeable = True
     # one writeable column is enough to make views of them all
     assert Batch({"x": numeric["x"], "w": np.zeros(4)}).read_only()["w"].flags.writeable is False
+
+
+def test_schema_names_each_dtype_exactly_however_often_it_was_seen():
+    cols = {"ns": np.arange(2).astype("M8[ns]"), "us": np.arange(2).astype("M8[us]"), "i4": np.arange(2, dtype="<i4"),
+            "l": np.arange(2, dtype="l"), "q": np.arange(2, dtype="q"), "f4": np.zeros(2, "f4"), "b": np.ones(2, bool),
+            "big": np.arange(2, dtype=">i8"), "m": np.ma.MaskedArray(np.zeros(2), mask=[0, 1]), "s": ["a", None]}
+    want = (("ns", "<M8[ns]"), ("us", "<M8[us]"), ("i4", "<i4"), ("l", "<i8"), ("q", "<i8"), ("f4", "<f4"),
+            ("b", "|b1"), ("big", "<i8"), ("m", "<f8?"), ("s", "utf8?"))
+    for _ in range(2):  # the second time from the dtype-name cache
+        b = Batch(cols)
+        assert b.schema == want
+        assert [buf.dtype.str for buf in b.buffers()] == ["<M8[ns]", "<M8[us]", "<i4", "<i8", "<i8", "<f4", "|b1",
+                                                          "<i8", "<f8", "|b1", "<i8", "|u1", "|b1"]
