@@ -153,6 +153,11 @@ class ChainedOperator:
         self._announced: set[str] = set()  # ports that carried a batch (so downstream knows its schema)
         self.op = self.call(node.make)
 
+    def chain(self, successors: list[tuple[ChainedOperator, str]]) -> None:
+        """The chained operators that get this one's output, each with the port it reads."""
+        self.next = successors
+        self._routes.clear()
+
     def call(self, fn: Any, *args: Any) -> Any:
         """Runs operator code; an exception is reported as raised by this operator."""
         try:
@@ -267,7 +272,7 @@ class Task:
         self.operators = [ChainedOperator(op, self, names) for op in spec.operators]
         by_name = {op.name: op for op in self.operators}
         for op, op_spec in zip(self.operators, spec.operators):
-            op.next = [(by_name[name], port) for name, port in op_spec.chained]
+            op.chain([(by_name[name], port) for name, port in op_spec.chained])
         self.head = self.operators[0]
         readers = [ChannelReader(names[label], nap_ns=TASK_NAP_NS, clock=self.clock) for label in spec.inputs]
         self.gate = InputGate(readers, self.clock) if readers else None

@@ -276,5 +276,6 @@ def test_schema_names_each_dtype_exactly_however_often_it_was_seen():
     for _ in range(2):  # the second time from the dtype-name cache
         b = Batch(cols)
         assert b.schema == want
+        assert Batch._trusted({"x": np.arange(2, dtype=">i8")}, 2).schema == (("x", ">i8"),)  # not <i8's name
         assert [buf.dtype.str for buf in b.buffers()] == ["<M8[ns]", "<M8[us]", "<i4", "<i8", "<i8", "<f4", "|b1",
                                                           "<i8", "<f8", "|b1", "<i8", "|u1", "|b1"]
