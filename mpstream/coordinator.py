@@ -119,6 +119,7 @@ class Job:
                 self._rescalable[node.name] = operator.rescalable
         self.tasks = graph.tasks()
         self.kept: dict[str, list[tuple[int, Batch]]] = {n.name: [] for n in graph.nodes if n.collect}
+        self.arena = msg.BufferArena()  # where collected batches land
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -427,7 +428,7 @@ class _Attempt:
     def _drain(self, conn: Connection, open_conns: dict) -> None:
         while conn in open_conns and conn.poll():
             try:
-                message = msg.receive(conn)
+                message = msg.receive(conn, self.job.arena)
             except (EOFError, OSError):  # closed, or reset by a killed task with unread input
                 del open_conns[conn]
                 return

@@ -3,6 +3,7 @@ stated rate, and keeps taking checkpoints for the whole job."""
 
 import os
 import resource
+import threading
 import time
 
 import numpy as np
@@ -139,9 +140,10 @@ def test_a_message_cut_off_out_of_band_is_an_end_of_file():
     from mpstream import Batch, messages
 
     ours, theirs = Pipe()
+    arena = messages.BufferArena()
     whole = messages.Collected("out", (Batch({"x": np.arange(1000)}),), 0)
     messages.send_out_of_band(theirs, whole)
-    got = messages.receive(ours)
+    got = messages.receive(ours, arena)
     assert got.sink == "out" and got.batches[0]["x"].tolist() == list(range(1000))
     buffers = []
     header = pickle.dumps(whole, protocol=5, buffer_callback=buffers.append)
@@ -150,7 +152,32 @@ def test_a_message_cut_off_out_of_band_is_an_end_of_file():
     theirs.send_bytes(b"only part of it")  # then the sender dies
     theirs.close()
     with pytest.raises(EOFError):
-        messages.receive(ours)
+        messages.receive(ours, arena)
+
+
+def test_received_buffers_share_aligned_chunks_and_keep_their_bytes():
+    """The coordinator reads collected buffers into slices of large chunks (huge pages: a
+    fault per 2 MiB): every buffer keeps its own bytes, starts on a 64-byte boundary, and one
+    as large as a chunk gets memory of its own."""
+    from multiprocessing import Pipe
+
+    from mpstream import Batch, messages
+
+    ours, theirs = Pipe()
+    arena = messages.BufferArena()
+    sizes = [1, 1000, 3, 70_000, 1, 2_000_000]
+    sent = [Batch({"x": np.arange(n, dtype=np.int64) * 3 + n, "y": np.full(n, n % 7, np.int8)}) for n in sizes]
+    for batch in sent:
+        writer = threading.Thread(target=messages.send_out_of_band, args=(theirs, messages.Collected("out", (batch,), 0)))
+        writer.start()  # a message larger than the pipe holds: written while it is read
+        got = messages.receive(ours, arena).batches[0]
+        writer.join()
+        for name in ("x", "y"):
+            np.testing.assert_array_equal(got[name], batch[name])
+            assert got[name].ctypes.data % 64 == 0
+    assert not ours.poll()  # every byte sent was read
+    big, small = arena.take(messages.BufferArena.CHUNK), arena.take(10)
+    assert big.base is None and small.base is not None and len(big) == messages.BufferArena.CHUNK
 
 
 def test_a_task_sends_small_collected_batches_together_and_large_ones_alone():
