@@ -47,12 +47,13 @@ class CollectOutput:
 
     def add(self, sink: str, batch: Batch, epoch: int) -> None:
         """batch (produced after barrier epoch) for sink; it may be a view on a ring record."""
-        if batch.nbytes >= COLLECT_ALONE_BYTES:
+        nbytes = batch.nbytes
+        if nbytes >= COLLECT_ALONE_BYTES:
             self.flush(epoch)
             self._send(Collected(sink, (batch,), epoch))
             return
         self._pending.setdefault(sink, []).append(batch.copy())  # its record goes back to the ring
-        self._bytes += batch.nbytes + COLLECT_BATCH_COST
+        self._bytes += nbytes + COLLECT_BATCH_COST
         if self._bytes >= COLLECT_FLUSH_BYTES:
             self.flush(epoch)
 
