@@ -180,39 +180,36 @@ class CheckpointStore:
             _fsync_dir(directory)
         except OSError as exc:
             raise CheckpointError(f"checkpoint {checkpoint_id}: cannot commit to {directory}: {exc}") from exc
-        complete = self.complete()
-        for old in complete[:-self.retain]:
+        for old in self.complete()[:-self.retain]:
             shutil.rmtree(self.directory(old), ignore_errors=True)
-        for entry in self._entries():  # failed or timed out before: each task wrote its files of
-            # those before it acknowledged this one (one writer thread per task, in order)
-            if entry.startswith("chk-") and int(entry[4:]) < checkpoint_id and int(entry[4:]) not in complete:
-                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+        # failed or timed out before it: each task wrote its files of those before it
+        # acknowledged this one (one writer thread per task, in order)
+        self.discard_incomplete(before=checkpoint_id)
         return directory
 
     def discard(self, checkpoint_id: int) -> None:
         """Removes an incomplete checkpoint's files (a failed or abandoned checkpoint)."""
         shutil.rmtree(self.directory(checkpoint_id), ignore_errors=True)
 
-    def discard_incomplete(self) -> None:
+    def discard_incomplete(self, before: int | None = None) -> None:
         """Removes every checkpoint directory without committed metadata (call when no worker
-        can still write into one: at the start or the end of a job)."""
+        can still write into one: at the start or the end of a job), or only those of ids
+        below ``before``."""
         complete = set(self.complete())
-        for entry in self._entries():
-            if entry.startswith("chk-") and int(entry[4:]) not in complete:
-                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+        for checkpoint_id in self._ids():
+            if checkpoint_id not in complete and (before is None or checkpoint_id < before):
+                self.discard(checkpoint_id)
 
     # ---- read on restore --------------------------------------------------------------------
 
     def complete(self) -> list[int]:
         """Ids of the checkpoints whose metadata was committed, oldest first."""
-        ids = []
-        for entry in self._entries():
-            if entry.startswith("chk-") and os.path.exists(os.path.join(self.root, entry, _METADATA)):
-                ids.append(int(entry[4:]))
-        return sorted(ids)
+        return [i for i in self._ids() if os.path.exists(os.path.join(self.directory(i), _METADATA))]
 
-    def _entries(self) -> list[str]:
-        return os.listdir(self.root) if os.path.isdir(self.root) else []
+    def _ids(self) -> list[int]:
+        """Ids of every checkpoint directory, complete or not, oldest first."""
+        entries = os.listdir(self.root) if os.path.isdir(self.root) else []
+        return sorted(int(entry[4:]) for entry in entries if entry.startswith("chk-"))
 
     def metadata(self, checkpoint_id: int) -> dict[str, Any]:
         with open(os.path.join(self.directory(checkpoint_id), _METADATA)) as f:
