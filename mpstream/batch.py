@@ -338,10 +338,7 @@ class Batch(Mapping[str, Column]):
         if self._buffers is None:
             buffers: list[np.ndarray] = []
             for col in self._columns.values():
-                if type(col) is np.ndarray:  # the common case first: a plain column
-                    buffers.append(col)
-                else:
-                    buffers += _buffers(col)
+                buffers += _buffers(col)
             self._buffers = tuple(buffers)
         return self._buffers
 
@@ -455,7 +452,10 @@ def _read_only(col: Column) -> Column:
 
 
 def _buffers(col: Column) -> tuple[np.ndarray, ...]:
-    # np.ma.getdata of a plain array costs an AttributeError: every batch written pays this.
+    # The common case first: a plain column. (np.ma.getdata of a plain array would cost an
+    # AttributeError: every batch written paid it.)
+    if type(col) is np.ndarray:
+        return (col,)
     if isinstance(col, StringColumn):
         return (col.offsets, col.data) if col.mask is None else (col.offsets, col.data, col.mask)
     if isinstance(col, np.ma.MaskedArray):
@@ -533,7 +533,7 @@ class Frame:
                 column.data = np.frombuffer(src, np.uint8, fields[f + 3], index + fields[f + 2])
                 column.mask = np.frombuffer(src, np.bool_, num_rows, index + fields[f + 4]) if nullable else None
                 columns[name] = column
-                buffers += (column.offsets, column.data) if column.mask is None else (column.offsets, column.data, column.mask)
+                buffers += _buffers(column)
                 f += 6 if nullable else 4
             else:
                 values = np.frombuffer(src, dtype, num_rows, index + fields[f])
