@@ -45,7 +45,7 @@ import time
 from urllib.parse import urlsplit
 
 import numpy as np
-from transport import machine_line, quick_option
+from transport import best_of, machine_line, quick_option
 
 from mpstream import Batch, StringColumn
 from mpstream.pipeline import Pipeline
@@ -327,29 +327,23 @@ def cpu_map_job(rows: int, parallelism: int) -> Pipeline:
     return p
 
 
-def cpu_map(rows: int, parallelism: int) -> float:
-    return timed(cpu_map_job(rows, parallelism).run)[0]
-
-
 def _parse_share(batch: Batch, lo: int, hi: int) -> None:
     for start in range(lo, hi, 4096):
         parse_urls(batch.slice(start, min(hi, start + 4096)))
 
 
-def plain_processes(rows: int, parallelism: int) -> float:
+def plain_processes(batch: Batch, parallelism: int) -> None:
     """The same parsing in parallelism forked processes, each a contiguous share of the URLs:
-    what this machine gives two CPU-bound processes right now, the ceiling of cpu_map's
+    what this machine gives two CPU-bound processes right now, the ceiling of cpu_map_job's
     scaling."""
-    batch, step = url_batch(rows), -(-rows // parallelism)
-    start = time.perf_counter()
-    workers = [CTX.Process(target=_parse_share, args=(batch, i * step, min(rows, (i + 1) * step)))
+    step = -(-batch.num_rows // parallelism)
+    workers = [CTX.Process(target=_parse_share, args=(batch, i * step, min(batch.num_rows, (i + 1) * step)))
                for i in range(parallelism)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
     assert all(w.exitcode == 0 for w in workers), f"a plain parsing process failed: {[w.exitcode for w in workers]}"
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -357,12 +351,11 @@ def main() -> None:
     n = 4_000_000 if quick else 20_000_000
     results, partitions = keyed_agg(n, repeats=2 if quick else 3)
     rows = 100_000 if quick else 400_000
-    cpu = {1: float("inf"), 2: float("inf")}
-    plain = {1: float("inf"), 2: float("inf")}
-    for _ in range(3):  # interleaved, best of three
-        for p in cpu:
-            cpu[p] = min(cpu[p], cpu_map(rows, p))
-            plain[p] = min(plain[p], plain_processes(rows, p))
+    urls = url_batch(rows)
+    jobs = {**{f"mpstream_p{p}": cpu_map_job(rows, p).run for p in (1, 2)},
+            **{f"plain_p{p}": functools.partial(plain_processes, urls, p) for p in (1, 2)}}
+    best = best_of(3, jobs, lambda name, result: None)  # interleaved, best of three; nothing to check
+    cpu, plain = ({p: best[f"{impl}_p{p}"] for p in (1, 2)} for impl in ("mpstream", "plain"))
     scaling, machine_scaling = cpu[1] / cpu[2], plain[1] / plain[2]
     string_ns = string_key_costs(n // 5)
     print(f"machine: {machine_line()}")

@@ -354,8 +354,8 @@ def run(quick: bool) -> dict:
     for _ in range(LATENCY_ROUNDS):  # parked, interleaved: the host's drift during the run hits every impl alike
         for impl, measure in LATENCY.items():
             samples[f"{impl}_parked"].append(measure(parked // LATENCY_ROUNDS, 0.001))
-    latency = {impl: {"p50": round(float(np.percentile(np.concatenate(s), 50)), 2),
-                      "p99": round(float(np.percentile(np.concatenate(s), 99)), 2)} for impl, s in samples.items()}
+    latency = {impl: dict(zip(("p50", "p99"), np.percentile(np.concatenate(s), [50, 99]).round(2).tolist()))
+               for impl, s in samples.items()}
     ratios = [float(np.median(ours) / np.median(pipe))  # round by round: each against the pipe beside it
               for ours, pipe in zip(samples["mpstream_parked"], samples["mp_pipe_parked"])]
     idle = round(idle_reader_cpu_percent(5.0), 2)
