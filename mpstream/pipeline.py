@@ -207,8 +207,9 @@ class Pipeline:
         lets barriers overtake the records waiting in the rings, which the checkpoint then
         holds: under backpressure a checkpoint no longer waits for full rings to drain (stop
         checkpoints stay aligned); with ``aligned_checkpoint_timeout`` (seconds) a checkpoint
-        starts aligned and turns unaligned only once it has taken that long. A checkpoint not complete ``checkpoint_timeout`` s after
-        its trigger is discarded with a warning and counts as failed; more than
+        starts aligned and turns unaligned only once it has taken that long. A checkpoint not
+        complete ``checkpoint_timeout`` s after its trigger is discarded with a warning and
+        counts as failed; more than
         ``tolerable_checkpoint_failures`` failed in a row fail the job (``CheckpointError``).
         See :mod:`mpstream.coordinator` and :mod:`mpstream.barrier`."""
         config = self._options(checkpoint_dir, checkpoint_interval, checkpoint_retain, tolerable_checkpoint_failures,
