@@ -21,7 +21,10 @@ complete checkpoint when a file is corrupt or truncated. Only the last ``retain`
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import mmap
 import os
 import pickle
 import shutil
@@ -55,6 +58,8 @@ _HEADER = struct.Struct("<8sIIQ")
 _LENGTH = struct.Struct("<Q")
 _ALIGN = 64  # restored arrays start on a cache line: numpy's fast paths, aligned C loads
 _CHUNK = 1 << 20  # bytes copied, checksummed and written at a time
+_BLOCK = 4096  # direct I/O writes whole blocks from block-aligned memory
+_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none
 _METADATA = "_metadata"
 
 
@@ -101,6 +106,81 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _StateFileWriter:
+    """Writes a state file: its body is copied a megabyte at a time into a page-aligned buffer
+    that is checksummed and written from there, so the file matches its checksum even if an
+    operator's snapshot shares memory it goes on changing, and the GIL is held only for one
+    such copy at a time. The header goes in last, with the checksum, from the first chunk,
+    which is kept until then.
+
+    The chunks bypass the page cache (``O_DIRECT``) where the file system allows it: a
+    buffered write of a large state spends as much CPU time getting fresh page-cache pages
+    as the copy and the checksum together, on the cores that run the pipeline, and the data
+    goes to the disk at the fsync anyway. Where direct I/O is refused (tmpfs, some network or
+    FUSE file systems) the file is written through the page cache."""
+
+    def __init__(self, path: str) -> None:
+        self.first = mmap.mmap(-1, _CHUNK)  # page-aligned, as direct I/O wants; written last
+        self.chunk = mmap.mmap(-1, _CHUNK)
+        self.crc, self.at = 0, _HEADER.size  # the checksum of the body so far; bytes so far
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _DIRECT, 0o644)
+        except OSError as exc:
+            if not _DIRECT or exc.errno != errno.EINVAL:
+                raise
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def __enter__(self) -> _StateFileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+        self.first.close()
+        self.chunk.close()
+
+    def put(self, part: bytes | memoryview) -> None:
+        """Appends part to the body."""
+        part = memoryview(part).cast("B")
+        while len(part):
+            buffer, offset = self._buffer(self.at)
+            n = min(_CHUNK - offset, len(part))
+            view = memoryview(buffer)[offset : offset + n]
+            view[:] = part[:n]
+            self.crc = zlib.crc32(view, self.crc)
+            view.release()
+            self.at += n
+            part = part[n:]
+            if self.at % _CHUNK == 0 and buffer is self.chunk:
+                self._write(self.chunk, _CHUNK, self.at - _CHUNK)
+
+    def finish(self) -> None:
+        """Writes the header and what is left, trims the padding direct I/O needs, fsyncs."""
+        if self.at > _CHUNK and self.at % _CHUNK:
+            self._write(self.chunk, self.at % _CHUNK, self.at - self.at % _CHUNK)
+        self.first[: _HEADER.size] = _HEADER.pack(_MAGIC, FORMAT_VERSION, self.crc, self.at - _HEADER.size)
+        self._write(self.first, min(self.at, _CHUNK), 0)
+        os.ftruncate(self.fd, self.at)
+        os.fsync(self.fd)
+
+    def _buffer(self, at: int) -> tuple[mmap.mmap, int]:
+        return (self.first if at < _CHUNK else self.chunk), at % _CHUNK
+
+    def _write(self, buffer: mmap.mmap, n: int, offset: int) -> None:
+        """Writes buffer[:n] at offset, padded with zeros to whole blocks (what direct I/O
+        writes; ``finish`` trims the file); through the page cache if direct I/O fails."""
+        padded = -(-n // _BLOCK) * _BLOCK
+        buffer[n:padded] = bytes(padded - n)
+        done = 0
+        while done < padded:  # a short write: the disk is full, and the next write says so
+            try:
+                done += os.pwrite(self.fd, memoryview(buffer)[done:padded], offset + done)
+            except OSError as exc:  # some file systems take O_DIRECT at open and refuse the writes
+                flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                if exc.errno != errno.EINVAL or not flags & _DIRECT:
+                    raise
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~_DIRECT)
+
+
 class CheckpointStore:
     """Checkpoints under ``root``; keeps the last ``retain`` complete ones."""
 
@@ -120,10 +200,7 @@ class CheckpointStore:
 
     def write_state(self, checkpoint_id: int, operator: str, instance: int, state: OperatorSnapshot) -> StateFile:
         """Pickles state into its file (fsynced); returns what the coordinator records. Its
-        numpy arrays go out of band (see the module doc), copied a megabyte at a time into
-        the buffer that is checksummed and written: the file matches its checksum even if an
-        operator's snapshot shares memory it goes on changing, and the GIL is held only for
-        one such copy at a time."""
+        numpy arrays go out of band (see the module doc), written by :class:`_StateFileWriter`."""
         buffers: list[pickle.PickleBuffer] = []
         pickled = pickle.dumps(state, protocol=5, buffer_callback=buffers.append)
         directory = self.directory(checkpoint_id)
@@ -131,34 +208,18 @@ class CheckpointStore:
         name = f"{state_key(operator, instance)}.state"
         path = os.path.join(directory, name)
         try:
-            with open(path, "wb") as f:
-                f.write(bytes(_HEADER.size))  # the header, once the checksum is known
-                crc, at = 0, _HEADER.size
-                chunk = memoryview(bytearray(_CHUNK))
-
-                def put(part: bytes | memoryview) -> None:
-                    nonlocal crc, at
-                    for lo in range(0, len(part), _CHUNK):
-                        n = min(_CHUNK, len(part) - lo)
-                        chunk[:n] = part[lo : lo + n]
-                        crc = zlib.crc32(chunk[:n], crc)
-                        f.write(chunk[:n])
-                    at += len(part)
-
-                put(_LENGTH.pack(len(pickled)) + pickled)
+            with _StateFileWriter(path) as f:
+                f.put(_LENGTH.pack(len(pickled)) + pickled)
                 for buffer in buffers:
                     raw = buffer.raw()
-                    padding = -(at + 2 * _LENGTH.size) % _ALIGN
-                    put(_LENGTH.pack(padding) + _LENGTH.pack(raw.nbytes) + bytes(padding))
-                    put(raw)
-                f.seek(0)
-                f.write(_HEADER.pack(_MAGIC, FORMAT_VERSION, crc, at - _HEADER.size))
-                f.flush()
-                os.fsync(f.fileno())
+                    padding = -(f.at + 2 * _LENGTH.size) % _ALIGN
+                    f.put(_LENGTH.pack(padding) + _LENGTH.pack(raw.nbytes) + bytes(padding))
+                    f.put(raw)
+                f.finish()
         except OSError as exc:
             raise CheckpointError(f"checkpoint {checkpoint_id}: cannot write the state of operator "
                                   f"{operator!r} instance {instance} to {directory}: {exc}") from exc
-        return StateFile(name, at, crc, _rows_in(getattr(state, "in_flight", None) or {}))  # any state pickles
+        return StateFile(name, f.at, f.crc, _rows_in(getattr(state, "in_flight", None) or {}))  # any state pickles
 
     # ---- written by the coordinator ---------------------------------------------------------
 

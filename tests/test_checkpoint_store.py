@@ -1,7 +1,10 @@
 """Checkpoint storage: atomic commit, retention, checksums, format versions."""
 
+import errno
+import fcntl
 import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -145,7 +148,6 @@ def test_restored_arrays_start_on_a_cache_line():
 def test_a_state_that_changes_while_it_is_written_still_matches_its_checksum(tmp_path, monkeypatch):
     """An operator's snapshot may share an array it goes on updating (KeyedState shares
     values): the file holds the bytes that were checksummed, whatever they are."""
-    import zlib
 
     store = CheckpointStore(str(tmp_path))
     shared = np.zeros(1 << 19)  # 4 MiB: four chunks
@@ -161,3 +163,71 @@ def test_a_state_that_changes_while_it_is_written_still_matches_its_checksum(tmp
     monkeypatch.setattr(zlib, "crc32", crc32)
     store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
     assert store.read_state(1, "op", 0)["shared"].shape == shared.shape  # checks out
+
+
+@pytest.mark.parametrize("nbytes", [0, (1 << 20) - 300, 1 << 20, (1 << 20) + 5000, 3 * (1 << 20) + 17])
+def test_state_files_around_chunk_boundaries_hold_exactly_their_bytes(tmp_path, nbytes):
+    """A state file is written a chunk at a time, in whole blocks, its first chunk (with the
+    header) last, then trimmed: its size, checksum and contents are exactly what was put."""
+    store = CheckpointStore(str(tmp_path))
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    entry = store.write_state(1, "op", 0, {"data": data})
+    path = os.path.join(store.directory(1), entry.file)
+    with open(path, "rb") as f:
+        blob = f.read()
+    assert len(blob) == entry.bytes == os.path.getsize(path)
+    assert blob[:8] == b"MPSSTATE" and zlib.crc32(blob[24:]) == entry.crc32  # 24: the header
+    store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
+    np.testing.assert_array_equal(store.read_state(1, "op", 0)["data"], data)
+
+
+def _direct_io_allowed(directory) -> bool:
+    try:
+        os.close(os.open(os.path.join(directory, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def test_state_files_bypass_the_page_cache_where_the_file_system_allows(tmp_path, monkeypatch):
+    if not _direct_io_allowed(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT")
+    direct = []
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (direct.append(
+        bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)), pwrite(fd, data, offset))[1])
+    store = CheckpointStore(str(tmp_path))
+    entry = store.write_state(1, "op", 0, {"data": np.arange(300_000)})  # 2.4 MB: three chunks
+    monkeypatch.undo()
+    assert direct == [True, True, True]
+    store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
+    np.testing.assert_array_equal(store.read_state(1, "op", 0)["data"], np.arange(300_000))
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_state_files_go_through_the_page_cache_where_direct_io_is_refused(tmp_path, monkeypatch, refused_at):
+    """File systems that refuse O_DIRECT at open (EINVAL) or take it and refuse the writes."""
+    real_open, real_pwrite, buffered = os.open, os.pwrite, []
+
+    def refusing_open(path, flags, mode=0o777):
+        if refused_at == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    def refusing_pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        buffered.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    store = CheckpointStore(str(tmp_path))
+    state = {"data": np.arange(300_000), "n": 7}
+    entry = store.write_state(1, "op", 0, state)
+    monkeypatch.undo()
+    assert len(buffered) == 3
+    store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
+    back = store.read_state(1, "op", 0)
+    np.testing.assert_array_equal(back["data"], state["data"])
+    assert back["n"] == 7
