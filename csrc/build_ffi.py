@@ -24,7 +24,7 @@ def _cdef_from_header(text: str) -> str:
     return "\n".join(lines)
 
 
-MODULES = ["mps_ring", "mps_kernels"]
+MODULES = ["mps_ring", "mps_kernels", "mps_crc32"]
 
 ffibuilder = cffi.FFI()
 for module in MODULES:

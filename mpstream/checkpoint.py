@@ -30,12 +30,12 @@ import pickle
 import shutil
 import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ._mps import ffi, lib
 from .channel import RecordKind
 from .errors import CheckpointError, CheckpointFormatError
 
@@ -106,18 +106,24 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _copy_crc32(data: bytes | memoryview, crc: int = 0, into: memoryview | None = None) -> int:
+    """``zlib.crc32(data, crc)``, copying data into ``into`` on the way when given: one pass
+    in C without the GIL (``mps_crc32``; about four times zlib's speed where the CPU folds)."""
+    return lib.mps_copy_crc32(ffi.NULL if into is None else ffi.from_buffer(into), ffi.from_buffer(data), len(data),
+                              crc)
+
+
 class _StateFileWriter:
-    """Writes a state file: its body is copied a megabyte at a time into a page-aligned buffer
-    that is checksummed and written from there, so the file matches its checksum even if an
-    operator's snapshot shares memory it goes on changing, and the GIL is held only for one
-    such copy at a time. The header goes in last, with the checksum, from the first chunk,
-    which is kept until then.
+    """Writes a state file: its body is copied a megabyte at a time into a page-aligned buffer,
+    checksummed as it is copied (in C, without the GIL), and written from there, so the file
+    matches its checksum even if an operator's snapshot shares memory it goes on changing.
+    The header goes in last, with the checksum, from the first chunk, kept until then.
 
     The chunks bypass the page cache (``O_DIRECT``) where the file system allows it: a
-    buffered write of a large state spends as much CPU time getting fresh page-cache pages
-    as the copy and the checksum together, on the cores that run the pipeline, and the data
+    buffered write of a large state costs more CPU time getting fresh page-cache pages than
+    the copy and the checksum together, on the cores that run the pipeline, and the data
     goes to the disk at the fsync anyway. Where direct I/O is refused (tmpfs, some network or
-    FUSE file systems) the file is written through the page cache."""
+FUSE file systems) the file is written through the page cache."""
 
     def __init__(self, path: str) -> None:
         self.first = mmap.mmap(-1, _CHUNK)  # page-aligned, as direct I/O wants; written last
@@ -144,10 +150,7 @@ class _StateFileWriter:
         while len(part):
             buffer, offset = self._buffer(self.at)
             n = min(_CHUNK - offset, len(part))
-            view = memoryview(buffer)[offset : offset + n]
-            view[:] = part[:n]
-            self.crc = zlib.crc32(view, self.crc)
-            view.release()
+            self.crc = _copy_crc32(part[:n], self.crc, memoryview(buffer)[offset : offset + n])
             self.at += n
             part = part[n:]
             if self.at % _CHUNK == 0 and buffer is self.chunk:
@@ -299,7 +302,7 @@ class CheckpointStore:
         if version != FORMAT_VERSION:
             raise CheckpointFormatError(f"checkpoint {checkpoint_id}: {path} has format {version}, this mpstream "
                                         f"reads format {FORMAT_VERSION}: restore it with the version that wrote it")
-        if len(payload) != length or zlib.crc32(payload) != crc or crc != entry["crc32"]:
+        if len(payload) != length or _copy_crc32(payload) != crc or crc != entry["crc32"]:
             raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is corrupt or truncated (checksum mismatch)")
         return payload
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from conftest import run_on_small_tmpfs
 
+from mpstream import checkpoint
+from mpstream._mps import ffi, lib
 from mpstream.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointStore
 from mpstream.errors import CheckpointFormatError
 
@@ -151,16 +153,16 @@ def test_a_state_that_changes_while_it_is_written_still_matches_its_checksum(tmp
 
     store = CheckpointStore(str(tmp_path))
     shared = np.zeros(1 << 19)  # 4 MiB: four chunks
-    crc32 = zlib.crc32
+    copy_crc32 = checkpoint._copy_crc32
 
-    def crc_then_change(data, value=0):
-        out = crc32(data, value)
+    def copy_then_change(data, crc=0, into=None):
+        out = copy_crc32(data, crc, into)
         shared[:] += 1  # the task changes it between the checksum and the write
         return out
 
-    monkeypatch.setattr(zlib, "crc32", crc_then_change)
+    monkeypatch.setattr(checkpoint, "_copy_crc32", copy_then_change)
     entry = store.write_state(1, "op", 0, {"shared": shared})
-    monkeypatch.setattr(zlib, "crc32", crc32)
+    monkeypatch.undo()
     store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
     assert store.read_state(1, "op", 0)["shared"].shape == shared.shape  # checks out
 
@@ -231,3 +233,23 @@ def test_state_files_go_through_the_page_cache_where_direct_io_is_refused(tmp_pa
     back = store.read_state(1, "op", 0)
     np.testing.assert_array_equal(back["data"], state["data"])
     assert back["n"] == 7
+
+
+@pytest.mark.parametrize("kernel", ["mps_copy_crc32", "mps_copy_crc32_tables"])
+def test_checksums_equal_zlibs_at_every_length_offset_and_start(kernel):
+    """The C checksum (carry-less folding where the CPU has it, table lookups otherwise)
+    against zlib.crc32, copying or not: lengths around the 16- and 64-byte steps, unaligned
+    starts, a running checksum to continue."""
+    crc32 = getattr(lib, kernel)
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    lengths = list(range(0, 200)) + [255, 256, 257, 1023, 4096 + 15, (1 << 20) + 33, 3 << 20]
+    for n in lengths:
+        start = int(rng.integers(0, 64)) if n < (3 << 20) else 0
+        src, running = data[start : start + n], int(rng.integers(0, 2**32))
+        dst = np.zeros(n + 8, np.uint8)
+        assert crc32(ffi.from_buffer("uint8_t[]", dst), ffi.from_buffer("uint8_t[]", src), n, running) == \
+            zlib.crc32(src, running), n
+        np.testing.assert_array_equal(dst[:n], src)
+        assert not dst[n:].any(), n  # nothing written past n
+        assert crc32(ffi.NULL, ffi.from_buffer("uint8_t[]", src), n, 0) == zlib.crc32(src), n
