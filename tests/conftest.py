@@ -53,6 +53,14 @@ def mp_context(request):
     return multiprocessing.get_context(request.param)
 
 
+def ctrl_c_default() -> None:
+    """``preexec_fn`` for a subprocess a test sends Ctrl-C (SIGINT): its default action there,
+    whatever this process has. A shell starts background jobs with SIGINT ignored, their
+    children inherit that, and Python leaves an ignored SIGINT ignored: a test run started
+    with ``&`` would otherwise find its Ctrl-C lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_on_small_tmpfs(script: str, mountpoint: str, size: str) -> subprocess.CompletedProcess:
     """Runs python -c script (argv[1] = mountpoint) with a tmpfs of size mounted on mountpoint
     in a private mount namespace: a real full disk. Skips the test where unshare needs root."""
