@@ -22,21 +22,25 @@ __attribute__((constructor)) static void tables_init(void)
 static uint32_t by_tables(uint8_t *dst, const uint8_t *src, uint64_t n, uint32_t reg)
 {
     for (; n >= 8; n -= 8, src += 8) {
-        uint64_t w;
-        memcpy(&w, src, 8); /* little-endian, as on every platform mpstream builds for */
+        uint64_t w; /* each byte read once: the file gets the bytes the checksum saw */
+        memcpy(&w, src, 8);
         if (dst) {
             memcpy(dst, &w, 8);
             dst += 8;
         }
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        w = __builtin_bswap64(w); /* the tables take the first byte in the low bits */
+#endif
         w ^= reg;
         reg = tables[7][w & 0xff] ^ tables[6][(w >> 8) & 0xff] ^ tables[5][(w >> 16) & 0xff] ^
               tables[4][(w >> 24) & 0xff] ^ tables[3][(w >> 32) & 0xff] ^ tables[2][(w >> 40) & 0xff] ^
               tables[1][(w >> 48) & 0xff] ^ tables[0][w >> 56];
     }
     for (; n; n--, src++) {
+        uint8_t b = *src;
         if (dst)
-            *dst++ = *src;
-        reg = tables[0][(reg ^ *src) & 0xff] ^ (reg >> 8);
+            *dst++ = b;
+        reg = tables[0][(reg ^ b) & 0xff] ^ (reg >> 8);
     }
     return reg;
 }
@@ -113,9 +117,19 @@ uint32_t mps_copy_crc32(uint8_t *dst, const uint8_t *src, uint64_t n, uint32_t c
     }
     return ~by_tables(dst, src, n, reg);
 }
+
+int mps_crc32_folds(void)
+{
+    return can_fold;
+}
 #else
 uint32_t mps_copy_crc32(uint8_t *dst, const uint8_t *src, uint64_t n, uint32_t crc)
 {
     return mps_copy_crc32_tables(dst, src, n, crc);
+}
+
+int mps_crc32_folds(void)
+{
+    return 0;
 }
 #endif

@@ -18,4 +18,7 @@ uint32_t mps_copy_crc32(uint8_t *dst, const uint8_t *src, uint64_t n, uint32_t c
  * carry-less multiply (tests compare both with zlib). */
 uint32_t mps_copy_crc32_tables(uint8_t *dst, const uint8_t *src, uint64_t n, uint32_t crc);
 
+/* 1 when mps_copy_crc32 folds with the carry-less multiply on this CPU, else 0. */
+int mps_crc32_folds(void);
+
 #endif

@@ -30,6 +30,7 @@ import pickle
 import shutil
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,7 @@ _ALIGN = 64  # restored arrays start on a cache line: numpy's fast paths, aligne
 _CHUNK = 1 << 20  # bytes copied, checksummed and written at a time
 _BLOCK = 4096  # direct I/O writes whole blocks from block-aligned memory
 _DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none
+_SMALL = 4096  # parts below this are copied holding the GIL (see _StateFileWriter)
 _METADATA = "_metadata"
 
 
@@ -106,51 +108,74 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _copy_crc32(data: bytes | memoryview, crc: int = 0, into: memoryview | None = None) -> int:
-    """``zlib.crc32(data, crc)``, copying data into ``into`` on the way when given: one pass
-    in C without the GIL (``mps_crc32``; about four times zlib's speed where the CPU folds)."""
-    return lib.mps_copy_crc32(ffi.NULL if into is None else ffi.from_buffer(into), ffi.from_buffer(data), len(data),
-                              crc)
+def _copy_crc32(data: bytes | memoryview, crc: int = 0, into: Any = ffi.NULL) -> int:
+    """``zlib.crc32(data, crc)``, copying data to ``into`` (a cffi ``uint8_t *``) on the way
+    unless it is NULL: one pass in C without the GIL (``mps_crc32``; about four times zlib's
+    speed where the CPU folds)."""
+    return lib.mps_copy_crc32(into, ffi.from_buffer("uint8_t[]", data), len(data), crc)
 
 
 class _StateFileWriter:
     """Writes a state file: its body is copied a megabyte at a time into a page-aligned buffer,
-    checksummed as it is copied (in C, without the GIL), and written from there, so the file
-    matches its checksum even if an operator's snapshot shares memory it goes on changing.
-    The header goes in last, with the checksum, from the first chunk, kept until then.
+    checksummed as it is copied, and written from there, so the file matches its checksum even
+    if an operator's snapshot shares memory it goes on changing (the task's C kernels change
+    it without the GIL). The header goes in last, with the checksum, from the first chunk,
+    kept until then. Parts of a page or more are copied in C without the GIL; smaller ones
+    (pickles, padding, small arrays) keep it: giving the GIL up and taking it back can wait
+    for a busy task's switch interval (5 ms) each time.
 
     The chunks bypass the page cache (``O_DIRECT``) where the file system allows it: a
     buffered write of a large state costs more CPU time getting fresh page-cache pages than
     the copy and the checksum together, on the cores that run the pipeline, and the data
-    goes to the disk at the fsync anyway. Where direct I/O is refused (tmpfs, some network or
-FUSE file systems) the file is written through the page cache."""
+    goes to the disk at the fsync anyway. Where direct I/O is refused (some network or FUSE
+    file systems, devices with blocks above 4 KiB) the file is written through the page
+    cache."""
 
     def __init__(self, path: str) -> None:
         self.first = mmap.mmap(-1, _CHUNK)  # page-aligned, as direct I/O wants; written last
         self.chunk = mmap.mmap(-1, _CHUNK)
+        self._to_first = ffi.from_buffer("uint8_t[]", self.first)  # released before the unmap
+        self._to_chunk = ffi.from_buffer("uint8_t[]", self.chunk)
         self.crc, self.at = 0, _HEADER.size  # the checksum of the body so far; bytes so far
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _DIRECT, 0o644)
         except OSError as exc:
             if not _DIRECT or exc.errno != errno.EINVAL:
+                self._unmap(failing=True)
                 raise
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def __enter__(self) -> _StateFileWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-        self.first.close()
-        self.chunk.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        try:
+            os.close(self.fd)
+        finally:
+            self._unmap(failing=kind is not None)
+
+    def _unmap(self, failing: bool) -> None:
+        ffi.release(self._to_first)
+        ffi.release(self._to_chunk)
+        for buffer in (self.first, self.chunk):
+            try:
+                buffer.close()
+            except BufferError:  # a view of it in the traceback of the error on its way out:
+                if not failing:  # unmapped once that is collected; never hide the error
+                    raise
 
     def put(self, part: bytes | memoryview) -> None:
         """Appends part to the body."""
         part = memoryview(part).cast("B")
         while len(part):
-            buffer, offset = self._buffer(self.at)
+            buffer, to = (self.first, self._to_first) if self.at < _CHUNK else (self.chunk, self._to_chunk)
+            offset = self.at % _CHUNK
             n = min(_CHUNK - offset, len(part))
-            self.crc = _copy_crc32(part[:n], self.crc, memoryview(buffer)[offset : offset + n])
+            if n < _SMALL:  # copied, then checksummed from the copy: what the file gets
+                buffer[offset : offset + n] = part[:n]
+                self.crc = zlib.crc32(buffer[offset : offset + n], self.crc)
+            else:
+                self.crc = _copy_crc32(part[:n], self.crc, to + offset)
             self.at += n
             part = part[n:]
             if self.at % _CHUNK == 0 and buffer is self.chunk:
@@ -165,9 +190,6 @@ FUSE file systems) the file is written through the page cache."""
         os.ftruncate(self.fd, self.at)
         os.fsync(self.fd)
 
-    def _buffer(self, at: int) -> tuple[mmap.mmap, int]:
-        return (self.first if at < _CHUNK else self.chunk), at % _CHUNK
-
     def _write(self, buffer: mmap.mmap, n: int, offset: int) -> None:
         """Writes buffer[:n] at offset, padded with zeros to whole blocks (what direct I/O
         writes; ``finish`` trims the file); through the page cache if direct I/O fails."""
@@ -176,12 +198,16 @@ FUSE file systems) the file is written through the page cache."""
         done = 0
         while done < padded:  # a short write: the disk is full, and the next write says so
             try:
-                done += os.pwrite(self.fd, memoryview(buffer)[done:padded], offset + done)
+                written = os.pwrite(self.fd, memoryview(buffer)[done:padded], offset + done)
             except OSError as exc:  # some file systems take O_DIRECT at open and refuse the writes
                 flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
                 if exc.errno != errno.EINVAL or not flags & _DIRECT:
                     raise
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~_DIRECT)
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~_DIRECT)  # the retry goes buffered
+                continue
+            if written == 0:
+                raise OSError(errno.ENOSPC, "no byte written", self.fd)
+            done += written
 
 
 class CheckpointStore:

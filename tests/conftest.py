@@ -53,12 +53,11 @@ def mp_context(request):
     return multiprocessing.get_context(request.param)
 
 
-def ctrl_c_default() -> None:
-    """``preexec_fn`` for a subprocess a test sends Ctrl-C (SIGINT): its default action there,
-    whatever this process has. A shell starts background jobs with SIGINT ignored, their
-    children inherit that, and Python leaves an ignored SIGINT ignored: a test run started
-    with ``&`` would otherwise find its Ctrl-C lost."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+#: The first line of a ``python -c`` script a test sends Ctrl-C (SIGINT): KeyboardInterrupt
+#: there, whatever this process has. A shell starts background jobs with SIGINT ignored, their
+#: children inherit that, and Python leaves an ignored SIGINT ignored: a test run started with
+#: ``&`` would otherwise find its Ctrl-C lost. (Not a ``preexec_fn``: unsafe with threads.)
+CTRL_C = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
 
 def run_on_small_tmpfs(script: str, mountpoint: str, size: str) -> subprocess.CompletedProcess:

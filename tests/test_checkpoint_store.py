@@ -4,6 +4,7 @@ import errno
 import fcntl
 import json
 import os
+import platform
 import zlib
 
 import numpy as np
@@ -167,20 +168,29 @@ def test_a_state_that_changes_while_it_is_written_still_matches_its_checksum(tmp
     assert store.read_state(1, "op", 0)["shared"].shape == shared.shape  # checks out
 
 
-@pytest.mark.parametrize("nbytes", [0, (1 << 20) - 300, 1 << 20, (1 << 20) + 5000, 3 * (1 << 20) + 17])
-def test_state_files_around_chunk_boundaries_hold_exactly_their_bytes(tmp_path, nbytes):
-    """A state file is written a chunk at a time, in whole blocks, its first chunk (with the
-    header) last, then trimmed: its size, checksum and contents are exactly what was put."""
+def _file_of(store, n, state):
+    entry = store.write_state(n, "op", 0, state)
+    with open(os.path.join(store.directory(n), entry.file), "rb") as f:
+        return entry, f.read()
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("size", [None, MIB - 1, MIB, MIB + 1, MIB + 4096, 2 * MIB, 2 * MIB + 4095, 3 * MIB + 17])
+def test_state_files_around_chunk_and_block_boundaries_hold_exactly_their_bytes(tmp_path, size):
+    """A state file is written a chunk (1 MiB) at a time in whole blocks (4 KiB), its first
+    chunk (with the header) last, then trimmed: files of exactly these sizes (None: an empty
+    array) keep their size, checksum and contents."""
     store = CheckpointStore(str(tmp_path))
+    overhead = len(_file_of(store, 1, {"data": np.zeros(1 << 16, np.uint8)})[1]) - (1 << 16)  # header, pickle
+    nbytes = 0 if size is None else size - overhead
     data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
-    entry = store.write_state(1, "op", 0, {"data": data})
-    path = os.path.join(store.directory(1), entry.file)
-    with open(path, "rb") as f:
-        blob = f.read()
-    assert len(blob) == entry.bytes == os.path.getsize(path)
+    entry, blob = _file_of(store, 2, {"data": data})
+    assert len(blob) == entry.bytes == (overhead if size is None else size)
     assert blob[:8] == b"MPSSTATE" and zlib.crc32(blob[24:]) == entry.crc32  # 24: the header
-    store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
-    np.testing.assert_array_equal(store.read_state(1, "op", 0)["data"], data)
+    store.commit(2, {"op-0": entry}, {"duration_s": 0.1})
+    np.testing.assert_array_equal(store.read_state(2, "op", 0)["data"], data)
 
 
 def _direct_io_allowed(directory) -> bool:
@@ -191,19 +201,48 @@ def _direct_io_allowed(directory) -> bool:
         return False
 
 
-def test_state_files_bypass_the_page_cache_where_the_file_system_allows(tmp_path, monkeypatch):
+def test_state_files_bypass_the_page_cache_in_aligned_blocks_where_the_file_system_allows(tmp_path, monkeypatch):
     if not _direct_io_allowed(tmp_path):
         pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT")
-    direct = []
-    pwrite = os.pwrite
-    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (direct.append(
-        bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)), pwrite(fd, data, offset))[1])
+    direct, pwrite = [], os.pwrite
+
+    def checked(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:  # what Linux wants of direct I/O
+            address = np.frombuffer(data, np.uint8).ctypes.data
+            assert offset % 4096 == 0 and len(data) % 4096 == 0 and address % 4096 == 0, (offset, len(data))
+            direct.append(len(data))
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", checked)
     store = CheckpointStore(str(tmp_path))
     entry = store.write_state(1, "op", 0, {"data": np.arange(300_000)})  # 2.4 MB: three chunks
     monkeypatch.undo()
-    assert direct == [True, True, True]
+    assert len(direct) == 3
     store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
     np.testing.assert_array_equal(store.read_state(1, "op", 0)["data"], np.arange(300_000))
+
+
+def test_short_writes_go_on_where_they_stopped(tmp_path, monkeypatch):
+    """A file system that takes 1000 bytes a call: direct I/O then refuses the unaligned rest
+    (EINVAL) and the file goes on through the page cache."""
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: pwrite(fd, memoryview(data)[:1000], offset))
+    store = CheckpointStore(str(tmp_path))
+    entry = store.write_state(1, "op", 0, {"data": np.arange(300_000)})
+    monkeypatch.undo()
+    store.commit(1, {"op-0": entry}, {"duration_s": 0.1})
+    np.testing.assert_array_equal(store.read_state(1, "op", 0)["data"], np.arange(300_000))
+
+
+def test_a_failed_write_is_reported_as_itself(tmp_path, monkeypatch):
+    """The error of a write comes out as a CheckpointError naming it, even when a frame of its
+    traceback still holds a view of the writer's buffer (which then cannot be unmapped)."""
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(CheckpointError, match="operator 'op' instance 0 .*No space left on device"):
+        CheckpointStore(str(tmp_path)).write_state(1, "op", 0, {"data": np.arange(300_000)})
 
 
 @pytest.mark.parametrize("refused_at", ["open", "write"])
@@ -252,4 +291,11 @@ def test_checksums_equal_zlibs_at_every_length_offset_and_start(kernel):
             zlib.crc32(src, running), n
         np.testing.assert_array_equal(dst[:n], src)
         assert not dst[n:].any(), n  # nothing written past n
-        assert crc32(ffi.NULL, ffi.from_buffer("uint8_t[]", src), n, 0) == zlib.crc32(src), n
+        assert crc32(ffi.NULL, ffi.from_buffer("uint8_t[]", src), n, running) == zlib.crc32(src, running), n
+
+
+def test_checksums_fold_where_the_cpu_multiplies_carry_less():
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+    expected = platform.machine() == "x86_64" and "pclmulqdq" in flags and "sse4_1" in flags
+    assert lib.mps_crc32_folds() == expected

@@ -144,11 +144,11 @@ def test_demo_without_out_removes_its_temporary_directory_and_says_so():
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     import psutil
-    from conftest import ctrl_c_default, wait_until
+    from conftest import CTRL_C, wait_until
 
-    proc = subprocess.Popen([sys.executable, "-m", "mpstream.cli", "demo", "--events", "2000000000", "--out",
-                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=ctrl_c_default)
+    cli = CTRL_C + "from mpstream.cli import main; sys.exit(main())"  # python -m mpstream.cli, Ctrl-C-able
+    proc = subprocess.Popen([sys.executable, "-c", cli, "demo", "--events", "2000000000", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: len(psutil.Process(proc.pid).children()) >= 4, timeout=60, what="the demo's 4 workers")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)

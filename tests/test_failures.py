@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import psutil
 import pytest
-from conftest import ctrl_c_default, wait_until
+from conftest import CTRL_C, wait_until
 
 from mpstream.pipeline import Pipeline
 from mpstream import OperatorError, WorkerDiedError
@@ -103,8 +103,7 @@ HANGING_JOB = textwrap.dedent("""
 def start_hanging_job():
     """A coordinator in a subprocess, its 2 workers running (segments already unlinked): "stuck"
     and "out" run chained in the process of "endless"."""
-    coordinator = subprocess.Popen([sys.executable, "-c", HANGING_JOB], stderr=subprocess.PIPE, text=True,
-                                   preexec_fn=ctrl_c_default)
+    coordinator = subprocess.Popen([sys.executable, "-c", CTRL_C + HANGING_JOB], stderr=subprocess.PIPE, text=True)
     me = psutil.Process(coordinator.pid)
 
     def running():
