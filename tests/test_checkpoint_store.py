@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import platform
+import struct
 import zlib
 
 import numpy as np
@@ -42,8 +43,10 @@ def test_only_the_last_k_are_retained(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["chk-0000000004", "chk-0000000005"]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
-def test_a_corrupt_state_file_is_detected_and_the_previous_checkpoint_used(tmp_path, damage):
+@pytest.mark.parametrize("damage, says", [("flip", "is corrupt or truncated"), ("truncate", "is corrupt or truncated"),
+                                          ("empty", "is truncated"), ("magic", "is not an mpstream state file")])
+def test_a_corrupt_state_file_is_detected_and_the_previous_checkpoint_used(tmp_path, damage, says):
+    """Reading a state and verifying a checkpoint (a megabyte at a time) say the same."""
     store = CheckpointStore(str(tmp_path))
     write(store, 1, 1)
     write(store, 2, 2)
@@ -53,13 +56,27 @@ def test_a_corrupt_state_file_is_detected_and_the_previous_checkpoint_used(tmp_p
         blob[-3] ^= 0xFF
     elif damage == "truncate":
         blob = blob[: len(blob) // 2]
-    else:
+    elif damage == "empty":
         blob = bytearray()
+    else:
+        blob[:8] = b"NOTMPSST"
     open(path, "wb").write(blob)
-    with pytest.raises(CheckpointError, match="checkpoint 2: .*op-1.state is (corrupt|truncated)"):
+    with pytest.raises(CheckpointError, match=f"checkpoint 2: .*op-1.state {says}"):
         store.read_state(2, "op", 1)
     latest, problems = store.latest_valid()
-    assert latest == 1 and len(problems) == 1 and "op-1.state" in problems[0]
+    assert latest == 1 and len(problems) == 1 and f"op-1.state {says}" in problems[0]
+
+
+def test_a_state_file_of_another_format_version_is_refused_not_skipped(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    write(store, 1, 1)
+    path = os.path.join(store.directory(1), "op-0.state")
+    with open(path, "r+b") as f:
+        f.seek(8)  # after the magic: the format version, u32
+        f.write(struct.pack("<I", FORMAT_VERSION + 1))
+    for check in (lambda: store.read_state(1, "op", 0), store.latest_valid):
+        with pytest.raises(CheckpointFormatError, match="op-0.state has format .*restore it with the version"):
+            check()
 
 
 def test_another_format_version_is_refused_with_advice(tmp_path):
