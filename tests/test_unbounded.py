@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -21,10 +22,14 @@ from mpstream.testing import Once, Stall, TestingSource
 
 
 def job_cpu_seconds() -> float:
-    """CPU time of this process (the coordinator thread lives here) and all its children."""
-    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
-    total = 0.0
-    for p in procs:
+    """CPU time of a job started here: its workers' and this process's threads but the main
+    one (the coordinator's thread lives here). The test's own thread, sleeping through the
+    period measured, is left out: its process also holds the whole test session, whose
+    garbage collection or imports are not the job's."""
+    me = psutil.Process()
+    main = threading.main_thread().native_id
+    total = sum(t.user_time + t.system_time for t in me.threads() if t.id != main)
+    for p in me.children(recursive=True):
         try:
             t = p.cpu_times()
             total += t.user + t.system
