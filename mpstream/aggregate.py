@@ -73,6 +73,7 @@ class KeyIndex:
         self.kind: str | None = None  # "str" or an int dtype.str, fixed by the first batch
         self._names: list[StringColumn] = []  # str keys: the string of each slot, in slot order
         self._keys: Column | None = None  # the last keys() of every slot
+        self._ids: tuple[int, np.ndarray] | None = None  # int keys: (slots fetched, their buffer)
         self._null: int | None = None  # the null key's slot
 
     def __len__(self) -> int:
@@ -84,6 +85,7 @@ class KeyIndex:
         self._size = 0
         self._names.clear()
         self._keys = None
+        self._ids = None  # a snapshot may still hold views of its slots
         self._null = None
 
     def slots(self, keys: Column) -> np.ndarray:
@@ -125,6 +127,21 @@ class KeyIndex:
                 self._names.append(StringColumn(np.zeros(2, np.int64), np.zeros(0, np.uint8), np.ones(1, bool)))
         return self._null
 
+    def _int_keys(self) -> np.ndarray:
+        """The key (as uint64) of every slot: a view of a buffer the keys are appended to,
+        with room to grow, so only new keys are fetched. Views handed out before (a snapshot
+        being written) cover slots that are never written again; ``clear`` drops the buffer."""
+        have, ids = (0, None) if self._ids is None else self._ids
+        if ids is None or len(ids) < self._size:
+            grown = np.empty(max(2 * self._size, 1024), np.uint64)  # pages untouched until used
+            if ids is not None:
+                grown[:have] = ids[:have]
+            ids = grown
+        if self._size > have:
+            lib.mps_keymap_keys(self._map, have, _ptr("uint64_t[]", ids[have:]))
+        self._ids = (self._size, ids)
+        return ids[: self._size]
+
     def keys(self, slots: np.ndarray | None = None) -> Column:
         """The key of every slot (or of the given slots), as a column of the key's type."""
         keys = self._keys
@@ -133,9 +150,7 @@ class KeyIndex:
                 keys = self._names[0] if len(self._names) == 1 else StringColumn.concat(self._names)
                 self._names = [keys]
             else:
-                ids = np.empty(self._size, np.uint64)
-                lib.mps_keymap_keys(self._map, _ptr("uint64_t[]", ids))
-                keys = ids.view(np.int64).astype(np.dtype(self.kind or "<i8"))
+                keys = self._int_keys().view(np.int64).astype(np.dtype(self.kind or "<i8"), copy=False)
                 keys.flags.writeable = False
                 if self._null is not None:
                     mask = np.zeros(len(keys), bool)
@@ -253,9 +268,21 @@ class Accumulators:
         self._acc[name] = acc
         return acc
 
-    def partial_columns(self, where: object) -> dict[str, np.ndarray]:
-        """count and every partial accumulator at ``where`` (copies), for :meth:`merge`."""
-        return {name: np.array(part) for name, part in self.parts(where).items()}
+    def partial_columns(self, where: object, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """count and every partial accumulator at ``where`` (copies), for :meth:`merge`. With
+        ``into`` (name -> array, the caller's to lend), each copy goes into the leading cells of
+        its array there, which is made (with room for the accumulators' capacity) where it is
+        missing or too small: memory used before costs no page faults."""
+        if into is None:
+            return {name: np.array(part) for name, part in self.parts(where).items()}
+        out = {}
+        for name, part in self.parts(where).items():
+            buffer = into.get(name)
+            if buffer is None or buffer.dtype != part.dtype or len(buffer) < len(part):
+                buffer = into[name] = np.empty(max(len(part), self.shape[0]), part.dtype)
+            out[name] = buffer[: len(part)]
+            np.copyto(out[name], part)
+        return out
 
     def result_columns(self, where: object, reduce: str | None = None) -> dict[str, np.ndarray]:
         """``{column}_{function}`` (``count`` for "*") at ``where``; with ``reduce="panes"``,
@@ -385,9 +412,10 @@ class KeyedAggregate:
 
     # ---- output -----------------------------------------------------------------------------
 
-    def partial(self) -> Batch:
-        """The state as a batch of partials: key, count and each partial accumulator."""
-        return Batch({self.key: self.index.keys(), **self.acc.partial_columns(slice(0, len(self.index)))})
+    def partial(self, into: dict[str, np.ndarray] | None = None) -> Batch:
+        """The state as a batch of partials: key, count and each partial accumulator (copied
+        into the arrays of ``into``, as :meth:`Accumulators.partial_columns` says)."""
+        return Batch({self.key: self.index.keys(), **self.acc.partial_columns(slice(0, len(self.index)), into)})
 
     def result(self, slots: np.ndarray | None = None) -> Batch | None:
         """key, then one column per (column, function): ``{column}_{function}``, or ``count``;

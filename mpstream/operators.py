@@ -221,6 +221,12 @@ class Aggregate(Operator):
         self.state = KeyedAggregate(self.key, self.spec, track_changes=self.emit == "updates")
         self._add = self.state.merge if self.inputs == "partials" else self.state.update
         self._timer: Timer | None = None
+        # A snapshot's arrays are lent to the checkpoint writer until the checkpoint commits
+        # (the writer wrote them before acknowledging): then the next snapshot copies into
+        # them, not into fresh memory, which paused a task tens of ms per copy at 90 MB.
+        self._checkpoint: int | None = None  # the checkpoint being taken
+        self._lent: dict[int, dict[str, np.ndarray]] = {}  # checkpoint id -> its snapshot's arrays
+        self._spare: dict[str, np.ndarray] = {}  # the arrays of a committed snapshot
 
     def process(self, batch: Batch) -> Output:
         self._add(batch)
@@ -233,10 +239,21 @@ class Aggregate(Operator):
         return self.state.take_changes()
 
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> Output:
+        self._checkpoint = checkpoint_id
         return self.state.take_changes() if self.emit == "updates" else None
 
     def snapshot(self) -> Any:
-        return self.state.partial() if len(self.state) else None
+        if not len(self.state):
+            return None
+        if self._checkpoint is None:  # not for a checkpoint: nothing says when it is let go
+            return self.state.partial()
+        buffers, self._spare = self._spare, {}
+        self._lent[self._checkpoint], self._checkpoint = buffers, None
+        return self.state.partial(buffers)
+
+    def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        for done in [n for n in self._lent if n <= checkpoint_id]:  # written, and the older ones
+            self._spare = self._lent.pop(done)
 
     def restore(self, states: list[Any]) -> None:
         for partial in filter(None, (own_rows(self.ctx, self.key, s) for s in states)):

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpstream import Batch
-from mpstream.aggregate import AggregateError, Combiner, KeyedAggregate
+from mpstream.aggregate import AggregateError, Combiner, KeyedAggregate, KeyIndex
+from mpstream.operators import Aggregate, Context
 from mpstream.partition import HashPartitioner, split
 
 WORDS = np.array(["", "a", "ß", "hot.example.com", "x.org"])
@@ -211,3 +212,58 @@ def test_a_number_column_that_becomes_a_string_is_an_error_naming_it():
     agg.update(Batch({"k": np.array([1]), "v": np.array([1.5])}))
     with pytest.raises(AggregateError, match="column 'v'.*str"):
         agg.update(Batch({"k": np.array([1]), "v": np.array(["x"])}))
+
+
+def test_snapshots_copy_into_the_arrays_of_committed_checkpoints_and_never_into_lent_ones():
+    """An aggregate lends its snapshot's arrays to the checkpoint writer until the checkpoint
+    commits: a snapshot taken meanwhile gets fresh arrays and the lent one keeps its values;
+    after the commit the next snapshot copies into the committed one's arrays."""
+    op = Aggregate("k", {"v": "sum", "*": "count"})
+    op.open(Context("agg", 0, 1, checkpointing=True))
+    keys = np.arange(10_000) % 1000
+
+    def snapshot_after_rows(checkpoint_id):
+        op.process(Batch({"k": keys, "v": np.ones(len(keys))}))
+        op.prepare_snapshot_pre_barrier(checkpoint_id)
+        return op.snapshot()
+
+    first = snapshot_after_rows(1)
+    second = snapshot_after_rows(2)  # checkpoint 1 not committed yet: its arrays are lent
+    assert not np.shares_memory(first["count"], second["count"])
+    np.testing.assert_array_equal(first["count"], np.full(1000, 10))  # not overwritten
+    np.testing.assert_array_equal(second["count"], np.full(1000, 20))
+    op.notify_checkpoint_complete(2)  # and 1 before it: both written
+    third = snapshot_after_rows(3)
+    assert np.shares_memory(third["count"], second["count"]) and np.shares_memory(third["v.sum"], second["v.sum"])
+    np.testing.assert_array_equal(third["count"], np.full(1000, 30))
+    np.testing.assert_array_equal(third["v.sum"], np.full(1000, 30.0))
+    fourth = snapshot_after_rows(4)  # 3 is lent
+    assert not np.shares_memory(fourth["count"], third["count"]) and not np.shares_memory(fourth["count"], first["count"])
+    np.testing.assert_array_equal(third["count"], np.full(1000, 30))
+    np.testing.assert_array_equal(np.sort(fourth["k"]), np.arange(1000))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16])
+def test_keys_are_fetched_as_they_come_and_keys_handed_out_never_change(dtype):
+    """KeyIndex.keys() appends only the new keys to what it fetched before (slots are only
+    ever appended); keys handed out before (a snapshot being written) keep their values, also
+    across a clear()."""
+    index = KeyIndex("k")
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 60_000, 5_000).astype(dtype) for _ in range(4)]
+    seen, known, handed_out = [], set(), []
+    for keys in batches:
+        index.slots(keys)
+        for k in keys.tolist():
+            if k not in known:
+                known.add(k)
+                seen.append(k)
+        got = index.keys()
+        assert got.dtype == dtype and not got.flags.writeable
+        np.testing.assert_array_equal(got, np.array(seen, dtype))  # slot order: first appearance
+        handed_out.append((got, got.copy()))
+    index.clear()
+    index.slots(np.arange(50_000, dtype=dtype)[::-1])
+    np.testing.assert_array_equal(index.keys(), np.arange(50_000, dtype=dtype)[::-1])
+    for got, then in handed_out:
+        np.testing.assert_array_equal(got, then)
