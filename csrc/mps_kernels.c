@@ -391,10 +391,12 @@ int64_t mps_keymap_reserve(struct mps_keymap *map)
     return map->reserved;
 }
 
-void mps_keymap_keys(const struct mps_keymap *map, uint64_t first, uint64_t *out)
+void mps_keymap_keys(const struct mps_keymap *map, uint64_t first, uint64_t *out, uint64_t capacity)
 {
-    if (first < map->size)
-        memcpy(out, map->slot_keys + first, sizeof(uint64_t) * (map->size - first));
+    if (first < map->size) {
+        uint64_t n = map->size - first;
+        memcpy(out, map->slot_keys + first, sizeof(uint64_t) * (n < capacity ? n : capacity));
+    }
 }
 
 /* The add kernels sum a run of rows with the same slot in a register and store once per run:

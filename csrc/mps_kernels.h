@@ -78,9 +78,9 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
 /* The map's one slot that no key maps to (appended at the first call; mpstream gives it to null
  * keys); -1 when out of memory. mps_keymap_clear forgets it. */
 int64_t mps_keymap_reserve(struct mps_keymap *map);
-/* out[s - first] = the key of slot s, for the slots from first on (out holds the size
- * mps_keymap_insert returned less first; the reserved slot reads 0). Slots only ever get
- * appended, so a caller keeps the keys it has and asks for the new ones. */
-void mps_keymap_keys(const struct mps_keymap *map, uint64_t first, uint64_t *out);
+/* out[s - first] = the key of slot s, for the slots from first on, at most capacity of them
+ * (the reserved slot reads 0). Slots only ever get appended, so a caller keeps the keys it
+ * has and asks for the new ones. */
+void mps_keymap_keys(const struct mps_keymap *map, uint64_t first, uint64_t *out, uint64_t capacity);
 
 #endif

@@ -136,9 +136,10 @@ class KeyIndex:
             grown = np.empty(max(2 * self._size, 1024), np.uint64)  # pages untouched until used
             if ids is not None:
                 grown[:have] = ids[:have]
+            grown.flags.writeable = False  # its views stay read-only: only the key map writes here
             ids = grown
         if self._size > have:
-            lib.mps_keymap_keys(self._map, have, _ptr("uint64_t[]", ids[have:]))
+            lib.mps_keymap_keys(self._map, have, _ptr("uint64_t[]", ids[have:]), len(ids) - have)
         self._ids = (self._size, ids)
         return ids[: self._size]
 

@@ -408,6 +408,10 @@ class Task:
 
     def _persist(self, checkpoint_id: int, snapshots: dict[str, OperatorSnapshot], alignment_s: float,
                  pause: float) -> None:
+        """Writes the snapshots, then acknowledges: one writer thread, checkpoints in order, and
+        no acknowledgement before every snapshot of this one is written. So once checkpoint n
+        commits, no snapshot up to n is read any more: operators may reuse their memory then
+        (``Aggregate`` does)."""
         try:
             states = {}
             for name, snapshot in snapshots.items():

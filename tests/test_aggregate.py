@@ -241,6 +241,10 @@ def test_snapshots_copy_into_the_arrays_of_committed_checkpoints_and_never_into_
     assert not np.shares_memory(fourth["count"], third["count"]) and not np.shares_memory(fourth["count"], first["count"])
     np.testing.assert_array_equal(third["count"], np.full(1000, 30))
     np.testing.assert_array_equal(np.sort(fourth["k"]), np.arange(1000))
+    op.notify_checkpoint_complete(3)  # 4's arrays are lent still (3's were let go at 4)
+    fifth = snapshot_after_rows(5)
+    assert not np.shares_memory(fifth["count"], fourth["count"]) and not np.shares_memory(fifth["count"], third["count"])
+    np.testing.assert_array_equal(fourth["count"], np.full(1000, 40))
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16])
@@ -260,6 +264,9 @@ def test_keys_are_fetched_as_they_come_and_keys_handed_out_never_change(dtype):
                 seen.append(k)
         got = index.keys()
         assert got.dtype == dtype and not got.flags.writeable
+        if dtype == np.int64:  # a view of the fetched keys: nobody may make it writeable again
+            with pytest.raises(ValueError):
+                got.flags.writeable = True
         np.testing.assert_array_equal(got, np.array(seen, dtype))  # slot order: first appearance
         handed_out.append((got, got.copy()))
     index.clear()
