@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import threading
@@ -193,6 +194,7 @@ class Job:
                          node.partitioning)
 
     def run(self) -> JobResult:
+        _warn_of_fork_unsafe_pools()
         self.board = Board.create(self.graph.name, [t.name for t in self.tasks],
                                   [(op.node.name, op.instance, i) for i, t in enumerate(self.tasks) for op in t.operators])
         with contextlib.ExitStack() as closing:  # each closed whatever the others do
@@ -265,6 +267,27 @@ class Job:
                 upto = restore or 0
                 for batches in self.kept.values():  # what followed the checkpoint will be replayed
                     batches[:] = [(epoch, b) for epoch, b in batches if epoch < upto]
+
+
+#: Thread names of the pools known not to survive a fork, and whose they are: a worker forked
+#: while one runs finds the pool's threads gone and waits on them for ever. (polars starts its
+#: compute pool, threads "polars-0", "polars-1"..., at its first query, not at its import.)
+_FORK_UNSAFE_POOLS = {re.compile(r"polars-\d+"): "polars"}
+
+
+def _warn_of_fork_unsafe_pools() -> None:
+    """Warns (RuntimeWarning) when this process runs a thread pool of _FORK_UNSAFE_POOLS: the
+    workers about to be forked hang if an operator calls that library."""
+    try:
+        names = {open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")}
+    except OSError:  # no /proc (or a thread gone meanwhile): nothing to say
+        return
+    for pool, library in _FORK_UNSAFE_POOLS.items():
+        if any(pool.fullmatch(name) for name in names):
+            warnings.warn(f"{library} has run in this process and its thread pool does not survive a fork: an "
+                          f"operator that calls {library} hangs in mpstream's forked workers. Use {library} "
+                          f"either here or in operators, not both (or start the job before {library} runs "
+                          f"here)", RuntimeWarning, stacklevel=5)
 
 
 def _widen(*conns: Connection) -> None:

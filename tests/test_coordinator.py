@@ -1,8 +1,11 @@
 """The coordinator's own cost: it sleeps while it waits, calls the progress callback at its
 stated rate, and keeps taking checkpoints for the whole job."""
 
+import json
 import os
 import resource
+import subprocess
+import sys
 import threading
 import time
 
@@ -213,3 +216,35 @@ def test_a_task_sends_small_collected_batches_together_and_large_ones_alone():
         assert len(sent) == 1 and sent[0].batches[0].num_rows == small.num_rows * -(-COLLECT_FLUSH_BYTES // each)
         out.flush(4)
         assert len(sent) == 1  # nothing more gathered
+
+
+POLARS_THEN_JOB = """
+import json, warnings
+import numpy as np
+import polars as pl
+from mpstream import Pipeline
+
+def job_warnings():
+    p = Pipeline()
+    p.from_arrays("src", {"x": np.arange(10)}).collect("out")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert p.run()["out"]["x"].tolist() == list(range(10))
+    return [(str(w.message), w.filename) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+before = job_warnings()  # polars imported, never run: no pool yet
+pl.DataFrame({"a": [1, 2, 2]}).group_by("a").len()
+print(json.dumps([before, job_warnings()]))
+"""
+
+
+def test_a_job_started_where_polars_ran_warns_that_polars_in_its_operators_would_hang():
+    """polars' thread pool does not survive a fork: a worker that calls polars after its caller
+    ran a polars query waits for ever. The job says so, once it is there, at the caller's line."""
+    pytest.importorskip("polars", reason="polars is the bench extra's")
+    out = subprocess.run([sys.executable, "-c", POLARS_THEN_JOB], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before == []
+    assert len(after) == 1 and after[0][1] == "<string>"  # the caller's line
+    assert "polars has run in this process" in after[0][0] and "hangs in mpstream's forked workers" in after[0][0]
