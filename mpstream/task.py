@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -232,15 +232,23 @@ class ChainedOperator:
         self.emit(self.call(self.op.on_watermark, watermark))
         for successor, _ in self.next:
             successor.advance(watermark)
-        for output in self.outputs:
-            output.write_watermark(watermark)
+        self.to_outputs(lambda output: output.write_watermark(watermark))
 
     def status(self, idle: bool) -> None:
         """The task's input went idle (or active again): tell everything downstream."""
         for successor, _ in self.next:
             successor.status(idle)
+        self.to_outputs(lambda output: output.write_status(idle))
+
+    def to_outputs(self, write: Callable[[OutputWriter], None]) -> None:
+        """``write(output)`` for every output of the operator: a control record (a watermark,
+        a status, a barrier, the end). A full /dev/shm while a ring reserves pages for it is this
+        operator's error, as it is for its batches (see :meth:`emit`)."""
         for output in self.outputs:
-            output.write_status(idle)
+            try:
+                write(output)
+            except SharedMemoryFullError as exc:
+                raise _OperatorRaised(self.name, self.instance) from exc
 
 
 class Task:
@@ -384,9 +392,9 @@ class Task:
             head.generator = self.generator.state()
         pause = time.perf_counter() - started
         if not self.outputs_closed:
+            barrier = checkpoint_id | UNALIGNED if unaligned else checkpoint_id
             for op in self.operators:
-                for output in op.outputs:
-                    output.write_barrier(checkpoint_id | UNALIGNED if unaligned else checkpoint_id)
+                op.to_outputs(lambda output: output.write_barrier(barrier))
         if unaligned and self.gate is not None and self.gate.live and not self.outputs_closed:  # else: all read
             passed = self.barriers.abandon(checkpoint_id)  # aligning it: it timed out and turned unaligned
             self.copying = InFlightCopy(checkpoint_id, self.gate, snapshots, pause, passed)
@@ -595,10 +603,9 @@ class Task:
         for op in self.operators:
             if op.watermark == MIN_TIME and not idle:
                 continue  # no event time here (yet)
-            for output in op.outputs:
-                if op.watermark > MIN_TIME:
-                    output.write_watermark(op.watermark)
-                output.write_status(idle)
+            if op.watermark > MIN_TIME:
+                op.to_outputs(lambda output: output.write_watermark(op.watermark))
+            op.to_outputs(lambda output: output.write_status(idle))
 
     def _end_input(self) -> None:
         """The end of the input is WATERMARK(+inf): every window fires first. Then it closes
@@ -610,8 +617,7 @@ class Task:
                 op.emit(op.call(op.op.close))
                 op.finished = True
         for op in self.operators:
-            for output in op.outputs:
-                output.close()
+            op.to_outputs(OutputWriter.close)
         self.outputs_closed = True
         self.collected.flush(self.epoch)
         if self._writer is not None:  # after the acks of every checkpoint taken so far

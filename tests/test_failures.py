@@ -265,13 +265,19 @@ DEV_SHM_FILLS_UP_JOB = textwrap.dedent("""
 """)
 
 
-def test_dev_shm_filling_up_while_a_job_runs_fails_it_naming_the_operator():
+@pytest.mark.parametrize("first_record", ["a batch", "the end"])
+def test_dev_shm_filling_up_while_a_job_runs_fails_it_naming_the_operator(first_record):
     """The job's rings fit when it starts (checked up front); then /dev/shm fills up before
     the 'hog' operator's output ring reserved its pages: SharedMemoryFullError from the writer
-    names the operator, where a store into an unreserved page would have been a SIGBUS."""
+    names the operator, where a store into an unreserved page would have been a SIGBUS. 'hog'
+    is chained behind the task's head 'src', and is named also when the first record its ring
+    reserves pages for is a control record (a 'hog' that gives no batch sends only the end of
+    its stream)."""
     from conftest import run_on_small_tmpfs
 
-    out = run_on_small_tmpfs(DEV_SHM_FILLS_UP_JOB, SHM, "6m")
+    job = DEV_SHM_FILLS_UP_JOB if first_record == "a batch" else \
+        DEV_SHM_FILLS_UP_JOB.replace('.map("hog", hog)', '.flat_map("hog", lambda b: [] if hog(b) is not None else [])')
+    out = run_on_small_tmpfs(job, SHM, "6m")
     assert out.returncode == 0, out.stderr
     failed, left = out.stdout.splitlines()
     assert failed.startswith("FAILED operator 'hog' instance 0 failed: SharedMemoryFullError: channel"), failed
