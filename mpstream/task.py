@@ -210,10 +210,7 @@ class ChainedOperator:
                 for successor in chained:
                     successor.process(view)
             for output in outputs:
-                try:
-                    output.write(batch)
-                except SharedMemoryFullError as exc:  # reserving its output ring's pages: name it
-                    raise _OperatorRaised(self.name, self.instance) from exc
+                self._own_errors(output.write, batch)
 
     def fire_timers(self, now: float) -> None:
         for timer in self.timers.due_processing(now):
@@ -242,13 +239,18 @@ class ChainedOperator:
 
     def to_outputs(self, write: Callable[[OutputWriter], None]) -> None:
         """``write(output)`` for every output of the operator: a control record (a watermark,
-        a status, a barrier, the end). A full /dev/shm while a ring reserves pages for it is this
-        operator's error, as it is for its batches (see :meth:`emit`)."""
+        a status, a barrier, the end)."""
         for output in self.outputs:
-            try:
-                write(output)
-            except SharedMemoryFullError as exc:
-                raise _OperatorRaised(self.name, self.instance) from exc
+            self._own_errors(write, output)
+
+    def _own_errors(self, write: Callable[..., None], *args: Any) -> None:
+        """``write(*args)`` to one of this operator's outputs: a full /dev/shm while its ring
+        reserves pages is this operator's error, whatever the record (a batch or a control
+        record), not the task head's."""
+        try:
+            write(*args)
+        except SharedMemoryFullError as exc:
+            raise _OperatorRaised(self.name, self.instance) from exc
 
 
 class Task:
