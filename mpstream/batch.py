@@ -42,6 +42,8 @@ BUFFER_ALIGNMENT = 64
 _STRING = "utf8"
 _NULLABLE = "?"  # a schema dtype's suffix: the column carries a null mask
 _NUMERIC_KINDS = frozenset("biufmM")
+_INT64, _UINT8, _BOOL = np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.bool_)
+_new_object = object.__new__
 
 
 class StringColumn:
@@ -311,15 +313,13 @@ class Batch(Mapping[str, Column]):
         self._schema = self._buffers = None
 
     @classmethod
-    def _trusted(cls, columns: dict[str, Column], num_rows: int, schema: tuple | None = None,
-                 buffers: tuple[np.ndarray, ...] | None = None) -> Batch:
-        """Wraps columns that are already checked (decoded frames); no validation. buffers,
-        when given, are the columns' buffers in the order of :meth:`buffers`."""
-        batch = cls.__new__(cls)
+    def _trusted(cls, columns: dict[str, Column], num_rows: int, schema: tuple | None = None) -> Batch:
+        """Wraps columns that are already checked (decoded frames); no validation."""
+        batch = _new_object(cls)  # cls.__new__(cls) would look __new__ up on every call
         batch._columns = columns
         batch._num_rows = num_rows
         batch._schema = schema
-        batch._buffers = buffers
+        batch._buffers = None
         return batch
 
     @property
@@ -467,12 +467,16 @@ class Frame:
     """Encodes batches of one schema into DATA payloads and decodes them back.
 
     ``skew`` is the payload's distance past a 64-byte boundary (the ring's record header), so
-    buffer offsets are chosen to land on 64-byte boundaries of the ring itself.
+    buffer offsets are chosen to land on 64-byte boundaries of the ring itself. A frame that
+    decodes (a reader's) is given ``src``, the whole mapped segment: every buffer of a payload
+    at a 64-byte-aligned ``index - skew`` is aligned for its dtype, so :meth:`read` slices it
+    out of a read-only view of the whole segment of that dtype, made once, instead of paying a
+    ``np.frombuffer`` per column.
     """
 
-    __slots__ = ("schema", "_columns", "_header", "_skew", "_layouts")
+    __slots__ = ("schema", "_columns", "_header", "_skew", "_layouts", "_src", "_plan")
 
-    def __init__(self, schema: tuple[tuple[str, str], ...], skew: int) -> None:
+    def __init__(self, schema: tuple[tuple[str, str], ...], skew: int, src: memoryview | None = None) -> None:
         self.schema = schema
         self._columns = [(name, None if _base_dtype(dtype) == _STRING else np.dtype(_base_dtype(dtype)),
                           dtype.endswith(_NULLABLE)) for name, dtype in schema]
@@ -481,67 +485,96 @@ class Frame:
         self._skew = skew
         # Without string columns a layout depends on the row count alone: memoize it.
         fixed_width = all(dtype is not None for _, dtype, _ in self._columns)
-        self._layouts: dict[int, tuple[int, list[int]]] | None = {} if fixed_width else None
+        self._layouts: dict[int, tuple[int, bytes, tuple[tuple[int, int], ...]]] | None = {} if fixed_width else None
+        self._src = src
+        self._plan = [] if src is None else self._read_plan(src)
+
+    def _read_plan(self, src: memoryview) -> list[tuple[str, np.ndarray, int, int, np.ndarray | None,
+                                                        np.ndarray | None]]:
+        """Per column: (name, the whole segment as its values' dtype (int64 offsets for
+        strings), itemsize, index of its first header field, the segment as a bool mask (None
+        when not nullable), the segment as uint8 string bytes (None when not a string))."""
+        views: dict[np.dtype, np.ndarray] = {}
+
+        def view(dtype: np.dtype) -> np.ndarray:
+            if dtype not in views:
+                views[dtype] = np.frombuffer(src, dtype)
+            return views[dtype]
+
+        plan, f = [], 1
+        for name, dtype, nullable in self._columns:
+            values = view(_INT64 if dtype is None else dtype)
+            plan.append((name, values, values.itemsize, f, view(_BOOL) if nullable else None,
+                         view(_UINT8) if dtype is None else None))
+            f += (4 if dtype is None else 2) + 2 * nullable
+        return plan
 
     def encode_schema(self) -> bytes:
         return json.dumps({"columns": [list(c) for c in self.schema]}).encode()
 
     @classmethod
-    def decode_schema(cls, payload: bytes, skew: int) -> Frame:
+    def decode_schema(cls, payload: bytes, skew: int, src: memoryview) -> Frame:
+        """The frame of a SCHEMA record, decoding the DATA records of segment src."""
         try:
             columns = json.loads(payload.decode())["columns"]
-            return cls(tuple((str(name), str(dtype)) for name, dtype in columns), skew)
+            return cls(tuple((str(name), str(dtype)) for name, dtype in columns), skew, src)
         except (ValueError, KeyError, TypeError) as exc:
             raise LayoutError(f"malformed SCHEMA record: {exc}") from exc
 
-    def layout(self, batch: Batch) -> tuple[int, list[int]]:
-        """(payload length, header fields) of batch in this frame."""
+    def layout(self, batch: Batch) -> tuple[int, bytes, tuple[tuple[int, int], ...]]:
+        """(payload length, header bytes, each buffer's (offset, nbytes) in the payload) of
+        batch in this frame."""
         layouts = self._layouts
         if layouts is not None and (known := layouts.get(batch.num_rows)) is not None:
             return known
         fields = [batch.num_rows]
+        places = []
         position = self._header.size
         skew = self._skew
         for buf in batch.buffers():
             position += -(position + skew) % BUFFER_ALIGNMENT
             fields += (position, buf.nbytes)
+            places.append((position, buf.nbytes))
             position += buf.nbytes
+        layout = position, self._header.pack(*fields), tuple(places)
         if layouts is not None and len(layouts) < 256:
-            layouts[batch.num_rows] = (position, fields)
-        return position, fields
+            layouts[batch.num_rows] = layout
+        return layout
 
-    def write(self, out: memoryview, base: ffi.CData, index: int, fields: list[int], batch: Batch) -> None:
-        """Writes batch's DATA payload at out[index:] (base: its address); one memmove per
-        buffer, straight into the ring."""
-        self._header.pack_into(out, index, *fields)
-        for i, buf in enumerate(batch.buffers()):
-            nbytes = fields[2 + 2 * i]
+    @staticmethod
+    def write(out: memoryview, base: ffi.CData, index: int, layout: tuple[int, bytes, tuple[tuple[int, int], ...]],
+              batch: Batch) -> None:
+        """Writes batch's DATA payload in layout at out[index:] (base: its address); one
+        memmove per buffer, straight into the ring."""
+        _, header, places = layout
+        out[index : index + len(header)] = header
+        for (offset, nbytes), buf in zip(places, batch.buffers()):
             if nbytes:
-                ffi.memmove(base + (index + fields[1 + 2 * i]), buf, nbytes)
+                ffi.memmove(base + (index + offset), buf, nbytes)
 
-    def read(self, src: memoryview, index: int) -> Batch:
-        """Decodes the DATA payload at src[index:] into a batch of views on src."""
-        fields = self._header.unpack_from(src, index)
+    def read(self, index: int) -> Batch:
+        """Decodes the DATA payload at index of the segment into a batch of read-only views."""
+        fields = self._header.unpack_from(self._src, index)
         num_rows = fields[0]
         columns: dict[str, Column] = {}
-        buffers: list[np.ndarray] = []  # the batch's buffers(), known here: a writer needs them
-        f = 1
-        for name, dtype, nullable in self._columns:
-            if dtype is None:
-                column = StringColumn.__new__(StringColumn)  # written by Frame.write: valid
-                column.offsets = np.frombuffer(src, np.int64, num_rows + 1, index + fields[f])
-                column.data = np.frombuffer(src, np.uint8, fields[f + 3], index + fields[f + 2])
-                column.mask = np.frombuffer(src, np.bool_, num_rows, index + fields[f + 4]) if nullable else None
-                columns[name] = column
-                buffers += _buffers(column)
-                f += 6 if nullable else 4
-            else:
-                values = np.frombuffer(src, dtype, num_rows, index + fields[f])
-                buffers.append(values)
-                if nullable:
-                    mask = np.frombuffer(src, np.bool_, num_rows, index + fields[f + 2])
-                    buffers.append(mask)
-                    values = np.ma.MaskedArray(values, mask=mask)
+        for name, view, itemsize, f, masks, data in self._plan:
+            if data is None:
+                start = (index + fields[f]) // itemsize
+                values = view[start : start + num_rows]
+                if masks is not None:
+                    start = index + fields[f + 2]
+                    values = np.ma.MaskedArray(values, mask=masks[start : start + num_rows])
                 columns[name] = values
-                f += 4 if nullable else 2
-        return Batch._trusted(columns, num_rows, self.schema, tuple(buffers))
+            else:
+                column = StringColumn.__new__(StringColumn)  # written by Frame.write: valid
+                start = (index + fields[f]) >> 3
+                column.offsets = view[start : start + num_rows + 1]
+                start = index + fields[f + 2]
+                column.data = data[start : start + fields[f + 3]]
+                if masks is None:
+                    column.mask = None
+                else:
+                    start = index + fields[f + 4]
+                    column.mask = masks[start : start + num_rows]
+                columns[name] = column
+        return Batch._trusted(columns, num_rows, self.schema)

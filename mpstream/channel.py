@@ -93,7 +93,7 @@ class RecordKind(enum.IntEnum):
 
 _KINDS = {kind.value: kind for kind in RecordKind}
 _OK, _EMPTY, _FULL = lib.MPS_RING_OK, lib.MPS_RING_EMPTY, lib.MPS_RING_FULL
-_SCHEMA = lib.MPS_RECORD_SCHEMA
+_SCHEMA, _DATA = lib.MPS_RECORD_SCHEMA, lib.MPS_RECORD_DATA
 
 
 def segment_name(label: str) -> str:
@@ -435,10 +435,14 @@ class ChannelWriter(_Endpoint):
             frame = Frame(batch.schema, self._skew)
             self._write_bytes(lib.MPS_RECORD_SCHEMA, frame.encode_schema(), timeout)
             self._frame = frame
-        length, fields = frame.layout(batch)
-        index = self._claim(lib.MPS_RECORD_DATA, length, timeout)
+        layout = frame.layout(batch)
+        length, offset = layout[0], self._offset
+        if not self._closed and lib.mps_ring_try_claim(self._ring, _DATA, length, offset) == _OK:  # the hot path
+            index = self._data_index + offset[0]
+        else:
+            index = self._claim(_DATA, length, timeout)
         try:
-            frame.write(self._out, self._base, index, fields, batch)
+            frame.write(self._out, self._base, index, layout, batch)
         except BaseException:
             lib.mps_ring_abort(self._ring)
             raise
@@ -495,7 +499,7 @@ class Record:
         self.batch: Batch | None = None
         self.value: int | None = None
 
-    def release(self) -> None:
+    def release(self, *_exc: object) -> None:
         """Gives the record's space back to the writer. Views on it must not be used after."""
         if self.held:
             self.held = False
@@ -505,8 +509,7 @@ class Record:
     def __enter__(self) -> Record:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    __exit__ = release  # one call less per record read in a with block
 
     def __repr__(self) -> str:
         what = self.batch if self.kind == RecordKind.DATA else self.value
@@ -563,32 +566,34 @@ class ChannelReader(_Endpoint):
 
     def _accept(self, rec: Any) -> bool:
         """Takes the peeked record rec into self's Record; False (and released) for SCHEMA."""
-        index = self._data_index + rec.offset
         kind = rec.type
+        record = self._record
+        if kind == _DATA and (frame := self._frame) is not None:  # the hot path first
+            record.held = True
+            record.kind = RecordKind.DATA
+            record.batch = frame.read(self._data_index + rec.offset)
+            record.value = None
+            return True
+        index = self._data_index + rec.offset
         if kind == _SCHEMA:
             self._frame = self._schema(index, rec.length)
             lib.mps_ring_release(self._ring)
             return False
-        record = self._record
         record.held = True
         record.kind = kind = _KINDS[kind]
-        if kind is RecordKind.DATA:  # the hot path: frame.read straight (_batch only says what is wrong)
-            frame = self._frame
-            record.batch = frame.read(self._in, index) if frame is not None else self._batch(index, frame)
-            record.value = None
-        else:
-            record.batch, record.value = None, self._value(kind, index)
+        record.batch = self._batch(index, self._frame) if kind is RecordKind.DATA else None  # it says what is wrong
+        record.value = None if kind is RecordKind.DATA else self._value(kind, index)
         return True
 
     def _schema(self, index: int, length: int) -> Frame:
         """The frame of the SCHEMA record at index (the batches after it are in it)."""
-        return Frame.decode_schema(bytes(self._in[index : index + length]), self._skew)
+        return Frame.decode_schema(bytes(self._in[index : index + length]), self._skew, self._in)
 
     def _batch(self, index: int, frame: Frame | None) -> Batch:
         """The DATA record at index as views on the ring, in frame (the schema before it)."""
         if frame is None:
             raise LayoutError(f"channel {self.name!r}: DATA record before any SCHEMA record")
-        return frame.read(self._in, index)
+        return frame.read(index)
 
     def _value(self, kind: RecordKind, index: int) -> int | None:
         """A control record's value: the checkpoint id, the event time, 1 (idle) or 0."""

@@ -27,6 +27,7 @@ from mpstream import (
     RecordKind,
     RecordTooLargeError,
     SharedMemoryFullError,
+    StringColumn,
     sweep_stale_segments,
 )
 from mpstream._mps import ffi, lib
@@ -95,6 +96,50 @@ def test_random_batch_streams_arrive_intact_and_in_order(method, specs, capacity
     for (rows, seed), (_, batch), (_, mark) in zip(specs, got[::2], got[1::2]):
         assert_batches_equal(batch, make_batch(rows, seed))
         assert mark == seed
+
+
+EVERY_DTYPE = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32",
+               "float64", "datetime64[s]", "datetime64[ns]", "timedelta64[us]"]
+
+
+def every_dtype_batch(rows: int, seed: int) -> Batch:
+    """A column of each numeric dtype, a nullable int and float, plain and nullable strings."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(-100, 100, rows)
+    cols = {dtype: raw.astype(dtype) if dtype != "bool" else raw > 0 for dtype in EVERY_DTYPE}
+    nulls = rng.random(rows) < 0.3
+    cols["int_nullable"] = np.ma.MaskedArray(raw * 7, mask=nulls)
+    cols["float_nullable"] = np.ma.MaskedArray(raw / 3, mask=~nulls)
+    words = WORDS[rng.integers(0, len(WORDS), rows)]
+    cols["word"] = StringColumn.from_strings(words)
+    cols["word_nullable"] = StringColumn.from_strings(np.where(nulls, None, words).astype(object))
+    return Batch(cols)
+
+
+def test_every_dtype_decodes_to_what_was_written_at_every_ring_position():
+    """Columns are decoded as slices of views of the whole ring: every dtype, nullable or not,
+    lands where it was written, read-only, batch after batch as positions move and the ring
+    wraps (row counts that leave odd-sized buffers)."""
+    specs = [(rows, seed) for seed, rows in enumerate([0, 1, 3, 7, 64, 999, 1, 900, 5, 0, 333] * 3)]
+    with Channel("dtypes", capacity=1 << 18) as chan, ChannelWriter(chan.name) as writer, \
+            ChannelReader(chan.name) as reader:
+        for rows, seed in specs:
+            want = every_dtype_batch(rows, seed)
+            writer.write(want)
+            with reader.read() as record:
+                got = record.batch
+                assert got.schema == want.schema and got.num_rows == rows
+                for name in want:
+                    g, w = got[name], want[name]
+                    if isinstance(w, StringColumn):
+                        assert g.to_numpy().tolist() == w.to_numpy().tolist(), name
+                        assert not g.offsets.flags.writeable and not g.data.flags.writeable
+                    else:
+                        assert g.dtype == w.dtype, name
+                        np.testing.assert_array_equal(np.ma.getdata(g), np.ma.getdata(w), err_msg=name)
+                        np.testing.assert_array_equal(np.ma.getmaskarray(g), np.ma.getmaskarray(w), err_msg=name)
+                        assert not np.ma.getdata(g).flags.writeable, name
+        assert writer._ring is not None and reader.stats()["head_position"] > 1 << 18  # it wrapped
 
 
 def test_writer_blocks_on_a_full_ring_and_resumes(mp_context):
@@ -248,15 +293,20 @@ def test_segment_of_another_layout_version_is_refused():
             ChannelReader(chan.name)
 
 
+def mps_segments() -> set[str]:
+    """mpstream's segments in /dev/shm (multiprocessing's semaphores come and go beside them)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith("mps.")}
+
+
 def test_full_dev_shm_is_reported_before_anything_is_created():
-    before = set(os.listdir("/dev/shm"))
+    before = mps_segments()
     with pytest.raises(SharedMemoryFullError, match="channel 'huge' needs 4194304.0 MiB .* enlarge /dev/shm"):
         Channel("huge", capacity=1 << 42)
     p = Pipeline(channel_capacity=1 << 40)  # 4 channels of 1 TiB: their rings would not all fit
     p.from_arrays("src", {"x": np.arange(10)}, parallelism=2).rebalance().map("m", lambda b: b, parallelism=2).collect("out")
     with pytest.raises(SharedMemoryFullError, match=r"job 'job' \(4 channels\) needs 4194304.0 MiB"):
         p.run()
-    assert set(os.listdir("/dev/shm")) == before
+    assert mps_segments() == before
 
 
 SMALL_TMPFS_SCRIPT = textwrap.dedent("""
