@@ -1,7 +1,9 @@
 """The C ring's layout and edge cases, with the ring's state set up directly (Agrona style):
 each test starts the positions where it needs them, then checks bytes and positions."""
 
+import os
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ HEADER = lib.MPS_RECORD_HEADER_LENGTH
 RESERVE = lib.MPS_RING_CONTROL_RESERVE  # bytes a DATA record leaves free for control records
 DATA = lib.MPS_RING_DATA_OFFSET
 TAIL_OFFSET, HEAD_OFFSET = 128, 384  # producer and consumer lines, see csrc/mps_ring.h
+PRODUCER_CPU, CONSUMER_CPU = TAIL_OFFSET + 20, HEAD_OFFSET + 24  # the CPU of each side's last commit / release
 
 
 class RawRing:
@@ -28,13 +31,16 @@ class RawRing:
         self.data = lib.mps_ring_data(self.producer)  # borrowed: valid while the handles live
         self.record = ffi.new("struct mps_record *")
 
-    def _attach(self, side):
+    def _attach(self, side, spin_ns=0):
         out = ffi.new("struct mps_ring **")
-        assert lib.mps_ring_attach(self.mapping.segment, side, 0, 0, out) == lib.MPS_ATTACH_OK
+        assert lib.mps_ring_attach(self.mapping.segment, side, spin_ns, 0, out) == lib.MPS_ATTACH_OK
         return ffi.gc(out[0], lib.mps_ring_free)
 
     def u64(self, offset):
         return struct.unpack_from("<Q", self.mapping.buffer, offset)[0]
+
+    def i32(self, offset):
+        return struct.unpack_from("<i", self.mapping.buffer, offset)[0]
 
     def header(self, index):
         """(payload length, type) of the record header at data index."""
@@ -220,3 +226,51 @@ def test_should_time_out_a_blocking_peek_on_an_empty_ring(ring_at):
 def test_should_refuse_bad_capacity():
     with pytest.raises(ValueError, match="power of two"):
         Channel("bad", capacity=3000)
+
+
+@pytest.fixture
+def on_cpu():
+    """on_cpu(n) pins this thread to CPU n (skipping the test where it may not run there); the
+    thread's CPUs are restored after the test."""
+    allowed = os.sched_getaffinity(0)
+
+    def pin(cpu):
+        if cpu not in allowed:
+            pytest.skip(f"needs CPU {cpu}; this thread may run on {sorted(allowed)}")
+        os.sched_setaffinity(0, {cpu})
+
+    yield pin
+    os.sched_setaffinity(0, allowed)
+
+
+def test_should_publish_the_cpu_of_each_sides_last_commit_and_release(ring_at, on_cpu):
+    ring = ring_at()
+    assert ring.i32(PRODUCER_CPU) == ring.i32(CONSUMER_CPU) == -1  # unknown until the first call
+    seen = []
+    for cpu in (1, 0):
+        on_cpu(cpu)
+        assert ring.offer(8) == lib.MPS_RING_OK
+        seen.append((ring.i32(PRODUCER_CPU), ring.i32(CONSUMER_CPU)))
+        ring.poll()
+        seen.append((ring.i32(PRODUCER_CPU), ring.i32(CONSUMER_CPU)))
+    assert seen == [(1, -1), (1, 1), (0, 1), (0, 0)]
+
+
+def test_should_park_at_once_when_the_peer_last_ran_on_this_cpu_and_spin_otherwise(ring_at, on_cpu):
+    """A waiter whose peer last ran on its own CPU would only keep that peer (most likely
+    woken onto this CPU) from running by spinning: it parks at once. Told apart by the CPU time
+    a 20 ms peek burns with a spin of up to a second: none parked, most of the second spinning."""
+    ring = ring_at()
+    ffi.release(ring.consumer)
+    ring.consumer = ring._attach(lib.MPS_RING_CONSUMER, spin_ns=1_000_000_000)
+    on_cpu(0)
+    assert ring.offer(8) == lib.MPS_RING_OK and ring.poll()[0] == lib.MPS_RECORD_DATA  # producer last on CPU 0
+
+    def cpu_seconds_of_a_timed_out_peek():
+        start = time.thread_time()
+        assert lib.mps_ring_peek(ring.consumer, 20_000_000, ring.record) == lib.MPS_RING_TIMEOUT
+        return time.thread_time() - start
+
+    assert cpu_seconds_of_a_timed_out_peek() < 0.1  # parked: the peer ran on this CPU
+    on_cpu(1)
+    assert cpu_seconds_of_a_timed_out_peek() > 0.25  # spun (yielding now and then): the peer is elsewhere
