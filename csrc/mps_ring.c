@@ -103,6 +103,7 @@ struct mps_ring {
     /* counters */
     uint64_t waits;
     uint64_t wait_ns;
+    uint64_t parked_at_once; /* waits that skipped the spin: the peer last ran on this CPU */
 };
 
 static inline uint64_t align_up(uint64_t value, uint64_t alignment)
@@ -390,6 +391,8 @@ static _Atomic uint32_t *wake_word(struct mps_ring *ring)
  * likely woken onto this CPU, or queued here) from running until we park. */
 static bool peers_share_this_cpu(struct mps_ring **rings, uint32_t count)
 {
+    if (count == 0)
+        return false;
     int cpu = sched_getcpu();
     for (uint32_t i = 0; i < count; i++) {
         struct mps_ring_shared *shared = rings[i]->shared;
@@ -462,11 +465,18 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
     if (rang(bell))
         return MPS_RING_RUNG;
     int64_t start = now_ns();
-    int64_t spin_ns = peers_share_this_cpu(rings, count) ? 0 : rings[0]->spin_ns;
-    /* Spin first: a peer in the middle of a record answers faster than a futex wake. Bounded
-     * by time, not count: PAUSE costs 10x more on some CPUs than others. After the first
-     * microsecond, yield now and then: the scheduler often queues the peer we just woke on
-     * our own CPU, where a plain spin would keep it from running until we park. */
+    int64_t spin_ns = rings[0]->spin_ns;
+    if (timeout_ns >= 0 && timeout_ns < spin_ns)
+        spin_ns = timeout_ns;
+    if (spin_ns && peers_share_this_cpu(rings, count)) {
+        spin_ns = 0;
+        for (uint32_t i = 0; i < count; i++)
+            rings[i]->parked_at_once++;
+    }
+    /* Spin first (up to the timeout): a peer in the middle of a record answers faster than a
+     * futex wake. Bounded by time, not count: PAUSE costs 10x more on some CPUs than others.
+     * After the first microsecond, yield now and then: the scheduler often queues the peer we
+     * just woke on our own CPU, where a plain spin would keep it from running until we park. */
     for (uint32_t i = 1; spin_ns; i++) {
         cpu_relax();
         result = poll_once(context);
@@ -819,4 +829,5 @@ void mps_ring_get_stats(struct mps_ring *ring, struct mps_ring_stats *stats)
     stats->records = producer ? ring->records_committed : ring->records_released;
     stats->waits = ring->waits;
     stats->wait_ns = ring->wait_ns;
+    stats->parked_at_once = ring->parked_at_once;
 }

@@ -135,6 +135,7 @@ struct mps_ring_stats {
     uint64_t records;
     uint64_t waits;
     uint64_t wait_ns;
+    uint64_t parked_at_once; /* waits that parked without spinning: the peer last ran on this CPU */
 };
 
 struct mps_ring;

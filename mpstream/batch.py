@@ -19,7 +19,8 @@ Frame format (one channel):
   nbytes`` (offset from the payload start), then the buffers. A numeric column is one buffer;
   a string column two (int64 offsets, uint8 bytes); a nullable column has one more, its null
   mask (one byte per row, 1 = null). Each buffer starts on a 64-byte boundary of the ring,
-  the Arrow IPC rule.
+  the Arrow IPC rule; a reader relies on it (it slices every buffer out of a view of the whole
+  ring of the buffer's dtype) and refuses a header that breaks it (LayoutError).
 """
 
 from __future__ import annotations
@@ -553,28 +554,38 @@ class Frame:
                 ffi.memmove(base + (index + offset), buf, nbytes)
 
     def read(self, index: int) -> Batch:
-        """Decodes the DATA payload at index of the segment into a batch of read-only views."""
+        """Decodes the DATA payload at index of the segment into a batch of read-only views.
+        Raises LayoutError for a header whose buffers are misplaced (not aligned for their
+        dtype, or past the segment's end): a corrupt record, never garbage columns."""
         fields = self._header.unpack_from(self._src, index)
         num_rows = fields[0]
         columns: dict[str, Column] = {}
+        cut = self._cut
         for name, view, itemsize, f, masks, data in self._plan:
-            if data is None:
-                start = (index + fields[f]) // itemsize
+            if data is None:  # the common case, inline: what cut() does
+                offset = index + fields[f]
+                start = offset // itemsize
                 values = view[start : start + num_rows]
+                if start * itemsize != offset or len(values) != num_rows:
+                    cut(name, view, itemsize, offset, num_rows)  # raises, saying what is wrong
                 if masks is not None:
-                    start = index + fields[f + 2]
-                    values = np.ma.MaskedArray(values, mask=masks[start : start + num_rows])
+                    values = np.ma.MaskedArray(values, mask=cut(name, masks, 1, index + fields[f + 2], num_rows))
                 columns[name] = values
             else:
                 column = StringColumn.__new__(StringColumn)  # written by Frame.write: valid
-                start = (index + fields[f]) >> 3
-                column.offsets = view[start : start + num_rows + 1]
-                start = index + fields[f + 2]
-                column.data = data[start : start + fields[f + 3]]
-                if masks is None:
-                    column.mask = None
-                else:
-                    start = index + fields[f + 4]
-                    column.mask = masks[start : start + num_rows]
+                column.offsets = cut(name, view, 8, index + fields[f], num_rows + 1)
+                column.data = cut(name, data, 1, index + fields[f + 2], fields[f + 3])
+                column.mask = None if masks is None else cut(name, masks, 1, index + fields[f + 4], num_rows)
                 columns[name] = column
         return Batch._trusted(columns, num_rows, self.schema)
+
+    @staticmethod
+    def _cut(name: str, view: np.ndarray, itemsize: int, offset: int, count: int) -> np.ndarray:
+        """count items of view (the whole segment) from byte offset; checks the header's word."""
+        start = offset // itemsize
+        values = view[start : start + count]
+        if start * itemsize != offset or len(values) != count:
+            raise LayoutError(f"column {name!r}: a DATA record's header puts {count} items of {view.dtype} at byte "
+                              f"{offset} of a {view.nbytes}-byte segment, {'past its end' if start * itemsize == offset else 'unaligned'}: "
+                              f"the record is corrupt (or its writer runs another mpstream version)")
+        return values

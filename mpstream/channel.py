@@ -70,7 +70,8 @@ SEGMENT_PREFIX = "mps."
 DEFAULT_CAPACITY = 1 << 22
 #: Longest a single C call stays parked (a signal wakes it anyway: Python then runs its handler).
 _SLICE_NS = 1_000_000_000
-#: Nanoseconds a blocking call spins before it parks on the futex (see bench/transport.py).
+#: Nanoseconds a blocking call spins (at most its timeout) before it parks on the futex (see
+#: bench/transport.py); none when the peer last ran on this CPU (csrc/mps_ring.h, "Waiting").
 DEFAULT_SPIN_NS = 50_000
 #: How long a parked call sleeps before it checks that its peer lives (0: the C default,
 #: MPS_RING_NAP_NS = 20 ms). Every wake-up costs CPU: mpstream's tasks, whose coordinator
@@ -365,11 +366,12 @@ class _Endpoint:
         raise ChannelError(f"channel {self.name!r}: ring call failed with code {rc}")
 
     def stats(self) -> dict[str, int]:
-        """Positions, records moved and time spent waiting on the peer, for this side."""
+        """Positions, records moved, time spent waiting on the peer, and the waits that parked
+        without spinning (the peer had last run on this side's CPU), for this side."""
         s = ffi.new("struct mps_ring_stats *")
         lib.mps_ring_get_stats(self._ring, s)
         return {"tail_position": s.tail_position, "head_position": s.head_position,
-                "records": s.records, "waits": s.waits, "wait_ns": s.wait_ns}
+                "records": s.records, "waits": s.waits, "wait_ns": s.wait_ns, "parked_at_once": s.parked_at_once}
 
     def _detach(self) -> None:
         if self._ring is not None:
@@ -398,12 +400,14 @@ class ChannelWriter(_Endpoint):
         self._frame: Frame | None = None
         self._closed = False
 
-    def _claim(self, kind: int, length: int, timeout: float | None) -> int:
-        """Claims a record; returns its payload's index in the segment."""
+    def _claim(self, kind: int, length: int, timeout: float | None, rc: int | None = None) -> int:
+        """Claims a record; returns its payload's index in the segment. rc: what the caller's
+        own try_claim of it returned, if it made one."""
         if self._closed:
             raise ChannelClosedError(f"channel {self.name!r}: this writer is closed")
         ring, offset = self._ring, self._offset
-        rc = lib.mps_ring_try_claim(ring, kind, length, offset)
+        if rc is None:
+            rc = lib.mps_ring_try_claim(ring, kind, length, offset)
         if rc == _OK:
             return self._data_index + offset[0]
         if rc == _FULL:
@@ -437,10 +441,8 @@ class ChannelWriter(_Endpoint):
             self._frame = frame
         layout = frame.layout(batch)
         length, offset = layout[0], self._offset
-        if not self._closed and lib.mps_ring_try_claim(self._ring, _DATA, length, offset) == _OK:  # the hot path
-            index = self._data_index + offset[0]
-        else:
-            index = self._claim(_DATA, length, timeout)
+        rc = None if self._closed else lib.mps_ring_try_claim(self._ring, _DATA, length, offset)  # the hot path
+        index = self._data_index + offset[0] if rc == _OK else self._claim(_DATA, length, timeout, rc)
         try:
             frame.write(self._out, self._base, index, layout, batch)
         except BaseException:

@@ -102,44 +102,72 @@ EVERY_DTYPE = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "ui
                "float64", "datetime64[s]", "datetime64[ns]", "timedelta64[us]"]
 
 
-def every_dtype_batch(rows: int, seed: int) -> Batch:
-    """A column of each numeric dtype, a nullable int and float, plain and nullable strings."""
+def every_dtype_batch(rows: int, seed: int, nullable: bool = True, strings: bool = True) -> Batch:
+    """A column of each numeric dtype; a nullable int and float, plain and nullable strings."""
     rng = np.random.default_rng(seed)
     raw = rng.integers(-100, 100, rows)
     cols = {dtype: raw.astype(dtype) if dtype != "bool" else raw > 0 for dtype in EVERY_DTYPE}
     nulls = rng.random(rows) < 0.3
-    cols["int_nullable"] = np.ma.MaskedArray(raw * 7, mask=nulls)
-    cols["float_nullable"] = np.ma.MaskedArray(raw / 3, mask=~nulls)
-    words = WORDS[rng.integers(0, len(WORDS), rows)]
-    cols["word"] = StringColumn.from_strings(words)
-    cols["word_nullable"] = StringColumn.from_strings(np.where(nulls, None, words).astype(object))
+    if nullable:
+        cols["int_nullable"] = np.ma.MaskedArray(raw * 7, mask=nulls)
+        cols["float_nullable"] = np.ma.MaskedArray(raw / 3, mask=~nulls)
+    if strings:
+        words = WORDS[rng.integers(0, len(WORDS), rows)]
+        cols["word"] = StringColumn.from_strings(words)
+        cols["word_nullable"] = StringColumn.from_strings(np.where(nulls, None, words).astype(object))
     return Batch(cols)
+
+
+def assert_decoded(got: Batch, want: Batch) -> None:
+    assert got.schema == want.schema and got.num_rows == want.num_rows
+    for name in want:
+        g, w = got[name], want[name]
+        if isinstance(w, StringColumn):
+            assert g.to_numpy().tolist() == w.to_numpy().tolist(), name
+            assert not g.offsets.flags.writeable and not g.data.flags.writeable
+        else:
+            assert g.dtype == w.dtype, name
+            np.testing.assert_array_equal(np.ma.getdata(g), np.ma.getdata(w), err_msg=name)
+            np.testing.assert_array_equal(np.ma.getmaskarray(g), np.ma.getmaskarray(w), err_msg=name)
+            assert not np.ma.getdata(g).flags.writeable, name
+
+
+ROW_COUNTS = [0, 1, 3, 7, 64, 999, 1, 900, 5, 0, 333, 64, 999]  # repeats: a fixed-width frame's memoized layouts
 
 
 def test_every_dtype_decodes_to_what_was_written_at_every_ring_position():
     """Columns are decoded as slices of views of the whole ring: every dtype, nullable or not,
     lands where it was written, read-only, batch after batch as positions move and the ring
-    wraps (row counts that leave odd-sized buffers)."""
-    specs = [(rows, seed) for seed, rows in enumerate([0, 1, 3, 7, 64, 999, 1, 900, 5, 0, 333] * 3)]
+    wraps (row counts that leave odd-sized buffers), through schema changes (fixed-width
+    frames, whose layouts are memoized per row count, and frames with strings)."""
+    kinds = [dict(nullable=False, strings=False), dict(nullable=True, strings=False), dict(), dict(strings=False)]
     with Channel("dtypes", capacity=1 << 18) as chan, ChannelWriter(chan.name) as writer, \
             ChannelReader(chan.name) as reader:
-        for rows, seed in specs:
-            want = every_dtype_batch(rows, seed)
+        for seed, (kind, rows) in enumerate((kind, rows) for kind in kinds * 2 for rows in ROW_COUNTS):
+            want = every_dtype_batch(rows, seed, **kind)
             writer.write(want)
             with reader.read() as record:
-                got = record.batch
-                assert got.schema == want.schema and got.num_rows == rows
-                for name in want:
-                    g, w = got[name], want[name]
-                    if isinstance(w, StringColumn):
-                        assert g.to_numpy().tolist() == w.to_numpy().tolist(), name
-                        assert not g.offsets.flags.writeable and not g.data.flags.writeable
-                    else:
-                        assert g.dtype == w.dtype, name
-                        np.testing.assert_array_equal(np.ma.getdata(g), np.ma.getdata(w), err_msg=name)
-                        np.testing.assert_array_equal(np.ma.getmaskarray(g), np.ma.getmaskarray(w), err_msg=name)
-                        assert not np.ma.getdata(g).flags.writeable, name
-        assert writer._ring is not None and reader.stats()["head_position"] > 1 << 18  # it wrapped
+                assert_decoded(record.batch, want)
+        assert reader.stats()["head_position"] > 1 << 18  # it wrapped
+
+
+@pytest.mark.parametrize("damage, says", [("unaligned", "unaligned"), ("rows", "past its end")])
+def test_a_data_record_whose_header_misplaces_a_buffer_is_an_error_naming_the_column(damage, says):
+    """A header that puts a buffer where its dtype cannot be (a corrupt record) is a
+    LayoutError naming the column, never a column of other bytes or of fewer rows."""
+    with Channel("damaged", capacity=1 << 16) as chan, ChannelWriter(chan.name) as writer, \
+            ChannelReader(chan.name) as reader:
+        writer.write(Batch({"n": np.arange(10, dtype=np.int64)}))
+        rec, mapping = reader._peeked, _Mapping.open(chan.name)
+        assert lib.mps_ring_try_peek(reader._ring, rec) == lib.MPS_RING_OK and not reader._accept(rec)  # SCHEMA
+        assert lib.mps_ring_try_peek(reader._ring, rec) == lib.MPS_RING_OK and rec.type == lib.MPS_RECORD_DATA
+        payload = lib.MPS_RING_DATA_OFFSET + rec.offset  # uint64 num_rows, then offset, nbytes of "n"
+        if damage == "unaligned":
+            struct.pack_into("<Q", mapping.buffer, payload + 8, struct.unpack_from("<Q", mapping.buffer, payload + 8)[0] + 4)
+        else:
+            struct.pack_into("<Q", mapping.buffer, payload, 1 << 40)
+        with pytest.raises(LayoutError, match=f"column 'n': .*{says}.* the record is corrupt"):
+            reader._accept(rec)
 
 
 def test_writer_blocks_on_a_full_ring_and_resumes(mp_context):
@@ -294,8 +322,9 @@ def test_segment_of_another_layout_version_is_refused():
 
 
 def mps_segments() -> set[str]:
-    """mpstream's segments in /dev/shm (multiprocessing's semaphores come and go beside them)."""
-    return {name for name in os.listdir("/dev/shm") if name.startswith("mps.")}
+    """The segments this process made in /dev/shm (a segment's name starts with its creator's
+    pid; multiprocessing's semaphores and other processes' segments come and go beside them)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"mps.{os.getpid()}.")}
 
 
 def test_full_dev_shm_is_reported_before_anything_is_created():
