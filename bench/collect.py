@@ -6,6 +6,11 @@ one process copying the same two columns (``np.copy``, the least a caller-owned 
 in the same run, the jobs taking turns round by round, best of the rounds. Every result is
 checked against the input.
 
+Typed columns (``typed_p1``): the same job at parallelism 1 with the int column as datetime64
+and the float one nullable (a masked array, a null in every 7 rows), beside the plain one:
+numpy pickles such arrays into the pickle itself, so a batch pickles as plain buffers (see
+``Batch.__reduce__``) to travel out of band like the others.
+
 Small batches: the same rows in 512-row (8 KiB) batches, collected (``small_collect``; a
 task sends them together, see ``mpstream/output.py``) against the same job whose sink only
 drops them (``small_callback``): what returning the rows costs on top of running the job.
@@ -30,6 +35,12 @@ def columns(rows: int) -> dict[str, np.ndarray]:
     return {"x": np.arange(rows), "y": np.arange(rows) / 4}
 
 
+def typed_columns(rows: int) -> dict[str, np.ndarray]:
+    """The same values: x as datetime64[ns], y nullable."""
+    return {"x": np.arange(rows).astype("datetime64[ns]"),
+            "y": np.ma.MaskedArray(np.arange(rows) / 4, mask=np.arange(rows) % 7 == 0)}
+
+
 SMALL_BATCH = 512
 
 
@@ -50,17 +61,20 @@ def collect_job(data: dict[str, np.ndarray], parallelism: int, batch_size: int =
 
 def check(out, data: dict[str, np.ndarray]) -> None:
     order = np.argsort(out["x"])
-    assert np.array_equal(out["x"][order], data["x"]) and np.array_equal(out["y"][order], data["y"]), \
+    assert out["x"].dtype == data["x"].dtype and np.array_equal(out["x"][order], data["x"]), \
         "the collected rows differ from the input"
+    for part in (lambda y: np.ma.filled(y, 0), np.ma.getmaskarray):  # a null's value is 0 (mpstream.batch)
+        assert np.array_equal(part(out["y"])[order], part(data["y"])), "the collected rows differ from the input"
 
 
 def bench(rows: int, rounds: int) -> dict[str, float]:
-    data = columns(rows)
+    data, typed = columns(rows), typed_columns(rows)
     jobs = {"mpstream_p1": collect_job(data, 1), "mpstream_p2": collect_job(data, 2),
             "np_copy": lambda: {name: col.copy() for name, col in data.items()},
             "small_collect": collect_job(data, 1, SMALL_BATCH),
-            "small_callback": collect_job(data, 1, SMALL_BATCH, collect=False)}
-    return best_of(rounds, jobs, lambda name, out: out is None or check(out, data))
+            "small_callback": collect_job(data, 1, SMALL_BATCH, collect=False),
+            "typed_p1": collect_job(typed, 1)}
+    return best_of(rounds, jobs, lambda name, out: out is None or check(out, typed if name.startswith("typed") else data))
 
 
 def main() -> None:
@@ -74,6 +88,7 @@ def main() -> None:
     for name, seconds in best.items():
         print(f"{name:14s}{seconds * 1e3:9.1f}{mb / seconds:9.0f}{seconds / best['np_copy']:11.1f}x")
     print(f"{SMALL_BATCH}-row batches: collected / dropped = {best['small_collect'] / best['small_callback']:.2f}")
+    print(f"datetime64 and nullable columns / plain ones, parallelism 1 = {best['typed_p1'] / best['mpstream_p1']:.2f}")
     print(json.dumps({"bench": "collect", "machine": machine_line(), "rows": rows,
                       "seconds": {name: round(s, 5) for name, s in best.items()}}))
 

@@ -334,6 +334,14 @@ class Batch(Mapping[str, Column]):
             self._schema = tuple([(name, _column_dtype(col)) for name, col in self._columns.items()])
         return self._schema
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickles as the schema and the buffers (a datetime or timedelta one as its int64
+        view): pickle protocol 5 hands every one of them out of band, as a task's collected
+        batches go to the coordinator, where numpy would copy a datetime64 or masked array
+        into the pickle itself."""
+        return _unpickle_batch, (self.schema, self._num_rows,
+                                 tuple(b.view(np.int64) if b.dtype.kind in "mM" else b for b in self.buffers()))
+
     def buffers(self) -> tuple[np.ndarray, ...]:
         """The contiguous buffers behind the columns, in order (two per string column)."""
         if self._buffers is None:
@@ -437,6 +445,22 @@ class Batch(Mapping[str, Column]):
     def __repr__(self) -> str:
         cols = ", ".join(f"{name}: {dtype}" for name, dtype in self.schema)
         return f"Batch({self._num_rows} rows; {cols})"
+
+
+def _unpickle_batch(schema: tuple[tuple[str, str], ...], num_rows: int, buffers: tuple[np.ndarray, ...]) -> Batch:
+    """A batch back from what :meth:`Batch.__reduce__` pickled."""
+    columns: dict[str, Column] = {}
+    parts = iter(buffers)
+    for name, dtype in schema:
+        base, nullable = _base_dtype(dtype), dtype.endswith(_NULLABLE)
+        if base == _STRING:
+            columns[name] = StringColumn(next(parts), next(parts), next(parts) if nullable else None)
+            continue
+        values = next(parts)
+        if values.dtype.str != base:  # a datetime or timedelta column, pickled as int64
+            values = values.view(base)
+        columns[name] = np.ma.MaskedArray(values, mask=next(parts)) if nullable else values
+    return Batch._trusted(columns, num_rows, schema)
 
 
 def _view(array: np.ndarray) -> np.ndarray:
