@@ -53,7 +53,9 @@ __all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot"
 #: 5: an operator's snapshot may hold the in-flight records of an unaligned checkpoint.
 #: 6: in-memory columns sources (from_arrays, from_numpy) share units as the file sources do:
 #: their positions hold units, not format 5's offset per instance.
-FORMAT_VERSION = 6
+#: 7: a batch in a snapshot (a window's rows, in-flight records) pickles as its schema and
+#: plain buffers (``Batch.__reduce__``), which format 6's readers cannot unpickle.
+FORMAT_VERSION = 7
 _MAGIC = b"MPSSTATE"
 _HEADER = struct.Struct("<8sIIQ")
 _LENGTH = struct.Struct("<Q")
