@@ -457,10 +457,12 @@ def _unpickle_batch(schema: tuple[tuple[str, str], ...], num_rows: int, buffers:
             columns[name] = StringColumn(next(parts), next(parts), next(parts) if nullable else None)
             continue
         values = next(parts)
-        if values.dtype.str != base:  # a datetime or timedelta column, pickled as int64
+        if np.dtype(base).kind in "mM":  # pickled as its int64 view
             values = values.view(base)
         columns[name] = np.ma.MaskedArray(values, mask=next(parts)) if nullable else values
-    return Batch._trusted(columns, num_rows, schema)
+    if next(parts, None) is not None or any(len(col) != num_rows for col in columns.values()):
+        raise LayoutError(f"a pickled batch of schema {schema} does not hold {num_rows} rows in its buffers")
+    return Batch._trusted(columns, num_rows)  # the schema of what came back (numpy may change byte order)
 
 
 def _view(array: np.ndarray) -> np.ndarray:

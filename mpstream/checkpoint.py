@@ -54,8 +54,10 @@ __all__ = ["CheckpointStore", "CheckpointError", "StateFile", "OperatorSnapshot"
 #: 6: in-memory columns sources (from_arrays, from_numpy) share units as the file sources do:
 #: their positions hold units, not format 5's offset per instance.
 #: 7: a batch in a snapshot (a window's rows, in-flight records) pickles as its schema and
-#: plain buffers (``Batch.__reduce__``), which format 6's readers cannot unpickle.
+#: plain buffers (``Batch.__reduce__``), which format 6's readers cannot unpickle; format 6's
+#: files unpickle as they are, so both are read.
 FORMAT_VERSION = 7
+_READS = (6, FORMAT_VERSION)
 _MAGIC = b"MPSSTATE"
 _HEADER = struct.Struct("<8sIIQ")
 _LENGTH = struct.Struct("<Q")
@@ -306,9 +308,9 @@ class CheckpointStore:
     def metadata(self, checkpoint_id: int) -> dict[str, Any]:
         with open(os.path.join(self.directory(checkpoint_id), _METADATA)) as f:
             metadata = json.load(f)
-        if metadata.get("format") != FORMAT_VERSION:
+        if metadata.get("format") not in _READS:
             raise CheckpointFormatError(f"checkpoint {checkpoint_id} has format {metadata.get('format')}, this "
-                                  f"mpstream reads format {FORMAT_VERSION}: restore it with the version that wrote it")
+                                        f"mpstream reads formats {_READS}: restore it with the version that wrote it")
         return metadata
 
     def _payload(self, checkpoint_id: int, entry: dict[str, Any]) -> memoryview:
@@ -327,9 +329,9 @@ class CheckpointStore:
         payload = blob[_HEADER.size:]
         if magic != _MAGIC:
             raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is not an mpstream state file")
-        if version != FORMAT_VERSION:
+        if version not in _READS:
             raise CheckpointFormatError(f"checkpoint {checkpoint_id}: {path} has format {version}, this mpstream "
-                                        f"reads format {FORMAT_VERSION}: restore it with the version that wrote it")
+                                        f"reads formats {_READS}: restore it with the version that wrote it")
         if len(payload) != length or _copy_crc32(payload) != crc or crc != entry["crc32"]:
             raise CheckpointError(f"checkpoint {checkpoint_id}: {path} is corrupt or truncated (checksum mismatch)")
         return payload

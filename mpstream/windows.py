@@ -912,6 +912,13 @@ class WindowAggregate(Operator):
             state.watermark = min((s["watermark"] for s in states if s is not None), default=MIN_TIME)
 
 
+def _rows_of(key_values: np.ndarray, key: object) -> np.ndarray:
+    """Where a key column (as numpy, masked where null) holds key; None is the null key (a
+    masked array compares nothing equal to None, so a null key's window got no rows)."""
+    nulls = np.ma.getmaskarray(key_values)
+    return nulls.copy() if key is None else (np.ma.getdata(key_values) == key) & ~nulls
+
+
 class WindowProcess(Operator):
     """A user function over the rows of each window: ``fn(key, window_start, window_end,
     rows) -> Output`` when the window fires (again, with every row so far, at a late firing).
@@ -973,9 +980,9 @@ class WindowProcess(Operator):
             for i, (k, start, end, pane) in enumerate(zip(wkeys.tolist(), windows[START].view(np.int64).tolist(),
                                                           windows[END].view(np.int64).tolist(),
                                                           windows[PANE].to_numpy().tolist())):
-                mine = (key_values == k) & (ts >= start) & (ts < end)
+                mine = _rows_of(key_values, k) & (ts >= start) & (ts < end)
                 if self.assigner.kind == "count":  # the key's oldest count rows
-                    mine &= np.cumsum(key_values == k) <= self.assigner.count
+                    mine &= np.cumsum(_rows_of(key_values, k)) <= self.assigner.count
                 dtype = self.windows.time_dtype
                 result = self.fn(k, np.int64(start).view(dtype), np.int64(end).view(dtype), rows.filter(mine))
                 for batch in [] if result is None else [result] if isinstance(result, (Batch, Mapping)) else result:

@@ -311,3 +311,13 @@ def test_a_pickled_batch_hands_every_buffer_out_of_band_and_comes_back_equal():
                 assert have.dtype == want.dtype
                 np.testing.assert_array_equal(np.ma.getdata(have), np.ma.getdata(want))
                 np.testing.assert_array_equal(np.ma.getmaskarray(have), np.ma.getmaskarray(want))
+
+
+def test_a_pickled_batch_keeps_the_values_of_a_column_numpy_changes_the_byte_order_of():
+    """Pickled in band, numpy hands a big-endian int64 array back in native order: the batch
+    comes back with the values (and the schema of what came back), not the bytes reread."""
+    batch = Batch._trusted({"x": np.arange(3, dtype=">i8"), "t": np.arange(3, dtype=">i8").astype(">M8[s]")}, 3)
+    for got in (pickle.loads(pickle.dumps(batch)), pickle.loads(pickle.dumps(batch, protocol=5))):
+        assert got["x"].tolist() == [0, 1, 2]
+        assert got["t"].astype("M8[s]").astype(np.int64).tolist() == [0, 1, 2]
+        assert got.schema == tuple((name, col.dtype.str) for name, col in got.items())

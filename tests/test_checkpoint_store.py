@@ -99,14 +99,37 @@ def test_a_resume_over_a_checkpoint_of_another_format_stops_and_keeps_it(tmp_pat
     write(store, 1, 1)
     meta_path = os.path.join(store.directory(1), "_metadata")
     meta = json.load(open(meta_path))
-    meta["format"] = FORMAT_VERSION - 1
+    meta["format"] = 5  # older than any this mpstream reads
     json.dump(meta, open(meta_path, "w"))
     p = Pipeline()
     p.from_arrays("op", {"x": np.arange(10)}).collect("out")
     for resume in (True, "if-present"):
-        with pytest.raises(CheckpointFormatError, match=f"has format {FORMAT_VERSION - 1}"):
+        with pytest.raises(CheckpointFormatError, match="has format 5"):
             p.run(checkpoint_dir=str(tmp_path), resume=resume)
     assert store.complete() == [1] and os.path.exists(meta_path)
+
+
+def test_a_format_6_checkpoint_holding_batches_pickled_as_their_slots_is_read(tmp_path, monkeypatch):
+    """Format 7 changed only how a batch pickles (its schema and plain buffers); a format 6
+    file, whose batches pickled as their slots, unpickles as it is."""
+    from mpstream import Batch
+
+    batch = Batch({"t": np.arange(4).astype("M8[ms]"), "n": np.ma.MaskedArray(np.arange(4.0), mask=[0, 1, 0, 0])})
+    store = CheckpointStore(str(tmp_path))
+    with monkeypatch.context() as m:
+        m.delattr(Batch, "__reduce__")  # how format 6 pickled a batch
+        files = {"op-0": store.write_state(1, "op", 0, {"rows": batch})}
+    store.commit(1, files, {"duration_s": 0.1})
+    with open(os.path.join(store.directory(1), "op-0.state"), "r+b") as f:
+        f.seek(8)  # after the magic: the format version, u32
+        f.write(struct.pack("<I", 6))
+    meta_path = os.path.join(store.directory(1), "_metadata")
+    meta = json.load(open(meta_path))
+    meta["format"] = 6
+    json.dump(meta, open(meta_path, "w"))
+    got = store.read_state(1, "op", 0)["rows"]
+    assert got.schema == batch.schema and np.array_equal(got["t"], batch["t"])
+    assert np.array_equal(np.ma.getmaskarray(got["n"]), [0, 1, 0, 0]) and np.ma.filled(got["n"], -1).tolist() == [0, -1, 2, 3]
 
 
 FULL_DISK_SCRIPT = """
