@@ -494,14 +494,15 @@ class Frame:
     """Encodes batches of one schema into DATA payloads and decodes them back.
 
     ``skew`` is the payload's distance past a 64-byte boundary (the ring's record header), so
-    buffer offsets are chosen to land on 64-byte boundaries of the ring itself. A frame that
-    decodes (a reader's) is given ``src``, the whole mapped segment: every buffer of a payload
-    at a 64-byte-aligned ``index - skew`` is aligned for its dtype, so :meth:`read` slices it
-    out of a read-only view of the whole segment of that dtype, made once, instead of paying a
-    ``np.frombuffer`` per column.
+    buffer offsets are chosen to land on 64-byte boundaries of the ring itself. A frame is
+    given ``src``, the whole mapped segment (a reader's read-only, a writer's writable): every
+    buffer of a payload at a 64-byte-aligned ``index - skew`` is aligned for its dtype, so
+    :meth:`read` slices it out of a view of the whole segment of that dtype, made once,
+    instead of paying a ``np.frombuffer`` per column, and :meth:`write_rows` gathers rows
+    straight into such a slice.
     """
 
-    __slots__ = ("schema", "_columns", "_header", "_skew", "_layouts", "_src", "_plan")
+    __slots__ = ("schema", "_columns", "_header", "_skew", "_layouts", "_src", "_plan", "_buffer_views")
 
     def __init__(self, schema: tuple[tuple[str, str], ...], skew: int, src: memoryview | None = None) -> None:
         self.schema = schema
@@ -515,6 +516,10 @@ class Frame:
         self._layouts: dict[int, tuple[int, bytes, tuple[tuple[int, int], ...]]] | None = {} if fixed_width else None
         self._src = src
         self._plan = [] if src is None else self._read_plan(src)
+        # per buffer of a fixed-width frame: (the segment as its dtype, itemsize), for write_rows
+        self._buffer_views = [] if self._layouts is None else [
+            (view, view.itemsize) for _, values, _, _, masks, _ in self._plan
+            for view in ((values,) if masks is None else (values, masks))]
 
     def _read_plan(self, src: memoryview) -> list[tuple[str, np.ndarray, int, int, np.ndarray | None,
                                                         np.ndarray | None]]:
@@ -548,25 +553,45 @@ class Frame:
         except (ValueError, KeyError, TypeError) as exc:
             raise LayoutError(f"malformed SCHEMA record: {exc}") from exc
 
+    @property
+    def fixed_width(self) -> bool:
+        """No string column: a layout depends on the row count alone."""
+        return self._layouts is not None
+
     def layout(self, batch: Batch) -> tuple[int, bytes, tuple[tuple[int, int], ...]]:
         """(payload length, header bytes, each buffer's (offset, nbytes) in the payload) of
         batch in this frame."""
         layouts = self._layouts
-        if layouts is not None and (known := layouts.get(batch.num_rows)) is not None:
+        if layouts is None:
+            return self._place(batch.num_rows, [buf.nbytes for buf in batch.buffers()])
+        known = layouts.get(batch.num_rows)
+        return known if known is not None else self.layout_rows(batch.num_rows)
+
+    def layout_rows(self, num_rows: int) -> tuple[int, bytes, tuple[tuple[int, int], ...]]:
+        """The layout of num_rows rows in a fixed-width frame (memoized)."""
+        layouts = self._layouts
+        if (known := layouts.get(num_rows)) is not None:
             return known
-        fields = [batch.num_rows]
+        sizes = []
+        for _, dtype, nullable in self._columns:
+            sizes += (num_rows * dtype.itemsize, num_rows) if nullable else (num_rows * dtype.itemsize,)
+        layout = self._place(num_rows, sizes)
+        if len(layouts) < 256:
+            layouts[num_rows] = layout
+        return layout
+
+    def _place(self, num_rows: int, sizes: list[int]) -> tuple[int, bytes, tuple[tuple[int, int], ...]]:
+        """The layout of buffers of these sizes, each on a 64-byte boundary of the ring."""
+        fields = [num_rows]
         places = []
         position = self._header.size
         skew = self._skew
-        for buf in batch.buffers():
+        for nbytes in sizes:
             position += -(position + skew) % BUFFER_ALIGNMENT
-            fields += (position, buf.nbytes)
-            places.append((position, buf.nbytes))
-            position += buf.nbytes
-        layout = position, self._header.pack(*fields), tuple(places)
-        if layouts is not None and len(layouts) < 256:
-            layouts[batch.num_rows] = layout
-        return layout
+            fields += (position, nbytes)
+            places.append((position, nbytes))
+            position += nbytes
+        return position, self._header.pack(*fields), tuple(places)
 
     @staticmethod
     def write(out: memoryview, base: ffi.CData, index: int, layout: tuple[int, bytes, tuple[tuple[int, int], ...]],
@@ -578,6 +603,18 @@ class Frame:
         for (offset, nbytes), buf in zip(places, batch.buffers()):
             if nbytes:
                 ffi.memmove(base + (index + offset), buf, nbytes)
+
+    def write_rows(self, out: memoryview, index: int, layout: tuple[int, bytes, tuple[tuple[int, int], ...]],
+                   batch: Batch, rows: np.ndarray) -> None:
+        """Writes the DATA payload of ``batch.take(rows)`` (rows: int64 indices into batch) in
+        layout at out[index:] without making it: every buffer's rows are gathered straight
+        into the ring (a fixed-width frame of a writer)."""
+        _, header, places = layout
+        out[index : index + len(header)] = header
+        n = len(rows)
+        for (offset, _), buf, (view, itemsize) in zip(places, batch.buffers(), self._buffer_views):
+            start = (index + offset) // itemsize
+            np.take(buf, rows, out=view[start : start + n], mode="clip")  # clip: unbuffered; rows are in range
 
     def read(self, index: int) -> Batch:
         """Decodes the DATA payload at index of the segment into a batch of read-only views.

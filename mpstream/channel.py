@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import psutil
 
 from ._mps import ffi, lib
@@ -432,19 +433,30 @@ class ChannelWriter(_Endpoint):
         self._out[index : index + len(payload)] = payload
         lib.mps_ring_commit(self._ring)
 
-    def write(self, batch: Batch, timeout: float | None = None) -> None:
-        """Writes one batch (preceded by a SCHEMA record when its columns changed)."""
+    def write(self, batch: Batch, timeout: float | None = None, rows: np.ndarray | None = None) -> None:
+        """Writes one batch (preceded by a SCHEMA record when its columns changed). With rows
+        (int64 indices into batch), writes ``batch.take(rows)``: gathered straight into the
+        ring when no column is a string one (a partitioned output's parts), else taken first."""
         frame = self._frame
         if frame is None or frame.schema != batch.schema:
-            frame = Frame(batch.schema, self._skew)
+            frame = Frame(batch.schema, self._skew, self._out)
             self._write_bytes(lib.MPS_RECORD_SCHEMA, frame.encode_schema(), timeout)
             self._frame = frame
-        layout = frame.layout(batch)
+        if rows is None:
+            layout = frame.layout(batch)
+        elif frame.fixed_width:
+            layout = frame.layout_rows(len(rows))
+        else:
+            batch, rows = batch.take(rows), None
+            layout = frame.layout(batch)
         length, offset = layout[0], self._offset
         rc = None if self._closed else lib.mps_ring_try_claim(self._ring, _DATA, length, offset)  # the hot path
         index = self._data_index + offset[0] if rc == _OK else self._claim(_DATA, length, timeout, rc)
         try:
-            frame.write(self._out, self._base, index, layout, batch)
+            if rows is None:
+                frame.write(self._out, self._base, index, layout, batch)
+            else:
+                frame.write_rows(self._out, index, layout, batch, rows)
         except BaseException:
             lib.mps_ring_abort(self._ring)
             raise

@@ -2,8 +2,9 @@
 for a task's collect sinks one :class:`CollectOutput`.
 
 An OutputWriter picks the target channel of every row (a partitioner, or the one channel of
-a forward edge), splits the batch once (a stable counting sort), and writes each part:
-blocking while the channel has no credit, or, under the drop policy, shedding the part and
+a forward edge), orders the rows by channel once (a stable counting sort), and writes each
+part, gathering its rows straight into the ring when no column is a string one (no copy of
+the batch in partition order first): blocking while the channel has no credit, or, under the drop policy, shedding the part and
 counting its rows. A part larger than the ring takes (about half of it) is written in halves,
 in order. A batch without rows is written only to channels that have carried nothing yet: it
 tells the consumer the schema.
@@ -14,11 +15,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from .batch import Batch
+import numpy as np
+
+from .batch import Batch, StringColumn
 from .channel import ChannelWriter, WaitClock
 from .errors import ChannelTimeoutError, RecordTooLargeError
 from .messages import Collected
-from .partition import Partitioner, split
+from .partition import ALL, Partitioner, partition_rows
 from .plan import OutputSpec
 
 __all__ = ["OutputWriter", "CollectOutput"]
@@ -86,30 +89,39 @@ class OutputWriter:
             return
         n = len(self.writers)
         ids = 0 if self.partitioner is None else self.partitioner.assign(batch, n)
-        for i, part in enumerate(split(batch, ids, n)):
-            if part is not None:
-                self._write(i, part)
+        parts = partition_rows(batch, ids, n)
+        # a part of plain or nullable numeric columns is gathered straight into its ring
+        gather = not any(isinstance(batch[name], StringColumn) for name in batch)
+        for i, rows in enumerate(parts):
+            if rows is ALL:
+                self._write(i, batch)
+            elif rows is not None:
+                self._write(i, batch, rows) if gather else self._write(i, batch.take(rows))
 
-    def _write(self, i: int, part: Batch) -> None:
+    def _write(self, i: int, batch: Batch, rows: np.ndarray | None = None) -> None:
+        """Writes batch, or its rows (a fixed-width batch: gathered into the ring), to channel i."""
         writer = self.writers[i]
+        num_rows = batch.num_rows if rows is None else len(rows)
         try:
             if self.drop:
                 try:
-                    writer.write(part, timeout=0)
+                    writer.write(batch, timeout=0, rows=rows)
                 except ChannelTimeoutError:
-                    self.dropped += part.num_rows
+                    self.dropped += num_rows
                     return
             else:
-                writer.write(part)
+                writer.write(batch, rows=rows)
         except RecordTooLargeError:  # more than half the ring: send it in halves, in order
-            if part.num_rows < 2:
+            if num_rows < 2:
                 raise
-            half = part.num_rows // 2
+            part = batch if rows is None else batch.take(rows)
+            half = num_rows // 2
             self._write(i, part.slice(0, half))
-            self._write(i, part.slice(half, part.num_rows))
+            self._write(i, part.slice(half, num_rows))
             return
         self._silent.discard(i)
-        self.bytes_out += part.nbytes
+        # a fixed-width batch's bytes are its rows times the bytes of a row
+        self.bytes_out += batch.nbytes if rows is None else batch.nbytes // batch.num_rows * num_rows
 
     def write_barrier(self, checkpoint_id: int) -> None:
         for writer in self.writers:

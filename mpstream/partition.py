@@ -140,15 +140,19 @@ def _key_column(batch: Batch, key: str) -> Column:
         raise PartitionError(f"key column {key!r} is not in the batch (columns: {list(batch)})") from None
 
 
-def split(batch: Batch, ids: np.ndarray | int, n: int) -> list[Batch | None]:
-    """The batch cut into n parts by partition id (None where a part is empty); rows keep
-    their order within a part. One stable counting sort, one gather, then contiguous slices."""
-    parts: list[Batch | None] = [None] * n
+#: partition_rows' mark of a partition that gets every row of the batch, in order (no gather)
+ALL = slice(None)
+
+
+def partition_rows(batch: Batch, ids: np.ndarray | int, n: int) -> list[np.ndarray | slice | None]:
+    """Each of n partitions' rows of batch by partition id (one stable counting sort): int64
+    indices, rows in their order; :data:`ALL` where every row goes; None where none does."""
+    rows: list[np.ndarray | slice | None] = [None] * n
     if isinstance(ids, (int, np.integer)):
         if not 0 <= ids < n:
             raise PartitionError(f"partition {ids} is outside 0..{n - 1}")
-        parts[int(ids)] = batch
-        return parts
+        rows[int(ids)] = ALL
+        return rows
     ids = np.ascontiguousarray(ids, np.int64)
     if ids.shape != (batch.num_rows,):
         raise PartitionError(f"a partitioner returned {ids.shape} ids for {batch.num_rows} rows")
@@ -159,12 +163,18 @@ def split(batch: Batch, ids: np.ndarray | int, n: int) -> list[Batch | None]:
         raise PartitionError(f"partition ids must be in 0..{n - 1}, got e.g. {bad.tolist()}")
     nonempty = np.flatnonzero(counts)
     if len(nonempty) == 1:
-        parts[int(nonempty[0])] = batch
-        return parts
-    ordered = batch.take(order)
+        rows[int(nonempty[0])] = ALL
+        return rows
     start = 0
     for p, count in enumerate(counts.tolist()):
         if count:
-            parts[p] = ordered.slice(start, start + count)
+            rows[p] = order[start : start + count]
         start += count
-    return parts
+    return rows
+
+
+def split(batch: Batch, ids: np.ndarray | int, n: int) -> list[Batch | None]:
+    """The batch cut into n parts by partition id (None where a part is empty); rows keep
+    their order within a part."""
+    return [None if rows is None else batch if rows is ALL else batch.take(rows)
+            for rows in partition_rows(batch, ids, n)]

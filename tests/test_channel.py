@@ -139,7 +139,8 @@ def test_every_dtype_decodes_to_what_was_written_at_every_ring_position():
     """Columns are decoded as slices of views of the whole ring: every dtype, nullable or not,
     lands where it was written, read-only, batch after batch as positions move and the ring
     wraps (row counts that leave odd-sized buffers), through schema changes (fixed-width
-    frames, whose layouts are memoized per row count, and frames with strings)."""
+    frames, whose layouts are memoized per row count, and frames with strings); and so does a
+    write of some of a batch's rows (``rows=``), gathered straight into the ring."""
     kinds = [dict(nullable=False, strings=False), dict(nullable=True, strings=False), dict(), dict(strings=False)]
     with Channel("dtypes", capacity=1 << 18) as chan, ChannelWriter(chan.name) as writer, \
             ChannelReader(chan.name) as reader:
@@ -148,6 +149,12 @@ def test_every_dtype_decodes_to_what_was_written_at_every_ring_position():
             writer.write(want)
             with reader.read() as record:
                 assert_decoded(record.batch, want)
+            # some of its rows, in another order: gathered straight into the ring (fixed-width
+            # frames) or taken first (frames with strings)
+            picked = np.random.default_rng(seed).permutation(rows)[: rows // 2 + 1 if rows else 0]
+            writer.write(want, rows=picked)
+            with reader.read() as record:
+                assert_decoded(record.batch, want.take(picked))
         assert reader.stats()["head_position"] > 1 << 18  # it wrapped
 
 

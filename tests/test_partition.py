@@ -152,3 +152,55 @@ def test_batch_take_slice_concat_keep_strings_intact():
     both = Batch.concat([sliced, taken])
     assert both["s"].to_numpy().tolist() == ["", "yz", "日本", "x", "日本"]
     assert b.filter(np.array([True, False, False, True]))["i"].tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("strings", [False, True], ids=["gathered", "taken"])
+def test_keyed_parts_larger_than_half_a_ring_arrive_whole_in_halves(strings):
+    """A key_by edge orders rows by channel once and writes each part, gathering its rows
+    straight into the ring (no string column) or taking them first: parts of 10,000 rows of a
+    datetime, a nullable and an int column (over half of a 64 KiB ring) go in halves, and every
+    row arrives once, whole, at the instance of its key."""
+    from mpstream import Pipeline
+    from mpstream.operators import Operator
+
+    rng = np.random.default_rng(3)
+    n = 60_000
+    k = rng.integers(0, 50, n)
+    v = rng.integers(0, 100, n)
+    nulls = rng.random(n) < 0.2
+    data = {"k": k, "i": np.arange(n), "v": np.ma.MaskedArray(v, mask=nulls), "t": v.astype("datetime64[ms]")}
+    if strings:
+        data["s"] = WORDS[v % len(WORDS)]
+
+    class Tag(Operator):  # which instance got the row: the one its key hashes to
+        def process(self, batch):
+            return {**batch, "instance": np.full(batch.num_rows, self.ctx.instance)}
+
+    p = Pipeline(channel_capacity=1 << 16)
+    p.from_arrays("src", data, batch_size=20_000).key_by("k").process("tag", Tag, parallelism=2).collect("out")
+    out = p.run()["out"]
+    order = np.argsort(out["i"])
+    assert out["i"][order].tolist() == list(range(n))
+    assert out["k"][order].tolist() == k.tolist() and out["t"][order].tolist() == data["t"].tolist()
+    assert np.ma.getmaskarray(out["v"])[order].tolist() == nulls.tolist()
+    assert np.ma.filled(out["v"], -1)[order].tolist() == np.where(nulls, -1, v).tolist()
+    if strings:
+        assert out["s"].to_numpy()[order].tolist() == data["s"].tolist()
+    assert out["instance"][order].tolist() == HashPartitioner("k").assign(Batch({"k": k}), 2).tolist()
+
+
+def test_a_keyed_edge_under_the_drop_policy_counts_every_row_once():
+    """Gathered parts shed under backpressure="drop" are counted, row by row, where they are
+    dropped: rows received plus rows dropped are the rows sent."""
+    import time
+
+    from mpstream import Pipeline
+
+    p = Pipeline(channel_capacity=1 << 16)
+    block = {"k": np.arange(1000) % 7, "v": np.arange(1000)}
+    (p.from_generator("metrics", lambda i, offset: None if offset >= 1000 else block)
+      .key_by("k").map("slow", lambda b: time.sleep(0.001) or b, parallelism=2, backpressure="drop")
+      .to_callback("sink", lambda b: None))
+    result = p.run()
+    assert result.dropped["metrics"] > 0
+    assert result.per_operator()["slow"]["records_in"] + result.dropped["metrics"] == 1000 * 1000
