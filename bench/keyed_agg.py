@@ -21,7 +21,9 @@ and every fork of an mpstream job (or of mp_pool) pays for the memory of the pro
 from (``bench/startup.py`` measures how much). Spawned, not forked: polars deadlocks in a
 child forked from a process that ran polars.
 
-plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2, beside the same
+plus the keyed edge alone (``shuffle``): the uniform int events, source(2) -> key_by(key) ->
+a sink that drops them (parallelism 2), what hash-partitioning and moving the rows costs
+without the aggregation; plus a CPU-heavy per-batch map (URL parsing in Python) at parallelism 1 and 2, beside the same
 parsing in 1 and 2 plain forked processes (the machine's own scaling), and the cost
 per row of hashing string keys and of the whole key lookup, in one process. "partitions"
 lists the rows each instance of the keyed stage received: events for hash, partial rows (one
@@ -346,10 +348,25 @@ def plain_processes(batch: Batch, parallelism: int) -> None:
     assert all(w.exitcode == 0 for w in workers), f"a plain parsing process failed: {[w.exitcode for w in workers]}"
 
 
+def shuffle_job(keys: np.ndarray, values: np.ndarray) -> Pipeline:
+    p = Pipeline()
+    (p.from_arrays("src", {"key": keys, "value": values}, parallelism=2, batch_size=BATCH)
+      .key_by("key").to_callback("sink", lambda b: None, parallelism=2))
+    return p
+
+
+def check_shuffled(result: JobResult, n: int) -> None:
+    got = result.per_operator()["sink"]["records_in"]
+    assert got == n, f"the sink got {got} rows of {n}"
+
+
 def main() -> None:
     quick = quick_option(__doc__, "4M events: under 60 s")
     n = 4_000_000 if quick else 20_000_000
     results, partitions = keyed_agg(n, repeats=2 if quick else 3)
+    keys, values = events(n, "uniform")
+    shuffle_s = best_of(3, {"shuffle": shuffle_job(keys, values).run}, lambda name, result: check_shuffled(result, n))["shuffle"]
+    del keys, values
     rows = 100_000 if quick else 400_000
     urls = url_batch(rows)
     jobs = {**{f"mpstream_p{p}": cpu_map_job(rows, p).run for p in (1, 2)},
@@ -378,10 +395,13 @@ def main() -> None:
             print(f"string keys, {dist}: best mpstream / duckdb {best / results[dist]['duckdb']['events_per_s']:.2f}")
     print(f"string keys, one process, ns per row: hash {string_ns['hash']:.2f}, "
           f"key lookup (hash, key map, new keys' strings) {string_ns['key_index']:.2f}")
+    print(f"keyed edge alone (source -> key_by -> a sink that drops them, parallelism 2), uniform: "
+          f"{n / shuffle_s / 1e6:.2f} M events/s")
     print(f"CPU-heavy map ({rows:,} URLs): parallelism 1 {cpu[1]:.2f} s, 2 {cpu[2]:.2f} s: {scaling:.2f}x; "
           f"the same parsing in 1 and 2 plain forked processes {plain[1]:.2f} s, {plain[2]:.2f} s: {machine_scaling:.2f}x")
     print(json.dumps({"bench": "keyed_agg", "machine": machine_line(), "events": n, "results": results,
-                      "partitions": partitions, "string_key_ns": string_ns, "cpu_map": {"seconds_p1": round(cpu[1], 3),
+                      "partitions": partitions, "string_key_ns": string_ns,
+                      "shuffle": {"events_per_s": round(n / shuffle_s), "seconds": round(shuffle_s, 4)}, "cpu_map": {"seconds_p1": round(cpu[1], 3),
                                                             "seconds_p2": round(cpu[2], 3), "speedup": round(scaling, 3),
                                                             "plain_seconds_p1": round(plain[1], 3),
                                                             "plain_seconds_p2": round(plain[2], 3),

@@ -2,13 +2,14 @@
 pytest plugin (the ``mpstream_benchmark`` fixture: a fresh pipeline per round, the job's
 figures in ``extra_info``).
 
-Each mpstream figure has its baseline in the same process: keyed aggregation against numpy's
-bincount over the same events, and the CPU-heavy map at parallelism 2 against parallelism 1.
+Each mpstream figure has its baseline in the same process: keyed aggregation (and the keyed
+edge alone) against numpy's bincount over the same events, and the CPU-heavy map at
+parallelism 2 against parallelism 1.
 """
 
 import numpy as np
 import pytest
-from keyed_agg import cpu_map_job, events, mpstream_job, mpstream_sums, run_numpy
+from keyed_agg import check_shuffled, cpu_map_job, events, mpstream_job, mpstream_sums, run_numpy, shuffle_job
 
 N = 2_000_000
 
@@ -31,6 +32,12 @@ def test_keyed_aggregation_mpstream(mpstream_benchmark, data, salt):
     dist, (keys, values) = data
     sums, counts, _ = mpstream_sums(mpstream_benchmark(lambda: mpstream_job(keys, values, salt)))
     assert np.array_equal(counts, np.bincount(keys, minlength=len(counts)))
+
+
+def test_keyed_edge_alone(mpstream_benchmark, data):
+    """source -> key_by -> a sink that drops the rows: the shuffle without the aggregation."""
+    dist, (keys, values) = data
+    check_shuffled(mpstream_benchmark(lambda: shuffle_job(keys, values)), N)
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
