@@ -445,6 +445,9 @@ class ChannelWriter(_Endpoint):
         if rows is None:
             layout = frame.layout(batch)
         elif frame.fixed_width:
+            rows = np.asarray(rows, np.int64)
+            if len(rows) and not (0 <= rows.min() and rows.max() < batch.num_rows):  # the gather clips
+                raise IndexError(f"channel {self.name!r}: rows to write must be in 0..{batch.num_rows - 1}")
             layout = frame.layout_rows(len(rows))
         else:
             batch, rows = batch.take(rows), None

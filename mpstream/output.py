@@ -114,10 +114,13 @@ class OutputWriter:
         except RecordTooLargeError:  # more than half the ring: send it in halves, in order
             if num_rows < 2:
                 raise
-            part = batch if rows is None else batch.take(rows)
             half = num_rows // 2
-            self._write(i, part.slice(0, half))
-            self._write(i, part.slice(half, num_rows))
+            if rows is None:
+                self._write(i, batch.slice(0, half))
+                self._write(i, batch.slice(half, num_rows))
+            else:
+                self._write(i, batch, rows[:half])
+                self._write(i, batch, rows[half:])
             return
         self._silent.discard(i)
         # a fixed-width batch's bytes are its rows times the bytes of a row

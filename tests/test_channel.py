@@ -156,6 +156,10 @@ def test_every_dtype_decodes_to_what_was_written_at_every_ring_position():
             with reader.read() as record:
                 assert_decoded(record.batch, want.take(picked))
         assert reader.stats()["head_position"] > 1 << 18  # it wrapped
+        fixed = every_dtype_batch(5, 0, strings=False)
+        for bad in ([0, 5], [-1, 0]):  # a gather clips: out-of-range rows are refused first
+            with pytest.raises(IndexError, match=r"rows to write must be in 0\.\.4"):
+                writer.write(fixed, rows=np.array(bad))
 
 
 @pytest.mark.parametrize("damage, says", [("unaligned", "unaligned"), ("rows", "past its end")])
