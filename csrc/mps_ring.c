@@ -41,7 +41,6 @@ struct mps_ring_shared {
     alignas(MPS_RING_SLOT_LENGTH) _Atomic uint64_t tail_position;
     _Atomic uint64_t records_committed;
     _Atomic int32_t producer_pid;
-    _Atomic int32_t producer_cpu; /* the CPU of the producer's last commit (-1: none yet) */
     /* producer parking */
     alignas(MPS_RING_SLOT_LENGTH) _Atomic uint32_t producer_waiting;
     _Atomic uint32_t space_futex;
@@ -50,7 +49,6 @@ struct mps_ring_shared {
     _Atomic uint64_t records_released;
     _Atomic int32_t consumer_pid;
     _Atomic uint32_t consumer_closed;
-    _Atomic int32_t consumer_cpu; /* the CPU of the consumer's last release (-1: none yet) */
     /* consumer parking */
     alignas(MPS_RING_SLOT_LENGTH) _Atomic uint32_t consumer_waiting;
     _Atomic uint32_t data_futex;
@@ -103,7 +101,6 @@ struct mps_ring {
     /* counters */
     uint64_t waits;
     uint64_t wait_ns;
-    uint64_t parked_at_once; /* waits that skipped the spin: the peer last ran on this CPU */
 };
 
 static inline uint64_t align_up(uint64_t value, uint64_t alignment)
@@ -284,8 +281,6 @@ int mps_ring_init(void *base, uint64_t capacity, uint64_t max_records, uint64_t 
     shared->descriptor.creator_pid = getpid();
     atomic_store(&shared->tail_position, start_position);
     atomic_store(&shared->head_position, start_position);
-    atomic_store(&shared->producer_cpu, -1);
-    atomic_store(&shared->consumer_cpu, -1);
     /* The magic goes last: a reader that sees it sees a complete descriptor. */
     atomic_thread_fence(memory_order_seq_cst);
     atomic_store((_Atomic uint64_t *)&shared->descriptor.magic, MPS_RING_MAGIC);
@@ -352,7 +347,6 @@ static void consumer_publish(struct mps_ring *ring)
 {
     struct mps_ring_shared *shared = ring->shared;
     atomic_store_explicit(&shared->records_released, ring->records_released, memory_order_relaxed);
-    atomic_store_explicit(&shared->consumer_cpu, sched_getcpu(), memory_order_relaxed);
     atomic_store_explicit(&shared->head_position, ring->head_position, memory_order_release);
     wake_if_waiting(&shared->producer_waiting, &shared->space_futex);
 }
@@ -385,22 +379,6 @@ static _Atomic uint32_t *waiting_flag(struct mps_ring *ring)
 static _Atomic uint32_t *wake_word(struct mps_ring *ring)
 {
     return ring->side == MPS_RING_PRODUCER ? &ring->shared->space_futex : &ring->shared->data_futex;
-}
-
-/* True when the peer of every ring last ran on this CPU: spinning would only keep it (most
- * likely woken onto this CPU, or queued here) from running until we park. */
-static bool peers_share_this_cpu(struct mps_ring **rings, uint32_t count)
-{
-    if (count == 0)
-        return false;
-    int cpu = sched_getcpu();
-    for (uint32_t i = 0; i < count; i++) {
-        struct mps_ring_shared *shared = rings[i]->shared;
-        _Atomic int32_t *peer = rings[i]->side == MPS_RING_PRODUCER ? &shared->consumer_cpu : &shared->producer_cpu;
-        if (atomic_load_explicit(peer, memory_order_relaxed) != cpu)
-            return false;
-    }
-    return cpu >= 0;
 }
 
 static void set_waiting(struct mps_ring **rings, uint32_t count, uint32_t value)
@@ -468,11 +446,6 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
     int64_t spin_ns = rings[0]->spin_ns;
     if (timeout_ns >= 0 && timeout_ns < spin_ns)
         spin_ns = timeout_ns;
-    if (spin_ns && peers_share_this_cpu(rings, count)) {
-        spin_ns = 0;
-        for (uint32_t i = 0; i < count; i++)
-            rings[i]->parked_at_once++;
-    }
     /* Spin first (up to the timeout): a peer in the middle of a record answers faster than a
      * futex wake. Bounded by time, not count: PAUSE costs 10x more on some CPUs than others.
      * After the first microsecond, yield now and then: the scheduler often queues the peer we
@@ -663,7 +636,6 @@ int mps_ring_commit(struct mps_ring *ring)
     ring->records_committed++;
     ring->claim_length = 0;
     atomic_store_explicit(&shared->records_committed, ring->records_committed, memory_order_relaxed);
-    atomic_store_explicit(&shared->producer_cpu, sched_getcpu(), memory_order_relaxed);
     atomic_store_explicit(&shared->tail_position, ring->tail_position, memory_order_release);
     wake_if_waiting(&shared->consumer_waiting, &shared->data_futex);
     return MPS_RING_OK;
@@ -829,5 +801,4 @@ void mps_ring_get_stats(struct mps_ring *ring, struct mps_ring_stats *stats)
     stats->records = producer ? ring->records_committed : ring->records_released;
     stats->waits = ring->waits;
     stats->wait_ns = ring->wait_ns;
-    stats->parked_at_once = ring->parked_at_once;
 }

@@ -13,13 +13,13 @@
  *       | creator_pid                                                |  creator, then read-only
  *   128 +------------------------------------------------------------+
  *       | producer line: tail_position, records_committed,           |  written by the producer
- *       | producer_pid, producer_cpu                                 |
+ *       | producer_pid                                               |
  *   256 +------------------------------------------------------------+
  *       | producer parking: producer_waiting, space_futex            |  touched only around a
  *       |                                                            |  producer that sleeps
  *   384 +------------------------------------------------------------+
  *       | consumer line: head_position, records_released,            |  written by the consumer
- *       | consumer_pid, consumer_closed, consumer_cpu                |
+ *       | consumer_pid, consumer_closed                              |
  *   512 +------------------------------------------------------------+
  *       | consumer parking: consumer_waiting, data_futex             |  touched only around a
  *       |                                                            |  consumer that sleeps
@@ -48,10 +48,8 @@
  * a SIGBUS. The consumer only reads what the producer wrote. Whoever creates a job's rings
  * checks up front that /dev/shm has room for all of them at full capacity.
  *
- * Waiting: a bounded spin, then a futex in the segment (shared, not FUTEX_PRIVATE). Each side
- * notes the CPU it last committed or released on (producer_cpu, consumer_cpu); a waiter whose
- * peer last ran on its own CPU skips the spin: the peer, most likely woken onto this CPU or
- * queued on it, could not run until the spinner yields. The sleeper
+ * Waiting: a bounded spin (never longer than the call's timeout), then a futex in the segment
+ * (shared, not FUTEX_PRIVATE). The sleeper
  * sets its "waiting" flag, re-checks, then sleeps on the futex word the other side bumps; the
  * other side publishes its position, fences, and only makes the wake syscall when the flag is
  * set. Sleeps are timed (a nap, MPS_RING_NAP_NS by default) so a sleeper notices a dead peer
@@ -68,7 +66,7 @@
 #include <stdint.h>
 
 #define MPS_RING_MAGIC 0x474e495253504dULL /* "MPSRING" little-endian */
-#define MPS_RING_LAYOUT_VERSION 2
+#define MPS_RING_LAYOUT_VERSION 1
 #define MPS_RING_SLOT_LENGTH 128
 #define MPS_RING_DATA_OFFSET 4096
 #define MPS_RING_MIN_CAPACITY 1024
@@ -135,7 +133,6 @@ struct mps_ring_stats {
     uint64_t records;
     uint64_t waits;
     uint64_t wait_ns;
-    uint64_t parked_at_once; /* waits that parked without spinning: the peer last ran on this CPU */
 };
 
 struct mps_ring;

@@ -72,7 +72,7 @@ DEFAULT_CAPACITY = 1 << 22
 #: Longest a single C call stays parked (a signal wakes it anyway: Python then runs its handler).
 _SLICE_NS = 1_000_000_000
 #: Nanoseconds a blocking call spins (at most its timeout) before it parks on the futex (see
-#: bench/transport.py); none when the peer last ran on this CPU (csrc/mps_ring.h, "Waiting").
+#: bench/transport.py).
 DEFAULT_SPIN_NS = 50_000
 #: How long a parked call sleeps before it checks that its peer lives (0: the C default,
 #: MPS_RING_NAP_NS = 20 ms). Every wake-up costs CPU: mpstream's tasks, whose coordinator
@@ -367,12 +367,11 @@ class _Endpoint:
         raise ChannelError(f"channel {self.name!r}: ring call failed with code {rc}")
 
     def stats(self) -> dict[str, int]:
-        """Positions, records moved, time spent waiting on the peer, and the waits that parked
-        without spinning (the peer had last run on this side's CPU), for this side."""
+        """Positions, records moved and time spent waiting on the peer, for this side."""
         s = ffi.new("struct mps_ring_stats *")
         lib.mps_ring_get_stats(self._ring, s)
         return {"tail_position": s.tail_position, "head_position": s.head_position,
-                "records": s.records, "waits": s.waits, "wait_ns": s.wait_ns, "parked_at_once": s.parked_at_once}
+                "records": s.records, "waits": s.waits, "wait_ns": s.wait_ns}
 
     def _detach(self) -> None:
         if self._ring is not None:
