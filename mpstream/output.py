@@ -89,14 +89,17 @@ class OutputWriter:
             return
         n = len(self.writers)
         ids = 0 if self.partitioner is None else self.partitioner.assign(batch, n)
-        parts = partition_rows(batch, ids, n)
-        # a part of plain or nullable numeric columns is gathered straight into its ring
-        gather = not any(isinstance(batch[name], StringColumn) for name in batch)
-        for i, rows in enumerate(parts):
-            if rows is ALL:
+        gather = None  # a part's rows go straight into its ring: no string column (asked once, if at all)
+        for i, rows in enumerate(partition_rows(batch, ids, n)):
+            if rows is ALL:  # a forward edge, or every row to one channel: the batch as it is
                 self._write(i, batch)
             elif rows is not None:
-                self._write(i, batch, rows) if gather else self._write(i, batch.take(rows))
+                if gather is None:
+                    gather = not any(isinstance(col, StringColumn) for col in batch.values())
+                if gather:
+                    self._write(i, batch, rows)
+                else:
+                    self._write(i, batch.take(rows))
 
     def _write(self, i: int, batch: Batch, rows: np.ndarray | None = None) -> None:
         """Writes batch, or its rows (a fixed-width batch: gathered into the ring), to channel i."""
