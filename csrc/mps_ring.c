@@ -620,7 +620,12 @@ int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_
 
 int mps_ring_commit(struct mps_ring *ring)
 {
-    if (ring->side != MPS_RING_PRODUCER || ring->claim_length == 0)
+    return mps_ring_commit_with(ring, NULL, 0);
+}
+
+int mps_ring_commit_with(struct mps_ring *ring, const char *prefix, uint32_t prefix_length)
+{
+    if (ring->side != MPS_RING_PRODUCER || ring->claim_length == 0 || prefix_length > ring->claim_payload)
         return MPS_RING_BAD_STATE;
     struct mps_ring_shared *shared = ring->shared;
     if (ring->claim_padding) {
@@ -630,6 +635,8 @@ int mps_ring_commit(struct mps_ring *ring)
     }
     uint64_t record_position = ring->tail_position + ring->claim_padding;
     struct mps_record_header *header = (void *)(ring->data + (record_position & ring->mask));
+    if (prefix_length)
+        memcpy((uint8_t *)header + MPS_RECORD_HEADER_LENGTH, prefix, prefix_length);
     header->length = ring->claim_payload;
     header->type = ring->claim_type;
     ring->tail_position = record_position + ring->claim_length;

@@ -181,6 +181,10 @@ int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, ui
 int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_t timeout_ns,
                    uint64_t *offset_out);
 int mps_ring_commit(struct mps_ring *ring);
+/* Copies prefix_length bytes of prefix to the claimed payload's start, then commits: one call
+ * for a record whose header (or whole payload) the caller holds as bytes. BAD_STATE (nothing
+ * copied, the claim kept) when prefix_length exceeds the claimed length. */
+int mps_ring_commit_with(struct mps_ring *ring, const char *prefix, uint32_t prefix_length);
 int mps_ring_abort(struct mps_ring *ring);
 
 /* Consumer. A peek fills *record; its payload stays valid and unchanged until release. */

@@ -563,9 +563,9 @@ class Frame:
         batch in this frame."""
         layouts = self._layouts
         if layouts is None:
-            return self._place(batch.num_rows, [buf.nbytes for buf in batch.buffers()])
-        known = layouts.get(batch.num_rows)
-        return known if known is not None else self.layout_rows(batch.num_rows)
+            return self._place(batch._num_rows, [buf.nbytes for buf in batch.buffers()])
+        known = layouts.get(batch._num_rows)
+        return known if known is not None else self.layout_rows(batch._num_rows)
 
     def layout_rows(self, num_rows: int) -> tuple[int, bytes, tuple[tuple[int, int], ...]]:
         """The layout of num_rows rows in a fixed-width frame (memoized)."""
@@ -594,23 +594,19 @@ class Frame:
         return position, self._header.pack(*fields), tuple(places)
 
     @staticmethod
-    def write(out: memoryview, base: ffi.CData, index: int, layout: tuple[int, bytes, tuple[tuple[int, int], ...]],
-              batch: Batch) -> None:
-        """Writes batch's DATA payload in layout at out[index:] (base: its address); one
-        memmove per buffer, straight into the ring."""
-        _, header, places = layout
-        out[index : index + len(header)] = header
+    def write(base: ffi.CData, index: int, places: tuple[tuple[int, int], ...], batch: Batch) -> None:
+        """Writes batch's buffers at their places (a layout's third item) in the payload at
+        index of the segment at base; one memmove per buffer, straight into the ring. The
+        header (the layout's second item) is the caller's to write."""
         for (offset, nbytes), buf in zip(places, batch.buffers()):
             if nbytes:
                 ffi.memmove(base + (index + offset), buf, nbytes)
 
-    def write_rows(self, out: memoryview, index: int, layout: tuple[int, bytes, tuple[tuple[int, int], ...]],
-                   batch: Batch, rows: np.ndarray) -> None:
-        """Writes the DATA payload of ``batch.take(rows)`` (rows: int64 indices into batch) in
-        layout at out[index:] without making it: every buffer's rows are gathered straight
-        into the ring (a fixed-width frame of a writer)."""
-        _, header, places = layout
-        out[index : index + len(header)] = header
+    def write_rows(self, index: int, places: tuple[tuple[int, int], ...], batch: Batch, rows: np.ndarray) -> None:
+        """Writes the buffers of ``batch.take(rows)`` (rows: int64 indices into batch) at their
+        places in the payload at index without making it: every buffer's rows are gathered
+        straight into the ring (a fixed-width frame of a writer's segment). The header is the
+        caller's to write."""
         n = len(rows)
         for (offset, _), buf, (view, itemsize) in zip(places, batch.buffers(), self._buffer_views):
             start = (index + offset) // itemsize
@@ -623,24 +619,26 @@ class Frame:
         fields = self._header.unpack_from(self._src, index)
         num_rows = fields[0]
         columns: dict[str, Column] = {}
-        cut = self._cut
         for name, view, itemsize, f, masks, data in self._plan:
             if data is None:  # the common case, inline: what cut() does
                 offset = index + fields[f]
                 start = offset // itemsize
                 values = view[start : start + num_rows]
                 if start * itemsize != offset or len(values) != num_rows:
-                    cut(name, view, itemsize, offset, num_rows)  # raises, saying what is wrong
+                    self._cut(name, view, itemsize, offset, num_rows)  # raises, saying what is wrong
                 if masks is not None:
-                    values = np.ma.MaskedArray(values, mask=cut(name, masks, 1, index + fields[f + 2], num_rows))
+                    values = np.ma.MaskedArray(values, mask=self._cut(name, masks, 1, index + fields[f + 2], num_rows))
                 columns[name] = values
             else:
+                cut = self._cut
                 column = StringColumn.__new__(StringColumn)  # written by Frame.write: valid
                 column.offsets = cut(name, view, 8, index + fields[f], num_rows + 1)
                 column.data = cut(name, data, 1, index + fields[f + 2], fields[f + 3])
                 column.mask = None if masks is None else cut(name, masks, 1, index + fields[f + 4], num_rows)
                 columns[name] = column
-        return Batch._trusted(columns, num_rows, self.schema)
+        batch = _new_object(Batch)  # what Batch._trusted does, without its call: once per record read
+        batch._columns, batch._num_rows, batch._schema, batch._buffers = columns, num_rows, self.schema, None
+        return batch
 
     @staticmethod
     def _cut(name: str, view: np.ndarray, itemsize: int, offset: int, count: int) -> np.ndarray:

@@ -94,6 +94,7 @@ class RecordKind(enum.IntEnum):
 
 
 _KINDS = {kind.value: kind for kind in RecordKind}
+_DATA_KIND = RecordKind.DATA
 _OK, _EMPTY, _FULL = lib.MPS_RING_OK, lib.MPS_RING_EMPTY, lib.MPS_RING_FULL
 _SCHEMA, _DATA = lib.MPS_RECORD_SCHEMA, lib.MPS_RECORD_DATA
 
@@ -428,17 +429,16 @@ class ChannelWriter(_Endpoint):
         return self._data_index + offset[0]
 
     def _write_bytes(self, kind: int, payload: bytes, timeout: float | None) -> None:
-        index = self._claim(kind, len(payload), timeout)
-        self._out[index : index + len(payload)] = payload
-        lib.mps_ring_commit(self._ring)
+        self._claim(kind, len(payload), timeout)
+        lib.mps_ring_commit_with(self._ring, payload, len(payload))
 
     def write(self, batch: Batch, timeout: float | None = None, rows: np.ndarray | None = None) -> None:
         """Writes one batch (preceded by a SCHEMA record when its columns changed). With rows
         (int64 indices into batch), writes ``batch.take(rows)``: gathered straight into the
         ring when no column is a string one (a partitioned output's parts), else taken first."""
-        frame = self._frame
-        if frame is None or frame.schema != batch.schema:
-            frame = Frame(batch.schema, self._skew, self._out)
+        frame, schema = self._frame, batch.schema
+        if frame is None or (frame.schema is not schema and frame.schema != schema):  # is: a batch read in this frame
+            frame = Frame(schema, self._skew, self._out)
             self._write_bytes(lib.MPS_RECORD_SCHEMA, frame.encode_schema(), timeout)
             self._frame = frame
         if rows is None:
@@ -451,18 +451,19 @@ class ChannelWriter(_Endpoint):
         else:
             batch, rows = batch.take(rows), None
             layout = frame.layout(batch)
-        length, offset = layout[0], self._offset
+        length, header, places = layout
+        offset = self._offset
         rc = None if self._closed else lib.mps_ring_try_claim(self._ring, _DATA, length, offset)  # the hot path
         index = self._data_index + offset[0] if rc == _OK else self._claim(_DATA, length, timeout, rc)
         try:
             if rows is None:
-                frame.write(self._out, self._base, index, layout, batch)
+                frame.write(self._base, index, places, batch)
             else:
-                frame.write_rows(self._out, index, layout, batch, rows)
+                frame.write_rows(index, places, batch, rows)
         except BaseException:
             lib.mps_ring_abort(self._ring)
             raise
-        lib.mps_ring_commit(self._ring)
+        lib.mps_ring_commit_with(self._ring, header, len(header))  # the header goes in with the commit
 
     def write_barrier(self, checkpoint_id: int, timeout: float | None = None) -> None:
         """Writes BARRIER(checkpoint_id), in band after every batch written before it."""
@@ -583,13 +584,12 @@ class ChannelReader(_Endpoint):
     def _accept(self, rec: Any) -> bool:
         """Takes the peeked record rec into self's Record; False (and released) for SCHEMA."""
         kind = rec.type
-        record = self._record
         if kind == _DATA and (frame := self._frame) is not None:  # the hot path first
-            record.held = True
-            record.kind = RecordKind.DATA
+            record = self._record
             record.batch = frame.read(self._data_index + rec.offset)
-            record.value = None
+            record.held, record.kind, record.value = True, _DATA_KIND, None
             return True
+        record = self._record
         index = self._data_index + rec.offset
         if kind == _SCHEMA:
             self._frame = self._schema(index, rec.length)

@@ -193,6 +193,24 @@ def test_should_publish_nothing_on_abort(ring_at):
     assert ring.header(CAPACITY - 64) == (1, lib.MPS_RECORD_DATA)
 
 
+def test_should_copy_the_prefix_in_with_the_commit_across_a_wrap(ring_at):
+    ring = ring_at(start_position=CAPACITY - 64)  # the record goes after padding, at index 0
+    assert lib.mps_ring_try_claim(ring.producer, lib.MPS_RECORD_DATA, 100, ring.offset) == lib.MPS_RING_OK
+    ffi.memmove(ring.data + ring.offset[0] + 8, bytes(range(92)), 92)  # the rest of the payload
+    assert lib.mps_ring_commit_with(ring.producer, b"prefix!!", 8) == lib.MPS_RING_OK
+    assert ring.header(0) == (100, lib.MPS_RECORD_DATA)
+    assert ring.poll() == (lib.MPS_RECORD_DATA, b"prefix!!" + bytes(range(92)))
+
+
+def test_should_refuse_a_prefix_longer_than_the_claim_and_keep_the_claim(ring_at):
+    ring = ring_at()
+    assert lib.mps_ring_try_claim(ring.producer, lib.MPS_RECORD_DATA, 4, ring.offset) == lib.MPS_RING_OK
+    assert lib.mps_ring_commit_with(ring.producer, b"12345", 5) == lib.MPS_RING_BAD_STATE
+    assert ring.poll() == lib.MPS_RING_EMPTY  # nothing published
+    assert lib.mps_ring_commit_with(ring.producer, b"1234", 4) == lib.MPS_RING_OK
+    assert ring.poll() == (lib.MPS_RECORD_DATA, b"1234")
+
+
 def test_should_reject_calls_out_of_order(ring_at):
     ring = ring_at()
     assert lib.mps_ring_commit(ring.producer) == lib.MPS_RING_BAD_STATE
