@@ -348,12 +348,24 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
 {
     uint64_t pending[MPS_KEYMAP_BLOCK], hashes[MPS_KEYMAP_BLOCK];
     uint64_t waiting = 0;
+    /* The front, held in locals (the stores to slots would otherwise make the compiler load
+     * them from the map again for every key); only keymap_cover moves or widens it. */
+    const uint32_t *direct = map->direct;
+    uint64_t direct_len = map->direct_len;
     for (uint64_t k = 0; k <= n; k++) {
         if (k < n) {
             uint64_t key = keys[k];
-            if (key >= map->direct_len && key < keymap_front_limit(map) && keymap_cover(map, key) != 0)
-                return -1;
-            if (key < map->direct_len) {
+            if (key < direct_len && direct[key]) { /* the common case: a small key seen before */
+                slots[k] = (int64_t)direct[key] - 1;
+                continue;
+            }
+            if (key >= direct_len && key < keymap_front_limit(map)) {
+                if (keymap_cover(map, key) != 0)
+                    return -1;
+                direct = map->direct;
+                direct_len = map->direct_len;
+            }
+            if (key < direct_len) {
                 if ((slots[k] = keymap_front(map, key)) < 0)
                     return -1;
                 continue;
