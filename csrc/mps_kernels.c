@@ -80,6 +80,32 @@ void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitio
         out[i] = (int64_t)(((unsigned __int128)hashes[i] * partitions) >> 64);
 }
 
+int mps_hashes_to_instances(const uint64_t *hashes, uint64_t n, uint32_t groups, uint32_t instances,
+                            uint32_t salt, uint64_t row, int64_t *out)
+{
+    if (groups == 0 || groups > MPS_MAX_KEY_GROUPS || instances == 0 || instances > groups)
+        return -1;
+    int64_t owner[MPS_MAX_KEY_GROUPS]; /* group -> instance: no division per row */
+    for (uint32_t g = 0; g < groups; g++)
+        owner[g] = (int64_t)((uint64_t)g * instances / groups);
+    if (salt < 2) {
+        for (uint64_t i = 0; i < n; i++)
+            out[i] = owner[((unsigned __int128)hashes[i] * groups) >> 64];
+        return 0;
+    }
+    uint64_t step = row % salt;      /* (row + i) mod salt */
+    uint64_t shift = step % instances; /* the same, mod instances */
+    for (uint64_t i = 0; i < n; i++) {
+        int64_t to = owner[((unsigned __int128)hashes[i] * groups) >> 64] + (int64_t)shift;
+        out[i] = to >= (int64_t)instances ? to - (int64_t)instances : to;
+        if (++step == salt)
+            step = shift = 0;
+        else if (++shift == instances)
+            shift = 0;
+    }
+    return 0;
+}
+
 int mps_partition_order(const int64_t *partition, uint64_t n, uint32_t partitions, int64_t *order,
                         int64_t *counts)
 {

@@ -20,6 +20,15 @@ void mps_hash_utf8(const int64_t *offsets, const uint8_t *data, uint64_t n, uint
 /* out[i] = hashes[i] mapped uniformly onto [0, partitions) (multiply-shift, no modulo bias). */
 void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitions, int64_t *out);
 
+/* out[i] = the instance (of instances) that owns the key group (of groups, at most
+ * MPS_MAX_KEY_GROUPS) of hashes[i], as mps_hash_to_partition onto groups and then instance
+ * g * instances / groups (contiguous ranges of groups); with salt > 1, row i (row + i of the
+ * stream) goes (row + i) mod salt instances further on, mod instances. One pass; out may be
+ * the hashes' own memory. Returns 0, or -1 (nothing written) for arguments out of range. */
+#define MPS_MAX_KEY_GROUPS 4096
+int mps_hashes_to_instances(const uint64_t *hashes, uint64_t n, uint32_t groups, uint32_t instances,
+                            uint32_t salt, uint64_t row, int64_t *out);
+
 /* Stable counting sort of rows by partition id: counts[p] = rows in partition p, and order
  * lists row indices partition by partition, each partition in input order. Returns 0, or -1
  * if an id is outside [0, partitions) (order and counts are then unspecified). */

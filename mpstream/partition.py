@@ -48,6 +48,7 @@ def hash_column(col: Column) -> np.ndarray:
 #: Keyed state is kept per key group; a key's group never changes, an instance owns a range of
 #: groups, so state can move to another parallelism by whole groups (Flink's max parallelism).
 KEY_GROUPS = 128
+assert KEY_GROUPS <= lib.MPS_MAX_KEY_GROUPS
 
 
 def key_groups(col: Column) -> np.ndarray:
@@ -89,10 +90,14 @@ class HashPartitioner(Partitioner):
             return 0
         if n > KEY_GROUPS:
             raise PartitionError(f"a keyed operator can have at most {KEY_GROUPS} instances (key groups), got {n}")
-        ids = instance_of(key_groups(_key_column(batch, self.key)), n)
-        if self.salt > 1:  # row i of a key goes to its partition + (i mod salt): evenly spread
-            ids += (self._row + np.arange(batch.num_rows, dtype=np.int64)) % self.salt
-            ids %= n
+        # instance_of(key_groups(key)), and with a salt row i of a key goes (i mod salt)
+        # instances on (evenly spread): one C pass, in place over the hashes
+        hashes = hash_column(_key_column(batch, self.key))
+        ids = hashes.view(np.int64)
+        if lib.mps_hashes_to_instances(_ptr("uint64_t[]", hashes), len(hashes), KEY_GROUPS, n, max(self.salt, 1),
+                                       self._row, _ptr("int64_t[]", ids)) != 0:
+            raise PartitionError(f"cannot partition by {self.key!r} over {n} instances")  # checked above: never
+        if self.salt > 1:
             self._row += batch.num_rows
         return ids
 

@@ -12,11 +12,14 @@ from hypothesis import strategies as st
 from mpstream import Batch, StringColumn
 from mpstream.partition import (
     CustomPartitioner,
+    KEY_GROUPS,
     HashPartitioner,
     PartitionError,
     RangePartitioner,
     RoundRobinPartitioner,
     hash_column,
+    instance_of,
+    key_groups,
     split,
 )
 
@@ -52,6 +55,24 @@ def test_hash_split_partitions_rows_exactly_once_in_order(seed, rows, n, string_
             owner.setdefault(key, set()).add(p_index)
     if not salt:  # without salt a key lives in exactly one partition
         assert all(len(ps) == 1 for ps in owner.values())
+
+
+@pytest.mark.parametrize("string_keys", [False, True])
+@pytest.mark.parametrize("n", [2, 3, 7, KEY_GROUPS])
+@pytest.mark.parametrize("salt", [0, 1, 2, 3, 8, 13])
+def test_hash_partitions_are_the_key_groups_owners_salted_row_by_row_across_batches(n, salt, string_keys):
+    """The partitioner's one C pass gives what the key groups say (instance_of(key_groups)),
+    and with a salt row i of the stream moves (i mod salt) instances on, counting rows across
+    batches: the reference computed in numpy."""
+    rng = np.random.default_rng(n * 100 + salt)
+    partitioner, row = HashPartitioner("key", salt), 0
+    for rows in (0, 1, 37, 1000, 5):
+        batch = random_batch(rng, rows, string_keys)
+        want = instance_of(key_groups(batch["key"]), n)
+        if salt > 1:
+            want = (want + (row + np.arange(rows)) % salt) % n
+        np.testing.assert_array_equal(partitioner.assign(batch, n), want)
+        row += rows
 
 
 def test_salt_spreads_one_hot_key_over_partitions():
