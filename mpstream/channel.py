@@ -361,7 +361,9 @@ class _Endpoint:
             raise ChannelClosedError(f"channel {self.name!r}: the reader closed its end; "
                                      f"stop writing to it")
         if rc == lib.MPS_RING_BAD_STATE:
-            raise ChannelError(f"channel {self.name!r}: release the previous record before reading the next")
+            raise ChannelError(f"channel {self.name!r}: " + ("release the previous record before reading the next"
+                               if self._side == lib.MPS_RING_CONSUMER else
+                               "a record is still claimed (a write was interrupted): use a new writer"))
         if rc == lib.MPS_RING_TIMEOUT:
             raise ChannelTimeoutError(f"channel {self.name!r}: the {self._role} waited {timeout} s "
                                       f"for its {peer}; raise the timeout or check that the {peer} runs")
@@ -586,8 +588,8 @@ class ChannelReader(_Endpoint):
         kind = rec.type
         if kind == _DATA and (frame := self._frame) is not None:  # the hot path first
             record = self._record
+            record.held, record.kind, record.value = True, _DATA_KIND, None  # held first: a corrupt one can be released
             record.batch = frame.read(self._data_index + rec.offset)
-            record.held, record.kind, record.value = True, _DATA_KIND, None
             return True
         record = self._record
         index = self._data_index + rec.offset

@@ -18,6 +18,7 @@ from mpstream import (
     Batch,
     Channel,
     ChannelClosedError,
+    ChannelError,
     ChannelReader,
     ChannelTimeoutError,
     ChannelWriter,
@@ -181,6 +182,30 @@ def test_a_data_record_whose_header_misplaces_a_buffer_is_an_error_naming_the_co
             reader._accept(rec)
 
 
+def test_a_corrupt_data_record_read_is_held_so_it_can_be_released_and_reading_goes_on():
+    """read() raising LayoutError for a corrupt DATA record leaves it held (as for a DATA record
+    before any SCHEMA): releasing the reader's Record skips it, and the next record reads. A
+    record peeked in the ring but not held would be stuck: release() a no-op, every read
+    'release the previous record'."""
+    with Channel("skip-corrupt", capacity=1 << 16) as chan, ChannelWriter(chan.name) as writer, \
+            ChannelReader(chan.name) as reader:
+        for n in (1, 2, 3):
+            writer.write(Batch({"n": np.arange(n, dtype=np.int64)}))
+        with reader.read() as record:  # SCHEMA, then the first batch
+            assert record.batch.num_rows == 1
+        position, rec = ffi.new("uint64_t *", reader.position), ffi.new("struct mps_record *")
+        assert lib.mps_ring_scan(reader._ring, position, rec) == lib.MPS_RING_OK and rec.type == lib.MPS_RECORD_DATA
+        mapping = _Mapping.open(chan.name)
+        struct.pack_into("<Q", mapping.buffer, lib.MPS_RING_DATA_OFFSET + rec.offset, 1 << 40)  # num_rows
+        with pytest.raises(LayoutError, match="column 'n': .* the record is corrupt"):
+            reader.read(timeout=5)
+        assert record.held
+        record.release()
+        with reader.read(timeout=5) as record:
+            assert record.batch["n"].tolist() == [0, 1, 2]
+        del mapping
+
+
 def test_writer_blocks_on_a_full_ring_and_resumes(mp_context):
     """A 64 KiB ring with 2 credits carries 1.3 MB: the writer waits on credit many times, nothing is lost."""
     specs = [(500, seed) for seed in range(60)]
@@ -289,11 +314,50 @@ def test_write_to_a_closed_reader_is_refused():
                 writer.write(Batch({"x": np.arange(100)}), timeout=5)
 
 
+def test_out_of_order_calls_say_what_to_do_on_each_side():
+    """A writer whose record is still claimed, and a reader holding its record, get errors that
+    name their own case (not each other's)."""
+    with Channel("order", capacity=1 << 16) as chan, ChannelWriter(chan.name) as writer, \
+            ChannelReader(chan.name) as reader:
+        writer.write(Batch({"x": np.arange(2)}))
+        assert lib.mps_ring_try_claim(writer._ring, lib.MPS_RECORD_DATA, 8, ffi.new("uint64_t *")) == lib.MPS_RING_OK
+        with pytest.raises(ChannelError, match="a record is still claimed"):
+            writer.write(Batch({"x": np.arange(2)}))
+        lib.mps_ring_abort(writer._ring)
+        with reader.read(timeout=5):
+            with pytest.raises(ChannelError, match="release the previous record before reading the next"):
+                reader.read(timeout=5)
+
+
 def test_read_times_out_with_a_specific_error():
     with Channel("quiet", capacity=1 << 12) as chan, ChannelReader(chan.name) as reader:
         ChannelWriter(chan.name)  # attached, alive, silent
         with pytest.raises(ChannelTimeoutError, match="raise the timeout"):
             reader.read(timeout=0.05)
+
+
+def test_a_write_that_fails_while_filling_its_record_publishes_nothing_and_writing_goes_on(monkeypatch):
+    """A DATA record whose buffers fail to go in (an exception, Ctrl-C) is aborted: the reader
+    never sees it, and the writer's claim is given back, so the next write goes through."""
+    from mpstream.batch import Frame
+
+    real = Frame.__dict__["write"].__func__
+
+    def fails_half_way(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    with Channel("aborted", capacity=1 << 16) as chan, ChannelWriter(chan.name) as writer, \
+            ChannelReader(chan.name) as reader:
+        writer.write(Batch({"x": np.arange(3)}))
+        with monkeypatch.context() as patch:
+            patch.setattr(Frame, "write", staticmethod(fails_half_way))
+            with pytest.raises(KeyboardInterrupt):
+                writer.write(Batch({"x": np.arange(100, 105)}))
+        writer.write(Batch({"x": np.arange(7, 9)}))
+        writer.close()
+        got = consume_all(reader, timeout=5)
+    assert [(kind, b["x"].tolist()) for kind, b in got] == [(RecordKind.DATA, [0, 1, 2]), (RecordKind.DATA, [7, 8])]
 
 
 def test_record_larger_than_half_the_ring_is_refused_with_advice():
