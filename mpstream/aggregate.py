@@ -414,10 +414,14 @@ class KeyedAggregate:
 
     # ---- output -----------------------------------------------------------------------------
 
-    def partial(self, into: dict[str, np.ndarray] | None = None) -> Batch:
+    def partial(self, into: dict[str, np.ndarray] | None = None, copy: bool = True) -> Batch:
         """The state as a batch of partials: key, count and each partial accumulator (copied
-        into the arrays of ``into``, as :meth:`Accumulators.partial_columns` says)."""
-        return Batch({self.key: self.index.keys(), **self.acc.partial_columns(slice(0, len(self.index)), into)})
+        into the arrays of ``into``, as :meth:`Accumulators.partial_columns` says; with
+        ``copy=False`` views of the accumulators themselves, for a caller that updates this
+        aggregate no more)."""
+        where = slice(0, len(self.index))
+        parts = self.acc.partial_columns(where, into) if copy else self.acc.parts(where)
+        return Batch({self.key: self.index.keys(), **parts})
 
     def result(self, slots: np.ndarray | None = None) -> Batch | None:
         """key, then one column per (column, function): ``{column}_{function}``, or ``count``;
@@ -473,6 +477,7 @@ class Combiner:
         self.max_delay_s = max_delay_s
         self.max_keys = max_keys
         self._since: float | None = None  # time.time() when the oldest unflushed row arrived
+        self._ended = False  # flush(last=True) handed the accumulators on
 
     @property
     def due(self) -> float | None:
@@ -481,6 +486,8 @@ class Combiner:
 
     def add(self, batch: Batch) -> Batch | None:
         """Takes raw rows; returns the partials (see :meth:`flush`) when a bound is reached."""
+        if self._ended:
+            raise RuntimeError("this combiner's last flush handed its accumulators on: it takes no more rows")
         self._agg.update(batch)  # a batch without rows still fixes the dtypes
         if batch.num_rows == 0:
             return None
@@ -490,13 +497,17 @@ class Combiner:
             return self.flush()
         return None
 
-    def flush(self) -> Batch | None:
+    def flush(self, last: bool = False) -> Batch | None:
         """The partials of every row since the last flush (a batch as
-        :meth:`KeyedAggregate.partial` makes, one row per key), or None when there are none."""
+        :meth:`KeyedAggregate.partial` makes, one row per key), or None when there are none.
+        ``last``: the input ended; the partials are the accumulators themselves, not copies,
+        and the combiner takes no more rows."""
         if self._since is None:
             return None
-        partials = self._agg.partial()
-        self._agg.clear()
+        partials = self._agg.partial(copy=not last)
+        self._ended = last
+        if not last:
+            self._agg.clear()
         self._since = None
         return partials
 

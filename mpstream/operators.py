@@ -294,8 +294,8 @@ class Combine(Operator):
         if due is not None and self._timer is None and math.isfinite(due):
             self._timer = self.ctx.timers.register_processing_time(due)
 
-    def _flush(self) -> Batch | None:
-        out = self.combiner.flush()
+    def _flush(self, last: bool = False) -> Batch | None:
+        out = self.combiner.flush(last)
         self._emitted |= out is not None
         self._arm()
         return out
@@ -314,7 +314,7 @@ class Combine(Operator):
         return self._flush()  # so it has no state to snapshot
 
     def close(self) -> Output:
-        out = self._flush()
+        out = self._flush(last=True)  # the accumulators themselves go on: no copy at the end
         if out is None and not self._emitted:
             return self.combiner.empty()  # no rows at all: the schema still goes on
         return out

@@ -136,6 +136,21 @@ def test_combiner_hands_on_partials_at_its_bounds_and_on_flush():
     assert r["k"].tolist() == [3, 1, 2] and r["v_sum"].tolist() == [7.0, 5.0, 3.0] and r["count"].tolist() == [3, 2, 1]
 
 
+def test_a_combiners_last_flush_hands_on_its_accumulators_and_takes_no_more_rows():
+    spec = {"v": ["sum", "max"], "*": "count"}
+    batch = Batch({"k": np.array([3, 1, 3, 2, 1, 3]), "v": np.arange(6.0)})
+    copied, lent = Combiner("k", spec, max_delay_s=3600), Combiner("k", spec, max_delay_s=3600)
+    for c in (copied, lent):
+        c.add(batch.slice(0, 4))
+        c.add(batch.slice(4, 6))
+    want, got = copied.flush(), lent.flush(last=True)
+    assert {n: got[n].tolist() for n in got} == {n: want[n].tolist() for n in want}
+    assert lent.flush(last=True) is None  # nothing held since
+    with pytest.raises(RuntimeError, match="takes no more rows"):
+        lent.add(batch)
+    assert got["v.sum"].tolist() == [7.0, 5.0, 3.0]  # untouched by the refused add
+
+
 def test_bad_specs_and_columns_are_named():
     with pytest.raises(AggregateError, match="unknown aggregate 'median' for column 'v'"):
         KeyedAggregate("k", {"v": "median"})

@@ -104,8 +104,8 @@ def test_combiner_hands_on_its_rows_by_their_due_time_without_more_input(monkeyp
     flushed = multiprocessing.get_context("fork").Event()
     flush = Combiner.flush
 
-    def observed_flush(self):
-        partials = flush(self)
+    def observed_flush(self, last=False):
+        partials = flush(self, last)
         if partials is not None:
             flushed.set()
         return partials
