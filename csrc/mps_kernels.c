@@ -81,7 +81,7 @@ void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitio
 }
 
 int mps_hashes_to_instances(const uint64_t *hashes, uint64_t n, uint32_t groups, uint32_t instances,
-                            uint32_t salt, uint64_t row, int64_t *out)
+                            uint64_t salt, uint64_t row, int64_t *out)
 {
     if (groups == 0 || groups > MPS_MAX_KEY_GROUPS || instances == 0 || instances > groups)
         return -1;
@@ -126,16 +126,15 @@ int mps_partition_order(const int64_t *partition, uint64_t n, uint32_t partition
         }
         lanes[(i & 3) * width + id]++;
     }
-    int64_t *restrict next = lanes; /* the first lane becomes the cursors */
     int64_t start = 0;
-    for (uint32_t p = 0; p < partitions; p++) {
+    for (uint32_t p = 0; p < partitions; p++) { /* the first lane becomes the cursors */
         counts[p] = lanes[p] + lanes[width + p] + lanes[2 * width + p] + lanes[3 * width + p];
-        next[p] = start;
+        lanes[p] = start;
         start += counts[p];
     }
     int64_t *restrict out = order;
     for (i = 0; i < n; i++)
-        out[next[ids[i]]++] = (int64_t)i;
+        out[lanes[ids[i]]++] = (int64_t)i;
     free(lanes);
     return 0;
 }

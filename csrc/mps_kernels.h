@@ -27,7 +27,7 @@ void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitio
  * the hashes' own memory. Returns 0, or -1 (nothing written) for arguments out of range. */
 #define MPS_MAX_KEY_GROUPS 4096
 int mps_hashes_to_instances(const uint64_t *hashes, uint64_t n, uint32_t groups, uint32_t instances,
-                            uint32_t salt, uint64_t row, int64_t *out);
+                            uint64_t salt, uint64_t row, int64_t *out);
 
 /* Stable counting sort of rows by partition id: counts[p] = rows in partition p, and order
  * lists row indices partition by partition, each partition in input order. Returns 0, or -1

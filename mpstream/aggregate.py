@@ -502,10 +502,10 @@ class Combiner:
         :meth:`KeyedAggregate.partial` makes, one row per key), or None when there are none.
         ``last``: the input ended; the partials are the accumulators themselves, not copies,
         and the combiner takes no more rows."""
+        self._ended |= last
         if self._since is None:
             return None
         partials = self._agg.partial(copy=not last)
-        self._ended = last
         if not last:
             self._agg.clear()
         self._since = None

@@ -88,15 +88,15 @@ class HashPartitioner(Partitioner):
     def assign(self, batch: Batch, n: int) -> np.ndarray | int:
         if n == 1:
             return 0
-        if n > KEY_GROUPS:
-            raise PartitionError(f"a keyed operator can have at most {KEY_GROUPS} instances (key groups), got {n}")
+        if not 1 <= n <= KEY_GROUPS:
+            raise PartitionError(f"a keyed operator has 1 to {KEY_GROUPS} instances (key groups), got {n}")
         # instance_of(key_groups(key)), and with a salt row i of a key goes (i mod salt)
         # instances on (evenly spread): one C pass, in place over the hashes
         hashes = hash_column(_key_column(batch, self.key))
         ids = hashes.view(np.int64)
         if lib.mps_hashes_to_instances(_ptr("uint64_t[]", hashes), len(hashes), KEY_GROUPS, n, max(self.salt, 1),
                                        self._row, _ptr("int64_t[]", ids)) != 0:
-            raise PartitionError(f"cannot partition by {self.key!r} over {n} instances")  # checked above: never
+            raise PartitionError(f"cannot partition by {self.key!r} over {n} instances")  # n is checked above
         if self.salt > 1:
             self._row += batch.num_rows
         return ids

@@ -75,6 +75,24 @@ def test_hash_partitions_are_the_key_groups_owners_salted_row_by_row_across_batc
         row += rows
 
 
+@pytest.mark.parametrize("salt", [2**32 - 1, 2**32, 2**32 + 5, 2**40])
+def test_a_salt_wider_than_32_bits_partitions_as_the_reference(salt):
+    """A salt is any int >= 0 (aggregate and window aggregate accept it so)."""
+    batch = Batch({"key": np.arange(50)})
+    partitioner, n, row = HashPartitioner("key", salt), 4, 0
+    for _ in range(2):
+        want = (instance_of(key_groups(batch["key"]), n) + (row + np.arange(batch.num_rows)) % salt) % n
+        np.testing.assert_array_equal(partitioner.assign(batch, n), want)
+        row += batch.num_rows
+
+
+@pytest.mark.parametrize("bad", [3, -1, 2**40])
+def test_partition_ids_just_outside_the_range_are_refused(bad):
+    batch = Batch({"k": np.arange(4)})
+    with pytest.raises(PartitionError, match="partition ids must be in 0..2"):
+        split(batch, np.array([0, 2, bad, 1]), 3)
+
+
 def test_salt_spreads_one_hot_key_over_partitions():
     batch = Batch({"key": np.zeros(1000, np.int64)})
     counts = [0 if p is None else p.num_rows for p in split(batch, HashPartitioner("key", salt=8).assign(batch, 4), 4)]
