@@ -380,6 +380,22 @@ static int keymap_cover(struct mps_keymap *map, uint64_t key)
  * the cache misses of a large table overlap. */
 #define MPS_KEYMAP_BLOCK 16
 
+/* Gives the keys waiting in a block their slots, in their order. */
+static int keymap_settle(struct mps_keymap *map, const uint64_t *keys, const uint64_t *pending,
+                         const uint64_t *hashes, uint64_t waiting, int64_t *slots)
+{
+    for (uint64_t j = 0; j < waiting; j++) {
+        uint64_t key = keys[pending[j]]; /* the front may have taken it since */
+        int64_t slot = key < map->direct_len ? keymap_front(map, key) : keymap_table(map, key, hashes[j]);
+        if (slot < 0)
+            return -1;
+        slots[pending[j]] = slot;
+        if (key >= map->direct_len)
+            map->recent[hashes[j] >> 56] = (struct mps_keymap_entry){key, slot + 1};
+    }
+    return 0;
+}
+
 int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t n, int64_t *slots)
 {
     uint64_t pending[MPS_KEYMAP_BLOCK], hashes[MPS_KEYMAP_BLOCK];
@@ -388,47 +404,44 @@ int64_t mps_keymap_insert(struct mps_keymap *map, const uint64_t *keys, uint64_t
      * them from the map again for every key); only keymap_cover moves or widens it. */
     const uint32_t *direct = map->direct;
     uint64_t direct_len = map->direct_len;
-    for (uint64_t k = 0; k <= n; k++) {
-        if (k < n) {
-            uint64_t key = keys[k];
-            if (key < direct_len && direct[key]) { /* the common case: a small key seen before */
-                slots[k] = (int64_t)direct[key] - 1;
-                continue;
-            }
-            if (key >= direct_len && key < keymap_front_limit(map)) {
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t key = keys[k];
+        if (key < direct_len && direct[key]) { /* the common case: a small key seen before */
+            slots[k] = (int64_t)direct[key] - 1;
+            continue;
+        }
+        if (key < direct_len || key < keymap_front_limit(map)) { /* a new key for the front */
+            /* the keys waiting before it get their slots first: slots follow first appearance */
+            if (keymap_settle(map, keys, pending, hashes, waiting, slots) != 0)
+                return -1;
+            waiting = 0;
+            if (key >= map->direct_len) {
                 if (keymap_cover(map, key) != 0)
                     return -1;
                 direct = map->direct;
                 direct_len = map->direct_len;
             }
-            if (key < direct_len) {
-                if ((slots[k] = keymap_front(map, key)) < 0)
-                    return -1;
-                continue;
-            }
-            uint64_t hash = mix64(key);
-            const struct mps_keymap_entry *seen = &map->recent[hash >> 56];
-            if (seen->key == key && seen->used) {
-                slots[k] = seen->used - 1;
-                continue;
-            }
-            pending[waiting] = k;
-            hashes[waiting] = hash;
-            __builtin_prefetch(&map->table[hash & (map->capacity - 1)]);
-            if (++waiting < MPS_KEYMAP_BLOCK)
-                continue;
-        }
-        for (uint64_t j = 0; j < waiting; j++) {
-            uint64_t key = keys[pending[j]]; /* the front may have taken it since */
-            int64_t slot = key < map->direct_len ? keymap_front(map, key) : keymap_table(map, key, hashes[j]);
-            if (slot < 0)
+            if ((slots[k] = keymap_front(map, key)) < 0)
                 return -1;
-            slots[pending[j]] = slot;
-            if (key >= map->direct_len)
-                map->recent[hashes[j] >> 56] = (struct mps_keymap_entry){key, slot + 1};
+            continue;
         }
-        waiting = 0;
+        uint64_t hash = mix64(key);
+        const struct mps_keymap_entry *seen = &map->recent[hash >> 56];
+        if (seen->key == key && seen->used) {
+            slots[k] = seen->used - 1;
+            continue;
+        }
+        pending[waiting] = k;
+        hashes[waiting] = hash;
+        __builtin_prefetch(&map->table[hash & (map->capacity - 1)]);
+        if (++waiting == MPS_KEYMAP_BLOCK) {
+            if (keymap_settle(map, keys, pending, hashes, waiting, slots) != 0)
+                return -1;
+            waiting = 0;
+        }
     }
+    if (keymap_settle(map, keys, pending, hashes, waiting, slots) != 0)
+        return -1;
     return (int64_t)map->size;
 }
 

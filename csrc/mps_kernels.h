@@ -70,11 +70,10 @@ void mps_scatter_max_f64(double *acc, const int64_t *slots, const double *values
 int64_t mps_session_groups(const int64_t *slot, const int64_t *start, const int64_t *end, uint64_t n,
                            int64_t *group);
 
-/* A map from 64-bit keys to dense slots 0, 1, 2, ...: the index of keyed state. Small keys (0
- * up to 8 per key held) live in a direct-address array and get their slot as they come; the
- * others live in a hash table (open addressing, linear probing, grown at half load, probed in
- * prefetched blocks) and get theirs when their block of up to 16 is probed, so a new large
- * key's slot may come after a small key's that followed it in the input. At most 2^32 - 2 keys. Owned by the caller of mps_keymap_new, freed
+/* A map from 64-bit keys to dense slots 0, 1, 2, ... in order of first appearance: the index
+ * of keyed state. Small keys (0 up to 8 per key held) live in a direct-address array, the
+ * others in a hash table (open addressing, linear probing, grown at half load, probed in
+ * prefetched blocks of up to 16 keys; a new small key waits for the block before it). At most 2^32 - 2 keys. Owned by the caller of mps_keymap_new, freed
  * with mps_keymap_free. */
 struct mps_keymap;
 

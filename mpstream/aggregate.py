@@ -60,9 +60,8 @@ def parse_spec(spec: Mapping[str, str | Sequence[str]]) -> tuple[tuple[str, str]
 
 
 class KeyIndex:
-    """Keys of one column (int, bool or str) to dense slots 0, 1, 2, ... (new keys get the next
-    ones, in about the order they came: see csrc/mps_kernels.h), through the C key map;
-    remembers each slot's key. A column's type is fixed by
+    """Keys of one column (int, bool or str) to dense slots 0, 1, 2, ... in order of first
+    appearance, through the C key map; remembers each slot's key. A column's type is fixed by
     the first batch. Str keys are identified by their 64-bit hash (see the module doc). The null
     key (a nullable key column's nulls) is one key, with a slot of its own, as SQL's GROUP BY
     groups nulls together."""

@@ -113,6 +113,26 @@ def test_small_large_and_negative_keys_with_runs_and_clear(seed):
         assert len(agg) == 0 and len(agg.result()["k"]) == 0
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_slots_follow_first_appearance_across_small_and_large_keys(seed):
+    """Small keys go to the key map's direct front at once, large ones wait in blocks of 16 for
+    the hash table; a new key's slot is still its rank among the keys in order of first
+    appearance (the reference: numpy's first index of every distinct key), across batches and
+    while the front grows."""
+    rng = np.random.default_rng(seed)
+    index, seen = KeyIndex("k"), []
+    for rows in (1, 40, 3000, 700):
+        keys = np.where(rng.random(rows) < 0.5, rng.integers(0, 3 * rows, rows),
+                        rng.integers(2**40, 2**40 + rows, rows)).astype(np.int64)
+        slots = index.slots(keys)
+        seen.append(keys)
+        every = np.concatenate(seen)
+        _, first = np.unique(every, return_index=True)
+        rank = {int(k): r for r, k in enumerate(every[np.sort(first)])}
+        assert slots.tolist() == [rank[int(k)] for k in keys]
+    assert index.keys().tolist() == every[np.sort(first)].tolist()
+
+
 def test_combiner_hands_on_partials_at_its_bounds_and_on_flush():
     spec = {"v": ["sum", "max"], "*": "count"}
     batch = Batch({"k": np.array([3, 1, 3, 2, 1, 3]), "v": np.arange(6.0)})
