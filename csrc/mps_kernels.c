@@ -74,12 +74,6 @@ void mps_hash_utf8(const int64_t *offsets, const uint8_t *data, uint64_t n, uint
     }
 }
 
-void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitions, int64_t *out)
-{
-    for (uint64_t i = 0; i < n; i++)
-        out[i] = (int64_t)(((unsigned __int128)hashes[i] * partitions) >> 64);
-}
-
 int mps_hashes_to_instances(const uint64_t *hashes, uint64_t n, uint32_t groups, uint32_t instances,
                             uint64_t salt, uint64_t row, int64_t *out)
 {

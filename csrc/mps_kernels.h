@@ -17,12 +17,10 @@ void mps_hash_int64(const int64_t *keys, uint64_t n, uint64_t *out);
  * Yi's, public domain: 128-bit multiplies with their halves folded), 16 bytes a step. */
 void mps_hash_utf8(const int64_t *offsets, const uint8_t *data, uint64_t n, uint64_t *out);
 
-/* out[i] = hashes[i] mapped uniformly onto [0, partitions) (multiply-shift, no modulo bias). */
-void mps_hash_to_partition(const uint64_t *hashes, uint64_t n, uint32_t partitions, int64_t *out);
-
 /* out[i] = the instance (of instances) that owns the key group (of groups, at most
- * MPS_MAX_KEY_GROUPS) of hashes[i], as mps_hash_to_partition onto groups and then instance
- * g * instances / groups (contiguous ranges of groups); with salt > 1, row i (row + i of the
+ * MPS_MAX_KEY_GROUPS) of hashes[i]: the group is the hash mapped uniformly onto [0, groups)
+ * (multiply-shift, no modulo bias), its owner g * instances / groups (contiguous ranges of
+ * groups; with instances == groups, the group itself). With salt > 1, row i (row + i of the
  * stream) goes (row + i) mod salt instances further on, mod instances. One pass; out may be
  * the hashes' own memory. Returns 0, or -1 (nothing written) for arguments out of range. */
 #define MPS_MAX_KEY_GROUPS 4096

@@ -313,16 +313,6 @@ class Batch(Mapping[str, Column]):
         self._num_rows = next(iter(lengths.values()), 0)
         self._schema = self._buffers = None
 
-    @classmethod
-    def _trusted(cls, columns: dict[str, Column], num_rows: int, schema: tuple | None = None) -> Batch:
-        """Wraps columns that are already checked (decoded frames); no validation."""
-        batch = _new_object(cls)  # cls.__new__(cls) would look __new__ up on every call
-        batch._columns = columns
-        batch._num_rows = num_rows
-        batch._schema = schema
-        batch._buffers = None
-        return batch
-
     @property
     def num_rows(self) -> int:
         return self._num_rows
@@ -371,14 +361,14 @@ class Batch(Mapping[str, Column]):
     def take(self, indices: np.ndarray) -> Batch:
         """The rows at indices, gathered into a new (owned) batch."""
         indices = np.asarray(indices, np.int64)
-        return Batch._trusted({name: col.take(indices) for name, col in self._columns.items()}, len(indices), self._schema)
+        return _trusted({name: col.take(indices) for name, col in self._columns.items()}, len(indices), self._schema)
 
     def slice(self, start: int, stop: int) -> Batch:
         """Rows start:stop (views where possible)."""
         stop = min(stop, self._num_rows)
         cols = {name: col.slice(start, stop) if isinstance(col, StringColumn) else col[start:stop]
                 for name, col in self._columns.items()}
-        return Batch._trusted(cols, max(0, stop - start), self._schema)
+        return _trusted(cols, max(0, stop - start), self._schema)
 
     def filter(self, mask: np.ndarray) -> Batch:
         """The rows where mask (bool, one per row) is true (a masked mask's nulls: false)."""
@@ -409,7 +399,7 @@ class Batch(Mapping[str, Column]):
                                                mask=np.concatenate([np.ma.getmaskarray(p) for p in parts]))
             else:
                 cols[name] = np.concatenate(parts)
-        return Batch._trusted(cols, sum(b.num_rows for b in batches))
+        return _trusted(cols, sum(b.num_rows for b in batches))
 
     @classmethod
     def from_arrow(cls, data: object) -> Batch:
@@ -428,7 +418,7 @@ class Batch(Mapping[str, Column]):
 
     def copy(self) -> Batch:
         """An owned deep copy: safe to keep after the record it was read from is released."""
-        return Batch._trusted({name: col.copy() for name, col in self._columns.items()}, self._num_rows, self._schema)
+        return _trusted({name: col.copy() for name, col in self._columns.items()}, self._num_rows, self._schema)
 
     def read_only(self) -> Batch:
         """Read-only views of the columns (no copy): what an operator gets, through a ring or
@@ -438,13 +428,21 @@ class Batch(Mapping[str, Column]):
         lets whoever holds an array that owns its memory do so, so those get a view."""
         for col in self._columns.values():
             if type(col) is not np.ndarray or col.flags.writeable or col.base is None:
-                return Batch._trusted({name: _read_only(col) for name, col in self._columns.items()}, self._num_rows,
+                return _trusted({name: _read_only(col) for name, col in self._columns.items()}, self._num_rows,
                                       self._schema)
         return self
 
     def __repr__(self) -> str:
         cols = ", ".join(f"{name}: {dtype}" for name, dtype in self.schema)
         return f"Batch({self._num_rows} rows; {cols})"
+
+
+def _trusted(columns: dict[str, Column], num_rows: int, schema: tuple | None = None) -> Batch:
+    """A batch of columns that are already checked (decoded frames, a batch's own slices);
+    no validation. A plain function: a frame's read makes one per record."""
+    batch = _new_object(Batch)  # Batch.__new__(Batch) would look __new__ up on every call
+    batch._columns, batch._num_rows, batch._schema, batch._buffers = columns, num_rows, schema, None
+    return batch
 
 
 def _unpickle_batch(schema: tuple[tuple[str, str], ...], num_rows: int, buffers: tuple[np.ndarray, ...]) -> Batch:
@@ -462,7 +460,7 @@ def _unpickle_batch(schema: tuple[tuple[str, str], ...], num_rows: int, buffers:
         columns[name] = np.ma.MaskedArray(values, mask=next(parts)) if nullable else values
     if next(parts, None) is not None or any(len(col) != num_rows for col in columns.values()):
         raise LayoutError(f"a pickled batch of schema {schema} does not hold {num_rows} rows in its buffers")
-    return Batch._trusted(columns, num_rows)  # the schema of what came back (numpy may change byte order)
+    return _trusted(columns, num_rows)  # the schema of what came back (numpy may change byte order)
 
 
 def _view(array: np.ndarray) -> np.ndarray:
@@ -636,9 +634,7 @@ class Frame:
                 column.data = cut(name, data, 1, index + fields[f + 2], fields[f + 3])
                 column.mask = None if masks is None else cut(name, masks, 1, index + fields[f + 4], num_rows)
                 columns[name] = column
-        batch = _new_object(Batch)  # what Batch._trusted does, without its call: once per record read
-        batch._columns, batch._num_rows, batch._schema, batch._buffers = columns, num_rows, self.schema, None
-        return batch
+        return _trusted(columns, num_rows, self.schema)
 
     @staticmethod
     def _cut(name: str, view: np.ndarray, itemsize: int, offset: int, count: int) -> np.ndarray:

@@ -51,12 +51,22 @@ KEY_GROUPS = 128
 assert KEY_GROUPS <= lib.MPS_MAX_KEY_GROUPS
 
 
-def key_groups(col: Column) -> np.ndarray:
-    """The key group (int64, 0..KEY_GROUPS-1) of every key of a column."""
+def _owners(col: Column, n: int, salt: int = 0, row: int = 0) -> np.ndarray:
+    """The instance (of n, up to KEY_GROUPS) that owns each key's group, as instance_of; with
+    a salt, row i of the column (row + i of the stream) goes (row + i) mod salt instances on
+    (mod n). One C pass, in place over the keys' hashes."""
     hashes = hash_column(col)
-    groups = np.empty(len(hashes), np.int64)
-    lib.mps_hash_to_partition(_ptr("uint64_t[]", hashes), len(hashes), KEY_GROUPS, _ptr("int64_t[]", groups))
-    return groups
+    owners = hashes.view(np.int64)
+    if lib.mps_hashes_to_instances(_ptr("uint64_t[]", hashes), len(hashes), KEY_GROUPS, n, max(salt, 1), row,
+                                   _ptr("int64_t[]", owners)) != 0:
+        raise PartitionError(f"a keyed operator has 1 to {KEY_GROUPS} instances (key groups), got {n}")
+    return owners
+
+
+def key_groups(col: Column) -> np.ndarray:
+    """The key group (int64, 0..KEY_GROUPS-1) of every key of a column: each group is its
+    own owner when there are as many instances as groups."""
+    return _owners(col, KEY_GROUPS)
 
 
 def instance_of(groups: np.ndarray | int, n: int) -> np.ndarray | int:
@@ -88,15 +98,8 @@ class HashPartitioner(Partitioner):
     def assign(self, batch: Batch, n: int) -> np.ndarray | int:
         if n == 1:
             return 0
-        if not 1 <= n <= KEY_GROUPS:
-            raise PartitionError(f"a keyed operator has 1 to {KEY_GROUPS} instances (key groups), got {n}")
-        # instance_of(key_groups(key)), and with a salt row i of a key goes (i mod salt)
-        # instances on (evenly spread): one C pass, in place over the hashes
-        hashes = hash_column(_key_column(batch, self.key))
-        ids = hashes.view(np.int64)
-        if lib.mps_hashes_to_instances(_ptr("uint64_t[]", hashes), len(hashes), KEY_GROUPS, n, max(self.salt, 1),
-                                       self._row, _ptr("int64_t[]", ids)) != 0:
-            raise PartitionError(f"cannot partition by {self.key!r} over {n} instances")  # n is checked above
+        # with a salt row i of a key goes (i mod salt) instances on: evenly spread
+        ids = _owners(_key_column(batch, self.key), n, self.salt, self._row)
         if self.salt > 1:
             self._row += batch.num_rows
         return ids

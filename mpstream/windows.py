@@ -980,9 +980,10 @@ class WindowProcess(Operator):
             for i, (k, start, end, pane) in enumerate(zip(wkeys.tolist(), windows[START].view(np.int64).tolist(),
                                                           windows[END].view(np.int64).tolist(),
                                                           windows[PANE].to_numpy().tolist())):
-                mine = _rows_of(key_values, k) & (ts >= start) & (ts < end)
+                keyed = _rows_of(key_values, k)
+                mine = keyed & (ts >= start) & (ts < end)
                 if self.assigner.kind == "count":  # the key's oldest count rows
-                    mine &= np.cumsum(_rows_of(key_values, k)) <= self.assigner.count
+                    mine &= np.cumsum(keyed) <= self.assigner.count
                 dtype = self.windows.time_dtype
                 result = self.fn(k, np.int64(start).view(dtype), np.int64(end).view(dtype), rows.filter(mine))
                 for batch in [] if result is None else [result] if isinstance(result, (Batch, Mapping)) else result:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mpstream import Batch, BatchShapeError, Channel, ChannelError, ChannelReader, ChannelWriter, RecordKind, SchemaError, StringColumn
+from mpstream.batch import _trusted
 
 
 @pytest.fixture
@@ -277,7 +278,7 @@ def test_schema_names_each_dtype_exactly_however_often_it_was_seen():
     for _ in range(2):  # the second time from the dtype-name cache
         b = Batch(cols)
         assert b.schema == want
-        assert Batch._trusted({"x": np.arange(2, dtype=">i8")}, 2).schema == (("x", ">i8"),)  # not <i8's name
+        assert _trusted({"x": np.arange(2, dtype=">i8")}, 2).schema == (("x", ">i8"),)  # not <i8's name
         assert [buf.dtype.str for buf in b.buffers()] == ["<M8[ns]", "<M8[us]", "<i4", "<i8", "<i8", "<f4", "|b1",
                                                           "<i8", "<f8", "|b1", "<i8", "|u1", "|b1"]
 
@@ -316,7 +317,7 @@ def test_a_pickled_batch_hands_every_buffer_out_of_band_and_comes_back_equal():
 def test_a_pickled_batch_keeps_the_values_of_a_column_numpy_changes_the_byte_order_of():
     """Pickled in band, numpy hands a big-endian int64 array back in native order: the batch
     comes back with the values (and the schema of what came back), not the bytes reread."""
-    batch = Batch._trusted({"x": np.arange(3, dtype=">i8"), "t": np.arange(3, dtype=">i8").astype(">M8[s]")}, 3)
+    batch = _trusted({"x": np.arange(3, dtype=">i8"), "t": np.arange(3, dtype=">i8").astype(">M8[s]")}, 3)
     for got in (pickle.loads(pickle.dumps(batch)), pickle.loads(pickle.dumps(batch, protocol=5))):
         assert got["x"].tolist() == [0, 1, 2]
         assert got["t"].astype("M8[s]").astype(np.int64).tolist() == [0, 1, 2]

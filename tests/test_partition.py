@@ -93,6 +93,12 @@ def test_partition_ids_just_outside_the_range_are_refused(bad):
         split(batch, np.array([0, 2, bad, 1]), 3)
 
 
+@pytest.mark.parametrize("n", [0, KEY_GROUPS + 1])
+def test_a_keyed_edge_of_more_instances_than_key_groups_is_refused(n):
+    with pytest.raises(PartitionError, match=f"1 to {KEY_GROUPS} instances .*got {n}"):
+        HashPartitioner("k").assign(Batch({"k": np.arange(4)}), n)
+
+
 def test_salt_spreads_one_hot_key_over_partitions():
     batch = Batch({"key": np.zeros(1000, np.int64)})
     counts = [0 if p is None else p.num_rows for p in split(batch, HashPartitioner("key", salt=8).assign(batch, 4), 4)]
