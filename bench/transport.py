@@ -39,7 +39,7 @@ import numpy as np
 import psutil
 
 from mpstream import Batch, Channel, ChannelReader, ChannelTimeoutError, ChannelWriter, RecordKind
-from mpstream._mps import lib
+from mpstream._mps import ffi, lib
 
 SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20}
 CAPACITY = 1 << 23
@@ -226,7 +226,7 @@ def _ring_echo(inbound: str, outbound: str) -> None:
         ring_in, ring_out = reader._ring, writer._ring
         record, offset = reader._peeked, writer._offset
         while True:
-            _ring_call(lib.mps_ring_peek(ring_in, 10**10, record))
+            _ring_call(lib.mps_ring_peek(ring_in, 10**10, record, ffi.NULL))
             if record.type == lib.MPS_RECORD_END_OF_STREAM:
                 return
             _ring_call(lib.mps_ring_try_claim(ring_out, lib.MPS_RECORD_DATA, RING_RECORD, offset))
@@ -245,7 +245,7 @@ def ring_latency(pings: int, gap_s: float) -> np.ndarray:
         def round_trip():
             _ring_call(lib.mps_ring_try_claim(ring_out, lib.MPS_RECORD_DATA, RING_RECORD, offset))
             _ring_call(lib.mps_ring_commit(ring_out))
-            _ring_call(lib.mps_ring_peek(ring_in, 10**10, record))
+            _ring_call(lib.mps_ring_peek(ring_in, 10**10, record, ffi.NULL))
             _ring_call(lib.mps_ring_release(ring_in))
 
         out = ping_pong(round_trip, pings, gap_s)

@@ -124,6 +124,49 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* ---- wait clocks (the seqlock writer; mpstream.counters reads) --------------------------- */
+
+static void clock_begin_at(int64_t *clock, int64_t reason, int64_t now)
+{
+    if (clock == NULL)
+        return;
+    _Atomic int64_t *words = (_Atomic int64_t *)clock;
+    int64_t seq = atomic_load_explicit(&words[0], memory_order_relaxed);
+    atomic_store_explicit(&words[0], seq + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    atomic_store_explicit(&words[2], now, memory_order_relaxed);
+    atomic_store_explicit(&words[1], reason, memory_order_relaxed);
+    atomic_store_explicit(&words[0], seq + 2, memory_order_release);
+}
+
+static void clock_end_at(int64_t *clock, int64_t now)
+{
+    if (clock == NULL)
+        return;
+    _Atomic int64_t *words = (_Atomic int64_t *)clock;
+    int64_t reason = atomic_load_explicit(&words[1], memory_order_relaxed);
+    if (reason != MPS_WAIT_INPUT && reason != MPS_WAIT_CREDIT)
+        return;
+    int64_t seq = atomic_load_explicit(&words[0], memory_order_relaxed);
+    atomic_store_explicit(&words[0], seq + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    int64_t total = atomic_load_explicit(&words[2 + reason], memory_order_relaxed);
+    int64_t since = atomic_load_explicit(&words[2], memory_order_relaxed);
+    atomic_store_explicit(&words[2 + reason], total + (now - since), memory_order_relaxed);
+    atomic_store_explicit(&words[1], 0, memory_order_relaxed);
+    atomic_store_explicit(&words[0], seq + 2, memory_order_release);
+}
+
+void mps_clock_begin(int64_t *clock, int64_t reason)
+{
+    clock_begin_at(clock, reason, now_ns());
+}
+
+void mps_clock_end(int64_t *clock)
+{
+    clock_end_at(clock, now_ns());
+}
+
 /* Futexes here are shared (never FUTEX_PRIVATE_FLAG): the two sides are different processes. */
 static void futex_wake(_Atomic uint32_t *word)
 {
@@ -435,7 +478,8 @@ static int park(struct mps_ring **rings, uint32_t count, const uint32_t *seen, c
  * naps of the first ring's nap_ns until poll() stops returning not_ready, the doorbell rings,
  * the timeout passes, a signal arrives, or a peer dies (*dead_index). */
 static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_once, void *context,
-                    int not_ready, int64_t timeout_ns, const struct doorbell *bell, uint32_t *dead_index)
+                    int not_ready, int64_t timeout_ns, const struct doorbell *bell, uint32_t *dead_index,
+                    int64_t *clock)
 {
     int result = poll_once(context);
     if (result != not_ready)
@@ -443,6 +487,7 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
     if (rang(bell))
         return MPS_RING_RUNG;
     int64_t start = now_ns();
+    clock_begin_at(clock, not_ready == MPS_RING_FULL ? MPS_WAIT_CREDIT : MPS_WAIT_INPUT, start);
     int64_t spin_ns = rings[0]->spin_ns;
     if (timeout_ns >= 0 && timeout_ns < spin_ns)
         spin_ns = timeout_ns;
@@ -508,7 +553,9 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
         }
     }
 done:;
-    uint64_t waited = (uint64_t)(now_ns() - start);
+    int64_t end = now_ns();
+    clock_end_at(clock, end);
+    uint64_t waited = (uint64_t)(end - start);
     for (uint32_t i = 0; i < count; i++) {
         rings[i]->waits++;
         rings[i]->wait_ns += waited;
@@ -608,13 +655,14 @@ int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, ui
 }
 
 int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_t timeout_ns,
-                   uint64_t *offset_out)
+                   uint64_t *offset_out, int64_t *clock)
 {
     int result = begin_claim(ring, type, length);
     if (result != MPS_RING_OK)
         return result;
     uint32_t dead_index;
-    result = wait_for(&ring, 1, producer_poll, ring, MPS_RING_FULL, timeout_ns, &NO_DOORBELL, &dead_index);
+    result = wait_for(&ring, 1, producer_poll, ring, MPS_RING_FULL, timeout_ns, &NO_DOORBELL, &dead_index,
+                      clock);
     return end_claim(ring, result, offset_out);
 }
 
@@ -715,7 +763,7 @@ static int consumer_set_poll(void *context)
 }
 
 static int peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
-                    struct mps_record *record, const struct doorbell *bell)
+                    struct mps_record *record, const struct doorbell *bell, int64_t *clock)
 {
     if (count == 0 || count + (bell->word != NULL) > MPS_RING_MAX_WAIT_SET)
         return MPS_RING_BAD_STATE;
@@ -727,34 +775,35 @@ static int peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, in
     uint32_t dead_index = 0;
     int result = timeout_ns == 0 ? consumer_set_poll(&set)
                                  : wait_for(rings, count, consumer_set_poll, &set, MPS_RING_EMPTY,
-                                            timeout_ns, bell, &dead_index);
+                                            timeout_ns, bell, &dead_index, clock);
     *index = result == MPS_RING_PEER_DEAD ? dead_index : set.next;
     return result == MPS_RING_OK ? fill_record(rings[set.next], result, record) : result;
 }
 
 int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
-                      struct mps_record *record)
+                      struct mps_record *record, int64_t *clock)
 {
-    return peek_any(rings, count, index, timeout_ns, record, &NO_DOORBELL);
+    return peek_any(rings, count, index, timeout_ns, record, &NO_DOORBELL, clock);
 }
 
 int mps_ring_peek_any_or(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
-                         struct mps_record *record, uint32_t *doorbell, uint32_t seen)
+                         struct mps_record *record, uint32_t *doorbell, uint32_t seen, int64_t *clock)
 {
     struct doorbell bell = {.word = (_Atomic uint32_t *)doorbell, .seen = seen};
-    return peek_any(rings, count, index, timeout_ns, record, &bell);
+    return peek_any(rings, count, index, timeout_ns, record, &bell, clock);
 }
 
 int mps_ring_try_peek(struct mps_ring *ring, struct mps_record *record)
 {
     uint32_t index = 0;
-    return mps_ring_peek_any(&ring, 1, &index, 0, record);
+    return mps_ring_peek_any(&ring, 1, &index, 0, record, NULL);
 }
 
-int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record)
+int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record, int64_t *clock)
 {
     uint32_t index = 0;
-    return mps_ring_peek_any(&ring, 1, &index, timeout_ns < 0 ? -1 : timeout_ns == 0 ? 1 : timeout_ns, record);
+    return mps_ring_peek_any(&ring, 1, &index, timeout_ns < 0 ? -1 : timeout_ns == 0 ? 1 : timeout_ns, record,
+                             clock);
 }
 
 int mps_ring_release(struct mps_ring *ring)

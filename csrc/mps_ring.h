@@ -78,6 +78,14 @@
 /* Bytes a DATA or SCHEMA claim leaves free, so a control record (a barrier above all) never
  * waits behind a full ring for the consumer to take a batch. */
 #define MPS_RING_CONTROL_RESERVE 256
+/* A wait clock: the time a process waits, kept in MPS_CLOCK_WORDS int64 words that another
+ * process may read while it waits (mpstream.channel.WaitClock): [0] a sequence number, odd while
+ * the words change (a seqlock: a reader takes the words between two equal even numbers); [1]
+ * the reason of the wait going on (0: none); [2] when it began (CLOCK_MONOTONIC ns); [2 +
+ * reason] the nanoseconds waited for that reason so far. */
+#define MPS_CLOCK_WORDS 5
+#define MPS_WAIT_INPUT 1  /* a consumer waits for a record */
+#define MPS_WAIT_CREDIT 2 /* a producer waits for space: backpressure */
 /* The producer reserves the data region's memory as its records first reach it, at least this
  * many bytes at a time (see "Memory" above). */
 #define MPS_RING_POPULATE_CHUNK (256u << 10)
@@ -174,12 +182,17 @@ int mps_ring_attach(struct mps_segment *segment, int side, uint32_t spin_ns, uin
  * without END_OF_STREAM sees it die with its process. */
 void mps_ring_free(struct mps_ring *ring);
 
+/* The blocking calls (mps_ring_claim, mps_ring_peek, mps_ring_peek_any, mps_ring_peek_any_or)
+ * put a wait on clock (a wait clock's words, or NULL for none): from when the first poll finds
+ * nothing until the call returns, as waiting for credit (claim) or for input (peeks). A call that
+ * finds its space or record at once does not touch the clock. */
+
 /* Producer. A claim reserves length payload bytes at mps_ring_data(ring) + *offset_out; the
  * memory is the caller's until commit or abort; nothing is visible to the consumer before
  * commit. The payload's address is MPS_RECORD_HEADER_LENGTH past a 64-byte boundary. */
 int mps_ring_try_claim(struct mps_ring *ring, uint32_t type, uint32_t length, uint64_t *offset_out);
 int mps_ring_claim(struct mps_ring *ring, uint32_t type, uint32_t length, int64_t timeout_ns,
-                   uint64_t *offset_out);
+                   uint64_t *offset_out, int64_t *clock);
 int mps_ring_commit(struct mps_ring *ring);
 /* Copies prefix_length bytes of prefix to the claimed payload's start, then commits: one call
  * for a record whose header (or whole payload) the caller holds as bytes. BAD_STATE (nothing
@@ -189,7 +202,7 @@ int mps_ring_abort(struct mps_ring *ring);
 
 /* Consumer. A peek fills *record; its payload stays valid and unchanged until release. */
 int mps_ring_try_peek(struct mps_ring *ring, struct mps_record *record);
-int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record);
+int mps_ring_peek(struct mps_ring *ring, int64_t timeout_ns, struct mps_record *record, int64_t *clock);
 int mps_ring_release(struct mps_ring *ring);
 /* Consumer: the position of the next record to take (the head; a held record starts there). */
 uint64_t mps_ring_head(struct mps_ring *ring);
@@ -204,11 +217,15 @@ int mps_ring_scan(struct mps_ring *ring, uint64_t *position, struct mps_record *
  * On OK, *index is the ring that holds the record (release it there; pass *index + 1 next
  * time for fairness); on MPS_RING_PEER_DEAD, the ring whose writer died. */
 int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
-                      struct mps_record *record);
+                      struct mps_record *record, int64_t *clock);
 /* The same, at most MPS_RING_MAX_WAIT_SET - 1 rings, also waking when the 32-bit doorbell word
  * (in shared memory) differs from seen: MPS_RING_RUNG. */
 int mps_ring_peek_any_or(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
-                         struct mps_record *record, uint32_t *doorbell, uint32_t seen);
+                         struct mps_record *record, uint32_t *doorbell, uint32_t seen, int64_t *clock);
+/* A wait for reason (MPS_WAIT_INPUT or MPS_WAIT_CREDIT) begins now on clock; the wait going on
+ * (if any) ends now, its time added to its reason's total. For waits outside the ring calls. */
+void mps_clock_begin(int64_t *clock, int64_t reason);
+void mps_clock_end(int64_t *clock);
 /* Bumps a doorbell word and wakes whoever sleeps on it. */
 void mps_doorbell_ring(uint32_t *doorbell);
 /* Returns a counter's value and adds one, atomically: a 64-bit word in memory that processes

@@ -96,6 +96,7 @@ class RecordKind(enum.IntEnum):
 _KINDS = {kind.value: kind for kind in RecordKind}
 _DATA_KIND = RecordKind.DATA
 _OK, _EMPTY, _FULL = lib.MPS_RING_OK, lib.MPS_RING_EMPTY, lib.MPS_RING_FULL
+_TIMEOUT, _INTERRUPTED = lib.MPS_RING_TIMEOUT, lib.MPS_RING_INTERRUPTED
 _SCHEMA, _DATA = lib.MPS_RECORD_SCHEMA, lib.MPS_RECORD_DATA
 
 
@@ -233,7 +234,9 @@ class WaitClock:
     number, the reason of the wait going on now (0: none), when it began
     (``time.monotonic_ns()``), and the nanoseconds waited so far for input and for credit. The
     words are its own, or a slot of a job's counters board (:mod:`mpstream.counters`). Only
-    the slow path of a wait, the one that parks, touches them.
+    the slow path of a wait touches them: the ring's blocking calls keep them in C, right
+    around the wait (``csrc/mps_ring.h``), and other waits (a task's control pipe) go through
+    :meth:`waiting`.
 
     The sequence number is odd while the words change (a seqlock): a reader in another
     process takes the words when it reads the same even number before and after them, so it
@@ -247,30 +250,28 @@ class WaitClock:
     (0, True)
     """
 
-    INPUT, CREDIT = 1, 2  # waiting for something to read; waiting for space to write (backpressure)
-    WORDS = 5
-    __slots__ = ("words",)
+    INPUT, CREDIT = lib.MPS_WAIT_INPUT, lib.MPS_WAIT_CREDIT  # waiting for something to read; for space to write (backpressure)
+    WORDS = lib.MPS_CLOCK_WORDS
+    __slots__ = ("words", "pointer")
 
     def __init__(self, words: memoryview | None = None) -> None:
         self.words = memoryview(bytearray(8 * self.WORDS)).cast("q") if words is None else words
+        self.pointer = ffi.from_buffer("int64_t[]", self.words)  # the ring's blocking calls keep the time themselves
+
+    def release(self) -> None:
+        """Lets go of the words, so that the memory they are in can close; the clock keeps no
+        time after this (its pointer is NULL: the ring calls skip it)."""
+        ffi.release(self.pointer)
+        self.pointer = ffi.NULL
+        self.words.release()
 
     def begin(self, reason: int) -> None:
         """A wait for reason begins now."""
-        words = self.words
-        words[0] += 1
-        words[2] = time.monotonic_ns()
-        words[1] = reason
-        words[0] += 1
+        lib.mps_clock_begin(self.pointer, reason)
 
     def end(self) -> None:
         """The wait going on (if any) ends now: its time goes to its reason's total."""
-        words = self.words
-        reason = words[1]
-        if reason:
-            words[0] += 1
-            words[2 + reason] += time.monotonic_ns() - words[2]
-            words[1] = 0
-            words[0] += 1
+        lib.mps_clock_end(self.pointer)
 
     def waiting(self, reason: int) -> _Waiting:
         """A context manager: a wait for reason."""
@@ -301,22 +302,26 @@ class _Waiting:
         self.clock.end()
 
 
-def _blocking(call: Any, timeout: float | None, clock: WaitClock, reason: int) -> int:
-    """Calls call(slice_ns) until it stops timing out; the C side parks on a futex. Slices
-    are short so Python runs signal handlers (Ctrl-C) between them. The wait goes on clock."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with clock.waiting(reason):
-        while True:
-            slice_ns = _SLICE_NS
-            if deadline is not None:
-                slice_ns = min(_SLICE_NS, int((deadline - time.monotonic()) * 1e9))
-                if slice_ns <= 0:  # the caller polled once already
-                    return lib.MPS_RING_TIMEOUT
-            rc = call(slice_ns)
-            if rc == lib.MPS_RING_INTERRUPTED:
-                continue  # Python runs the signal handler here (KeyboardInterrupt, ...)
-            if rc != lib.MPS_RING_TIMEOUT or (deadline is not None and time.monotonic() >= deadline):
-                return rc  # a record, a rung doorbell, the timeout, or an error
+def _blocking(call: Any, timeout: float | None) -> int:
+    """Calls call(slice_ns) until it stops timing out; the C side parks on a futex (and keeps
+    the wait's time on the endpoint's clock). Slices are short so Python runs signal handlers
+    (Ctrl-C) between them. The clock is read only for a timeout, and again only when a slice
+    ends with nothing (the common wait takes one call)."""
+    if timeout is None:
+        deadline, slice_ns = None, _SLICE_NS
+    elif timeout <= 0:
+        return _TIMEOUT  # the caller polled once already
+    else:
+        deadline, slice_ns = time.monotonic() + timeout, int(min(_SLICE_NS, timeout * 1e9)) or 1
+    while True:
+        rc = call(slice_ns)
+        if rc != _TIMEOUT and rc != _INTERRUPTED:
+            return rc  # a record, a rung doorbell, or an error
+        if deadline is not None:  # on INTERRUPTED, Python has run the signal handler (KeyboardInterrupt, ...)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return _TIMEOUT
+            slice_ns = int(min(_SLICE_NS, left * 1e9)) or 1
 
 
 class _Endpoint:
@@ -414,8 +419,8 @@ class ChannelWriter(_Endpoint):
         if rc == _OK:
             return self._data_index + offset[0]
         if rc == _FULL:
-            rc = _blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset), timeout, self.clock,
-                           WaitClock.CREDIT)
+            clock = self.clock.pointer
+            rc = _blocking(lambda ns: lib.mps_ring_claim(ring, kind, length, ns, offset, clock), timeout)
         if rc == lib.MPS_RING_NO_SPACE:
             raise SharedMemoryFullError(
                 f"channel {self.name!r}: {SHM_DIR} (or memory) ran out while the writer reserved the "
@@ -564,7 +569,8 @@ class ChannelReader(_Endpoint):
         while True:
             rc = lib.mps_ring_try_peek(ring, rec)
             if rc == _EMPTY:
-                rc = _blocking(lambda ns: lib.mps_ring_peek(ring, ns, rec), timeout, self.clock, WaitClock.INPUT)
+                clock = self.clock.pointer
+                rc = _blocking(lambda ns: lib.mps_ring_peek(ring, ns, rec, clock), timeout)
             if rc != _OK:
                 self._raise_for(rc, timeout)
             if self._accept(rec):
@@ -760,15 +766,15 @@ class InputGate:
                                else "every live channel of this gate is blocked: unblock_all() first")
         rings, count, nxt, rec = self._rings, len(self._readable), self._next, self._peeked
         while True:
-            rc = lib.mps_ring_peek_any(rings, count, nxt, 0, rec)
+            rc = lib.mps_ring_peek_any(rings, count, nxt, 0, rec, ffi.NULL)
             if rc == _EMPTY:
+                clock = self.clock.pointer
                 if doorbell is None:
-                    rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec), timeout,
-                                   self.clock, WaitClock.INPUT)
+                    rc = _blocking(lambda ns: lib.mps_ring_peek_any(rings, count, nxt, ns, rec, clock), timeout)
                 else:
                     word, seen = doorbell.word, doorbell.seen
-                    rc = _blocking(lambda ns: lib.mps_ring_peek_any_or(rings, count, nxt, ns, rec, word, seen),
-                                   timeout, self.clock, WaitClock.INPUT)
+                    rc = _blocking(lambda ns: lib.mps_ring_peek_any_or(rings, count, nxt, ns, rec, word, seen, clock),
+                                   timeout)
                 if rc == lib.MPS_RING_TIMEOUT or rc == lib.MPS_RING_RUNG:
                     return None
             channel = self._readable[nxt[0]]

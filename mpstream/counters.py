@@ -162,7 +162,7 @@ class TaskCounters:
             words[i] = 0
         words[_PID_W] = os.getpid()
         self.clock = WaitClock(words[:_CLOCK])
-        board._views.append(self.clock.words)
+        board._views.append(self.clock)  # released at the board's close
         self._words = words
         self._ops = [board.op_words(i) for i in operators]
         for op in self._ops:
@@ -194,7 +194,7 @@ class Board:
     def __init__(self, path: str, buffer: mmap.mmap, fd: int | None = None, writable: bool = True) -> None:
         self.path, self._mmap, self._fd = path, buffer, fd
         self.words = memoryview(buffer).cast("q") if writable else None
-        self._views: list[memoryview] = []  # handed out: released at close
+        self._views: list[memoryview | WaitClock] = []  # handed out: released at close
         self._reading = memoryview(buffer).cast("q")  # read-only where the mapping is
         self._clocks: dict[int, tuple[list[int], int]] = {}  # each task's last consistent clock words, taken
         self._lock = threading.Lock()  # snapshot (a metrics scrape's thread) against close

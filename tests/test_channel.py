@@ -336,6 +336,37 @@ def test_read_times_out_with_a_specific_error():
             reader.read(timeout=0.05)
 
 
+def test_a_blocking_call_keeps_its_wait_on_its_clock_and_one_that_need_not_wait_leaves_it_alone():
+    """The C side keeps the time: a read that waits goes on the reader's clock as input, a
+    write that waits for space on the writer's as credit, both ended when the call returns;
+    a read or write that finds its record or space at once does not touch the words."""
+    import time
+
+    from mpstream.channel import WaitClock
+
+    batch = Batch({"x": np.arange(64, dtype=np.int64)})
+    with Channel("clocked", capacity=1 << 12) as chan, ChannelReader(chan.name) as reader, \
+            ChannelWriter(chan.name) as writer:
+        began = time.monotonic()
+        with pytest.raises(ChannelTimeoutError):
+            reader.read(timeout=0.02)
+        elapsed = time.monotonic() - began
+        waited = reader.clock.seconds(WaitClock.INPUT)
+        assert 0.9 * 0.02 <= waited <= elapsed and reader.clock.seconds(WaitClock.CREDIT) == 0
+        assert reader.clock.waiting_now == 0 and reader.clock.words[0] % 2 == 0  # ended, not mid-change
+
+        before = bytes(writer.clock.words) + bytes(reader.clock.words)
+        writer.write(batch)  # space at once
+        reader.read(timeout=1).release()  # a record at once
+        assert bytes(writer.clock.words) + bytes(reader.clock.words) == before
+
+        with pytest.raises(ChannelTimeoutError):
+            while True:  # fills the ring, then waits for space that never comes
+                writer.write(batch, timeout=0.02)
+        assert writer.clock.seconds(WaitClock.CREDIT) >= 0.9 * 0.02
+        assert writer.clock.seconds(WaitClock.INPUT) == 0 and writer.clock.waiting_now == 0
+
+
 def test_a_write_that_fails_while_filling_its_record_publishes_nothing_and_writing_goes_on(monkeypatch):
     """A DATA record whose buffers fail to go in (an exception, Ctrl-C) is aborted: the reader
     never sees it, and the writer's claim is given back, so the next write goes through."""

@@ -233,7 +233,7 @@ def test_should_report_closed_to_producer_after_consumer_detaches(ring_at):
 
 def test_should_time_out_a_blocking_peek_on_an_empty_ring(ring_at):
     ring = ring_at()
-    assert lib.mps_ring_peek(ring.consumer, 1_000_000, ring.record) == lib.MPS_RING_TIMEOUT
+    assert lib.mps_ring_peek(ring.consumer, 1_000_000, ring.record, ffi.NULL) == lib.MPS_RING_TIMEOUT
 
 
 def test_should_refuse_bad_capacity():
@@ -248,5 +248,5 @@ def test_should_spin_no_longer_than_the_timeout(ring_at):
     ffi.release(ring.consumer)
     ring.consumer = ring._attach(lib.MPS_RING_CONSUMER, spin_ns=1_000_000_000)
     start = time.thread_time()
-    assert lib.mps_ring_peek(ring.consumer, 20_000_000, ring.record) == lib.MPS_RING_TIMEOUT
+    assert lib.mps_ring_peek(ring.consumer, 20_000_000, ring.record, ffi.NULL) == lib.MPS_RING_TIMEOUT
     assert time.thread_time() - start < 0.5
