@@ -494,7 +494,13 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
     /* Spin first (up to the timeout): a peer in the middle of a record answers faster than a
      * futex wake. Bounded by time, not count: PAUSE costs 10x more on some CPUs than others.
      * After the first microsecond, yield now and then: the scheduler often queues the peer we
-     * just woke on our own CPU, where a plain spin would keep it from running until we park. */
+     * just woke on our own CPU, where a plain spin would keep it from running until we park.
+     * A reader yields at once: the writer it waits on is often the peer it just woke (a
+     * request's answer; on a 2-CPU VM both mostly run on one CPU). That first yield took 1.3 us
+     * off bench/transport.py's parked one-way latency (README: "Performance"); a writer
+     * waiting for space does not: its reader has records to work on already. */
+    if (spin_ns && not_ready == MPS_RING_EMPTY)
+        sched_yield();
     for (uint32_t i = 1; spin_ns; i++) {
         cpu_relax();
         result = poll_once(context);
