@@ -126,45 +126,52 @@ static int64_t now_ns(void)
 
 /* ---- wait clocks (the seqlock writer; mpstream.counters reads) --------------------------- */
 
-static void clock_begin_at(int64_t *clock, int64_t reason, int64_t now)
+/* Each reads the time inside its write (after the odd sequence number is visible): a reader that
+ * copies the words while a wait goes on counts it up to its own, later, time, and the wait's
+ * end must not come out earlier than that (the time waited would go back). Returns the time. */
+static int64_t clock_begin(int64_t *clock, int64_t reason)
 {
     if (clock == NULL)
-        return;
+        return now_ns();
     _Atomic int64_t *words = (_Atomic int64_t *)clock;
     int64_t seq = atomic_load_explicit(&words[0], memory_order_relaxed);
     atomic_store_explicit(&words[0], seq + 1, memory_order_relaxed);
-    atomic_thread_fence(memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);
+    int64_t now = now_ns();
     atomic_store_explicit(&words[2], now, memory_order_relaxed);
     atomic_store_explicit(&words[1], reason, memory_order_relaxed);
     atomic_store_explicit(&words[0], seq + 2, memory_order_release);
+    return now;
 }
 
-static void clock_end_at(int64_t *clock, int64_t now)
+static int64_t clock_end(int64_t *clock)
 {
     if (clock == NULL)
-        return;
+        return now_ns();
     _Atomic int64_t *words = (_Atomic int64_t *)clock;
     int64_t reason = atomic_load_explicit(&words[1], memory_order_relaxed);
     if (reason != MPS_WAIT_INPUT && reason != MPS_WAIT_CREDIT)
-        return;
+        return now_ns();
     int64_t seq = atomic_load_explicit(&words[0], memory_order_relaxed);
     atomic_store_explicit(&words[0], seq + 1, memory_order_relaxed);
-    atomic_thread_fence(memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);
+    int64_t now = now_ns();
     int64_t total = atomic_load_explicit(&words[2 + reason], memory_order_relaxed);
     int64_t since = atomic_load_explicit(&words[2], memory_order_relaxed);
     atomic_store_explicit(&words[2 + reason], total + (now - since), memory_order_relaxed);
     atomic_store_explicit(&words[1], 0, memory_order_relaxed);
     atomic_store_explicit(&words[0], seq + 2, memory_order_release);
+    return now;
 }
 
 void mps_clock_begin(int64_t *clock, int64_t reason)
 {
-    clock_begin_at(clock, reason, now_ns());
+    clock_begin(clock, reason);
 }
 
 void mps_clock_end(int64_t *clock)
 {
-    clock_end_at(clock, now_ns());
+    clock_end(clock);
 }
 
 /* Futexes here are shared (never FUTEX_PRIVATE_FLAG): the two sides are different processes. */
@@ -486,8 +493,7 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
         return result;
     if (rang(bell))
         return MPS_RING_RUNG;
-    int64_t start = now_ns();
-    clock_begin_at(clock, not_ready == MPS_RING_FULL ? MPS_WAIT_CREDIT : MPS_WAIT_INPUT, start);
+    int64_t start = clock_begin(clock, not_ready == MPS_RING_FULL ? MPS_WAIT_CREDIT : MPS_WAIT_INPUT);
     int64_t spin_ns = rings[0]->spin_ns;
     if (timeout_ns >= 0 && timeout_ns < spin_ns)
         spin_ns = timeout_ns;
@@ -496,9 +502,9 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
      * After the first microsecond, yield now and then: the scheduler often queues the peer we
      * just woke on our own CPU, where a plain spin would keep it from running until we park.
      * A reader yields at once: the writer it waits on is often the peer it just woke (a
-     * request's answer; on a 2-CPU VM both mostly run on one CPU). That first yield took 1.3 us
-     * off bench/transport.py's parked one-way latency (README: "Performance"); a writer
-     * waiting for space does not: its reader has records to work on already. */
+     * request's answer; on a 2-CPU VM both mostly run on one CPU). That first yield took about
+     * 1.5 us off bench/transport.py's parked one-way latency (README: "Performance"); a writer
+     * waiting for space does not yield at once: its reader has records to work on already. */
     if (spin_ns && not_ready == MPS_RING_EMPTY)
         sched_yield();
     for (uint32_t i = 1; spin_ns; i++) {
@@ -559,9 +565,7 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
         }
     }
 done:;
-    int64_t end = now_ns();
-    clock_end_at(clock, end);
-    uint64_t waited = (uint64_t)(end - start);
+    uint64_t waited = (uint64_t)(clock_end(clock) - start);
     for (uint32_t i = 0; i < count; i++) {
         rings[i]->waits++;
         rings[i]->wait_ns += waited;

@@ -234,9 +234,10 @@ class WaitClock:
     number, the reason of the wait going on now (0: none), when it began
     (``time.monotonic_ns()``), and the nanoseconds waited so far for input and for credit. The
     words are its own, or a slot of a job's counters board (:mod:`mpstream.counters`). Only
-    the slow path of a wait touches them: the ring's blocking calls keep them in C, right
-    around the wait (``csrc/mps_ring.h``), and other waits (a task's control pipe) go through
-    :meth:`waiting`.
+    the slow path of a wait touches them: a wait goes on from when a blocking call's first
+    poll finds nothing (before it spins, then parks) until the call returns. The ring's
+    blocking calls keep the words in C (``csrc/mps_ring.h``); other waits (a task's control
+    pipe) go through :meth:`waiting`.
 
     The sequence number is odd while the words change (a seqlock): a reader in another
     process takes the words when it reads the same even number before and after them, so it
@@ -256,13 +257,16 @@ class WaitClock:
 
     def __init__(self, words: memoryview | None = None) -> None:
         self.words = memoryview(bytearray(8 * self.WORDS)).cast("q") if words is None else words
-        self.pointer = ffi.from_buffer("int64_t[]", self.words)  # the ring's blocking calls keep the time themselves
+        if len(self.words) < self.WORDS:
+            raise ValueError(f"a wait clock needs {self.WORDS} int64 words, not {len(self.words)}")
+        # the ring's blocking calls keep the time themselves, through this pointer
+        self.pointer = ffi.from_buffer("int64_t[]", self.words, require_writable=True)
 
     def release(self) -> None:
         """Lets go of the words, so that the memory they are in can close; the clock keeps no
-        time after this (its pointer is NULL: the ring calls skip it)."""
-        ffi.release(self.pointer)
-        self.pointer = ffi.NULL
+        time after this (its pointer is NULL: the ring calls skip it). A wait going on in
+        another thread still holds the words: then this raises BufferError."""
+        self.pointer = ffi.NULL  # the last reference: the words' export ends with it
         self.words.release()
 
     def begin(self, reason: int) -> None:
@@ -304,11 +308,13 @@ class _Waiting:
 
 def _blocking(call: Any, timeout: float | None) -> int:
     """Calls call(slice_ns) until it stops timing out; the C side parks on a futex (and keeps
-    the wait's time on the endpoint's clock). Slices are short so Python runs signal handlers
-    (Ctrl-C) between them. The clock is read only for a timeout, and again only when a slice
-    ends with nothing (the common wait takes one call)."""
+    the wait's time on the endpoint's WaitClock). Slices are short so Python runs signal
+    handlers (Ctrl-C) between them. ``time.monotonic`` is read only for a timeout, and again
+    only when a slice ends with nothing (the common wait takes one call)."""
     if timeout is None:
         deadline, slice_ns = None, _SLICE_NS
+    elif timeout != timeout:
+        raise ValueError("a timeout must be a number of seconds or None, not NaN")
     elif timeout <= 0:
         return _TIMEOUT  # the caller polled once already
     else:
@@ -369,7 +375,7 @@ class _Endpoint:
             raise ChannelError(f"channel {self.name!r}: " + ("release the previous record before reading the next"
                                if self._side == lib.MPS_RING_CONSUMER else
                                "a record is still claimed (a write was interrupted): use a new writer"))
-        if rc == lib.MPS_RING_TIMEOUT:
+        if rc == _TIMEOUT:
             raise ChannelTimeoutError(f"channel {self.name!r}: the {self._role} waited {timeout} s "
                                       f"for its {peer}; raise the timeout or check that the {peer} runs")
         raise ChannelError(f"channel {self.name!r}: ring call failed with code {rc}")
@@ -752,7 +758,7 @@ class InputGate:
         ChannelTimeoutError after ``timeout`` seconds without a record; ``read(0)`` only polls."""
         got = self.wait(timeout)
         if got is None:
-            self.readers[0]._raise_for(lib.MPS_RING_TIMEOUT, timeout)
+            self.readers[0]._raise_for(_TIMEOUT, timeout)
         return got
 
     def wait(self, timeout: float | None = None, doorbell: Doorbell | None = None) -> tuple[int, Record] | None:
@@ -775,7 +781,7 @@ class InputGate:
                     word, seen = doorbell.word, doorbell.seen
                     rc = _blocking(lambda ns: lib.mps_ring_peek_any_or(rings, count, nxt, ns, rec, word, seen, clock),
                                    timeout)
-                if rc == lib.MPS_RING_TIMEOUT or rc == lib.MPS_RING_RUNG:
+                if rc == _TIMEOUT or rc == lib.MPS_RING_RUNG:
                     return None
             channel = self._readable[nxt[0]]
             reader = self.readers[channel]

@@ -367,6 +367,71 @@ def test_a_blocking_call_keeps_its_wait_on_its_clock_and_one_that_need_not_wait_
         assert writer.clock.seconds(WaitClock.INPUT) == 0 and writer.clock.waiting_now == 0
 
 
+def test_a_read_interrupted_by_signals_still_times_out_on_time_and_ends_its_wait():
+    """Signals end a slice of a wait (Python runs the handler) and the wait goes on for the
+    rest of its timeout; a handler that raises ends it. Either way the clock's wait ends."""
+    import time
+
+    from mpstream.channel import WaitClock
+
+    hits = []
+    old = signal.signal(signal.SIGALRM, lambda *a: hits.append(1))
+    try:
+        with Channel("sig", capacity=1 << 12) as chan, ChannelReader(chan.name, nap_ns=10**9) as reader:
+            signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
+            began = time.monotonic()
+            with pytest.raises(ChannelTimeoutError):
+                reader.read(timeout=0.1)
+            elapsed = time.monotonic() - began
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            assert len(hits) > 5 and elapsed >= 0.1
+            assert reader.clock.waiting_now == 0 and reader.clock.words[0] % 2 == 0
+            assert 0.05 <= reader.clock.seconds(WaitClock.INPUT) <= elapsed  # the slices, not the handlers between
+
+            def interrupt(*a):
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGALRM, interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 0.02)
+            with pytest.raises(KeyboardInterrupt):
+                reader.read(timeout=5)
+            assert reader.clock.waiting_now == 0 and reader.clock.words[0] % 2 == 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_nan_timeout_is_refused_and_an_infinite_one_waits_for_the_record():
+    batch = Batch({"x": np.arange(3)})
+    with Channel("nan", capacity=1 << 12) as chan, ChannelReader(chan.name) as reader, \
+            ChannelWriter(chan.name) as writer:
+        with pytest.raises(ValueError, match="NaN"):
+            reader.read(timeout=float("nan"))
+        writer.write(batch)
+        with reader.read(timeout=float("inf")) as record:
+            assert record.batch["x"].tolist() == [0, 1, 2]
+
+
+def test_a_released_wait_clock_keeps_no_time_and_lets_its_memory_go():
+    from mpstream.channel import WaitClock
+
+    backing = bytearray(8 * WaitClock.WORDS)
+    clock = WaitClock(memoryview(backing).cast("q"))
+    clock.begin(WaitClock.INPUT)
+    clock.end()
+    kept = bytes(backing)
+    clock.release()
+    clock.release()  # twice: nothing more to let go
+    clock.begin(WaitClock.INPUT)  # a NULL clock: no time kept
+    clock.end()
+    assert bytes(backing) == kept
+    backing.extend(b"x")  # no export holds the bytearray any more
+    with pytest.raises(ValueError, match="5 int64 words"):
+        WaitClock(memoryview(bytearray(16)).cast("q"))
+    with pytest.raises(BufferError):
+        WaitClock(memoryview(bytes(40)).cast("q"))  # read-only
+
+
 def test_a_write_that_fails_while_filling_its_record_publishes_nothing_and_writing_goes_on(monkeypatch):
     """A DATA record whose buffers fail to go in (an exception, Ctrl-C) is aborted: the reader
     never sees it, and the writer's claim is given back, so the next write goes through."""
