@@ -71,8 +71,9 @@ int64_t mps_session_groups(const int64_t *slot, const int64_t *start, const int6
 /* A map from 64-bit keys to dense slots 0, 1, 2, ... in order of first appearance: the index
  * of keyed state. Small keys (0 up to 8 per key held) live in a direct-address array, the
  * others in a hash table (open addressing, linear probing, grown at half load, probed in
- * prefetched blocks of up to 16 keys; a new small key waits for the block before it). At most 2^32 - 2 keys. Owned by the caller of mps_keymap_new, freed
- * with mps_keymap_free. */
+ * prefetched blocks of up to 16 keys; a new small key first settles the block waiting before
+ * it, so slots follow first appearance exactly). At most 2^32 - 2 keys. Owned by the caller of
+ * mps_keymap_new, freed with mps_keymap_free. */
 struct mps_keymap;
 
 struct mps_keymap *mps_keymap_new(uint64_t expected_keys);

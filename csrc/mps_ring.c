@@ -126,52 +126,44 @@ static int64_t now_ns(void)
 
 /* ---- wait clocks (the seqlock writer; mpstream.counters reads) --------------------------- */
 
-/* Each reads the time inside its write (after the odd sequence number is visible): a reader that
- * copies the words while a wait goes on counts it up to its own, later, time, and the wait's
- * end must not come out earlier than that (the time waited would go back). Returns the time. */
-static int64_t clock_begin(int64_t *clock, int64_t reason)
+/* Ends the wait going on (if any: its time goes to its reason's total) and begins one for reason
+ * (0: none), in one seqlock write. The time is read inside the write, after the odd sequence
+ * number is visible: a reader that copies the words while a wait goes on counts it up to its
+ * own, later, time, and the wait's end must not come out earlier than that (the time waited
+ * would go back). Returns the time. */
+static int64_t clock_switch(int64_t *clock, int64_t reason)
 {
     if (clock == NULL)
         return now_ns();
     _Atomic int64_t *words = (_Atomic int64_t *)clock;
+    int64_t was = atomic_load_explicit(&words[1], memory_order_relaxed);
+    if (was != MPS_WAIT_INPUT && was != MPS_WAIT_CREDIT)
+        was = 0;
+    if (was == 0 && reason == 0)
+        return now_ns(); /* nothing to end or begin: the words stay as they are */
     int64_t seq = atomic_load_explicit(&words[0], memory_order_relaxed);
     atomic_store_explicit(&words[0], seq + 1, memory_order_relaxed);
     atomic_thread_fence(memory_order_seq_cst);
     int64_t now = now_ns();
+    if (was) {
+        int64_t total = atomic_load_explicit(&words[2 + was], memory_order_relaxed);
+        int64_t since = atomic_load_explicit(&words[2], memory_order_relaxed);
+        atomic_store_explicit(&words[2 + was], total + (now - since), memory_order_relaxed);
+    }
     atomic_store_explicit(&words[2], now, memory_order_relaxed);
     atomic_store_explicit(&words[1], reason, memory_order_relaxed);
     atomic_store_explicit(&words[0], seq + 2, memory_order_release);
     return now;
 }
 
-static int64_t clock_end(int64_t *clock)
-{
-    if (clock == NULL)
-        return now_ns();
-    _Atomic int64_t *words = (_Atomic int64_t *)clock;
-    int64_t reason = atomic_load_explicit(&words[1], memory_order_relaxed);
-    if (reason != MPS_WAIT_INPUT && reason != MPS_WAIT_CREDIT)
-        return now_ns();
-    int64_t seq = atomic_load_explicit(&words[0], memory_order_relaxed);
-    atomic_store_explicit(&words[0], seq + 1, memory_order_relaxed);
-    atomic_thread_fence(memory_order_seq_cst);
-    int64_t now = now_ns();
-    int64_t total = atomic_load_explicit(&words[2 + reason], memory_order_relaxed);
-    int64_t since = atomic_load_explicit(&words[2], memory_order_relaxed);
-    atomic_store_explicit(&words[2 + reason], total + (now - since), memory_order_relaxed);
-    atomic_store_explicit(&words[1], 0, memory_order_relaxed);
-    atomic_store_explicit(&words[0], seq + 2, memory_order_release);
-    return now;
-}
-
 void mps_clock_begin(int64_t *clock, int64_t reason)
 {
-    clock_begin(clock, reason);
+    clock_switch(clock, reason);
 }
 
 void mps_clock_end(int64_t *clock)
 {
-    clock_end(clock);
+    clock_switch(clock, 0);
 }
 
 /* Futexes here are shared (never FUTEX_PRIVATE_FLAG): the two sides are different processes. */
@@ -493,7 +485,7 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
         return result;
     if (rang(bell))
         return MPS_RING_RUNG;
-    int64_t start = clock_begin(clock, not_ready == MPS_RING_FULL ? MPS_WAIT_CREDIT : MPS_WAIT_INPUT);
+    int64_t start = clock_switch(clock, not_ready == MPS_RING_FULL ? MPS_WAIT_CREDIT : MPS_WAIT_INPUT);
     int64_t spin_ns = rings[0]->spin_ns;
     if (timeout_ns >= 0 && timeout_ns < spin_ns)
         spin_ns = timeout_ns;
@@ -565,7 +557,7 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
         }
     }
 done:;
-    uint64_t waited = (uint64_t)(clock_end(clock) - start);
+    uint64_t waited = (uint64_t)(clock_switch(clock, 0) - start);
     for (uint32_t i = 0; i < count; i++) {
         rings[i]->waits++;
         rings[i]->wait_ns += waited;

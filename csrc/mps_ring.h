@@ -48,8 +48,9 @@
  * a SIGBUS. The consumer only reads what the producer wrote. Whoever creates a job's rings
  * checks up front that /dev/shm has room for all of them at full capacity.
  *
- * Waiting: a bounded spin (never longer than the call's timeout), then a futex in the segment
- * (shared, not FUTEX_PRIVATE). The sleeper
+ * Waiting: a bounded spin (never longer than the call's timeout; a consumer yields its CPU once
+ * first, as the producer it waits on is often the peer it just woke, queued on its CPU), then a
+ * futex in the segment (shared, not FUTEX_PRIVATE). The sleeper
  * sets its "waiting" flag, re-checks, then sleeps on the futex word the other side bumps; the
  * other side publishes its position, fences, and only makes the wake syscall when the flag is
  * set. Sleeps are timed (a nap, MPS_RING_NAP_NS by default) so a sleeper notices a dead peer
@@ -222,8 +223,9 @@ int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, 
  * (in shared memory) differs from seen: MPS_RING_RUNG. */
 int mps_ring_peek_any_or(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
                          struct mps_record *record, uint32_t *doorbell, uint32_t seen, int64_t *clock);
-/* A wait for reason (MPS_WAIT_INPUT or MPS_WAIT_CREDIT) begins now on clock; the wait going on
- * (if any) ends now, its time added to its reason's total. For waits outside the ring calls. */
+/* A wait for reason (MPS_WAIT_INPUT or MPS_WAIT_CREDIT) begins now on clock (ending the one
+ * going on, if any); the wait going on (if any) ends now, its time added to its reason's
+ * total. For waits outside the ring calls. */
 void mps_clock_begin(int64_t *clock, int64_t reason);
 void mps_clock_end(int64_t *clock);
 /* Bumps a doorbell word and wakes whoever sleeps on it. */
