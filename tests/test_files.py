@@ -500,8 +500,9 @@ def test_files_rewritten_before_a_restart_are_refused(tmp_path):
         return batch
 
     p = Pipeline()
-    # 300 batches: the first checkpoint commits long before the last (else no kill, no refusal)
-    p.from_parquet("src", str(tmp_path / "in"), batch_size=10).map("die", rewrite_then_die).collect("out")
+    # 3000 batches: the first checkpoint commits long before the last (else no kill, no refusal;
+    # it committed after 15-70 of 300 batches here, and a slow disk's fsync makes it later)
+    p.from_parquet("src", str(tmp_path / "in"), batch_size=1).map("die", rewrite_then_die).collect("out")
     with pytest.warns(UserWarning, match="restarting") as restarts, \
             pytest.raises(RestoreError, match="restoring its state from the checkpoint: SourceError: .*changed since"):
         p.run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=3)

@@ -16,6 +16,7 @@ from mpstream.pipeline import Pipeline
 from mpstream.testing import Kill, Once, Stall, TestingSource, kill_me
 
 BATCHES, ROWS, KEYS = 200, 5000, 1000  # 2M events
+GATE_AT = 90  # the batch the sources can hold back (the last mid-stream kill)
 
 
 def rows(instance, offset):
@@ -53,11 +54,15 @@ def disarm(marker_dir, *names) -> None:
         Once(marker_dir, name)()
 
 
-def clicks(marker_dir, hold_for=()):
-    """BATCHES batches per instance; then, until every fault in ``hold_for`` happened, nothing
-    (the job runs on until every kill it waits for fired). A source dies the first time it
-    takes checkpoint 1 ("source-after-barrier"): the other one's barrier is downstream then."""
-    parts = [[rows(i, o) for o in range(BATCHES)] + [Stall(lambda: set(hold_for) <= fired(marker_dir))]
+def clicks(marker_dir, hold_for=(), gate=lambda: True):
+    """BATCHES batches per instance; before batch GATE_AT, nothing until ``gate()`` is true;
+    after the last batch, nothing until every fault in ``hold_for`` happened (the job runs on
+    until every kill it waits for fired). Every build has both stalls, so source positions mean
+    the same batches in all of them. A source dies the first time it takes checkpoint 1
+    ("source-after-barrier"): the other one's barrier is downstream then."""
+    parts = [[rows(i, o) for o in range(GATE_AT)] + [Stall(gate)]
+             + [rows(i, o) for o in range(GATE_AT, BATCHES)]
+             + [Stall(lambda: set(hold_for) <= fired(marker_dir))]
              for i in range(2)]
     return lambda: TestingSource(*parts, kill_at_checkpoint=(1, Once(marker_dir, "source-after-barrier")))
 
@@ -70,14 +75,17 @@ class DyingAggregate(Aggregate):
 
 
 def build(marker_dir, parallelism=2, salt=4, files=None, hold_for=(), after_checkpoints=(None, 0)):
-    """``after_checkpoints=(directory, n)``: the map's kills fire at their batch or later, once
-    the job's checkpoint directory holds n committed checkpoints."""
-    store = None if after_checkpoints[0] is None else CheckpointStore(after_checkpoints[0])
+    """``after_checkpoints=(directory, n)``: the sources hold batch GATE_AT back until the job's
+    checkpoint directory holds n committed checkpoints, so the map's kill there lands after them
+    (without the hold, a fast job could pass batch GATE_AT before any checkpoint)."""
+    directory, n = after_checkpoints
+    store = None if directory is None else CheckpointStore(directory)
+    gate = (lambda: True) if store is None else (lambda: len(store.complete()) >= n)
 
     def triple(batch):
         seq = int(batch["seq"][0])
-        for at in (15, 50, 90):  # mid-stream
-            if seq == at if store is None else seq >= at and len(store.complete()) >= after_checkpoints[1]:
+        for at in (15, 50, GATE_AT):  # mid-stream
+            if seq == at:
                 kill_once(marker_dir, f"map-{at}")
         return {"k": batch["k"], "v": batch["v"] * 3}
 
@@ -87,7 +95,7 @@ def build(marker_dir, parallelism=2, salt=4, files=None, hold_for=(), after_chec
         return agg
 
     p = Pipeline(channel_capacity=1 << 18)
-    keyed = p.source("clicks", clicks(marker_dir, hold_for), parallelism=2).map("triple", triple).key_by("k")
+    keyed = p.source("clicks", clicks(marker_dir, hold_for, gate), parallelism=2).map("triple", triple).key_by("k")
     if salt:
         result = keyed.aggregate("agg", {"v": "sum", "*": "count"}, parallelism=parallelism, salt=salt)
     else:
