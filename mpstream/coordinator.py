@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from . import messages as msg
@@ -279,7 +280,7 @@ def _warn_of_fork_unsafe_pools() -> None:
     """Warns (RuntimeWarning) when this process runs a thread pool of _FORK_UNSAFE_POOLS: the
     workers about to be forked hang if an operator calls that library."""
     try:
-        names = {open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")}
+        names = {Path(f"/proc/self/task/{task}/comm").read_text().strip() for task in os.listdir("/proc/self/task")}
     except OSError:  # no /proc (or a thread gone meanwhile): nothing to say
         return
     for pool, library in _FORK_UNSAFE_POOLS.items():

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from mpstream import testing
+from mpstream.operators import Operator
 
 
 TEST_DEADLINE_S = 180
@@ -70,21 +71,45 @@ def run_on_small_tmpfs(script: str, mountpoint: str, size: str) -> subprocess.Co
                           capture_output=True, text=True, timeout=120)
 
 
-def die_once_units_are_checkpointed(tmp_path, chk: str, source: str = "src"):
-    """A map that SIGKILLs its worker once, when the newest complete checkpoint has units
-    done by every instance of ``source`` (so a restore has to share out what the others did).
-    Returns the map and its :class:`~mpstream.testing.Once` (``fired`` after the kill)."""
-    from mpstream.checkpoint import CheckpointStore
+class DieOnceCheckpointed(Operator):
+    """Passes batches on, and SIGKILLs its worker once: at the first batch after a barrier
+    whose checkpoint committed and passes ``ready(store, checkpoint)``, after ``last_words()``.
+    It holds that batch until the checkpoint committed, so every checkpoint is looked at while
+    data still comes, however slowly the disk commits (a map that looked at the newest commit
+    per batch could see none before the data ended). Holding is safe there: the barrier went
+    on, and the worker's writer thread acknowledges."""
 
-    store, crash, checked = CheckpointStore(chk), testing.Once(tmp_path, "crash"), set()
+    def __init__(self, store, crash: testing.Once, ready, last_words) -> None:
+        self.store, self.crash, self.ready, self.last_words, self.barrier = store, crash, ready, last_words, None
 
-    def die(batch):
-        newest = (store.complete() or [None])[-1]
-        if newest is not None and newest not in checked:
-            checked.add(newest)
-            states = [store.read_state(newest, source, i).operator for i in range(store.instances(newest, source))]
-            if all(s["done"] for s in states) and crash():
+    def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> None:
+        self.barrier = checkpoint_id
+
+    def process(self, batch):
+        if self.barrier is not None:
+            checkpoint, self.barrier = self.barrier, None
+            wait_until(lambda: checkpoint in self.store.complete(), timeout=60, what=f"checkpoint {checkpoint}")
+            if self.ready(self.store, checkpoint) and self.crash():
+                self.last_words()
                 testing.kill_me()
         return batch
 
-    return die, crash
+
+def die_once_checkpointed(tmp_path, chk: str, ready=lambda store, checkpoint: True, last_words=lambda: None):
+    """The operator factory of a :class:`DieOnceCheckpointed` (for ``.process``) and its
+    :class:`~mpstream.testing.Once` (``fired`` after the kill)."""
+    from mpstream.checkpoint import CheckpointStore
+
+    store, crash = CheckpointStore(chk), testing.Once(tmp_path, "crash")
+    return (lambda: DieOnceCheckpointed(store, crash, ready, last_words)), crash
+
+
+def die_once_units_are_checkpointed(tmp_path, chk: str, source: str = "src"):
+    """:func:`die_once_checkpointed` once a checkpoint has units done by every instance of
+    ``source`` (so a restore has to share out what the others did)."""
+
+    def units_done_by_all(store, checkpoint) -> bool:
+        return all(store.read_state(checkpoint, source, i).operator["done"]
+                   for i in range(store.instances(checkpoint, source)))
+
+    return die_once_checkpointed(tmp_path, chk, units_done_by_all)

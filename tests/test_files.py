@@ -7,13 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import die_once_units_are_checkpointed
+from conftest import die_once_checkpointed, die_once_units_are_checkpointed
 
 from mpstream import OperatorError, Pipeline
 from mpstream.batch import Batch, StringColumn
 from mpstream.errors import RestoreError, SourceError
-from mpstream.operators import Context
-from mpstream.testing import Once, kill_me
+from mpstream.operators import Context, Operator
 
 pa = pytest.importorskip("pyarrow", reason="file sources need pyarrow: pip install 'mpstream[arrow]'")
 import pyarrow.csv  # noqa: E402
@@ -125,7 +124,7 @@ def test_a_killed_job_reading_files_resumes_from_its_checkpoint_exactly(tmp_path
     chk = str(tmp_path / "chk")
     die, crash = die_once_units_are_checkpointed(tmp_path, chk)
     p = Pipeline(channel_capacity=1 << 16)
-    p.from_csv("src", str(tmp_path / "in"), parallelism=2, batch_size=50).map("die", die).collect("out")
+    p.from_csv("src", str(tmp_path / "in"), parallelism=2, batch_size=50).process("die", die).collect("out")
     with pytest.warns(UserWarning, match="restarting"):
         out = p.run(checkpoint_dir=chk, checkpoint_interval=0.01)["out"]
     assert crash.fired and rows_of(out) == rows_of(pa.concat_tables(parts))
@@ -225,14 +224,14 @@ def test_a_file_source_checkpointed_at_parallelism_2_resumes_at_3(tmp_path):
 
     def job(parallelism, fn):
         p = Pipeline(channel_capacity=1 << 16)
-        (p.from_csv("src", str(tmp_path / "in"), parallelism=parallelism, batch_size=50).map("die", fn)
+        (p.from_csv("src", str(tmp_path / "in"), parallelism=parallelism, batch_size=50).process("die", fn)
           .key_by("key").aggregate("agg", {"n": "sum", "*": "count"}, parallelism=1).collect("out"))
         return p
 
     with pytest.raises(Exception, match="killed by SIGKILL"):
         job(2, die).run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=0)
     assert crash.fired
-    out = job(3, lambda b: b).run(checkpoint_dir=chk, resume=True)["out"]
+    out = job(3, Operator).run(checkpoint_dir=chk, resume=True)["out"]
     whole = pa.concat_tables(parts)
     want: dict = {}
     for k, n in zip(whole.column("key").to_pylist(), whole.column("n").to_pylist()):
@@ -489,20 +488,10 @@ def test_files_rewritten_before_a_restart_are_refused(tmp_path):
     skipping rows of the new content."""
     write("parquet", tmp_path / "in", [table(3000, 18)])
     chk = str(tmp_path / "chk")
-    from mpstream.checkpoint import CheckpointStore
-
-    store, crash = CheckpointStore(chk), Once(tmp_path, "crash")
-
-    def rewrite_then_die(batch):
-        if store.complete() and crash():
-            write("parquet", tmp_path / "in", [table(3000, 19)])
-            kill_me()
-        return batch
-
+    die, crash = die_once_checkpointed(tmp_path, chk, last_words=lambda: write("parquet", tmp_path / "in",
+                                                                              [table(3000, 19)]))
     p = Pipeline()
-    # 3000 batches: the first checkpoint commits long before the last (else no kill, no refusal;
-    # it committed after 15-70 of 300 batches here, and a slow disk's fsync makes it later)
-    p.from_parquet("src", str(tmp_path / "in"), batch_size=1).map("die", rewrite_then_die).collect("out")
+    p.from_parquet("src", str(tmp_path / "in"), batch_size=10).process("die", die).collect("out")
     with pytest.warns(UserWarning, match="restarting") as restarts, \
             pytest.raises(RestoreError, match="restoring its state from the checkpoint: SourceError: .*changed since"):
         p.run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=3)

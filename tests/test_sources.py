@@ -9,7 +9,7 @@ import pytest
 from conftest import die_once_units_are_checkpointed
 
 from mpstream import Batch, Pipeline, SourceError, WorkerDiedError, sources
-from mpstream.operators import Context
+from mpstream.operators import Context, Operator
 
 ROWS = np.arange(10_000)
 
@@ -109,14 +109,14 @@ def test_a_killed_job_resumes_at_another_parallelism_exactly(tmp_path):
 
     def job(parallelism, fn):
         p = Pipeline(channel_capacity=1 << 16)
-        (p.from_arrays("src", {"k": keys, "v": values}, parallelism=parallelism, batch_size=100).map("die", fn)
+        (p.from_arrays("src", {"k": keys, "v": values}, parallelism=parallelism, batch_size=100).process("die", fn)
           .key_by("k").aggregate("sum", {"v": "sum"}, parallelism=parallelism).collect("out"))
         return p
 
     with pytest.raises(WorkerDiedError, match="operator 'src'"):
         job(2, die).run(checkpoint_dir=chk, checkpoint_interval=0.01, restarts=0)
     assert crash.fired
-    resumed = job(3, lambda b: b).run(checkpoint_dir=chk, resume=True)
+    resumed = job(3, Operator).run(checkpoint_dir=chk, resume=True)
     assert resumed.restored_from is not None
     out = resumed["out"]
     sums = np.zeros(1000)

@@ -329,15 +329,17 @@ def test_rows_a_sink_gets_after_the_stop_barrier_come_once_across_the_resume(tmp
 
 
 class KeyedTimer(KeyedOperator):
-    """Per key: counts its rows and sets a timer for the key (payload and key: the key)."""
+    """Per key: counts its rows, sets a timer 1 s ahead for the key (payload and key: the key)
+    and leaves a mark in ``seen``; a timer leaves one in ``fired``."""
 
-    def __init__(self, fired):
-        self.fired = fired
+    def __init__(self, seen, fired):
+        self.seen, self.fired = seen, fired
 
     def process(self, batch):
         for k in np.unique(batch["k"]).tolist():
             self.state[k] = self.state.get(k, 0) + 1
-            self.ctx.timers.register_processing_time(time.time() + 0.3, k, key=k)
+            self.ctx.timers.register_processing_time(time.time() + 1.0, k, key=k)
+            open(os.path.join(self.seen, str(k)), "w").close()
 
     def on_timer(self, timer):
         open(os.path.join(self.fired, f"{timer.payload}.{self.ctx.instance}"), "w").close()
@@ -345,24 +347,23 @@ class KeyedTimer(KeyedOperator):
 
 
 def test_keyed_timers_go_with_their_key_groups_to_another_parallelism(tmp_path):
-    fired = [tmp_path / "fired-1", tmp_path / "fired-2"]  # where each run's timers leave a mark
-    for directory in fired:
+    seen, *fired = tmp_path / "seen", tmp_path / "fired-1", tmp_path / "fired-2"  # each run's timers' marks
+    for directory in (seen, *fired):
         directory.mkdir()
     gate = Once(tmp_path, "gate")
-    store = CheckpointStore(str(tmp_path / "chk"))
 
     def build(parallelism, items, run):
         p = Pipeline()
         (p.source("src", lambda: TestingSource(items)).key_by("k")
-          .process("t", lambda: KeyedTimer(str(fired[run])), parallelism=parallelism).collect("out"))
+          .process("t", lambda: KeyedTimer(str(seen), str(fired[run])), parallelism=parallelism).collect("out"))
         return p
 
     job = build(2, [batch(np.arange(4)), Stall(lambda: gate.fired)], 0).start(checkpoint_dir=str(tmp_path / "chk"),
-                                                                               checkpoint_interval=0.02)
-    wait_until(lambda: len(store.complete()) >= 2, timeout=60, what="two checkpoints")
-    job.stop()
+                                                                               checkpoint_interval=3600)
+    wait_until(lambda: len(os.listdir(seen)) == 4, timeout=60, what="every key's timer set")
+    job.stop()  # its checkpoint holds the 4 timers (its barrier came after the batch)
     first = job.wait()
-    assert first["out"].num_rows == 0  # the timers were pending at the stop
+    assert first["out"].num_rows == 0  # the timers were pending at the stop (1 s ahead)
     resumed = [batch(np.arange(4)), Stall(lambda: len(os.listdir(fired[1])) >= 4)]  # goes on at position 1
     second = build(3, resumed, 1).run(checkpoint_dir=str(tmp_path / "chk"), resume=True)
     rows = sorted(zip(second["out"]["k"].tolist(), second["out"]["v"].tolist()))
