@@ -7,10 +7,12 @@ import subprocess
 import sys
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 
 from mpstream import testing
+from mpstream.checkpoint import CheckpointStore
 from mpstream.operators import Operator
 
 
@@ -76,17 +78,20 @@ class DieOnceCheckpointed(Operator):
     whose checkpoint committed and passes ``ready(store, checkpoint)``, after ``last_words()``.
     It holds that batch until the checkpoint committed, so every checkpoint is looked at while
     data still comes, however slowly the disk commits (a map that looked at the newest commit
-    per batch could see none before the data ended). Holding is safe there: the barrier went
-    on, and the worker's writer thread acknowledges."""
+    per batch could see none before the data ended). Holding is safe there with aligned
+    checkpoints: the barrier went on, and the worker's writer thread acknowledges (an
+    unaligned one would wait for the held task to copy its in-flight data). After the kill
+    it no longer holds."""
 
-    def __init__(self, store, crash: testing.Once, ready, last_words) -> None:
+    def __init__(self, store: CheckpointStore, crash: testing.Once, ready: Callable[[CheckpointStore, int], bool],
+                 last_words: Callable[[], None]) -> None:
         self.store, self.crash, self.ready, self.last_words, self.barrier = store, crash, ready, last_words, None
 
     def prepare_snapshot_pre_barrier(self, checkpoint_id: int) -> None:
         self.barrier = checkpoint_id
 
     def process(self, batch):
-        if self.barrier is not None:
+        if self.barrier is not None and not self.crash.fired:
             checkpoint, self.barrier = self.barrier, None
             wait_until(lambda: checkpoint in self.store.complete(), timeout=60, what=f"checkpoint {checkpoint}")
             if self.ready(self.store, checkpoint) and self.crash():
@@ -98,8 +103,6 @@ class DieOnceCheckpointed(Operator):
 def die_once_checkpointed(tmp_path, chk: str, ready=lambda store, checkpoint: True, last_words=lambda: None):
     """The operator factory of a :class:`DieOnceCheckpointed` (for ``.process``) and its
     :class:`~mpstream.testing.Once` (``fired`` after the kill)."""
-    from mpstream.checkpoint import CheckpointStore
-
     store, crash = CheckpointStore(chk), testing.Once(tmp_path, "crash")
     return (lambda: DieOnceCheckpointed(store, crash, ready, last_words)), crash
 

@@ -130,7 +130,7 @@ def test_a_failed_final_checkpoint_is_retried_at_the_checkpoint_interval(tmp_pat
     p = Pipeline()
     p.source("src", lambda: TestingSource([{"x": np.arange(3)}])).to_files("out", str(tmp_path / "out"),
                                                                           transactional=True)
-    with pytest.warns(UserWarning, match="failed and was discarded"):
+    with pytest.warns(UserWarning, match=r"^final checkpoint \d+ failed and was discarded"):
         result = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.2, tolerable_checkpoint_failures=3)
     assert result.final_checkpoint is not None
     assert [f for f in os.listdir(tmp_path / "out") if f.endswith(".csv")]  # the last epoch was published
@@ -232,7 +232,6 @@ def job_warnings():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert p.run()["out"]["x"].tolist() == list(range(10))
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # it closes what it opened
     return [(str(w.message), w.filename) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 before = job_warnings()  # polars imported, never run: no pool yet
@@ -251,3 +250,26 @@ def test_a_job_started_where_polars_ran_warns_that_polars_in_its_operators_would
     assert before == []
     assert len(after) == 1 and after[0][1] == "<string>"  # the caller's line
     assert "polars has run in this process" in after[0][0] and "hangs in mpstream's forked workers" in after[0][0]
+
+
+def test_a_job_start_closes_the_files_it_reads_to_look_for_fork_unsafe_pools():
+    """The look at this process's thread names (/proc/self/task/*/comm) leaves no file open:
+    a ResourceWarning per thread per job before."""
+    import gc
+    import threading
+    import warnings
+
+    from mpstream.coordinator import _warn_of_fork_unsafe_pools
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)  # a second thread: two names to read
+    thread.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _warn_of_fork_unsafe_pools()
+            gc.collect()
+    finally:
+        stop.set()
+        thread.join()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

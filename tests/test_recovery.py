@@ -54,7 +54,7 @@ def disarm(marker_dir, *names) -> None:
         Once(marker_dir, name)()
 
 
-def clicks(marker_dir, hold_for=(), gate=lambda: True):
+def clicks(marker_dir, hold_for, gate):
     """BATCHES batches per instance; before batch GATE_AT, nothing until ``gate()`` is true;
     after the last batch, nothing until every fault in ``hold_for`` happened (the job runs on
     until every kill it waits for fired). Every build has both stalls, so source positions mean
@@ -79,8 +79,7 @@ def build(marker_dir, parallelism=2, salt=4, files=None, hold_for=(), after_chec
     checkpoint directory holds n committed checkpoints, so the map's kill there lands after them
     (without the hold, a fast job could pass batch GATE_AT before any checkpoint)."""
     directory, n = after_checkpoints
-    store = None if directory is None else CheckpointStore(directory)
-    gate = (lambda: True) if store is None else (lambda: len(store.complete()) >= n)
+    gate = (lambda: True) if directory is None else (lambda: len(CheckpointStore(directory).complete()) >= n)
 
     def triple(batch):
         seq = int(batch["seq"][0])
@@ -207,7 +206,7 @@ def test_transactional_file_sink_publishes_every_row_exactly_once(tmp_path):
         return {"id": batch["seq"] * ROWS + np.arange(ROWS), "k": batch["k"]}
 
     p = Pipeline(channel_capacity=1 << 18)
-    (p.source("clicks", clicks(str(markers)), parallelism=2).map("tag", tag)
+    (p.source("clicks", clicks(str(markers), (), lambda: True), parallelism=2).map("tag", tag)
       .to_files("files", str(out_dir), transactional=True))
     with pytest.warns(UserWarning, match="restarting"):
         result = p.run(checkpoint_dir=str(tmp_path / "chk"), checkpoint_interval=0.01, restarts=10,
@@ -270,8 +269,6 @@ def test_a_value_column_that_changes_dtype_aggregates_exactly_across_a_restore(t
 def test_a_range_partitioned_aggregate_restores_its_own_state(tmp_path):
     """After key_by(..., "range") an instance's state holds the keys of its range: a restore at
     the same parallelism takes its own state (it re-split states by hash key group before)."""
-    from mpstream.testing import Kill, Stall
-
     store = CheckpointStore(str(tmp_path / "chk"))
     crash = Once(tmp_path, "crash")
     batch = {"k": np.arange(10), "v": np.ones(10, np.int64)}
