@@ -126,12 +126,10 @@ static int64_t now_ns(void)
 
 /* ---- wait clocks (the seqlock writer; mpstream.counters reads) --------------------------- */
 
-/* Ends the wait going on (if any: its time goes to its reason's total) and begins one for reason
- * (0: none), in one seqlock write. The time is read inside the write, after the odd sequence
- * number is visible: a reader that copies the words while a wait goes on counts it up to its
- * own, later, time, and the wait's end must not come out earlier than that (the time waited
- * would go back). Returns the time. */
-static int64_t clock_switch(int64_t *clock, int64_t reason)
+/* The time is read inside the seqlock write, after the odd sequence number is visible: a
+ * reader that copies the words while a wait goes on counts it up to its own, later, time, and
+ * the wait's end must not come out earlier than that (the time waited would go back). */
+int64_t mps_clock_switch(int64_t *clock, int64_t reason)
 {
     if (clock == NULL)
         return now_ns();
@@ -154,16 +152,6 @@ static int64_t clock_switch(int64_t *clock, int64_t reason)
     atomic_store_explicit(&words[1], reason, memory_order_relaxed);
     atomic_store_explicit(&words[0], seq + 2, memory_order_release);
     return now;
-}
-
-void mps_clock_begin(int64_t *clock, int64_t reason)
-{
-    clock_switch(clock, reason);
-}
-
-void mps_clock_end(int64_t *clock)
-{
-    clock_switch(clock, 0);
 }
 
 /* Futexes here are shared (never FUTEX_PRIVATE_FLAG): the two sides are different processes. */
@@ -485,7 +473,7 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
         return result;
     if (rang(bell))
         return MPS_RING_RUNG;
-    int64_t start = clock_switch(clock, not_ready == MPS_RING_FULL ? MPS_WAIT_CREDIT : MPS_WAIT_INPUT);
+    int64_t start = mps_clock_switch(clock, not_ready == MPS_RING_FULL ? MPS_WAIT_CREDIT : MPS_WAIT_INPUT);
     int64_t spin_ns = rings[0]->spin_ns;
     if (timeout_ns >= 0 && timeout_ns < spin_ns)
         spin_ns = timeout_ns;
@@ -557,7 +545,7 @@ static int wait_for(struct mps_ring **rings, uint32_t count, mps_poll_fn poll_on
         }
     }
 done:;
-    uint64_t waited = (uint64_t)(clock_switch(clock, 0) - start);
+    uint64_t waited = (uint64_t)(mps_clock_switch(clock, 0) - start);
     for (uint32_t i = 0; i < count; i++) {
         rings[i]->waits++;
         rings[i]->wait_ns += waited;

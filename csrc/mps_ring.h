@@ -223,11 +223,11 @@ int mps_ring_peek_any(struct mps_ring **rings, uint32_t count, uint32_t *index, 
  * (in shared memory) differs from seen: MPS_RING_RUNG. */
 int mps_ring_peek_any_or(struct mps_ring **rings, uint32_t count, uint32_t *index, int64_t timeout_ns,
                          struct mps_record *record, uint32_t *doorbell, uint32_t seen, int64_t *clock);
-/* A wait for reason (MPS_WAIT_INPUT or MPS_WAIT_CREDIT) begins now on clock (ending the one
- * going on, if any); the wait going on (if any) ends now, its time added to its reason's
- * total. For waits outside the ring calls. */
-void mps_clock_begin(int64_t *clock, int64_t reason);
-void mps_clock_end(int64_t *clock);
+/* In one seqlock write on clock (NULL: none): the wait going on (if any) ends now, its time
+ * added to its reason's total, and one for reason (MPS_WAIT_INPUT or MPS_WAIT_CREDIT; 0: none)
+ * begins. Returns the time (CLOCK_MONOTONIC ns). The ring calls' own waits and others (a
+ * task's control pipe) share it: one writer of the words. */
+int64_t mps_clock_switch(int64_t *clock, int64_t reason);
 /* Bumps a doorbell word and wakes whoever sleeps on it. */
 void mps_doorbell_ring(uint32_t *doorbell);
 /* Returns a counter's value and adds one, atomically: a 64-bit word in memory that processes

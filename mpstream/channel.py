@@ -271,11 +271,11 @@ class WaitClock:
 
     def begin(self, reason: int) -> None:
         """A wait for reason begins now."""
-        lib.mps_clock_begin(self.pointer, reason)
+        lib.mps_clock_switch(self.pointer, reason)
 
     def end(self) -> None:
         """The wait going on (if any) ends now: its time goes to its reason's total."""
-        lib.mps_clock_end(self.pointer)
+        lib.mps_clock_switch(self.pointer, 0)
 
     def waiting(self, reason: int) -> _Waiting:
         """A context manager: a wait for reason."""
@@ -311,23 +311,17 @@ def _blocking(call: Any, timeout: float | None) -> int:
     the wait's time on the endpoint's WaitClock). Slices are short so Python runs signal
     handlers (Ctrl-C) between them. ``time.monotonic`` is read only for a timeout, and again
     only when a slice ends with nothing (the common wait takes one call)."""
-    if timeout is None:
-        deadline, slice_ns = None, _SLICE_NS
-    elif timeout != timeout:
+    if timeout is not None and timeout != timeout:
         raise ValueError("a timeout must be a number of seconds or None, not NaN")
-    elif timeout <= 0:
-        return _TIMEOUT  # the caller polled once already
-    else:
-        deadline, slice_ns = time.monotonic() + timeout, int(min(_SLICE_NS, timeout * 1e9)) or 1
+    deadline, left = None if timeout is None else time.monotonic() + timeout, timeout
     while True:
-        rc = call(slice_ns)
+        if left is not None and left <= 0:
+            return _TIMEOUT  # (a timeout <= 0: the caller polled once already)
+        rc = call(_SLICE_NS if left is None else int(min(_SLICE_NS, left * 1e9)) or 1)
         if rc != _TIMEOUT and rc != _INTERRUPTED:
             return rc  # a record, a rung doorbell, or an error
         if deadline is not None:  # on INTERRUPTED, Python has run the signal handler (KeyboardInterrupt, ...)
             left = deadline - time.monotonic()
-            if left <= 0:
-                return _TIMEOUT
-            slice_ns = int(min(_SLICE_NS, left * 1e9)) or 1
 
 
 class _Endpoint:

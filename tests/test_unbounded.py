@@ -358,7 +358,7 @@ def test_keyed_timers_go_with_their_key_groups_to_another_parallelism(tmp_path):
         return p
 
     job = build(2, [batch(np.arange(4)), Stall(lambda: False)], 0).start(checkpoint_dir=str(tmp_path / "chk"),
-                                                                               checkpoint_interval=3600)
+                                                                          checkpoint_interval=3600)
     wait_until(lambda: len(os.listdir(seen)) == 4, timeout=60, what="every key's timer set")
     job.stop()  # its checkpoint holds the 4 timers (its barrier came after the batch)
     first = job.wait()
