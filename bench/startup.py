@@ -7,6 +7,9 @@ in the same run.
     opsN_pP_unchained   the same with every map in a process of its own (``chain=False``):
               N x P processes, as before operator chaining
     mp_pool   multiprocessing.Pool(2) started, map over the rows, closed
+    os_fork   the floor of any engine that runs a task in a process of its own: one
+              ``os.fork`` of this process, the child doubling the rows into a pipe, the
+              parent reading them and reaping the child
     ops4_p2_rss256, mp_pool_rss256   ops4_p2 and mp_pool again, taking turns, while this
               process holds 256 MB more (Python objects): a fork copies the page tables of
               the process it forks from, so start-up grows with the memory of the process
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
 from collections.abc import Callable
 
@@ -62,11 +66,25 @@ def mp_pool() -> list[int]:
         return sorted(pool.map(_twice, range(ROWS)))
 
 
+def os_fork() -> list[int]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, (np.arange(ROWS, dtype=np.int64) * 2).tobytes())
+        os._exit(0)
+    os.close(write)
+    with open(read, "rb") as pipe:
+        rows = np.frombuffer(pipe.read(), np.int64)
+    os.waitpid(pid, 0)
+    return sorted(rows.tolist())
+
+
 def bench(rounds: int) -> dict[str, float]:
     jobs: dict[str, Callable[[], list[int]]] = {name: mpstream_job(n, p, chain) for name, n, p, chain in JOBS}
     jobs["mp_pool"] = mp_pool
+    jobs["os_fork"] = os_fork
     want = {name: [x * 2 ** max(0, n - 2) for x in range(ROWS)] for name, n, _, _ in JOBS}
-    want["mp_pool"] = want["mp_pool_rss256"] = [2 * x for x in range(ROWS)]
+    want["mp_pool"] = want["mp_pool_rss256"] = want["os_fork"] = [2 * x for x in range(ROWS)]
     want["ops4_p2_rss256"] = want["ops4_p2"]
     def check(name: str, got: list[int]) -> None:
         assert got == want[name], f"{name}: {got} != {want[name]}"
