@@ -35,7 +35,8 @@ from .batch import Batch, Column, StringColumn, _ptr, null_mask, values_of
 from .errors import AggregateError
 from .partition import hash_column
 
-__all__ = ["KeyIndex", "Accumulators", "KeyedAggregate", "Combiner", "AggregateError", "FUNCTIONS", "parse_spec"]
+__all__ = ["KeyIndex", "Accumulators", "KeyedAggregate", "Combiner", "AggregateError", "FUNCTIONS", "parse_spec",
+           "DIRECT_KEYS"]
 
 FUNCTIONS = ("sum", "count", "min", "max", "mean")
 _NEEDS = {"sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",), "count": ()}
@@ -452,6 +453,15 @@ _KERNELS = {
 }
 
 
+#: A combiner whose int keys all lie in 0 .. DIRECT_KEYS - 1 indexes its accumulators by the
+#: key itself, as numpy's ``bincount`` does, and needs no key map: a fold is then one pass per
+#: accumulator. 2**17 cells of 8 bytes make one MiB per accumulator, which stays in a core's L2
+#: cache (a sparser or larger key space is better served by the key map's dense slots). The
+#: first key outside that range, or a key column that is not a non-null int, moves the combiner
+#: to its key map for good, with what it holds.
+DIRECT_KEYS = 1 << 17
+
+
 class Combiner:
     """Pre-aggregates rows into one partial row per key (Flink's local aggregation), so a hot
     key crosses a shuffle once per flush instead of once per row.
@@ -460,14 +470,16 @@ class Combiner:
     holds ``max_keys`` keys (memory), or its oldest row
     has waited ``max_delay_s`` (latency). :attr:`due` says when the held rows must go on; the
     :class:`~mpstream.operators.Combine` operator sets a timer for it and also flushes before
-    checkpoint barriers and at the end.
+    checkpoint barriers and at the end. Small non-negative int keys are folded without a key
+    map (:data:`DIRECT_KEYS`): their partials come in key order, other keys' in order of first
+    appearance.
 
     >>> c = Combiner("k", {"v": "sum", "*": "count"})
-    >>> c.add(Batch({"k": np.array([7, 7, 8]), "v": np.array([1.0, 2.0, 3.0])})) is None
+    >>> c.add(Batch({"k": np.array([8, 7, 8]), "v": np.array([1.0, 2.0, 3.0])})) is None
     True
     >>> p = c.flush()
     >>> p["k"].tolist(), p["v.sum"].tolist(), p["count"].tolist(), c.flush()
-    ([7, 8], [3.0, 3.0], [2, 1], None)
+    ([7, 8], [2.0, 4.0], [1, 2], None)
     """
 
     def __init__(self, key: str, spec: Mapping[str, str | Sequence[str]], max_delay_s: float = 0.1,
@@ -475,6 +487,9 @@ class Combiner:
         self._agg = KeyedAggregate(key, spec)
         self.max_delay_s = max_delay_s
         self.max_keys = max_keys
+        self._direct: Accumulators | None = Accumulators(self._agg.items, (0,))  # indexed by key; None: left
+        self._direct_cells = 0  # 1 + the largest key held by _direct
+        self._direct_key: np.dtype | None = None  # the key column's dtype
         self._since: float | None = None  # time.time() when the oldest unflushed row arrived
         self._ended = False  # flush(last=True) handed the accumulators on
 
@@ -487,32 +502,83 @@ class Combiner:
         """Takes raw rows; returns the partials (see :meth:`flush`) when a bound is reached."""
         if self._ended:
             raise RuntimeError("this combiner's last flush handed its accumulators on: it takes no more rows")
-        self._agg.update(batch)  # a batch without rows still fixes the dtypes
+        if not self._add_direct(batch):
+            self._agg.update(batch)  # a batch without rows still fixes the dtypes
         if batch.num_rows == 0:
             return None
         if self._since is None:
             self._since = time.time()
-        if len(self._agg) >= self.max_keys or time.time() - self._since >= self.max_delay_s:
+        if self._full() or time.time() - self._since >= self.max_delay_s:
             return self.flush()
         return None
 
     def flush(self, last: bool = False) -> Batch | None:
         """The partials of every row since the last flush (a batch as
         :meth:`KeyedAggregate.partial` makes, one row per key), or None when there are none.
-        ``last``: the input ended; the partials are the accumulators themselves, not copies,
-        and the combiner takes no more rows."""
+        ``last``: the input ended; the partials may be the accumulators themselves, not
+        copies, and the combiner takes no more rows."""
         self._ended |= last
         if self._since is None:
             return None
-        partials = self._agg.partial(copy=not last)
-        if not last:
-            self._agg.clear()
+        if self._direct is not None:
+            partials = self._direct_partials()
+            if not last:
+                self._direct.reset(slice(0, self._direct_cells))
+                self._direct_cells = 0
+        else:
+            partials = self._agg.partial(copy=not last)
+            if not last:
+                self._agg.clear()
         self._since = None
         return partials
 
     def empty(self) -> Batch | None:
         """Partials without rows, with the columns and dtypes seen so far (None: none seen)."""
+        if self._direct is not None:
+            return self._direct_partials(rows=False)
         return None if self._agg.result() is None else self._agg.partial()
+
+    def _add_direct(self, batch: Batch) -> bool:
+        """Folds the batch by key value when its keys allow (:data:`DIRECT_KEYS`); False when
+        they do not, having moved what the combiner holds to its key map."""
+        if self._direct is None:
+            return False
+        keys = _key_of(batch, self._agg.key)
+        if (isinstance(keys, StringColumn) or null_mask(keys) is not None or keys.dtype.kind not in "iu"
+                or self._direct_key not in (None, keys.dtype)):
+            return self._leave_direct()
+        index = np.ascontiguousarray(keys, np.int64)
+        cells = int(index.view(np.uint64).max()) + 1 if len(index) else 0  # a negative key is > 2**63 here
+        if cells > min(DIRECT_KEYS, self.max_keys):
+            return self._leave_direct()
+        if cells > self._direct.shape[0]:
+            self._direct.resize((min(DIRECT_KEYS, max(cells, 2 * self._direct.shape[0], 1024)),))
+        self._direct.add(index, batch)
+        self._direct_key = keys.dtype
+        self._direct_cells = max(self._direct_cells, cells)
+        return True
+
+    def _leave_direct(self) -> bool:
+        held = self._direct_partials()
+        if held is not None:
+            self._agg.merge(held)  # a batch without rows still fixes the dtypes
+        self._direct = None
+        return False
+
+    def _direct_partials(self, rows: bool = True) -> Batch | None:
+        """What _direct holds, as :meth:`flush` gives it (no rows: the schema alone); None
+        before any batch."""
+        if self._direct_key is None:
+            return None
+        keys = np.flatnonzero(self._direct.count[: self._direct_cells]) if rows else np.zeros(0, np.int64)
+        return Batch({self._agg.key: keys.astype(self._direct_key), **self._direct.partial_columns(keys)})
+
+    def _full(self) -> bool:
+        """It holds ``max_keys`` keys (counted by value only when as many cells are in use)."""
+        if self._direct is None:
+            return len(self._agg) >= self.max_keys
+        return (self._direct_cells >= self.max_keys
+                and np.count_nonzero(self._direct.count[: self._direct_cells]) >= self.max_keys)
 
 
 def _key_of(batch: Batch, key: str) -> Column:

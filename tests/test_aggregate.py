@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpstream import Batch
-from mpstream.aggregate import AggregateError, Combiner, KeyedAggregate, KeyIndex
+from mpstream.aggregate import DIRECT_KEYS, AggregateError, Combiner, KeyedAggregate, KeyIndex
 from mpstream.operators import Aggregate, Context
 from mpstream.partition import HashPartitioner, split
 
@@ -145,7 +145,7 @@ def test_combiner_hands_on_partials_at_its_bounds_and_on_flush():
     assert by_keys.due is None and by_keys.flush() is None
     assert by_keys.add(batch.slice(0, 0)) is None and by_keys.due is None  # no rows: nothing held
     at_once = Combiner("k", spec, max_delay_s=0)  # latency bound 0: every batch goes on
-    assert at_once.add(batch.slice(0, 2))["k"].tolist() == [3, 1]
+    assert at_once.add(batch.slice(0, 2))["k"].tolist() == [1, 3]  # small int keys: in key order
     assert at_once.add(batch.slice(2, 3))["k"].tolist() == [3]  # the previous keys are gone
     merged = KeyedAggregate("k", spec)  # partials merge into what the raw rows give
     held = Combiner("k", spec, max_delay_s=3600)
@@ -153,22 +153,78 @@ def test_combiner_hands_on_partials_at_its_bounds_and_on_flush():
     held.add(batch.slice(4, 6))
     merged.merge(held.flush())
     r = merged.result()
-    assert r["k"].tolist() == [3, 1, 2] and r["v_sum"].tolist() == [7.0, 5.0, 3.0] and r["count"].tolist() == [3, 2, 1]
+    assert r["k"].tolist() == [1, 2, 3] and r["v_sum"].tolist() == [5.0, 3.0, 7.0] and r["count"].tolist() == [2, 1, 3]
+    at_bound = Combiner("k", spec, max_delay_s=3600, max_keys=4)  # keys by value: the bound counts keys, not cells
+    assert at_bound.add(Batch({"k": np.array([0, 3, 3]), "v": np.ones(3)})) is None  # 2 keys in 4 cells
+    assert at_bound.add(Batch({"k": np.array([1, 2]), "v": np.ones(2)}))["count"].tolist() == [1, 1, 1, 2]
 
 
-def test_a_combiners_last_flush_hands_on_its_accumulators_and_takes_no_more_rows():
+@pytest.mark.parametrize("base", [0, 2**40], ids=["keys_by_value", "key_map"])
+def test_a_combiners_last_flush_hands_on_its_partials_and_takes_no_more_rows(base):
     spec = {"v": ["sum", "max"], "*": "count"}
-    batch = Batch({"k": np.array([3, 1, 3, 2, 1, 3]), "v": np.arange(6.0)})
+    batch = Batch({"k": base + np.array([3, 1, 3, 2, 1, 3]), "v": np.arange(6.0)})
     copied, lent = Combiner("k", spec, max_delay_s=3600), Combiner("k", spec, max_delay_s=3600)
     for c in (copied, lent):
         c.add(batch.slice(0, 4))
         c.add(batch.slice(4, 6))
-    want, got = copied.flush(), lent.flush(last=True)
+    want, got = copied.flush(), lent.flush(last=True)  # the key map lends its accumulators themselves
     assert {n: got[n].tolist() for n in got} == {n: want[n].tolist() for n in want}
     assert lent.flush(last=True) is None  # nothing held since
     with pytest.raises(RuntimeError, match="takes no more rows"):
         lent.add(batch)
-    assert got["v.sum"].tolist() == [7.0, 5.0, 3.0]  # untouched by the refused add
+    assert dict(zip((got["k"] - base).tolist(), got["v.sum"].tolist())) == {3: 7.0, 1: 5.0, 2: 3.0}  # untouched
+
+
+def combiner_reference(keys, values):
+    """key -> (sum, min, max, count) of the values, in plain Python."""
+    out = {}
+    for k, v in zip(keys.tolist(), values.tolist()):
+        out.setdefault(k, []).append(v)
+    return {k: (sum(vs), min(vs), max(vs), len(vs)) for k, vs in out.items()}
+
+
+def combiner_table(p):
+    return {k: (s, lo, hi, n) for k, s, lo, hi, n in zip(p["k"].tolist(), p["v.sum"].tolist(), p["v.min"].tolist(),
+                                                         p["v.max"].tolist(), p["count"].tolist())}
+
+
+@pytest.mark.parametrize("dtype, stray", [(np.int64, DIRECT_KEYS), (np.int64, -1), (np.int32, 2**31 - 1),
+                                          (np.uint64, 2**63 + 5), (np.uint8, None)])
+def test_a_combiner_folds_small_int_keys_by_value_and_moves_to_its_key_map_for_other_keys(dtype, stray):
+    spec = {"v": ["sum", "min", "max"], "*": "count"}
+    rng = np.random.default_rng(7)
+    batches = [Batch({"k": rng.integers(0, 200, rows).astype(dtype), "v": rng.integers(-50, 50, rows)})
+               for rows in (0, 300, 1, 500)]
+    c = Combiner("k", spec, max_delay_s=3600)
+    for b in batches:
+        assert c.add(b) is None
+    p = c.flush()
+    assert p["k"].dtype == dtype and p["k"].tolist() == sorted(p["k"].tolist())  # by value: in key order
+    every = Batch.concat(batches)
+    assert combiner_table(p) == combiner_reference(every["k"], every["v"])
+    if stray is None:
+        return
+    later = [batches[3], Batch({"k": np.array([5, stray, 5], dtype), "v": np.array([1, 2, 3])}), batches[1]]
+    for b in later:  # the stray key moves the held rows to the key map; the rows after it go there too
+        assert c.add(b) is None
+    every = Batch.concat(later)
+    assert combiner_table(c.flush()) == combiner_reference(every["k"], every["v"])
+    assert c.add(batches[2]) is None and combiner_table(c.flush()) == combiner_reference(batches[2]["k"], batches[2]["v"])
+
+
+def test_a_combiner_keeps_its_checks_and_schema_when_it_folds_keys_by_value():
+    c = Combiner("k", {"v": "sum", "*": "count"}, max_delay_s=3600)
+    assert c.empty() is None
+    assert c.add(Batch({"k": np.zeros(0, np.int16), "v": np.zeros(0, np.float32)})) is None
+    empty = c.empty()
+    assert empty["k"].dtype == np.int16 and empty["v.sum"].dtype == np.float64 and empty.num_rows == 0
+    c.add(Batch({"k": np.array([2, 1], np.int16), "v": np.array([0.5, 1.5], np.float32)}))
+    with pytest.raises(AggregateError, match="key column 'k' changed type from <i2 to <i8"):
+        c.add(Batch({"k": np.array([1]), "v": np.array([1.0])}))
+    with pytest.raises(AggregateError, match="aggregated column 'v' is not in the batch"):
+        Combiner("k", {"v": "sum"}).add(Batch({"k": np.arange(2)}))
+    with pytest.raises(AggregateError, match="key column 'k' has dtype float64"):
+        Combiner("k", {"v": "sum"}).add(Batch({"k": np.ones(2), "v": np.ones(2)}))
 
 
 def test_bad_specs_and_columns_are_named():
