@@ -239,8 +239,9 @@ class Accumulators:
         self.known = True
         lib.mps_scatter_add_i64(_ptr("int64_t[]", self.count.reshape(-1)), _ptr("int64_t[]", index),
                                 _ptr("int64_t[]", np.ascontiguousarray(partials[_COUNT], np.int64)), len(index))
-        for partial in self.partials + tuple(f"{column}.{_NULLS}" for column in self.columns_needs):
-            if partial in partials:
+        ours = {*self.partials, *(f"{column}.{_NULLS}" for column in self.columns_needs)}
+        for partial in partials:  # in the sender's order, which new accumulators then keep
+            if partial in ours:
                 self._combine(partial, _part_op(partial), index, values_of(partials[partial]))
 
     def _combine(self, name: str, need: str, index: np.ndarray, values: np.ndarray) -> None:
@@ -453,12 +454,12 @@ _KERNELS = {
 }
 
 
-#: A combiner whose int keys all lie in 0 .. DIRECT_KEYS - 1 indexes its accumulators by the
-#: key itself, as numpy's ``bincount`` does, and needs no key map: a fold is then one pass per
-#: accumulator. 2**17 cells of 8 bytes make one MiB per accumulator, which stays in a core's L2
-#: cache (a sparser or larger key space is better served by the key map's dense slots). The
-#: first key outside that range, or a key column that is not a non-null int, moves the combiner
-#: to its key map for good, with what it holds.
+#: A combiner whose int keys all lie in 0 .. DIRECT_KEYS - 1 (and below its ``max_keys``)
+#: indexes its accumulators by the key itself, as numpy's ``bincount`` does, and needs no key
+#: map: a fold is then one pass per accumulator. 2**17 cells of 8 bytes make one MiB per
+#: accumulator, which stays in a core's L2 cache (a sparser or larger key space is better served
+#: by the key map's dense slots). The first key outside that range, or a key column that is not
+#: a non-null int, moves the combiner to its key map for good, with what it holds.
 DIRECT_KEYS = 1 << 17
 
 
@@ -471,8 +472,8 @@ class Combiner:
     has waited ``max_delay_s`` (latency). :attr:`due` says when the held rows must go on; the
     :class:`~mpstream.operators.Combine` operator sets a timer for it and also flushes before
     checkpoint barriers and at the end. Small non-negative int keys are folded without a key
-    map (:data:`DIRECT_KEYS`): their partials come in key order, other keys' in order of first
-    appearance.
+    map (:data:`DIRECT_KEYS`), and their partials come in key order; once the combiner uses its
+    key map, they come in the map's order (first appearance, the keys it took over first).
 
     >>> c = Combiner("k", {"v": "sum", "*": "count"})
     >>> c.add(Batch({"k": np.array([8, 7, 8]), "v": np.array([1.0, 2.0, 3.0])})) is None
@@ -491,7 +492,7 @@ class Combiner:
         self._direct_cells = 0  # 1 + the largest key held by _direct
         self._direct_key: np.dtype | None = None  # the key column's dtype
         self._since: float | None = None  # time.time() when the oldest unflushed row arrived
-        self._ended = False  # flush(last=True) handed the accumulators on
+        self._ended = False  # flush(last=True) came: the input ended
 
     @property
     def due(self) -> float | None:
@@ -501,7 +502,7 @@ class Combiner:
     def add(self, batch: Batch) -> Batch | None:
         """Takes raw rows; returns the partials (see :meth:`flush`) when a bound is reached."""
         if self._ended:
-            raise RuntimeError("this combiner's last flush handed its accumulators on: it takes no more rows")
+            raise RuntimeError("this combiner's last flush came (its input ended): it takes no more rows")
         if not self._add_direct(batch):
             self._agg.update(batch)  # a batch without rows still fixes the dtypes
         if batch.num_rows == 0:
@@ -515,8 +516,8 @@ class Combiner:
     def flush(self, last: bool = False) -> Batch | None:
         """The partials of every row since the last flush (a batch as
         :meth:`KeyedAggregate.partial` makes, one row per key), or None when there are none.
-        ``last``: the input ended; the partials may be the accumulators themselves, not
-        copies, and the combiner takes no more rows."""
+        ``last``: the input ended, and the combiner takes no more rows; the key map's partials
+        are then its accumulators themselves, not copies."""
         self._ended |= last
         if self._since is None:
             return None
@@ -553,12 +554,14 @@ class Combiner:
             return self._leave_direct()
         if cells > self._direct.shape[0]:
             self._direct.resize((min(DIRECT_KEYS, max(cells, 2 * self._direct.shape[0], 1024)),))
+        self._direct_key = keys.dtype  # first, as the key map fixes its key type before a value column
+        self._direct_cells = max(self._direct_cells, cells)  # may raise: the rows counted stay held
         self._direct.add(index, batch)
-        self._direct_key = keys.dtype
-        self._direct_cells = max(self._direct_cells, cells)
         return True
 
     def _leave_direct(self) -> bool:
+        """Moves what the by-value accumulators hold to the key map, which takes every batch
+        from now on; False, for :meth:`_add_direct` to return."""
         held = self._direct_partials()
         if held is not None:
             self._agg.merge(held)  # a batch without rows still fixes the dtypes

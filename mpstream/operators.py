@@ -314,7 +314,7 @@ class Combine(Operator):
         return self._flush()  # so it has no state to snapshot
 
     def close(self) -> Output:
-        out = self._flush(last=True)  # the accumulators themselves go on: no copy at the end
+        out = self._flush(last=True)  # a key map's accumulators themselves go on: no copy at the end
         if out is None and not self._emitted:
             return self.combiner.empty()  # no rows at all: the schema still goes on
         return out

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpstream import Batch
+from mpstream import Batch, StringColumn
 from mpstream.aggregate import DIRECT_KEYS, AggregateError, Combiner, KeyedAggregate, KeyIndex
 from mpstream.operators import Aggregate, Context
 from mpstream.partition import HashPartitioner, split
@@ -212,6 +212,23 @@ def test_a_combiner_folds_small_int_keys_by_value_and_moves_to_its_key_map_for_o
     assert c.add(batches[2]) is None and combiner_table(c.flush()) == combiner_reference(batches[2]["k"], batches[2]["v"])
 
 
+def test_a_combiner_moving_to_its_key_map_keeps_nulls_widening_and_its_columns():
+    spec = {"v": ["sum", "count"], "*": "count"}
+    ints = Batch({"k": np.array([1, 2, 1]), "v": np.ma.MaskedArray([1, 2, 3], mask=[False, True, False])})
+    floats = Batch({"k": np.array([2, -4, 1]), "v": np.array([0.5, 1.5, 2.5])})  # -4 moves it to the key map
+    by_value = Combiner("k", spec, max_delay_s=3600)
+    by_value.add(ints)
+    before = by_value.flush()
+    c = Combiner("k", spec, max_delay_s=3600)
+    c.add(ints)
+    c.add(floats)
+    after = c.flush()
+    assert list(after) == list(before)  # the same columns in the same order (v.sum widened to float64)
+    table = {k: (n, s, nulls) for k, n, s, nulls in zip(after["k"].tolist(), after["count"].tolist(),
+                                                        after["v.sum"].tolist(), after["v.nulls"].tolist())}
+    assert table == {1: (3, 6.5, 0), 2: (2, 0.5, 1), -4: (1, 1.5, 0)} and after["v.sum"].dtype == np.float64
+
+
 def test_a_combiner_keeps_its_checks_and_schema_when_it_folds_keys_by_value():
     c = Combiner("k", {"v": "sum", "*": "count"}, max_delay_s=3600)
     assert c.empty() is None
@@ -223,6 +240,11 @@ def test_a_combiner_keeps_its_checks_and_schema_when_it_folds_keys_by_value():
         c.add(Batch({"k": np.array([1]), "v": np.array([1.0])}))
     with pytest.raises(AggregateError, match="aggregated column 'v' is not in the batch"):
         Combiner("k", {"v": "sum"}).add(Batch({"k": np.arange(2)}))
+    refused = Combiner("k", {"v": "sum"})
+    with pytest.raises(AggregateError, match="column 'v' has dtype str"):  # the key's type is fixed all the same
+        refused.add(Batch({"k": np.array([1], np.int16), "v": StringColumn.from_strings(["x"])}))
+    with pytest.raises(AggregateError, match="key column 'k' changed type from <i2 to <u8"):
+        refused.add(Batch({"k": np.array([1], np.uint64), "v": np.ones(1)}))
     with pytest.raises(AggregateError, match="key column 'k' has dtype float64"):
         Combiner("k", {"v": "sum"}).add(Batch({"k": np.ones(2), "v": np.ones(2)}))
 
