@@ -16,6 +16,7 @@ from mpstream.operators import Operator
 from mpstream.errors import OperatorError
 from mpstream.pipeline import Pipeline
 from mpstream.sources import Source
+from mpstream.testing import TestingSource
 
 WORDS = np.array(["", "a", "ß", "hot.example.com", "x.org", "日本"])
 FAST = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -346,6 +347,38 @@ def test_chained_operators_share_a_process_unless_told_not_to():
     assert sorted(result["out"]["k"].tolist()) == list(range(8)) and result["out"]["v_sum"].tolist() == [1.0] * 8
     tasks = {s.task for s in result.operators}
     assert len(tasks) == 2 + 2 + 3 + 2  # a process per task: src, own, wider, agg (with tail and out)
+
+
+def test_a_chained_pipeline_gives_the_rows_and_statistics_of_an_unchained_one():
+    """The same job with its operators chained into the sources' processes (the default) and
+    each in a process of its own: the same rows and, per operator instance, the same counts of
+    rows and batches in and out."""
+    keys, values = np.arange(1000) % 7, np.arange(1000.0)
+    parts = [[{"k": keys[lo : lo + 64], "v": values[lo : lo + 64]} for lo in range(start, 1000, 128)]
+             for start in (0, 64)]  # instance i: every other 64 rows, each instance its own
+
+    def run(chain):
+        p = Pipeline()
+        (p.source("src", lambda: TestingSource(*parts), parallelism=2)
+          .map("double", lambda b: {"k": b["k"], "v": b["v"] * 2}, chain=chain)
+          .filter("odd_keys", lambda b: b["k"] % 2 == 1, chain=chain)
+          .flat_map("halves", lambda b: [b.slice(0, b.num_rows // 2), b.slice(b.num_rows // 2, b.num_rows)],
+                    chain=chain)
+          .collect("out", chain=chain))
+        return p.run()
+
+    chained, unchained = run(True), run(False)
+    assert chained.processes() == {"src": ["src", "double", "odd_keys", "halves", "out"]}
+    assert len(unchained.processes()) == 5
+    want = sorted((int(k), 2 * v) for k, v in zip(keys, values) if k % 2 == 1)
+    for result in (chained, unchained):
+        assert sorted(zip(result["out"]["k"].tolist(), result["out"]["v"].tolist())) == want
+
+    def counts(result):
+        return {(s.name, s.instance): (s.records_in, s.records_out, s.batches_in, s.batches_out, s.dropped)
+                for s in result.operators}
+    assert counts(chained) == counts(unchained)
+    assert counts(chained)[("halves", 0)][2:4] == (8, 16)  # instance 0's 8 batches, halved
 
 
 @pytest.mark.parametrize("chain", [True, False])

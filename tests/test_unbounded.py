@@ -203,6 +203,73 @@ def test_stop_with_a_checkpoint_then_resume_at_another_parallelism(tmp_path):
     assert second.started_at["src"] == [15, 15] and not os.listdir(out / ".pending")
 
 
+class RunningTotal(Operator):
+    """Its state is the sum of v over the rows it saw; it emits that sum after every batch."""
+
+    def open(self, ctx):
+        super().open(ctx)
+        self.total = 0
+
+    def process(self, batch):
+        self.total += int(batch["v"].sum())
+        return {"instance": np.array([self.ctx.instance]), "total": np.array([self.total])}
+
+    def snapshot(self):
+        return self.total
+
+    def restore(self, states):
+        self.total = states[0]
+
+
+def test_a_job_stopped_unchained_resumes_chained_and_back_with_each_operators_state(tmp_path):
+    """Chaining moves an operator between processes, not its state: stopped with its running
+    total in a process of its own, the job resumes with it chained into the source's process,
+    and stopped again, resumes unchained; every run's totals count each row once."""
+    chk = str(tmp_path / "chk")
+    gates = [Once(tmp_path, "gate0"), Once(tmp_path, "gate1")]
+
+    def stall(g, instance):
+        """A Stall that marks the source instance as waiting there."""
+        def until():
+            (tmp_path / f"at{g}.{instance}").touch()
+            return gates[g].fired
+        return Stall(until)
+
+    items = [part[:10] + [stall(0, i)] + part[10:20] + [stall(1, i)] + part[20:] for i, part in enumerate(ITEMS)]
+
+    def build(chain):
+        p = Pipeline(channel_capacity=1 << 16)
+        (p.source("src", lambda: TestingSource(*items), parallelism=2)
+          .process("total", RunningTotal, chain=chain).collect("out", chain=chain))
+        return p
+
+    def stopped_at_stall(g, chain, resume):
+        job = build(chain).start(checkpoint_dir=chk, resume=resume)
+        wait_until(lambda: all((tmp_path / f"at{g}.{i}").exists() for i in range(2)), timeout=60,
+                   what=f"both sources at stall {g}")
+        job.stop()
+        return job.wait()
+
+    def totals(result):  # the newest total of each instance
+        return latest_per_key(zip(result["out"]["instance"].tolist(), result["out"]["total"].tolist()))
+
+    def sums(upto):
+        return {i: sum(int(b["v"].sum()) for b in part[:upto]) for i, part in enumerate(ITEMS)}
+
+    first = stopped_at_stall(0, chain=False, resume=False)
+    assert first.stopped and first.stopped_at["src"] == [10, 10]
+    assert first.processes() == {"src": ["src"], "total": ["total"], "out": ["out"]}
+    assert totals(first) == sums(10)
+    gates[0]()
+    second = stopped_at_stall(1, chain=True, resume=True)
+    assert second.started_at["src"] == [10, 10] and second.stopped_at["src"] == [21, 21]
+    assert second.processes() == {"src": ["src", "total", "out"]}
+    assert totals(second) == sums(20)  # restored: the first run's rows counted once
+    gates[1]()
+    third = build(chain=False).run(checkpoint_dir=chk, resume=True)
+    assert third.started_at["src"] == [21, 21] and totals(third) == sums(30)
+
+
 SIGTERM_JOB = textwrap.dedent("""
     import sys, numpy as np
     from mpstream import Pipeline
