@@ -21,6 +21,10 @@ def test_demo_verifies_and_reports_json(tmp_path):
     ops = summary["operators"]
     assert ops["clicks"]["records_out"] == 300_000
     assert ops["per_domain"]["instances"] == 2 and ops["per_domain"]["records_out"] == 1000
+    assert summary["processes"] == {"clicks": ["clicks", "parse", "valid", "per_domain.combine"],
+                                    "per_domain": ["per_domain", "csv", "check"]}  # which operators share a process
+    table = {line.split()[0]: line.split()[1] for line in lines if line.split()[:1] in (["parse"], ["csv"])}
+    assert table == {"parse": "clicks", "csv": "per_domain"}  # the table's "in the process of" column
     assert "VERIFIED" in out.stdout
     rows = []
     for name in os.listdir(tmp_path):

@@ -349,6 +349,26 @@ def test_chained_operators_share_a_process_unless_told_not_to():
     assert len(tasks) == 2 + 2 + 3 + 2  # a process per task: src, own, wider, agg (with tail and out)
 
 
+_EMITTED: dict[str, np.ndarray] = {}  # in each worker: the column its "double" map emitted last
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_a_chained_operator_gets_its_upstreams_batch_without_a_copy(chain):
+    """Chained, a batch goes on by a function call: the next operator reads the memory its
+    upstream emitted (a read-only view of it). In a process of its own it reads a ring's copy."""
+    def double(batch):
+        _EMITTED["x"] = batch["x"] * 2
+        return {"x": _EMITTED["x"]}
+
+    def same_memory(batch):
+        return {"shared": np.array([np.shares_memory(batch["x"], _EMITTED.get("x", np.zeros(0)))])}
+
+    p = Pipeline()
+    (p.from_arrays("src", {"x": np.arange(1000)}, batch_size=100).map("double", double)
+      .map("check", same_memory, chain=chain).collect("out"))
+    assert p.run()["out"]["shared"].tolist() == [chain] * 10
+
+
 def test_a_chained_pipeline_gives_the_rows_and_statistics_of_an_unchained_one():
     """The same job with its operators chained into the sources' processes (the default) and
     each in a process of its own: the same rows and, per operator instance, the same counts of
