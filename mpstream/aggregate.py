@@ -545,13 +545,15 @@ class Combiner:
         if self._direct is None:
             return False
         keys = _key_of(batch, self._agg.key)
-        if (isinstance(keys, StringColumn) or null_mask(keys) is not None or keys.dtype.kind not in "iu"
-                or self._direct_key not in (None, keys.dtype)):
-            return self._leave_direct()
-        index = np.ascontiguousarray(keys, np.int64)
-        cells = int(index.view(np.uint64).max()) + 1 if len(index) else 0  # a negative key is > 2**63 here
-        if cells > min(DIRECT_KEYS, self.max_keys):
-            return self._leave_direct()
+        fits = (not isinstance(keys, StringColumn) and null_mask(keys) is None and keys.dtype.kind in "iu"
+                and self._direct_key in (None, keys.dtype))
+        if fits:
+            index = np.ascontiguousarray(keys, np.int64)
+            cells = int(index.view(np.uint64).max()) + 1 if len(index) else 0  # a negative key is > 2**63 here
+            fits = cells <= min(DIRECT_KEYS, self.max_keys)
+        if not fits:
+            self._leave_direct()
+            return False
         if cells > self._direct.shape[0]:
             self._direct.resize((min(DIRECT_KEYS, max(cells, 2 * self._direct.shape[0], 1024)),))
         self._direct_key = keys.dtype  # first, as the key map fixes its key type before a value column
@@ -559,14 +561,13 @@ class Combiner:
         self._direct.add(index, batch)
         return True
 
-    def _leave_direct(self) -> bool:
+    def _leave_direct(self) -> None:
         """Moves what the by-value accumulators hold to the key map, which takes every batch
-        from now on; False, for :meth:`_add_direct` to return."""
+        from now on."""
         held = self._direct_partials()
         if held is not None:
             self._agg.merge(held)  # a batch without rows still fixes the dtypes
         self._direct = None
-        return False
 
     def _direct_partials(self, rows: bool = True) -> Batch | None:
         """What _direct holds, as :meth:`flush` gives it (no rows: the schema alone); None
@@ -574,7 +575,7 @@ class Combiner:
         if self._direct_key is None:
             return None
         keys = np.flatnonzero(self._direct.count[: self._direct_cells]) if rows else np.zeros(0, np.int64)
-        return Batch({self._agg.key: keys.astype(self._direct_key), **self._direct.partial_columns(keys)})
+        return Batch({self._agg.key: keys.astype(self._direct_key), **self._direct.parts(keys)})  # gathered: copies
 
     def _full(self) -> bool:
         """It holds ``max_keys`` keys (counted by value only when as many cells are in use)."""

@@ -176,11 +176,9 @@ def test_a_combiners_last_flush_hands_on_its_partials_and_takes_no_more_rows(bas
 
 
 def combiner_reference(keys, values):
-    """key -> (sum, min, max, count) of the values, in plain Python."""
-    out = {}
-    for k, v in zip(keys.tolist(), values.tolist()):
-        out.setdefault(k, []).append(v)
-    return {k: (sum(vs), min(vs), max(vs), len(vs)) for k, vs in out.items()}
+    """key -> (sum, min, max, count) of the values: :func:`reference`'s, in plain Python."""
+    return {k: (s, lo, hi, n) for k, (s, lo, hi, _, _, _, n) in reference(keys.tolist(), values.tolist(),
+                                                                           values.tolist()).items()}
 
 
 def combiner_table(p):
